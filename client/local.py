@@ -1,0 +1,41 @@
+"""The data owner's local tuning run: a verified bundle, local data, the local device."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from offsite.emulator.data import read_examples
+from offsite.emulator.tune import TuneConfig, TuneResult, tune_adapter
+from offsite.protocol.adapter import save_update
+from offsite.protocol.bundle import load_emulator, load_tokenizer, read_bundle
+
+log = logging.getLogger(__name__)
+
+
+def train_local(bundle_dir: Path | str, data: Path | str, config: TuneConfig, progress: bool = True) -> tuple[TuneResult, dict]:
+    """Tune the adapter of the bundle's emulator on a local data file.
+
+    Returns the result and the update's metadata (mode, LoRA alpha, bundle digest, examples).
+    """
+    bundle = read_bundle(bundle_dir)
+    examples = read_examples(data)
+    tokenizer = load_tokenizer(bundle)
+    emulator = load_emulator(bundle)
+    log.info("tuning %s adapter on %d examples from %s", config.mode, len(examples), data)
+    result = tune_adapter(
+        emulator, tokenizer, bundle.layout, bundle.adapter_blocks, examples, config, a=bundle.shape["a"], progress=progress
+    )
+    meta = {
+        "mode": config.mode,
+        "lora_alpha": config.lora.alpha if config.mode == "lora" else None,
+        "bundle": bundle.digest,
+        "num_examples": len(examples),
+        "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
+    }
+    return result, meta
+
+
+def train_local_to_file(bundle_dir, data, config: TuneConfig, out: Path | str, progress: bool = True) -> Path:
+    result, meta = train_local(bundle_dir, data, config, progress)
+    return save_update(out, result.adapter, meta)

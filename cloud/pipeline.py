@@ -1,0 +1,89 @@
+"""Centralised offsite-tuning end to end: prepare the bundle, tune on the emulator, plug in and
+run the five-setting evaluation. ``offsite eval`` and ``offsite demo`` are thin shells over it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from offsite.emulator.corpus import DEFAULT_CORPUS
+from offsite.emulator.data import read_examples, read_mc_jsonl
+from offsite.emulator.tune import TuneConfig
+from offsite.protocol.adapter import save_update
+
+from .evaluate import SETTINGS, EvalConfig, Report, five_setting_eval, write_report
+from .models import load_base
+from .plugin import plug_in_update, save_plugged
+from .prepare import EmulatorConfig, prepare_bundle
+from .presets import Preset
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "bigbench"
+
+
+def task_files(task: str) -> tuple[Path, Path]:
+    """(train, test) JSONL of a task shipped in ``data/bigbench``."""
+    train, test = DATA_DIR / f"{task}.train.jsonl", DATA_DIR / f"{task}.test.jsonl"
+    if not train.is_file() or not test.is_file():
+        known = sorted(p.name.removesuffix(".test.jsonl") for p in DATA_DIR.glob("*.test.jsonl"))
+        raise FileNotFoundError(f"no task {task!r} in {DATA_DIR} (known: {', '.join(known) or 'none'})")
+    return train, test
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    preset: Preset
+    train: Path
+    test: Path
+    out: Path
+    task: str
+    tune: TuneConfig
+    test_rows: int | None = None  # None: the whole test file
+    settings: tuple[str, ...] = SETTINGS
+    save_plug_in: bool = True
+    model: str | None = None  # overrides the preset's base model
+    corpus: str = DEFAULT_CORPUS
+
+
+def run_eval_job(job: EvalJob, progress: bool = True) -> Report:
+    started = time.perf_counter()
+    job.out.mkdir(parents=True, exist_ok=True)
+    (job.out / "job.json").write_text(
+        json.dumps(
+            {
+                "preset": job.preset.name,
+                "model": job.model or job.preset.base,
+                "shape": str(job.preset.shape),
+                "distill": dataclasses.asdict(job.preset.distill),
+                "tune": dataclasses.asdict(job.tune),
+                "train": str(job.train),
+                "test": str(job.test),
+                "test_rows": job.test_rows,
+            },
+            indent=1,
+        )
+    )
+    base, tokenizer, where = load_base(job.model or job.preset.base)
+    log.info("base model from %s", where)
+    bundle = prepare_bundle(base, tokenizer, EmulatorConfig(job.preset.shape, job.preset.distill, job.corpus), job.out / "bundle", progress=progress)
+    train = read_examples(job.train)
+    test = read_mc_jsonl(job.test, limit=job.test_rows)
+    report, update = five_setting_eval(
+        base, tokenizer, bundle, train, test, job.tune, EvalConfig(settings=job.settings), task=job.task, progress=progress
+    )
+    report.meta["distill"] = bundle.manifest.get("distill")
+    report.meta["preset"] = job.preset.name
+    if update is not None:
+        lora_alpha = job.tune.lora.alpha if job.tune.mode == "lora" else None
+        save_update(job.out / "adapter.safetensors", update, {"mode": job.tune.mode, "lora_alpha": lora_alpha, "bundle": bundle.digest})
+        if job.save_plug_in:
+            plugged = plug_in_update(base, update, bundle.adapter_blocks, lora_alpha)
+            save_plugged(plugged, tokenizer, job.out / "plug_in", {"preset": job.preset.name, "bundle": bundle.digest})
+    report.meta["seconds"] = round(time.perf_counter() - started, 1)
+    write_report([report], job.out / "report", title=f"{job.preset.name} on {job.task}")
+    return report

@@ -1,0 +1,108 @@
+"""Build a job's emulator bundle: split, layer-drop, distil, write. Distilled bundles are cached
+by a key over everything that determines them (base weights, shape, distillation settings,
+corpus), so a second ``prepare`` with the same recipe takes seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from offsite.emulator.arch import spec_for
+from offsite.emulator.corpus import DEFAULT_CORPUS, read_corpus, token_blocks
+from offsite.emulator.distill import DistillConfig, distill
+from offsite.emulator.sandwich import SandwichShape, build_emulator, num_blocks
+from offsite.emulator.tune import pick_device
+from offsite.protocol.bundle import Bundle, BundleError, read_bundle, write_bundle
+
+from .models import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    shape: SandwichShape
+    distill: DistillConfig
+    corpus: str = DEFAULT_CORPUS
+    device: str = "auto"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the config and every tensor's bytes (identifies the base weights)."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def recipe_key(base_fingerprint: str, config: EmulatorConfig, corpus_text: str) -> str:
+    recipe = {
+        "base": base_fingerprint,
+        "shape": str(config.shape),
+        "distill": dataclasses.asdict(config.distill),
+        "corpus": hashlib.sha256(corpus_text.encode()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare_bundle(
+    base: nn.Module,
+    tokenizer,
+    config: EmulatorConfig,
+    out: Path,
+    cache: Path | None = None,
+    progress: bool = True,
+) -> Bundle:
+    """Write the job's bundle to ``out`` (a copy of the cached one when the recipe was built before)."""
+    corpus_text = read_corpus(config.corpus) if config.distill.steps else ""
+    key = recipe_key(model_fingerprint(base), config, corpus_text)
+    cached = (cache or cache_dir()) / "bundles" / key
+    try:
+        bundle = read_bundle(cached)
+        log.info("emulator %s: reusing the cached bundle %s", config.shape, cached)
+    except BundleError:
+        bundle = _build(base, tokenizer, config, corpus_text, cached, progress)
+    out = Path(out)
+    if out.resolve() != cached.resolve():
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(cached, out)
+    return read_bundle(out)
+
+
+def _build(base, tokenizer, config: EmulatorConfig, corpus_text: str, target: Path, progress: bool) -> Bundle:
+    shape = config.shape
+    n = num_blocks(base)
+    emulator, layout = build_emulator(base, shape)
+    info = {
+        "family": spec_for(base).family,
+        "shape": {"a": shape.a, "k": shape.k, "b": shape.b, "n_blocks": n},
+        "layout": layout,
+        "adapter_blocks": shape.adapter_blocks(n),
+        "kept_middle": shape.kept_middle(n),
+        "distill": {"config": dataclasses.asdict(config.distill), "corpus": config.corpus},
+    }
+    if config.distill.steps:
+        seq_len = config.distill.seq_len
+        train_blocks, heldout_blocks = token_blocks(tokenizer, corpus_text, seq_len)
+        log.info("distilling %s on %d blocks of %d tokens (%d held out)", shape, len(train_blocks), seq_len, len(heldout_blocks))
+        device = pick_device(config.device)
+        result = distill(base, emulator, layout, shape.a, shape.b, train_blocks, heldout_blocks, config.distill, device, progress)
+        base.to("cpu")
+        emulator.to("cpu")
+        info["distill"].update(
+            heldout_kd_before=result.heldout_before,
+            heldout_kd_after=result.heldout_after,
+            heldout_reduction=result.reduction,
+            seconds=result.seconds,
+        )
+    return write_bundle(target, emulator, tokenizer, info)

@@ -1,0 +1,54 @@
+"""Named recipes: base model, sandwich shape, distillation and tuning settings.
+
+``offsite presets`` lists them. ``smollm2-135m/default`` names the recipe the demo ships.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from offsite.emulator.distill import DistillConfig
+from offsite.emulator.sandwich import SandwichShape
+from offsite.emulator.tune import TuneConfig
+
+from .models import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    base: str
+    shape: SandwichShape
+    distill: DistillConfig
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    description: str = ""
+
+
+def _smollm(shape: str, distill_steps: int, description: str, **tune) -> Preset:
+    return Preset(
+        name=f"{DEFAULT_MODEL}/{shape}",
+        base=DEFAULT_MODEL,
+        shape=SandwichShape.parse(shape),
+        distill=DistillConfig(steps=distill_steps, batch_size=4, seq_len=256, lr=1e-4, kd_weight=1.0),
+        tune=TuneConfig(steps=120, batch_size=16, lr=1e-4, **tune),
+        description=description,
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        _smollm("2-10-2", 200, "30 blocks: 2+2 adapter, 10 of the 26 middle blocks kept, distilled 200 steps"),
+        _smollm("2-18-2", 200, "30 blocks: 2+2 adapter, 18 of the 26 middle blocks kept, distilled 200 steps"),
+        _smollm("2-22-2", 200, "30 blocks: 2+2 adapter, 22 of the 26 middle blocks kept, distilled 200 steps"),
+    )
+}
+DEFAULT_PRESET = f"{DEFAULT_MODEL}/default"
+PRESETS[DEFAULT_PRESET] = replace(PRESETS[f"{DEFAULT_MODEL}/2-10-2"], name=DEFAULT_PRESET)
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None

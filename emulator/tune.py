@@ -1,0 +1,164 @@
+"""The adapter tuning loop: train the adapter blocks (whole, or LoRA inside them) of a
+sandwich model on answer-only loss, everything else frozen.
+
+The same loop runs on a data owner's emulator (``client``) and, for the "full fine-tuning"
+baseline, on the full model with the real middle in place (``cloud`` evaluation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import get_path, spec_for
+from .data import Example, ExampleStream
+from .lora import LoRASpec, attach_lora, lora_state_dict
+from .sandwich import adapter_state_dict
+from .score import answer_loss, autocast_for
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` picks cuda > mps > cpu; anything else is taken as given."""
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    steps: int = 120
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+    mode: Literal["blocks", "lora"] = "blocks"
+    lora: LoRASpec = field(default_factory=LoRASpec)
+    train: Literal["both", "bottom", "top"] = "both"  # which adapter blocks train
+    prox: float = 0.0  # weight of the proximal term (mu/2)*||theta - theta_0||^2, summed over tensors
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.prox < 0:
+            raise ValueError(f"prox must be >= 0, got {self.prox}")
+
+    def blocks_to_train(self, adapter_blocks: list[int], a: int) -> list[int]:
+        bottom = [i for i in adapter_blocks if i < a]
+        top = [i for i in adapter_blocks if i >= a]
+        return {"both": adapter_blocks, "bottom": bottom, "top": top}[self.train]
+
+
+@dataclass
+class TuneResult:
+    adapter: dict[str, torch.Tensor]  # whole blocks, or LoRA factors in "lora" mode
+    losses: list[float]
+    tokens: int
+    seconds: float
+    mode: str
+
+
+def lr_at(step: int, config: TuneConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def trainable_parameters(model: nn.Module, layout: list[int], blocks: list[int], mode: str) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze the chosen blocks (whole) or their LoRA factors."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    block_list = get_path(model, spec_for(model).blocks)
+    params = []
+    for position, original in enumerate(layout):
+        if original not in blocks:
+            continue
+        for name, param in block_list[position].named_parameters():
+            if mode == "blocks" or name.endswith(("lora_A", "lora_B")):
+                param.requires_grad_(True)
+                params.append(param)
+    if not params:
+        raise ValueError(f"nothing to train: blocks {blocks} are not in layout {layout}")
+    return params
+
+
+def tune_adapter(
+    model: nn.Module,
+    tokenizer,
+    layout: list[int],
+    adapter_blocks: list[int],
+    examples: list[Example],
+    config: TuneConfig,
+    a: int,
+    progress: bool = True,
+    desc: str = "tuning",
+) -> TuneResult:
+    """Tune ``model``'s adapter in place on ``examples`` and return the adapter state.
+
+    ``layout`` maps block positions to original indices; ``adapter_blocks`` are original
+    indices; ``a`` is the number of bottom adapter blocks (to tell bottom from top).
+    In "blocks" mode the result holds every adapter block (trained or not); in "lora" mode
+    it holds the LoRA factors of the trained blocks.
+    """
+    import time
+
+    device = pick_device(config.device)
+    trained = config.blocks_to_train(adapter_blocks, a)
+    if config.mode == "lora":
+        attach_lora(model, layout, trained, config.lora, seed=config.seed)
+    model.to(device)
+    params = trainable_parameters(model, layout, trained, config.mode)
+    anchors = [p.detach().clone() for p in params] if config.prox > 0 else None
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    stream = ExampleStream(tokenizer, examples, config.batch_size, config.max_length, seed=config.seed)
+    autocast = autocast_for(device)
+    model.train()
+    losses, tokens, started = [], 0, time.perf_counter()
+    bar = tqdm(range(config.steps), desc=desc, disable=not progress, unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        batch = stream.next().to(device)
+        with autocast:
+            loss = answer_loss(model, batch)
+        total = loss
+        if anchors is not None:
+            total = total + 0.5 * config.prox * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, anchors))
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        losses.append(loss.item())
+        tokens += batch.num_tokens
+        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if config.mode == "lora":
+        state = lora_state_dict(model, layout)
+    else:
+        state = adapter_state_dict(model, layout, adapter_blocks)
+    state = {key: tensor.cpu() for key, tensor in state.items()}
+    return TuneResult(state, losses, tokens, time.perf_counter() - started, config.mode)

@@ -1,0 +1,202 @@
+"""The emulator bundle: what the operator ships to data owners.
+
+A directory with
+
+- ``emulator.safetensors``: every tensor of the emulator model (adapter blocks, kept middle
+  blocks, embeddings, final norm, head);
+- ``tokenizer/*.json`` (and the chat template): the tokenizer, JSON only;
+- ``manifest.json``: format, family, the model config, the sandwich shape, the layout
+  (original block index at each position), adapter and kept-middle indices, and the sha256
+  and size of every other file.
+
+A data owner builds the trainable model from the bundle alone. Only safetensors and JSON are
+ever parsed, each with a size limit, and only after every hash has matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+FORMAT = "offsite-bundle/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "emulator.safetensors"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_JSON_BYTES = 64 << 20
+MAX_WEIGHTS_BYTES = 64 << 30
+
+
+class BundleError(ValueError):
+    """A bundle is malformed, tampered with or oversized; the message names the file."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    manifest: dict
+
+    @property
+    def layout(self) -> list[int]:
+        return list(self.manifest["layout"])
+
+    @property
+    def adapter_blocks(self) -> list[int]:
+        return list(self.manifest["adapter_blocks"])
+
+    @property
+    def shape(self) -> dict:
+        return dict(self.manifest["shape"])
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the manifest, which pins every file: the bundle's identity."""
+        return hashlib.sha256(canonical_json(self.manifest)).hexdigest()
+
+
+def canonical_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def write_bundle(root: Path | str, emulator: nn.Module, tokenizer, info: dict) -> Bundle:
+    """Write ``emulator`` (+ tokenizer) as a bundle at ``root``; ``info`` goes into the manifest
+    (it must hold ``family``, ``shape``, ``layout``, ``adapter_blocks``, ``kept_middle``).
+
+    The bundle is assembled in a sibling temporary directory and renamed into place, so a
+    crash never leaves a half-written bundle behind.
+    """
+    from safetensors.torch import save_model
+
+    for key in ("family", "shape", "layout", "adapter_blocks", "kept_middle"):
+        if key not in info:
+            raise ValueError(f"bundle info lacks {key!r}")
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        save_model(emulator, str(staging / WEIGHTS))
+        with tempfile.TemporaryDirectory() as scratch:
+            tokenizer.save_pretrained(scratch)
+            (staging / TOKENIZER_DIR).mkdir()
+            for name in TOKENIZER_FILES:
+                if (Path(scratch) / name).exists():
+                    shutil.copy(Path(scratch) / name, staging / TOKENIZER_DIR / name)
+        files = {}
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            rel = path.relative_to(staging).as_posix()
+            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        manifest = {
+            "format": FORMAT,
+            **info,
+            "model_type": emulator.config.model_type,
+            "config": emulator.config.to_dict(),
+            "files": files,
+        }
+        (staging / MANIFEST).write_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode())
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Bundle(root, manifest)
+
+
+def _read_json(path: Path, limit: int) -> dict:
+    size = path.stat().st_size
+    if size > limit:
+        raise BundleError(f"{path}: {size} bytes is over the {limit}-byte limit")
+    try:
+        value = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    return value
+
+
+def _check_manifest(root: Path, manifest: dict) -> None:
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{root / MANIFEST}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or WEIGHTS not in files:
+        raise BundleError(f"{root / MANIFEST}: 'files' must list {WEIGHTS}")
+    for key in ("layout", "adapter_blocks", "kept_middle"):
+        value = manifest.get(key)
+        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+            raise BundleError(f"{root / MANIFEST}: {key!r} must be a list of block indices")
+    if not isinstance(manifest.get("config"), dict):
+        raise BundleError(f"{root / MANIFEST}: 'config' must be an object")
+
+
+def read_bundle(root: Path | str) -> Bundle:
+    """Open a bundle, checking the manifest and the sha256 and size of every file it lists.
+
+    Files not named in the manifest are refused too: nothing unverified sits in a bundle.
+    """
+    root = Path(root)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: missing")
+    manifest = _read_json(manifest_path, MAX_MANIFEST_BYTES)
+    _check_manifest(root, manifest)
+    listed = set(manifest["files"])
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
+    if present - listed:
+        raise BundleError(f"{root}: files not in the manifest: {sorted(present - listed)}")
+    for rel, meta in manifest["files"].items():
+        path = root / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise BundleError(f"{manifest_path}: file name {rel!r} escapes the bundle")
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("bytes"), int):
+            raise BundleError(f"{manifest_path}: entry for {rel!r} needs 'sha256' and 'bytes'")
+        if not path.is_file():
+            raise BundleError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        limit = MAX_WEIGHTS_BYTES if rel.endswith(".safetensors") else MAX_JSON_BYTES
+        if size != meta["bytes"] or size > limit:
+            raise BundleError(f"{path}: {size} bytes, manifest says {meta['bytes']} (limit {limit})")
+        if sha256_file(path) != meta["sha256"]:
+            raise BundleError(f"{path}: sha256 does not match the manifest")
+    return Bundle(root, manifest)
+
+
+def load_emulator(bundle: Bundle, dtype=None) -> nn.Module:
+    """Build the emulator model from the bundle alone: the config from the manifest, then a
+    strict load of every tensor from ``emulator.safetensors``."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = dict(bundle.manifest["config"])
+    model_type = config_dict.pop("model_type", bundle.manifest.get("model_type"))
+    config = AutoConfig.for_model(model_type, **config_dict)
+    model = AutoModelForCausalLM.from_config(config)
+    try:
+        load_model(model, str(bundle.root / WEIGHTS), strict=True)
+    except (RuntimeError, ValueError) as error:
+        raise BundleError(f"{bundle.root / WEIGHTS}: does not fit the manifest's config ({error})") from None
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def load_tokenizer(bundle: Bundle):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(bundle.root / TOKENIZER_DIR))

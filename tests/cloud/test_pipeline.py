@@ -1,0 +1,111 @@
+"""The operator's pipeline on a tiny model saved as a local Hugging Face directory."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from offsite.cloud.evaluate import SETTINGS, Report
+from offsite.cloud.models import load_base, resolve_model_dir
+from offsite.cloud.pipeline import EvalJob, run_eval_job, task_files
+from offsite.cloud.prepare import EmulatorConfig, prepare_bundle
+from offsite.cloud.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
+from offsite.emulator.distill import DistillConfig
+from offsite.emulator.sandwich import SandwichShape
+from offsite.emulator.tune import TuneConfig
+from tests.conftest import tiny_model, write_jsonl
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer):
+    model = tiny_model("llama", n_blocks=8)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+@pytest.fixture
+def task(tmp_path):
+    rows = [{"prompt": f"Is {i} even?\nAnswer:", "choices": [" yes", " no"], "answer": i % 2} for i in range(40)]
+    write_jsonl(tmp_path / "train.jsonl", rows[:30])
+    write_jsonl(tmp_path / "test.jsonl", rows[30:])
+    return tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+
+
+def test_prepare_caches_the_distilled_bundle(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
+    base, tokenizer, _ = load_base(str(tiny_dir))
+    config = EmulatorConfig(SandwichShape(2, 2, 2), DistillConfig(steps=2, batch_size=2, seq_len=16), corpus=str(_corpus(tmp_path)))
+    first = prepare_bundle(base, tokenizer, config, tmp_path / "job1", progress=False)
+    cached = list((tmp_path / "cache" / "bundles").iterdir())
+    assert len(cached) == 1
+    second = prepare_bundle(base, tokenizer, config, tmp_path / "job2", progress=False)
+    assert first.digest == second.digest  # the same bundle, not a second distillation
+    assert "heldout_kd_after" in first.manifest["distill"]
+    other = prepare_bundle(base, tokenizer, EmulatorConfig(SandwichShape(2, 3, 2), config.distill, config.corpus), tmp_path / "job3", progress=False)
+    assert other.digest != first.digest
+    assert len(list((tmp_path / "cache" / "bundles").iterdir())) == 2
+
+
+def _corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    return path
+
+
+def test_eval_job_writes_report_plug_in_and_adapter(tmp_path, tiny_dir, task, monkeypatch):
+    monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
+    train, test = task
+    preset = Preset("tiny", str(tiny_dir), SandwichShape(2, 2, 2), DistillConfig(steps=0))
+    tune = TuneConfig(steps=4, batch_size=4, lr=1e-3, device="cpu")
+    job = EvalJob(preset=preset, train=train, test=test, out=tmp_path / "job", task="even", tune=tune)
+    report = run_eval_job(job, progress=False)
+    assert set(report.results) == set(SETTINGS)
+    for result in report.results.values():
+        assert 0.0 <= result["accuracy"] <= 1.0 and result["correct"] == round(result["accuracy"] * 10)
+    assert report.test_rows == 10 and report.train_rows == 30
+    saved = json.loads((tmp_path / "job" / "report" / "report.json").read_text())[0]
+    assert saved["privacy_gap"] == pytest.approx(report.accuracy("plug_in") - report.accuracy("emulator_ft"))
+    assert (tmp_path / "job" / "report" / "report.png").stat().st_size > 1000
+    assert "privacy gap" in (tmp_path / "job" / "report" / "report.md").read_text()
+    # the plug-in directory is a loadable HF model that differs from the base
+    plugged = AutoModelForCausalLM.from_pretrained(tmp_path / "job" / "plug_in")
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert not torch.allclose(plugged(ids).logits, base(ids).logits, atol=1e-5)
+
+
+def test_report_gaps():
+    report = Report("t", 100, 10)
+    report.results = {s: {"accuracy": a, "stderr": 0.05, "correct": int(a * 100)} for s, a in
+                      zip(SETTINGS, (0.5, 0.4, 0.6, 0.7, 0.75))}
+    assert report.privacy_gap == pytest.approx(0.1)
+    assert report.utility_gap == pytest.approx(0.05)
+    assert "| plug-in | 0.700 |" in report.markdown()
+
+
+def test_presets_are_well_formed():
+    assert DEFAULT_PRESET in PRESETS
+    for name, preset in PRESETS.items():
+        preset.shape.check(30)
+        assert get_preset(name) is preset
+    with pytest.raises(KeyError, match="known"):
+        get_preset("nope/1-1-1")
+
+
+def test_shipped_tasks_exist():
+    for name in ("hyperbaton", "sports_understanding", "vitaminc_fact_verification", "formal_fallacies_syllogisms_negation"):
+        train, test = task_files(name)
+        assert train.stat().st_size > 0 and test.stat().st_size > 0
+    with pytest.raises(FileNotFoundError, match="hyperbaton"):
+        task_files("nope")
+
+
+def test_model_sources(tmp_path, tiny_dir):
+    assert resolve_model_dir(str(tiny_dir)) == tiny_dir
+    with pytest.raises(FileNotFoundError, match="GGUF"):
+        resolve_model_dir(str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        resolve_model_dir(str(tmp_path / "missing"))

@@ -1,0 +1,54 @@
+import torch
+
+from offsite.emulator.distill import DistillConfig, distill, heldout_kd, normalised_mse, tap_pairs
+from offsite.emulator.sandwich import SandwichShape, build_emulator
+from tests.conftest import VOCAB, tiny_model
+
+
+def _text_blocks(n, seq_len, seed):
+    """Token blocks with structure a model can learn from (a noisy repeating pattern)."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.arange(seq_len) % 17 + 3
+    noise = torch.randint(0, VOCAB, (n, seq_len), generator=generator)
+    keep = torch.rand((n, seq_len), generator=generator) < 0.7
+    return torch.where(keep, base.expand(n, -1), noise)
+
+
+def test_normalised_mse_is_scale_free():
+    teacher = torch.randn(2, 5, 8)
+    student = teacher + 0.1 * torch.randn(2, 5, 8)
+    assert normalised_mse(teacher, teacher) == 0
+    torch.testing.assert_close(normalised_mse(10 * teacher, 10 * student), normalised_mse(teacher, student))
+
+
+def test_tap_pairs():
+    layout = [0, 1, 2, 5, 8, 9, 10, 11]  # 12 blocks, 2-4-2
+    assert tap_pairs(layout, 2, 2, 12, per_block=False) == [(5, 9)]
+    assert tap_pairs(layout, 2, 2, 12, per_block=True) == [(5, 9), (2, 4), (3, 7), (4, 8)]
+
+
+def test_distillation_cuts_heldout_kd_by_30_percent_against_layer_drop():
+    teacher = tiny_model("llama", n_blocks=12, seed=3)
+    shape = SandwichShape(2, 3, 2)
+    student, layout = build_emulator(teacher, shape)
+    layer_drop, _ = build_emulator(teacher, shape)
+    train, heldout = _text_blocks(64, 32, seed=0), _text_blocks(8, 32, seed=1)
+    config = DistillConfig(steps=80, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=5)
+    result = distill(teacher, student, layout, 2, 2, train, heldout, config, progress=False)
+    plain = heldout_kd(teacher, layer_drop, heldout, layout, 2, 2)
+    assert abs(result.heldout_before - plain) < 1e-6
+    assert result.heldout_after <= 0.7 * plain
+    # only the kept middle blocks moved
+    for position in (0, 1, len(layout) - 2, len(layout) - 1):
+        for x, y in zip(student.model.layers[position].parameters(), layer_drop.model.layers[position].parameters()):
+            assert torch.equal(x, y)
+    assert torch.equal(student.lm_head.weight, layer_drop.lm_head.weight)
+
+
+def test_lm_kl_and_per_block_terms_run():
+    teacher = tiny_model("gpt2", n_blocks=8)
+    student, layout = build_emulator(teacher, SandwichShape(2, 2, 2))
+    blocks = _text_blocks(8, 16, seed=0)
+    config = DistillConfig(steps=3, batch_size=2, seq_len=16, kd_weight=1.0, lm_weight=0.5, kl_weight=0.5, per_block=True)
+    result = distill(teacher, student, layout, 2, 2, blocks, blocks[:2], config, progress=False)
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))

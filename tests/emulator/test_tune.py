@@ -1,0 +1,88 @@
+import dataclasses
+
+import pytest
+import torch
+
+from offsite.emulator.data import Example
+from offsite.emulator.lora import LoRASpec
+from offsite.emulator.sandwich import SandwichShape, build_emulator
+from offsite.emulator.tune import TuneConfig, lr_at, pick_device, tune_adapter
+from tests.conftest import tiny_model
+
+EXAMPLES = [Example(f"Item {i}: colour?", " red" if i % 2 else " blue") for i in range(16)]
+
+
+def _setup(family="llama"):
+    model = tiny_model(family)
+    shape = SandwichShape(2, 2, 2)
+    emulator, layout = build_emulator(model, shape)
+    return emulator, layout, shape.adapter_blocks(8)
+
+
+def _block_params(model, layout):
+    blocks = model.model.layers
+    return {layout[p]: [t.clone() for t in blocks[p].parameters()] for p in range(len(layout))}
+
+
+def test_blocks_mode_learns_and_touches_only_the_adapter(tokenizer):
+    emulator, layout, adapter_blocks = _setup()
+    before = _block_params(emulator, layout)
+    embed = emulator.model.embed_tokens.weight.clone()
+    config = TuneConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=2, device="cpu")
+    result = tune_adapter(emulator, tokenizer, layout, adapter_blocks, EXAMPLES, config, a=2, progress=False)
+    assert sum(result.losses[-5:]) / 5 < 0.5 * sum(result.losses[:5]) / 5
+    after = _block_params(emulator, layout)
+    for original in layout:
+        changed = any(not torch.equal(x, y) for x, y in zip(before[original], after[original]))
+        assert changed == (original in adapter_blocks), original
+    assert torch.equal(embed, emulator.model.embed_tokens.weight)
+    assert {int(k.split(".")[1]) for k in result.adapter} == set(adapter_blocks)
+    assert not any(t.requires_grad for t in emulator.parameters())
+
+
+def test_lora_mode_returns_only_factors(tokenizer):
+    emulator, layout, adapter_blocks = _setup()
+    config = TuneConfig(steps=10, batch_size=4, lr=1e-2, mode="lora", lora=LoRASpec(rank=2, alpha=4), device="cpu")
+    result = tune_adapter(emulator, tokenizer, layout, adapter_blocks, EXAMPLES, config, a=2, progress=False)
+    assert result.adapter and all(k.endswith(("lora_A", "lora_B")) for k in result.adapter)
+    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in result.adapter.items())
+
+
+def test_train_top_only_leaves_the_bottom_alone(tokenizer):
+    emulator, layout, adapter_blocks = _setup()
+    before = _block_params(emulator, layout)
+    config = TuneConfig(steps=3, batch_size=4, lr=1e-2, train="top", device="cpu")
+    tune_adapter(emulator, tokenizer, layout, adapter_blocks, EXAMPLES, config, a=2, progress=False)
+    after = _block_params(emulator, layout)
+    assert all(torch.equal(x, y) for x, y in zip(before[0], after[0]))
+    assert any(not torch.equal(x, y) for x, y in zip(before[7], after[7]))
+
+
+def test_prox_keeps_the_adapter_closer(tokenizer):
+    distances = []
+    for prox in (0.0, 50.0):
+        emulator, layout, adapter_blocks = _setup()
+        start = {k: v.clone() for k, v in emulator.state_dict().items()}
+        config = TuneConfig(steps=15, batch_size=8, lr=3e-3, prox=prox, device="cpu", max_grad_norm=0.0)
+        tune_adapter(emulator, tokenizer, layout, adapter_blocks, EXAMPLES, config, a=2, progress=False)
+        distances.append(sum((v - start[k]).pow(2).sum().item() for k, v in emulator.state_dict().items()))
+    assert distances[1] < distances[0]
+
+
+def test_schedule_warms_up_then_decays():
+    config = TuneConfig(steps=100, lr=1.0, warmup_steps=10)
+    assert lr_at(0, config) == pytest.approx(0.1)
+    assert lr_at(9, config) == pytest.approx(1.0)
+    assert lr_at(99, config) < 0.01
+    assert lr_at(50, dataclasses.replace(config, schedule="constant")) == 1.0
+
+
+def test_device_choice():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type in {"cpu", "cuda", "mps"}
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(lr=0.0), dict(prox=-1.0)])
+def test_bad_configs_are_rejected(bad):
+    with pytest.raises(ValueError):
+        TuneConfig(**bad)

@@ -53,6 +53,7 @@ class MCResult:
     rows: int
     correct: int
     predictions: list[int]
+    scores: list[list[float]]  # summed log-likelihood of each choice, row by row
 
     @property
     def stderr(self) -> float:
@@ -70,25 +71,58 @@ def score_mc(
     device: torch.device | str = "cpu",
     desc: str = "scoring",
 ) -> MCResult:
-    """Accuracy by the highest summed log-likelihood of each choice given the prompt."""
+    """Accuracy by the highest summed log-likelihood of each choice given the prompt.
+
+    Choices that are one token long share one forward pass of their prompt (rows of equal
+    prompt length are batched without padding); longer choices are scored on the whole
+    prompt+choice sequence. Both give the same log-likelihoods as scoring every pair alone.
+    """
     model.eval()
     pad_id = pad_id_of(tokenizer)
-    pairs = [(r, c) for r, row in enumerate(rows) for c in range(len(row.choices))]
-    encoded = [encode_pair(tokenizer, rows[r].prompt, rows[r].choices[c], max_length) for r, c in pairs]
-    order = sorted(range(len(pairs)), key=lambda i: len(encoded[i][0]))  # similar lengths share a batch
     scores = [[0.0] * len(row.choices) for row in rows]
+    single: dict[int, list[int]] = {}  # prompt length -> rows whose choices all are single tokens
+    pairs: list[tuple[int, int, tuple[list[int], int]]] = []  # (row, choice, encoded) scored whole
+    prompts: list[list[int]] = []
+    choice_ids: list[list[int]] = []
+    for r, row in enumerate(rows):
+        encoded = [encode_pair(tokenizer, row.prompt, choice, max_length) for choice in row.choices]
+        heads = [ids[start:] for ids, start in encoded]
+        if all(len(h) == 1 for h in heads) and len({tuple(ids[:start]) for ids, start in encoded}) == 1:
+            ids, start = encoded[0]
+            prompts.append(ids[:start])
+            choice_ids.append([h[0] for h in heads])
+            single.setdefault(start, []).append(r)
+        else:
+            prompts.append([])
+            choice_ids.append([])
+            pairs.extend((r, c, e) for c, e in enumerate(encoded))
+    spec = spec_for(model)
+    backbone, head = get_path(model, spec.backbone), get_path(model, spec.head)
     autocast = autocast_for(device)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
-        chunk = order[start : start + batch_size]
-        batch = collate([encoded[i] for i in chunk], pad_id).to(device)
+    chunks = [group[i : i + batch_size] for _, group in sorted(single.items()) for i in range(0, len(group), batch_size)]
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][2][0]))
+    pair_chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    bar = tqdm(total=len(chunks) + len(pair_chunks), desc=desc, leave=False, unit="batch")
+    for chunk in chunks:
+        ids = torch.tensor([prompts[r] for r in chunk], device=device)  # (B, L), no padding
+        with autocast:
+            hidden = backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
+            logprobs = torch.log_softmax(head(hidden[:, -1]).float(), -1)  # (B, V)
+        for b, r in enumerate(chunk):
+            scores[r] = logprobs[b, choice_ids[r]].tolist()
+        bar.update()
+    for chunk in pair_chunks:
+        batch = collate([pairs[i][2] for i in chunk], pad_id).to(device)
         with autocast:
             values = answer_logprobs(model, batch).tolist()
         for i, value in zip(chunk, values):
-            r, c = pairs[i]
+            r, c, _ = pairs[i]
             scores[r][c] = value
+        bar.update()
+    bar.close()
     predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
     correct = sum(int(p == row.answer) for p, row in zip(predictions, rows))
-    return MCResult(correct / len(rows), len(rows), correct, predictions)
+    return MCResult(correct / len(rows), len(rows), correct, predictions, scores)
 
 
 def autocast_for(device) -> torch.autocast:

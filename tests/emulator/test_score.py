@@ -30,3 +30,17 @@ def test_score_mc_picks_the_most_likely_choice(tokenizer):
                 scores.append(answer_logprobs(model, batch).item())
         assert prediction == max(range(len(scores)), key=scores.__getitem__)
     assert result.correct == sum(p == r.answer for p, r in zip(result.predictions, rows))
+
+
+def test_shared_prompt_scoring_equals_pairwise_scoring(tokenizer, family):
+    """Single-token choices share their prompt's pass; other rows take the whole-sequence path."""
+    model = tiny_model(family)
+    rows = [MCRow(f"Prompt number {i}" + "!" * (i % 3), ("a", "b", "c"), i % 3) for i in range(7)]  # one token each
+    rows += [MCRow("Longer choices:", (" abc", " d"), 0), MCRow("x", (" yes", " no"), 1)]
+    result = score_mc(model, tokenizer, rows, batch_size=3)
+    for row, scores in zip(rows, result.scores):
+        for choice, score in zip(row.choices, scores):
+            batch = collate([encode_pair(tokenizer, row.prompt, choice, 64)], 0)
+            with torch.no_grad():
+                assert abs(answer_logprobs(model, batch).item() - score) < 1e-4
+    assert result.predictions == [max(range(len(s)), key=s.__getitem__) for s in result.scores]

@@ -1,0 +1,151 @@
+"""Fine-tuning cost: emulator + adapter tuning against full fine-tuning, measured side by side.
+
+One run, one model, one batch shape. Each setting runs in its own subprocess so that its peak
+memory (CUDA: max allocated; CPU: the process's peak RSS) is its own. Prints tokens/s, peak
+memory, the ratios against full fine-tuning of all parameters, and the analytic FLOP-ratio
+bound for the shape.
+
+    python benchmarks/finetune_cost.py [--model smollm2-135m] [--shape 2-10-2] [--batch 4] [--seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+SETTINGS = {
+    "full FT (all parameters)": "full",
+    "emulator + adapter blocks": "emulator",
+    "emulator + LoRA in adapter": "emulator-lora",
+}
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run one setting in this process and return its figures."""
+    import torch
+
+    from offsite.cloud.models import load_base
+    from offsite.emulator.data import Batch
+    from offsite.emulator.lora import LoRASpec, attach_lora
+    from offsite.emulator.sandwich import SandwichShape, build_emulator, num_blocks
+    from offsite.emulator.score import answer_loss, autocast_for
+    from offsite.emulator.tune import pick_device, trainable_parameters
+
+    torch.manual_seed(0)
+    device = pick_device(args.device)
+    model, _, _ = load_base(args.model)
+    shape = SandwichShape.parse(args.shape)
+    n = num_blocks(model)
+    adapter_blocks = shape.adapter_blocks(n)
+    if args.setting == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        params = list(model.parameters())
+    else:
+        model, layout = build_emulator(model, shape)
+        mode = "lora" if args.setting == "emulator-lora" else "blocks"
+        if mode == "lora":
+            attach_lora(model, layout, adapter_blocks, LoRASpec(rank=8, alpha=16))
+        params = trainable_parameters(model, layout, adapter_blocks, mode)
+    model.to(device).train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
+    batch = Batch(ids, torch.ones_like(ids), ids.clone())
+    autocast = autocast_for(device)
+
+    def step() -> None:
+        with autocast:
+            loss = answer_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    seconds = time.perf_counter() - started
+    return {
+        "tokens_per_s": args.batch * args.seq * args.steps / seconds,
+        "peak_mib": peak,
+        "trainable": sum(p.numel() for p in params),
+        "device": str(device),
+    }
+
+
+def flop_ratio_bound(model_name: str, shape_text: str) -> tuple[float, float]:
+    """Upper bounds on the speed-up of emulator tuning over full FT, per token.
+
+    With f the forward FLOPs of one block and h of the head: full FT costs 3(Nf + h)
+    (forward, activation grads, weight grads); emulator tuning with whole adapter blocks costs
+    2((a+k+b)f + h) + (a+b)f (activation grads still flow through every block above the
+    bottom adapter, weight grads only in the adapter); with LoRA the weight-grad term is ~0.
+    """
+    from offsite.cloud.models import load_base
+    from offsite.emulator.arch import get_path, spec_for
+    from offsite.emulator.sandwich import SandwichShape
+
+    model, _, _ = load_base(model_name)
+    spec = spec_for(model)
+    blocks = get_path(model, spec.blocks)
+    n = len(blocks)
+    f = 2 * sum(p.numel() for p in blocks[0].parameters())
+    h = 2 * get_path(model, spec.head).weight.numel()
+    shape = SandwichShape.parse(shape_text)
+    kept = shape.a + shape.k + shape.b
+    full = 3 * (n * f + h)
+    return full / (2 * (kept * f + h) + (shape.a + shape.b) * f), full / (2 * (kept * f + h))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--shape", default="2-10-2")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--setting", choices=sorted(SETTINGS.values()), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.setting:
+        print(json.dumps(measure(args)))
+        return
+
+    results = {}
+    for label, setting in SETTINGS.items():
+        command = [sys.executable, __file__, "--setting", setting, "--model", args.model, "--shape", args.shape,
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--device", args.device]
+        print(f"measuring {label} ...", file=sys.stderr, flush=True)
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[label] = json.loads(output.strip().splitlines()[-1])
+    full = results["full FT (all parameters)"]
+    print(f"\n{args.model}, shape {args.shape}, batch {args.batch} x {args.seq} tokens, {args.steps} timed steps on {full['device']}\n")
+    print(f"| setting | trainable params | tokens/s | speed-up | peak memory (MiB) | memory saved |")
+    print("|---|---|---|---|---|---|")
+    for label, r in results.items():
+        print(f"| {label} | {r['trainable'] / 1e6:.1f} M | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / full['tokens_per_s']:.2f}x "
+              f"| {r['peak_mib']:.0f} | {full['peak_mib'] / r['peak_mib']:.2f}x |")
+    blocks_bound, lora_bound = flop_ratio_bound(args.model, args.shape)
+    print(f"\nFLOP-ratio bound for {args.shape}: {blocks_bound:.2f}x (adapter blocks), {lora_bound:.2f}x (LoRA)")
+    if full["device"] == "cpu":
+        print("(CPU peak memory is each subprocess's peak RSS, the loaded base model included)")
+
+
+if __name__ == "__main__":
+    main()

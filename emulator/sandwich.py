@@ -10,6 +10,7 @@ model and any other layout that contains those blocks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from dataclasses import dataclass
@@ -111,6 +112,27 @@ def _set_num_layers(config, spec: ArchSpec, layout: list[int]) -> None:
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and len(layer_types) >= max(layout) + 1:
         config.layer_types = [layer_types[i] for i in layout]
+
+
+@contextlib.contextmanager
+def only_positions(model: nn.Module, positions: list[int]):
+    """Temporarily run ``model`` with just the blocks at ``positions`` (no copies; for training
+    without a KV cache, e.g. stochastic depth over the emulator's middle)."""
+    spec = spec_for(model)
+    blocks = get_path(model, spec.blocks)
+    old_count = getattr(model.config, spec.num_layers_key)
+    old_types = getattr(model.config, "layer_types", None)
+    set_path(model, spec.blocks, nn.ModuleList(blocks[p] for p in positions))
+    setattr(model.config, spec.num_layers_key, len(positions))
+    if old_types is not None and len(old_types) == len(blocks):
+        model.config.layer_types = [old_types[p] for p in positions]
+    try:
+        yield model
+    finally:
+        set_path(model, spec.blocks, blocks)
+        setattr(model.config, spec.num_layers_key, old_count)
+        if old_types is not None:
+            model.config.layer_types = old_types
 
 
 def build_emulator(model: nn.Module, shape: SandwichShape) -> tuple[nn.Module, list[int]]:

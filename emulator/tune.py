@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .arch import get_path, spec_for
 from .data import Example, ExampleStream
 from .lora import LoRASpec, attach_lora, lora_state_dict
-from .sandwich import adapter_state_dict
+from .sandwich import adapter_state_dict, only_positions
 from .score import answer_loss, autocast_for
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class TuneConfig:
     lora: LoRASpec = field(default_factory=LoRASpec)
     train: Literal["both", "bottom", "top"] = "both"  # which adapter blocks train
     prox: float = 0.0  # weight of the proximal term (mu/2)*||theta - theta_0||^2, summed over tensors
+    middle_drop: float = 0.0  # stochastic depth: each step skips each non-adapter block with this probability
     seed: int = 0
     device: str = "auto"
 
@@ -60,6 +61,8 @@ class TuneConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.prox < 0:
             raise ValueError(f"prox must be >= 0, got {self.prox}")
+        if not 0.0 <= self.middle_drop < 1.0:
+            raise ValueError(f"middle_drop must be in [0, 1), got {self.middle_drop}")
 
     def blocks_to_train(self, adapter_blocks: list[int], a: int) -> list[int]:
         bottom = [i for i in adapter_blocks if i < a]
@@ -74,6 +77,25 @@ class TuneResult:
     tokens: int
     seconds: float
     mode: str
+
+
+class StochasticDepth:
+    """Which block positions run this step: every adapter block, and each other block with
+    probability ``1 - drop`` (at least one middle block always runs)."""
+
+    def __init__(self, layout: list[int], adapter_blocks: list[int], drop: float, seed: int) -> None:
+        self.adapter = [p for p, original in enumerate(layout) if original in adapter_blocks]
+        self.middle = [p for p, original in enumerate(layout) if original not in adapter_blocks]
+        self.drop = drop
+        self.generator = torch.Generator().manual_seed(seed + 1)
+
+    def sample(self) -> list[int]:
+        if not self.drop or not self.middle:
+            return sorted(self.adapter + self.middle)
+        keep = torch.rand(len(self.middle), generator=self.generator) >= self.drop
+        if not keep.any():
+            keep[torch.randint(len(self.middle), (1,), generator=self.generator)] = True
+        return sorted(self.adapter + [p for p, k in zip(self.middle, keep.tolist()) if k])
 
 
 def lr_at(step: int, config: TuneConfig) -> float:
@@ -133,6 +155,7 @@ def tune_adapter(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     stream = ExampleStream(tokenizer, examples, config.batch_size, config.max_length, seed=config.seed)
     autocast = autocast_for(device)
+    depth = StochasticDepth(layout, adapter_blocks, config.middle_drop, config.seed)
     model.train()
     losses, tokens, started = [], 0, time.perf_counter()
     bar = tqdm(range(config.steps), desc=desc, disable=not progress, unit="step")
@@ -140,7 +163,7 @@ def tune_adapter(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
         batch = stream.next().to(device)
-        with autocast:
+        with autocast, only_positions(model, depth.sample()):
             loss = answer_loss(model, batch)
         total = loss
         if anchors is not None:

@@ -46,6 +46,9 @@ RECIPES: dict[str, tuple[str, DistillConfig, TuneConfig]] = {
     "kd-2-14-2-top": ("2-14-2", KD, dataclasses.replace(BASE_TUNE, train="top")),
     "drop-2-18-2-top": ("2-18-2", DistillConfig(steps=0), dataclasses.replace(BASE_TUNE, train="top")),
     "kd-1-10-3-top": ("1-10-3", KD, dataclasses.replace(BASE_TUNE, train="top")),
+    "drop-2-22-2-mdrop": ("2-22-2", DistillConfig(steps=0), dataclasses.replace(BASE_TUNE, middle_drop=0.25)),
+    "kd-2-10-2-mdrop": ("2-10-2", KD, dataclasses.replace(BASE_TUNE, middle_drop=0.25)),
+    "drop-2-26-2-mdrop": ("2-26-2", DistillConfig(steps=0), dataclasses.replace(BASE_TUNE, middle_drop=0.25)),
     "kd-2-10-2-top-lr3e-4": ("2-10-2", KD, dataclasses.replace(BASE_TUNE, train="top", lr=3e-4)),
 }
 

@@ -86,3 +86,21 @@ def test_device_choice():
 def test_bad_configs_are_rejected(bad):
     with pytest.raises(ValueError):
         TuneConfig(**bad)
+
+
+def test_stochastic_depth_keeps_the_adapter_and_varies_the_middle():
+    from offsite.emulator.tune import StochasticDepth
+
+    layout = [0, 1, 2, 5, 8, 11, 12, 13]
+    depth = StochasticDepth(layout, [0, 1, 12, 13], drop=0.5, seed=0)
+    samples = [depth.sample() for _ in range(50)]
+    assert all({0, 1, 6, 7} <= set(s) and len(s) >= 5 and s == sorted(s) for s in samples)
+    assert len({tuple(s) for s in samples}) > 3
+    assert StochasticDepth(layout, [0, 1, 12, 13], drop=0.0, seed=0).sample() == list(range(8))
+
+
+def test_middle_drop_tunes_and_restores_the_model(tokenizer):
+    emulator, layout, adapter_blocks = _setup()
+    config = TuneConfig(steps=4, batch_size=4, lr=1e-3, middle_drop=0.5, device="cpu")
+    tune_adapter(emulator, tokenizer, layout, adapter_blocks, EXAMPLES, config, a=2, progress=False)
+    assert len(emulator.model.layers) == len(layout) and emulator.config.num_hidden_layers == len(layout)

@@ -1,0 +1,95 @@
+"""The data owner's bundle cache: verified emulator bundles keyed by digest, assembled on disk
+from parts that arrive in separate ClientApp processes, in any order.
+
+Layout under ``root``::
+
+    bundles/<digest>/            a verified bundle (read_bundle passed, digest matched)
+    incoming/<digest>/files/...  the bundle being assembled
+    incoming/<digest>/parts/<i>  one empty marker per part received
+    locks/<digest>.lock          serialises processes working on the same digest (POSIX flock)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from offsite.protocol.bundle import Bundle, BundleError, read_bundle
+from offsite.protocol.messages import DIGEST, BundlePart, check_relative_path
+
+MAX_FILE_OFFSET = 64 << 30
+
+
+class BundleCache:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def bundle_dir(self, digest: str) -> Path:
+        if not DIGEST.match(digest):
+            raise BundleError(f"bundle digest {digest!r} is not a sha256 hex digest")
+        return self.root / "bundles" / digest
+
+    @contextmanager
+    def _locked(self, digest: str):
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{digest}.lock", "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def lookup(self, digest: str) -> Bundle | None:
+        """The cached bundle with this digest, verified again (every sha256); None if absent."""
+        path = self.bundle_dir(digest)
+        if not (path / "manifest.json").is_file():
+            return None
+        bundle = read_bundle(path)
+        if bundle.digest != digest:
+            raise BundleError(f"{path}: manifest digest {bundle.digest} is not the directory's {digest}")
+        return bundle
+
+    def has(self, digest: str) -> bool:
+        return (self.bundle_dir(digest) / "manifest.json").is_file()
+
+    def receive(self, part: BundlePart) -> str:
+        """Write one part; when all parts are in, verify and install. Returns ``cached`` (the
+        bundle was already installed; nothing written), ``partial`` or ``installed``.
+
+        A bundle that fails verification is deleted (so a resend starts clean) and raises
+        :class:`BundleError`.
+        """
+        target = self.bundle_dir(part.digest)
+        with self._locked(part.digest):
+            if (target / "manifest.json").is_file():
+                return "cached"
+            incoming = self.root / "incoming" / part.digest
+            files, markers = incoming / "files", incoming / "parts"
+            markers.mkdir(parents=True, exist_ok=True)
+            for segment in part.segments:
+                path = files / check_relative_path(segment.path)
+                if segment.offset + len(segment.data) > MAX_FILE_OFFSET:
+                    raise BundleError(f"bundle part {part.index}: {segment.path} would grow past {MAX_FILE_OFFSET} bytes")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "r+b" if path.exists() else "w+b") as handle:
+                    handle.seek(segment.offset)
+                    handle.write(segment.data)
+            (markers / f"{part.index}-of-{part.count}").touch()
+            received = {p.name for p in markers.iterdir()}
+            if not all(f"{i}-of-{part.count}" in received for i in range(part.count)):
+                return "partial"
+            try:
+                bundle = read_bundle(files)
+                if bundle.digest != part.digest:
+                    raise BundleError(f"{files}: manifest digest {bundle.digest} is not the announced {part.digest}")
+            except BundleError:
+                shutil.rmtree(incoming, ignore_errors=True)
+                raise
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(files, target)
+            shutil.rmtree(incoming, ignore_errors=True)
+            return "installed"

@@ -1,0 +1,466 @@
+"""Flower federations driven from the operator's side.
+
+:class:`SuperLinkControl` is the ``flwr`` CLI bound to one SuperLink (any host): submit a run,
+follow its logs, wait for it, register SuperNode keys. :class:`LocalFederation` is a whole
+federation on one host: a SuperLink and K SuperNodes as subprocesses on free 127.0.0.1 ports,
+every process stopped by its PID; for tests, demos and single-host jobs.
+
+Two modes:
+
+- insecure (``certs=None``): plain HTTP on loopback, SuperNodes register themselves;
+- secure (``certs=`` :func:`offsite.cloud.certs.write_deployment_certs`'s result): the SuperLink
+  serves TLS (``--ssl-ca-certfile --ssl-certfile --ssl-keyfile``) with ``--enable-supernode-auth``;
+  each SuperNode's public key is registered with ``flwr supernode register KEY.pub`` before it
+  starts with ``--root-certificates ca.crt --auth-supernode-private-key KEY``. A SuperNode whose
+  key was not registered is refused at activation and never gets a node id.
+
+Each federation gets its own ``FLWR_HOME`` (the CLI's connection file ``config.toml`` and the
+installed FABs live there) and runs with ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``, so
+the SuperLink never tries ``uv sync``: the components come from this Python environment.
+
+``python -m offsite.cloud.federation --help``: bring up a secure federation on this host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from offsite.protocol.flower_process import config_arg, flower_env, flower_tool, supernode_command
+
+from .certs import DeploymentCerts, public_key_path
+
+APP_DIR = Path(__file__).resolve().parent.parent / "deploy" / "flower_app"
+CONNECTION = "offsite-local"
+
+
+class FederationError(RuntimeError):
+    """A Flower process did not start, or a run did not finish; the message points at the log."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class FlowerProcess:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    port: int
+    node_id: int | None = None  # the id `flwr supernode register` gave its key (secure mode)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc; empty where /proc is absent)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    result, frontier = [], [pid]
+    while frontier:
+        children = _children(frontier.pop())
+        result.extend(children)
+        frontier.extend(children)
+    return result
+
+
+def stop_process(proc: FlowerProcess, grace: float = 10.0) -> None:
+    """SIGTERM the process, then its descendants that outlive it (Flower's SuperExec runs in its
+    own session and exits by itself once its parent is gone; we do not rely on that), then SIGKILL."""
+    descendants = _descendants(proc.process.pid)
+    if proc.alive():
+        proc.process.send_signal(signal.SIGTERM)
+        try:
+            proc.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.process.kill()
+            proc.process.wait(timeout=grace)
+    for pid in descendants:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + grace
+    for pid in descendants:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _spawn(name: str, command: list[str], workdir: Path, env: dict, port: int) -> FlowerProcess:
+    log_path = workdir / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    return FlowerProcess(name, process, log_path, port)
+
+
+def _wait_listening(proc: FlowerProcess, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise FederationError(f"{proc.name} exited with {proc.process.returncode}; log {proc.log_path}:\n{proc.log_tail()}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.settimeout(0.5)
+            if probe.connect_ex(("127.0.0.1", proc.port)) == 0:
+                return
+        time.sleep(0.2)
+    raise FederationError(f"{proc.name} not listening on 127.0.0.1:{proc.port} after {timeout:.0f}s; log {proc.log_path}")
+
+
+def _json_output(done: subprocess.CompletedProcess, what: str) -> dict:
+    """The JSON object ``flwr ... --format json`` printed (after any log lines), or FederationError."""
+    try:
+        return json.loads(done.stdout[done.stdout.index("{") :])
+    except ValueError:
+        raise FederationError(f"{what} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}") from None
+
+
+# ---------------------------------------------------------------- the flwr CLI against one SuperLink
+
+
+@dataclass(frozen=True)
+class SuperLinkConnection:
+    """How the ``flwr`` CLI reaches a SuperLink: ``[superlink.NAME]`` in ``$FLWR_HOME/config.toml``.
+
+    TLS verified against ``root_certificates`` (key ``root-certificates``, an absolute path), TLS
+    against the system's CAs (neither set), or plain HTTP (``insecure = true``).
+    """
+
+    address: str
+    root_certificates: Path | None = None
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        host, _, port = self.address.rpartition(":")
+        if not host or not port.isdigit():
+            raise FederationError(f"SuperLink address {self.address!r}: expected HOST:PORT")
+        if self.insecure and self.root_certificates is not None:
+            raise FederationError("a SuperLink connection is either insecure or verified with root certificates, not both")
+
+    def toml(self, name: str) -> str:
+        lines = [f"[superlink.{name}]", f'address = "{self.address}"']
+        if self.insecure:
+            lines.append("insecure = true")
+        if self.root_certificates is not None:
+            lines.append(f'root-certificates = "{Path(self.root_certificates).resolve().as_posix()}"')
+        return "\n".join(lines) + "\n"
+
+
+class SuperLinkControl:
+    """The ``flwr`` CLI bound to one SuperLink through a private ``FLWR_HOME`` holding one connection."""
+
+    def __init__(self, home: Path, connection: SuperLinkConnection, name: str = CONNECTION) -> None:
+        self.home = Path(home)
+        self.connection = connection
+        self.name = name
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n' + connection.toml(name))
+
+    @property
+    def env(self) -> dict[str, str]:
+        return flower_env(self.home)
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [flower_tool("flwr"), *args], env=self.env, cwd=self.home, capture_output=True, text=True, timeout=timeout
+        )
+
+    def submit(self, run_config: dict, app_dir: Path = APP_DIR) -> int:
+        """``flwr run`` the app; returns the run id."""
+        args = ["run", str(app_dir), self.name, "--format", "json"]
+        if run_config:
+            args += ["--run-config", config_arg(run_config)]
+        payload = _json_output(self.flwr(*args), "flwr run")
+        try:
+            return int(payload["run-id"])
+        except (KeyError, TypeError, ValueError):
+            raise FederationError(f"flwr run: no run id in {payload}") from None
+
+    def run_status(self, run_id: int) -> str:
+        payload = _json_output(self.flwr("ls", self.name, "--run-id", str(run_id), "--format", "json"), "flwr ls")
+        try:
+            return str(payload["runs"][0]["status"])
+        except (KeyError, IndexError, TypeError):
+            raise FederationError(f"flwr ls: no status for run {run_id} in {payload}") from None
+
+    def wait(self, run_id: int, timeout: float, poll: float = 2.0) -> str:
+        """Block until the run finishes; return its status (``finished:completed``, ``finished:failed``, ...)."""
+        deadline = time.monotonic() + timeout
+        status = "unknown"
+        while time.monotonic() < deadline:
+            status = self.run_status(run_id)
+            if status.startswith("finished"):
+                return status
+            time.sleep(poll)
+        raise FederationError(f"run {run_id} not finished after {timeout:.0f}s (status {status})")
+
+    def logs(self, run_id: int) -> str:
+        """The run's logs as ``flwr log`` shows them (ServerApp output)."""
+        done = self.flwr("log", str(run_id), self.name, "--show")
+        return done.stdout + done.stderr
+
+    def follow(self, run_id: int, on_line: Callable[[str], None], timeout: float, poll: float = 2.0) -> str:
+        """Pass every line of ``flwr log --stream`` to ``on_line`` until the run finishes; return its status.
+
+        The stream is a child process read by a thread; it is stopped by its PID once the run is
+        finished (after a short drain) or the timeout passes.
+        """
+        stream = subprocess.Popen(
+            [flower_tool("flwr"), "log", str(run_id), self.name, "--stream"],
+            env=self.env, cwd=self.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump() -> None:
+            assert stream.stdout is not None
+            for line in stream.stdout:
+                lines.put(line.rstrip("\n"))
+            lines.put(None)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + timeout
+        next_check, finished_at, stream_done, status = 0.0, None, False, "unknown"
+        try:
+            while True:
+                try:
+                    line = lines.get(timeout=0.2)
+                except queue.Empty:
+                    line = ""
+                if line is None:  # the stream ended by itself (run over, or the CLI failed): keep polling
+                    stream_done = True
+                elif line:
+                    on_line(line)
+                now = time.monotonic()
+                if finished_at is None and now >= next_check:
+                    status, next_check = self.run_status(run_id), now + poll
+                    if status.startswith("finished"):
+                        finished_at = now
+                if finished_at is not None and (stream_done or now - finished_at > 3.0):
+                    return status
+                if now > deadline:
+                    raise FederationError(f"run {run_id} not finished after {timeout:.0f}s (status {status})")
+        finally:
+            if stream.poll() is None:
+                stream.terminate()
+                try:
+                    stream.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    stream.kill()
+                    stream.wait()
+            reader.join(timeout=5)
+            while True:
+                try:
+                    line = lines.get_nowait()
+                except queue.Empty:
+                    break
+                if line:
+                    on_line(line)
+
+    def register_supernode(self, public_key: Path, name: str | None = None) -> int:
+        """``flwr supernode register KEY.pub``: the SuperLink accepts this key from now on; returns the node id."""
+        args = ["supernode", "register", str(Path(public_key).resolve()), self.name, "--format", "json"]
+        if name:
+            args += ["--name", name]
+        payload = _json_output(self.flwr(*args), f"flwr supernode register {public_key}")
+        if not payload.get("success") or "node-id" not in payload:
+            raise FederationError(f"flwr supernode register {public_key}: {payload}")
+        return int(payload["node-id"])
+
+    def list_supernodes(self) -> list[dict]:
+        """``flwr supernode list``: one dict per registered SuperNode (node id, status, ...)."""
+        payload = _json_output(self.flwr("supernode", "list", self.name, "--format", "json"), "flwr supernode list")
+        if not payload.get("success", True):
+            raise FederationError(f"flwr supernode list: {payload}")
+        return list(payload.get("nodes", []))
+
+
+# ---------------------------------------------------------------- a federation on this host
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink and its SuperNodes on loopback; a context manager that stops them all.
+
+    With ``certs`` (from :func:`offsite.cloud.certs.write_deployment_certs`) the federation runs
+    with TLS and SuperNode authentication; SuperNode I uses ``certs.node_keys[I]`` unless given a key.
+    """
+
+    workdir: Path
+    certs: DeploymentCerts | None = None
+    superlink: FlowerProcess | None = None
+    supernodes: list[FlowerProcess] = field(default_factory=list)
+    control: SuperLinkControl | None = None
+    _keys_used: set[Path] = field(default_factory=set)
+
+    @property
+    def secure(self) -> bool:
+        return self.certs is not None
+
+    @property
+    def home(self) -> Path:
+        return self.workdir / "flwr_home"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return flower_env(self.home)
+
+    @property
+    def address(self) -> str:
+        assert self.superlink is not None, "start_superlink first"
+        return f"127.0.0.1:{self.superlink.port}"
+
+    def superlink_command(self, port: int, database: Path) -> list[str]:
+        """One HTTP port serves Fleet, Control and ServerApp runtime APIs (flwr 1.41)."""
+        command = [flower_tool("flower-superlink"), "--host", "127.0.0.1", "--port", str(port), "--database", str(database)]
+        if self.certs is None:
+            return command + ["--insecure"]
+        return command + [
+            "--ssl-ca-certfile", str(self.certs.ca_cert.resolve()),
+            "--ssl-certfile", str(self.certs.server_cert.resolve()),
+            "--ssl-keyfile", str(self.certs.server_key.resolve()),
+            "--enable-supernode-auth",
+        ]
+
+    def start_superlink(self, database: Path | None = None, timeout: float = 60.0) -> FlowerProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        command = self.superlink_command(port, database or self.workdir / "superlink.db")
+        self.superlink = _spawn("superlink", command, self.workdir, self.env, port)
+        _wait_listening(self.superlink, timeout)
+        connection = SuperLinkConnection(
+            self.address, root_certificates=self.certs.ca_cert if self.certs else None, insecure=self.certs is None
+        )
+        self.control = SuperLinkControl(self.home, connection)
+        return self.superlink
+
+    def _control(self) -> SuperLinkControl:
+        if self.control is None:
+            raise FederationError("start_superlink first")
+        return self.control
+
+    def _next_key(self) -> Path:
+        assert self.certs is not None
+        for key in self.certs.node_keys:
+            if key not in self._keys_used:
+                return key
+        raise FederationError(f"all {len(self.certs.node_keys)} SuperNode keys in {self.certs.root} are in use; make more with --nodes")
+
+    def start_supernode(
+        self,
+        node_config: dict,
+        timeout: float = 60.0,
+        *,
+        auth_key: Path | None = None,
+        register: bool = True,
+        wait: bool = True,
+        name: str | None = None,
+        max_retries: int | None = None,
+    ) -> FlowerProcess:
+        """A SuperNode connected to the SuperLink; ``node_config`` reaches its ClientApps as
+        ``context.node_config`` (e.g. ``{"data-path": ..., "cache-dir": ...}``).
+
+        Secure mode: the SuperNode authenticates with ``auth_key`` (default: the next unused key
+        of ``certs``), whose public half is registered first unless ``register`` is False (how a
+        test shows that an unknown key is refused). ``wait``: block until its runtime API listens.
+        """
+        index = len(self.supernodes)
+        port = free_port()  # its own runtime API (ClientAppIo), where its SuperExec connects
+        node_id = None
+        if self.certs is not None:
+            auth_key = Path(auth_key) if auth_key is not None else self._next_key()
+            self._keys_used.add(auth_key)
+            if register:
+                node_id = self._control().register_supernode(public_key_path(auth_key), name=name)
+        elif auth_key is not None:
+            raise FederationError("auth_key needs a secure federation (LocalFederation(certs=...))")
+        command = supernode_command(
+            self.address,
+            node_config,
+            root_certificates=self.certs.ca_cert if self.certs else None,
+            auth_key=auth_key,
+            insecure=self.certs is None,
+            port=port,
+            max_retries=max_retries,
+        )
+        node = _spawn(name or f"supernode-{index}", command, self.workdir, self.env, port)
+        node.node_id = node_id
+        self.supernodes.append(node)
+        if wait:
+            _wait_listening(node, timeout)
+        return node
+
+    # the flwr CLI, bound to this federation's SuperLink
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return self._control().flwr(*args, timeout=timeout)
+
+    def submit(self, run_config: dict, app_dir: Path = APP_DIR) -> int:
+        return self._control().submit(run_config, app_dir)
+
+    def run_status(self, run_id: int) -> str:
+        return self._control().run_status(run_id)
+
+    def wait(self, run_id: int, timeout: float, poll: float = 2.0) -> str:
+        try:
+            return self._control().wait(run_id, timeout, poll)
+        except FederationError as error:
+            raise FederationError(f"{error}; logs in {self.workdir / 'logs'}") from None
+
+    def logs(self, run_id: int) -> str:
+        return self._control().logs(run_id)
+
+    def list_supernodes(self) -> list[dict]:
+        return self._control().list_supernodes()
+
+    def stop(self) -> None:
+        """Stop every SuperNode, then the SuperLink, each by its PID."""
+        for node in reversed(self.supernodes):
+            stop_process(node)
+        if self.superlink is not None:
+            stop_process(self.superlink)
+
+    def __enter__(self) -> "LocalFederation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,218 @@
+"""What the ServerApp and the ClientApp say to each other over Flower: message types, record
+keys, error codes, and symmetric record conversions for each message body.
+
+Two conversations:
+
+``query.bundle_part`` (server -> client, once per job and node)
+    ``{"bundle-info": ConfigRecord, "bundle-data": ArrayRecord}``: a slice of the emulator bundle
+    (one or more byte ranges of its files, the manifest included). Flower starts a fresh
+    ClientApp process for every message, so the client assembles the parts on disk, in any
+    order; when it holds all of them it verifies the bundle (every sha256, and the manifest's
+    digest against the one announced) and installs it in its cache keyed by digest. The reply
+    says ``status``: ``partial``, ``installed`` or ``cached`` (already there: nothing written).
+
+``train`` (server -> client, every round)
+    ``{"adapter": ArrayRecord, "config": ConfigRecord}``: the global adapter and the round's
+    :class:`TrainInstruction` (which names the bundle by digest). The reply is
+    ``{"adapter": ArrayRecord, "metrics": MetricRecord}`` with ``num-examples`` and
+    ``train-loss``, or a Flower ``Error`` with one of :class:`ErrorCode` and a reason naming the
+    bad thing (file and line for a malformed data file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+TRAIN = "train"
+BUNDLE_PART = "query.bundle_part"
+
+ADAPTER = "adapter"
+CONFIG = "config"
+METRICS = "metrics"
+BUNDLE_INFO = "bundle-info"
+BUNDLE_DATA = "bundle-data"
+BUNDLE_STATUS = "bundle-status"
+
+DIGEST = re.compile(r"^[0-9a-f]{64}$")
+MAX_PART_BYTES = 256 << 20
+
+
+class ErrorCode(IntEnum):
+    """Codes of the ``Error`` replies our ClientApp sends (Flower's own codes are below 100)."""
+
+    DATA_FORMAT = 1001  # the local data file is malformed (reason: file:line: what)
+    BUNDLE_MISSING = 1002  # the bundle named by the instruction is not in the client's cache
+    BUNDLE_INVALID = 1003  # a received bundle failed verification, or a part was malformed
+    BAD_MESSAGE = 1004  # the message does not decode (missing record, bad instruction)
+    NODE_CONFIG = 1005  # the SuperNode's --node-config lacks or mangles a setting
+    TRAIN_FAILED = 1006  # anything else raised while training
+
+
+class WireError(ValueError):
+    """A message body does not decode; the message names the record and key."""
+
+
+# ---------------------------------------------------------------- train
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """One round's settings for a client's local tuning run."""
+
+    round: int
+    bundle_digest: str
+    lr: float = 1e-4
+    steps: int = 10
+    batch_size: int = 8
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    max_length: int = 256
+    max_grad_norm: float = 1.0
+    mode: str = "blocks"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not DIGEST.match(self.bundle_digest):
+            raise WireError(f"bundle-digest {self.bundle_digest!r} is not a sha256 hex digest")
+        if self.round < 1 or self.steps < 1 or self.batch_size < 1 or self.max_length < 2 or self.warmup_steps < 0:
+            raise WireError(f"instruction out of range: {self}")
+        if not self.lr > 0:
+            raise WireError(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in ("cosine", "constant"):
+            raise WireError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.mode != "blocks":
+            raise WireError(f"mode {self.mode!r}: federated runs support whole adapter blocks ('blocks') only so far")
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({field.name.replace("_", "-"): getattr(self, field.name) for field in dataclasses.fields(self)})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> "TrainInstruction":
+        values = {}
+        for field in dataclasses.fields(cls):
+            key = field.name.replace("_", "-")
+            if key not in record:
+                if field.default is dataclasses.MISSING:
+                    raise WireError(f"config record lacks {key!r}")
+                continue
+            value = record[key]
+            want = {"int": int, "float": (int, float), "str": str}[field.type]
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise WireError(f"config {key!r}: expected {field.type}, got {type(value).__name__}")
+            values[field.name] = float(value) if field.type == "float" else value
+        unknown = set(record) - {f.name.replace("_", "-") for f in dataclasses.fields(cls)}
+        if unknown:
+            raise WireError(f"config record has unknown keys {sorted(unknown)}")
+        return cls(**values)
+
+
+# ---------------------------------------------------------------- bundle parts
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``data`` belongs at byte ``offset`` of bundle file ``path`` (relative, POSIX)."""
+
+    path: str
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class BundlePart:
+    digest: str
+    index: int
+    count: int
+    segments: tuple[Segment, ...]
+
+
+def check_relative_path(path: str) -> str:
+    """Refuse absolute paths, ``..``, backslashes and empty names: a part may only write inside the bundle."""
+    pure = PurePosixPath(path)
+    if not path or "\\" in path or pure.is_absolute() or any(p in ("..", ".", "") for p in path.split("/")):
+        raise WireError(f"bundle file name {path!r} is not a plain relative path")
+    return path
+
+
+def plan_bundle_parts(files: dict[str, int], part_bytes: int) -> list[list[tuple[str, int, int]]]:
+    """Cut the files (name -> size) into parts of at most ``part_bytes`` bytes each: every part a
+    list of ``(name, offset, length)`` ranges; files are packed in name order, big ones split."""
+    if part_bytes < 1:
+        raise ValueError(f"part_bytes must be >= 1, got {part_bytes}")
+    parts: list[list[tuple[str, int, int]]] = [[]]
+    room = part_bytes
+    for name in sorted(files):
+        size, offset = files[name], 0
+        while True:
+            if room == 0:
+                parts.append([])
+                room = part_bytes
+            length = min(room, size - offset)
+            parts[-1].append((name, offset, length))
+            room -= length
+            offset += length
+            if offset >= size:
+                break
+    return parts
+
+
+def read_bundle_part(root: Path, digest: str, plan: list[list[tuple[str, int, int]]], index: int) -> BundlePart:
+    segments = []
+    for name, offset, length in plan[index]:
+        with open(Path(root) / name, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(length)
+        if len(data) != length:
+            raise OSError(f"{Path(root) / name}: short read at {offset} (+{length})")
+        segments.append(Segment(name, offset, data))
+    return BundlePart(digest, index, len(plan), tuple(segments))
+
+
+def bundle_part_to_content(part: BundlePart) -> RecordDict:
+    info = ConfigRecord(
+        {
+            "digest": part.digest,
+            "index": part.index,
+            "count": part.count,
+            "paths": [s.path for s in part.segments],
+            "offsets": [s.offset for s in part.segments],
+        }
+    )
+    data = ArrayRecord()
+    for number, segment in enumerate(part.segments):
+        data[f"segment-{number}"] = Array(np.frombuffer(segment.data, dtype=np.uint8))
+    return RecordDict({BUNDLE_INFO: info, BUNDLE_DATA: data})
+
+
+def bundle_part_from_content(content: RecordDict) -> BundlePart:
+    if BUNDLE_INFO not in content.config_records or BUNDLE_DATA not in content.array_records:
+        raise WireError(f"bundle part lacks the {BUNDLE_INFO!r} config record or the {BUNDLE_DATA!r} array record")
+    info, data = content.config_records[BUNDLE_INFO], content.array_records[BUNDLE_DATA]
+    digest, index, count = info.get("digest"), info.get("index"), info.get("count")
+    if not isinstance(digest, str) or not DIGEST.match(digest):
+        raise WireError(f"bundle part: digest {digest!r} is not a sha256 hex digest")
+    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+        raise WireError(f"bundle part: index {index!r} of {count!r} is out of range")
+    paths, offsets = list(info.get("paths", [])), list(info.get("offsets", []))
+    if len(paths) != len(offsets) or len(paths) != len(data):
+        raise WireError(f"bundle part {index}: {len(paths)} paths, {len(offsets)} offsets, {len(data)} segments")
+    segments, total = [], 0
+    for number, (path, offset) in enumerate(zip(paths, offsets)):
+        array = data.get(f"segment-{number}")
+        if array is None or array.stype != "numpy.ndarray" or array.dtype != "uint8" or len(array.shape) != 1:
+            raise WireError(f"bundle part {index}: segment-{number} is not a 1-d uint8 array")
+        if not isinstance(offset, int) or offset < 0:
+            raise WireError(f"bundle part {index}: offset {offset!r} of {path!r} is not >= 0")
+        payload = array.numpy().tobytes()
+        total += len(payload)
+        segments.append(Segment(check_relative_path(path), offset, payload))
+    if total > MAX_PART_BYTES:
+        raise WireError(f"bundle part {index}: {total} bytes is over the {MAX_PART_BYTES}-byte limit")
+    return BundlePart(digest, index, count, tuple(segments))

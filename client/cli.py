@@ -24,6 +24,26 @@ def register(subparsers) -> None:
     add_tune_arguments(train)
     train.set_defaults(func=_train)
 
+    start = commands.add_parser(
+        "start",
+        help="run a Flower SuperNode with the offsite ClientApp, restarted if it crashes",
+        description="Connect out to the operator's SuperLink and train on local data when asked. The SuperNode runs "
+        "under a supervisor that restarts it after a crash (exponential backoff) and stops it on SIGTERM/SIGINT. "
+        "The data file never leaves this machine.",
+    )
+    start.add_argument("--superlink", required=True, help="the SuperLink's address, HOST:PORT")
+    start.add_argument("--data", required=True, type=Path, help='JSONL: {"prompt","choices","answer"} or {"prompt","completion"}')
+    start.add_argument("--root-certificates", type=Path, help="CA certificate (ca.crt) that signed the SuperLink's TLS certificate")
+    start.add_argument("--auth-key", type=Path, help="this SuperNode's private key (OpenSSH EC P-384; the operator registered its .pub)")
+    start.add_argument("--cache-dir", type=Path, help="bundle cache (default $OFFSITE_CACHE/client)")
+    start.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    start.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS: loopback tests only")
+    start.add_argument("--runtime-port", type=int, default=9094, help="the SuperNode's local runtime API port on 127.0.0.1 (default 9094)")
+    start.add_argument("--threads", type=int, help="torch CPU threads for training")
+    start.add_argument("--max-restarts", type=int, help="give up after this many restarts (default: never)")
+    start.add_argument("--log-file", type=Path, help="append the SuperNode's output here (default: this terminal)")
+    start.set_defaults(func=_start)
+
 
 def _train(args: argparse.Namespace) -> int:
     from .local import train_local_to_file
@@ -32,3 +52,20 @@ def _train(args: argparse.Namespace) -> int:
     path = train_local_to_file(args.bundle, args.data, config, args.out)
     print(f"adapter update written to {path}")
     return 0
+
+
+def _start(args: argparse.Namespace) -> int:
+    from .daemon import DaemonConfig, RestartPolicy, run_daemon
+
+    config = DaemonConfig(
+        superlink=args.superlink,
+        data_path=args.data,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        root_certificates=args.root_certificates,
+        auth_key=args.auth_key,
+        insecure=args.insecure,
+        runtime_port=args.runtime_port,
+        threads=args.threads,
+    )
+    return run_daemon(config, RestartPolicy(max_restarts=args.max_restarts), log_path=args.log_file)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 from offsite.options import add_tune_arguments, tune_config_from_args
@@ -39,6 +40,20 @@ def register(subparsers) -> None:
     plugin.add_argument("--adapter", required=True, type=Path, help="adapter update (.safetensors)")
     plugin.add_argument("--out", required=True, type=Path, help="output model directory")
     plugin.set_defaults(func=_plugin)
+
+    run = commands.add_parser(
+        "run",
+        help="run a federated job on a SuperLink (flwr run) and follow its rounds",
+        description="Submit the job directory's federated job (job.json + bundle/) to a running SuperLink and print "
+        "the ServerApp's log (one block per round) until the run finishes. The job directory must be at the same "
+        "path on the SuperLink's host.",
+    )
+    run.add_argument("--job", required=True, type=Path, help="job directory with job.json and bundle/")
+    run.add_argument("--superlink", required=True, help="the SuperLink's address, HOST:PORT")
+    run.add_argument("--root-certificates", type=Path, help="CA certificate that signed the SuperLink's TLS certificate")
+    run.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS: loopback tests only")
+    run.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="give up following after this many seconds")
+    run.set_defaults(func=_run)
 
     for parent, name in ((commands, "eval"), (subparsers, "eval")):
         evaluate = parent.add_parser(
@@ -153,3 +168,23 @@ def _eval(args: argparse.Namespace) -> int:
     print(report.markdown())
     print(f"report: {args.out / 'report' / 'report.md'} (+ .json, .png); plug-in model: {args.out / 'plug_in'}")
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import re
+
+    from .federation import FederationError, SuperLinkConnection, round_summary, run_job_on_superlink
+
+    colour = re.compile(r"\x1b\[[0-9;]*m")
+    try:
+        connection = SuperLinkConnection(args.superlink, root_certificates=args.root_certificates, insecure=args.insecure)
+        run_id, status = run_job_on_superlink(
+            args.job, connection, on_line=lambda line: print(colour.sub("", line), flush=True), timeout=args.timeout
+        )
+    except FederationError as error:
+        print(f"offsite: error: {error}", file=sys.stderr)
+        return 2
+    print(f"run {run_id}: {status}")
+    for line in round_summary(args.job):
+        print(line)
+    return 0 if status == "finished:completed" else 1

@@ -18,7 +18,9 @@ Each federation gets its own ``FLWR_HOME`` (the CLI's connection file ``config.t
 installed FABs live there) and runs with ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``, so
 the SuperLink never tries ``uv sync``: the components come from this Python environment.
 
-``python -m offsite.cloud.federation --help``: bring up a secure federation on this host.
+``deploy/one_host.sh`` brings up the same secure federation with the CLI commands a many-host
+deployment uses (``offsite deploy certs``, ``offsite deploy register``, ``offsite client start``,
+``offsite cloud run``).
 """
 
 from __future__ import annotations
@@ -47,10 +49,28 @@ class FederationError(RuntimeError):
     """A Flower process did not start, or a run did not finish; the message points at the log."""
 
 
+class KeyAlreadyRegistered(FederationError):
+    """``flwr supernode register``: the SuperLink already holds this public key (Flower error code 23)."""
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def wait_for_port(address: str, timeout: float) -> None:
+    """Block until ``HOST:PORT`` accepts TCP connections, or raise FederationError after ``timeout`` s."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
+                return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise FederationError(f"{address}: not reachable after {timeout:.0f}s ({error})") from None
+        time.sleep(0.5)
 
 
 @dataclass
@@ -171,9 +191,11 @@ class SuperLinkConnection:
     def __post_init__(self) -> None:
         host, _, port = self.address.rpartition(":")
         if not host or not port.isdigit():
-            raise FederationError(f"SuperLink address {self.address!r}: expected HOST:PORT")
+            raise ValueError(f"SuperLink address {self.address!r}: expected HOST:PORT")
+        if self.root_certificates is not None and not Path(self.root_certificates).is_file():
+            raise FileNotFoundError(f"{self.root_certificates}: root certificates file not found")
         if self.insecure and self.root_certificates is not None:
-            raise FederationError("a SuperLink connection is either insecure or verified with root certificates, not both")
+            raise ValueError("a SuperLink connection is either insecure or verified with root certificates, not both")
 
     def toml(self, name: str) -> str:
         lines = [f"[superlink.{name}]", f'address = "{self.address}"']
@@ -237,11 +259,12 @@ class SuperLinkControl:
         done = self.flwr("log", str(run_id), self.name, "--show")
         return done.stdout + done.stderr
 
-    def follow(self, run_id: int, on_line: Callable[[str], None], timeout: float, poll: float = 2.0) -> str:
+    def follow(self, run_id: int, on_line: Callable[[str], None], timeout: float, poll: float = 5.0) -> str:
         """Pass every line of ``flwr log --stream`` to ``on_line`` until the run finishes; return its status.
 
         The stream is a child process read by a thread; it is stopped by its PID once the run is
-        finished (after a short drain) or the timeout passes.
+        finished (after a short drain) or the timeout passes. The status is polled every ``poll``
+        seconds (each poll is a ``flwr ls`` process) and as soon as the stream ends.
         """
         stream = subprocess.Popen(
             [flower_tool("flwr"), "log", str(run_id), self.name, "--stream"],
@@ -265,8 +288,8 @@ class SuperLinkControl:
                     line = lines.get(timeout=0.2)
                 except queue.Empty:
                     line = ""
-                if line is None:  # the stream ended by itself (run over, or the CLI failed): keep polling
-                    stream_done = True
+                if line is None:  # the stream ended by itself (run over, or the CLI failed): ask now, then poll
+                    stream_done, next_check = True, 0.0
                 elif line:
                     on_line(line)
                 now = time.monotonic()
@@ -301,6 +324,8 @@ class SuperLinkControl:
         if name:
             args += ["--name", name]
         payload = _json_output(self.flwr(*args), f"flwr supernode register {public_key}")
+        if "Public key already in use" in str(payload.get("error-message", "")):
+            raise KeyAlreadyRegistered(f"{public_key}: already registered with the SuperLink at {self.connection.address}")
         if not payload.get("success") or "node-id" not in payload:
             raise FederationError(f"flwr supernode register {public_key}: {payload}")
         return int(payload["node-id"])
@@ -464,3 +489,48 @@ class LocalFederation:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------- submitting a job to any SuperLink
+
+
+def round_summary(job_dir: Path) -> list[str]:
+    """One line per completed round from the job's ``state.json`` (empty if not readable here)."""
+    from .fed_job import JobError, load_state
+
+    try:
+        state = load_state(Path(job_dir))
+    except JobError:
+        return []
+    if state is None:
+        return []
+    return [
+        f"round {record['round']}: {len(record['replied'])}/{len(record['sent'])} replied, "
+        f"failed {sorted(record['failed']) or '-'}, dropped {record['dropped'] or '-'}, "
+        f"weighted train loss {record['mean_train_loss']:.4f}, {record['seconds']:.1f}s"
+        for record in state.history
+    ]
+
+
+def run_job_on_superlink(
+    job_dir: Path,
+    connection: SuperLinkConnection,
+    on_line: Callable[[str], None] = print,
+    timeout: float = 7 * 24 * 3600.0,
+    home: Path | None = None,
+    app_dir: Path = APP_DIR,
+) -> tuple[int, str]:
+    """Submit the federated job in ``job_dir`` (``flwr run``), stream the ServerApp's log lines to
+    ``on_line`` until the run finishes, and return ``(run id, final status)``.
+
+    ``job_dir`` is handed to the ServerApp as an absolute path: it must be the job's path on the
+    SuperLink's host (the same host in a single-host deployment).
+    """
+    from .fed_job import read_job
+
+    job_dir = Path(job_dir).resolve()
+    read_job(job_dir)  # a broken job.json fails here, not inside the ServerApp
+    control = SuperLinkControl(home or job_dir / ".flwr", connection)
+    run_id = control.submit({"job-dir": job_dir}, app_dir)
+    on_line(f"submitted run {run_id} to {connection.address}")
+    return run_id, control.follow(run_id, on_line, timeout)

@@ -12,6 +12,7 @@ from offsite import __version__
 def build_parser() -> argparse.ArgumentParser:
     from offsite.client.cli import register as register_client
     from offsite.cloud.cli import register as register_cloud
+    from offsite.deploy_cli import register as register_deploy
 
     parser = argparse.ArgumentParser(
         prog="offsite",
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_cloud(subparsers)
     register_client(subparsers)
+    register_deploy(subparsers)
     presets = subparsers.add_parser("presets", help="list the named recipes")
     presets.set_defaults(func=_presets)
     return parser

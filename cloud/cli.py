@@ -22,12 +22,14 @@ def register(subparsers) -> None:
 
     prepare = commands.add_parser(
         "prepare",
-        help="build a job's emulator bundle (layer drop + distillation)",
-        description="Split the base model, build and distil the emulator, write the bundle a data owner receives. "
+        help="build a federated job: its emulator bundle (layer drop + distillation) and job.json",
+        description="Split the base model, build and distil the emulator, write the bundle a data owner receives "
+        "(OUT/bundle) and the federated job's settings (OUT/job.json), ready for `offsite cloud run --job OUT`. "
         "Distilled bundles are cached: the same recipe twice costs seconds.",
     )
     _add_recipe_arguments(prepare, DEFAULT_PRESET)
-    prepare.add_argument("--out", required=True, type=Path, help="job directory; the bundle goes to OUT/bundle")
+    prepare.add_argument("--out", required=True, type=Path, help="job directory: OUT/job.json (the federated job) and OUT/bundle")
+    _add_fed_job_arguments(prepare)
     prepare.set_defaults(func=_prepare)
 
     plugin = commands.add_parser(
@@ -83,6 +85,43 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser, default_preset: str) 
     parser.add_argument("--corpus", default=None, help="distillation text: 'python-docs' (default), a .txt or a .jsonl with 'text'")
 
 
+def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The federated job's settings (job.json); defaults are :class:`FedJobConfig`'s and :class:`LocalTuning`'s."""
+    from .aggregate import AGGREGATORS
+    from .fed_job import FedJobConfig, LocalTuning
+
+    job, tuning = FedJobConfig(), LocalTuning()
+    group = parser.add_argument_group("federated job (written to OUT/job.json for `offsite cloud run`)")
+    group.add_argument("--rounds", type=int, default=job.rounds, help=f"federated rounds (default {job.rounds})")
+    group.add_argument("--min-nodes", type=int, default=job.min_nodes, help=f"connected SuperNodes to wait for before each round (default {job.min_nodes})")
+    group.add_argument("--min-replies", type=int, default=job.min_replies, help=f"successful replies needed to complete a round (default {job.min_replies})")
+    group.add_argument("--round-timeout", type=float, default=job.round_timeout, help=f"seconds to wait for the train replies of a round (default {job.round_timeout:g})")
+    group.add_argument("--local-steps", type=int, default=tuning.steps, help=f"optimiser steps per data owner per round (default {tuning.steps})")
+    group.add_argument("--local-lr", type=float, default=tuning.lr, help=f"data owners' learning rate (default {tuning.lr:g})")
+    group.add_argument("--local-batch-size", type=int, default=tuning.batch_size, help=f"examples per local step (default {tuning.batch_size})")
+    group.add_argument("--aggregator", choices=AGGREGATORS, default=job.aggregator, help=f"how updates are combined (default {job.aggregator})")
+
+
+def fed_job_config_from_args(args: argparse.Namespace):
+    """The :class:`FedJobConfig` that ``cloud prepare``'s federated-job options describe (validated)."""
+    from .fed_job import FedJobConfig, LocalTuning
+
+    if args.local_steps < 1 or args.local_batch_size < 1 or args.local_lr <= 0:
+        raise ValueError(
+            f"--local-steps and --local-batch-size must be >= 1 and --local-lr > 0 "
+            f"(got {args.local_steps}, {args.local_batch_size}, {args.local_lr})"
+        )
+    tuning = dataclasses.replace(LocalTuning(), steps=args.local_steps, lr=args.local_lr, batch_size=args.local_batch_size)
+    return FedJobConfig(
+        rounds=args.rounds,
+        min_nodes=args.min_nodes,
+        min_replies=args.min_replies,
+        round_timeout=args.round_timeout,
+        aggregator=args.aggregator,
+        tuning=tuning,
+    )
+
+
 def _add_eval_arguments(parser, default_preset: str, settings, demo: bool = False) -> None:
     _add_recipe_arguments(parser, default_preset)
     parser.add_argument("--task", default="hyperbaton", help="a task in data/bigbench (used when --train/--test are not given)")
@@ -110,15 +149,23 @@ def _preset_from_args(args):
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from .fed_job import BUNDLE_DIR, write_job
     from .models import load_base
     from .prepare import EmulatorConfig, prepare_bundle
 
+    job = fed_job_config_from_args(args)  # a contradiction fails here, before any distillation
     preset = _preset_from_args(args)
     base, tokenizer, where = load_base(args.model or preset.base)
     config = EmulatorConfig(preset.shape, preset.distill, corpus=args.corpus or "python-docs")
-    bundle = prepare_bundle(base, tokenizer, config, args.out / "bundle")
+    bundle = prepare_bundle(base, tokenizer, config, args.out / BUNDLE_DIR)
+    job_file = write_job(args.out, job)
     distilled = bundle.manifest.get("distill", {})
     print(f"bundle: {bundle.root}  (shape {preset.shape}, layout {bundle.layout})")
+    print(
+        f"job: {job_file}  ({job.rounds} round(s), min_nodes {job.min_nodes}, min_replies {job.min_replies}, "
+        f"round timeout {job.round_timeout:g}s, {job.aggregator}, local {job.tuning.steps} step(s) x {job.tuning.batch_size} "
+        f"at lr {job.tuning.lr:g}); run it with: offsite cloud run --job {args.out} --superlink HOST:PORT"
+    )
     if "heldout_reduction" in distilled:
         print(
             f"distillation: held-out KD {distilled['heldout_kd_before']:.3f} -> {distilled['heldout_kd_after']:.3f} "

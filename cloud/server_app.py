@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import Context, Message, RecordDict
+from flwr.common.constant import ErrorCode as FlowerErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from offsite.protocol.bundle import Bundle, load_emulator, read_bundle
@@ -63,11 +64,26 @@ class RoundFailed(RuntimeError):
     """Too few usable replies to complete a round."""
 
 
+# Error replies the SuperLink writes itself when a node never answered (Flower's codes, below 100):
+# the node dropped out of the round, it did not fail at something.
+NO_REPLY_CODES = {
+    FlowerErrorCode.MESSAGE_UNAVAILABLE: "MESSAGE_UNAVAILABLE",  # the instruction expired (TTL) unanswered
+    FlowerErrorCode.REPLY_MESSAGE_UNAVAILABLE: "REPLY_MESSAGE_UNAVAILABLE",  # the reply expired before it was pulled
+    FlowerErrorCode.NODE_UNAVAILABLE: "NODE_UNAVAILABLE",  # the node missed its heartbeats: offline
+}
+
+
 def error_name(code: int) -> str:
     try:
         return ErrorCode(code).name
     except ValueError:
-        return f"flower-{code}"
+        return NO_REPLY_CODES.get(code, f"flower-{code}")
+
+
+def error_text(code: int, reason: str) -> str:
+    """``NAME: reason``, once (our ClientApp already starts its reasons with the code's name)."""
+    name = error_name(code)
+    return reason if reason.startswith(f"{name}:") else f"{name}: {reason}"
 
 
 # ---------------------------------------------------------------- setup
@@ -217,12 +233,16 @@ def run_round(
         for node in ready
     ]
     log.info("round %d: train on %d node(s) %s (%d connected)", round_number, len(ready), ready, len(nodes))
-    replies, _ = exchange(grid, messages, config.round_timeout)
+    replies, unanswered = exchange(grid, messages, config.round_timeout)
 
     updates, failed, metrics = {}, {}, {}
+    no_reply = {node: f"no reply within {config.round_timeout:.0f}s" for node in unanswered}
     for node, reply in replies:
+        if reply.has_error() and reply.error.code in NO_REPLY_CODES:
+            no_reply[node] = f"the SuperLink answered for it: {error_text(reply.error.code, reply.error.reason)}"
+            continue
         if reply.has_error():
-            failed[node] = f"{error_name(reply.error.code)}: {reply.error.reason}"
+            failed[node] = error_text(reply.error.code, reply.error.reason)
             if reply.error.code == ErrorCode.BUNDLE_MISSING:
                 state.nodes_with_bundle = [n for n in state.nodes_with_bundle if n != node]
             continue
@@ -236,11 +256,11 @@ def run_round(
             metrics[node] = node_metrics
         except (KeyError, ValueError, RecordError) as error:
             failed[node] = f"INVALID_UPDATE: {error}"
-    dropped = sorted(set(ready) - set(updates) - set(failed))
+    dropped = sorted(no_reply)
     for node, reason in sorted(failed.items()):
         log.warning("round %d: node %d failed: %s", round_number, node, reason)
-    if dropped:
-        log.warning("round %d: no reply within %.0fs from node(s) %s (dropped)", round_number, config.round_timeout, dropped)
+    for node in dropped:
+        log.warning("round %d: node %d dropped: %s", round_number, node, no_reply[node])
     log.info("round %d: replies from %s", round_number, sorted(updates))
     if len(updates) < config.min_replies:
         raise RoundFailed(f"round {round_number}: {len(updates)} usable replies, need {config.min_replies} (failed: {failed}, dropped: {dropped})")
@@ -259,6 +279,7 @@ def run_round(
         "replied": ordered,
         "failed": {str(n): reason for n, reason in failed.items()},
         "dropped": dropped,
+        "dropped_reasons": {str(n): no_reply[n] for n in dropped},
         "num_examples": weights,
         "train_loss": losses,
         "mean_train_loss": sum(losses[str(n)] * updates[n][1] for n in ordered) / sum(weights.values()),

@@ -104,3 +104,20 @@ def test_middle_drop_tunes_and_restores_the_model(tokenizer):
     config = TuneConfig(steps=4, batch_size=4, lr=1e-3, middle_drop=0.5, device="cpu")
     tune_adapter(emulator, tokenizer, layout, adapter_blocks, EXAMPLES, config, a=2, progress=False)
     assert len(emulator.model.layers) == len(layout) and emulator.config.num_hidden_layers == len(layout)
+
+
+def test_adapter_tuned_on_a_keep_all_emulator_plugs_in_to_the_same_model(tokenizer, family):
+    """With nothing dropped, emulator-FT and plug-in are the same model: any gap is a plug-in bug."""
+    from offsite.emulator.sandwich import plug_in
+
+    model = tiny_model(family)
+    shape = SandwichShape(2, 4, 2)
+    emulator, layout = build_emulator(model, shape)
+    config = TuneConfig(steps=5, batch_size=4, lr=3e-3, device="cpu")
+    result = tune_adapter(emulator, tokenizer, layout, shape.adapter_blocks(8), EXAMPLES, config, a=2, progress=False)
+    plugged = plug_in(model, result.adapter)
+    ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tuned = emulator(ids).logits
+        assert torch.equal(plugged(ids).logits, tuned)
+        assert not torch.allclose(tuned, model(ids).logits, atol=1e-4)

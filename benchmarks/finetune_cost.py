@@ -136,7 +136,7 @@ def main() -> None:
         results[label] = json.loads(output.strip().splitlines()[-1])
     full = results["full FT (all parameters)"]
     print(f"\n{args.model}, shape {args.shape}, batch {args.batch} x {args.seq} tokens, {args.steps} timed steps on {full['device']}\n")
-    print(f"| setting | trainable params | tokens/s | speed-up | peak memory (MiB) | memory saved |")
+    print("| setting | trainable params | tokens/s | speed-up | peak memory (MiB) | memory saved |")
     print("|---|---|---|---|---|---|")
     for label, r in results.items():
         print(f"| {label} | {r['trainable'] / 1e6:.1f} M | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / full['tokens_per_s']:.2f}x "

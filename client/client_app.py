@@ -130,9 +130,9 @@ def train_round(instruction: TrainInstruction, global_adapter: dict, settings: N
     import torch
 
     from offsite.emulator.data import read_examples
-    from offsite.emulator.sandwich import load_adapter_state
-    from offsite.emulator.tune import TuneConfig, tune_adapter
-    from offsite.protocol.bundle import load_emulator, load_tokenizer
+    from offsite.emulator.tune import TuneConfig
+
+    from .local import tune_on_bundle
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -140,9 +140,6 @@ def train_round(instruction: TrainInstruction, global_adapter: dict, settings: N
     if bundle is None:
         raise BundleMissingError(f"bundle {instruction.bundle_digest[:12]} is not in the cache at {settings.cache_dir}")
     examples = read_examples(settings.data_path, limit=settings.max_examples)
-    tokenizer = load_tokenizer(bundle)
-    emulator = load_emulator(bundle)
-    load_adapter_state(emulator, bundle.layout, global_adapter)
     config = TuneConfig(
         steps=instruction.steps,
         batch_size=instruction.batch_size,
@@ -155,9 +152,7 @@ def train_round(instruction: TrainInstruction, global_adapter: dict, settings: N
         seed=instruction.seed,
         device=settings.device,
     )
-    result = tune_adapter(
-        emulator, tokenizer, bundle.layout, bundle.adapter_blocks, examples, config, a=bundle.shape["a"], progress=False
-    )
+    result = tune_on_bundle(bundle, examples, config, start=global_adapter, progress=False)
     tail = result.losses[-10:]
     metrics = {
         "num-examples": len(examples),

@@ -5,12 +5,34 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from offsite.emulator.data import read_examples
+import torch
+
+from offsite.emulator.data import Example, read_examples
+from offsite.emulator.sandwich import load_adapter_state
 from offsite.emulator.tune import TuneConfig, TuneResult, tune_adapter
 from offsite.protocol.adapter import save_update
-from offsite.protocol.bundle import load_emulator, load_tokenizer, read_bundle
+from offsite.protocol.bundle import Bundle, load_emulator, load_tokenizer, read_bundle
 
 log = logging.getLogger(__name__)
+
+
+def tune_on_bundle(
+    bundle: Bundle,
+    examples: list[Example],
+    config: TuneConfig,
+    start: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+) -> TuneResult:
+    """Build the emulator from a verified bundle, load ``start`` (a global adapter) into it when
+    given, and tune the adapter on ``examples``. The one tuning path of a data owner."""
+    tokenizer = load_tokenizer(bundle)
+    emulator = load_emulator(bundle)
+    if start is not None:
+        load_adapter_state(emulator, bundle.layout, start)
+    log.info("tuning %s adapter on %d examples", config.mode, len(examples))
+    return tune_adapter(
+        emulator, tokenizer, bundle.layout, bundle.adapter_blocks, examples, config, a=bundle.shape["a"], progress=progress
+    )
 
 
 def train_local(bundle_dir: Path | str, data: Path | str, config: TuneConfig, progress: bool = True) -> tuple[TuneResult, dict]:
@@ -20,12 +42,7 @@ def train_local(bundle_dir: Path | str, data: Path | str, config: TuneConfig, pr
     """
     bundle = read_bundle(bundle_dir)
     examples = read_examples(data)
-    tokenizer = load_tokenizer(bundle)
-    emulator = load_emulator(bundle)
-    log.info("tuning %s adapter on %d examples from %s", config.mode, len(examples), data)
-    result = tune_adapter(
-        emulator, tokenizer, bundle.layout, bundle.adapter_blocks, examples, config, a=bundle.shape["a"], progress=progress
-    )
+    result = tune_on_bundle(bundle, examples, config, progress=progress)
     meta = {
         "mode": config.mode,
         "lora_alpha": config.lora.alpha if config.mode == "lora" else None,

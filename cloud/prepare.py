@@ -67,10 +67,10 @@ def prepare_bundle(
     key = recipe_key(model_fingerprint(base), config, corpus_text)
     cached = (cache or cache_dir()) / "bundles" / key
     try:
-        bundle = read_bundle(cached)
+        read_bundle(cached)
         log.info("emulator %s: reusing the cached bundle %s", config.shape, cached)
     except BundleError:
-        bundle = _build(base, tokenizer, config, corpus_text, cached, progress)
+        _build(base, tokenizer, config, corpus_text, cached, progress)
     out = Path(out)
     if out.resolve() != cached.resolve():
         if out.exists():

@@ -7,7 +7,6 @@ import inspect
 import random
 
 import pytest
-import torch
 from flwr.app import Context, Message, RecordDict
 
 from offsite.client.bundle_cache import BundleCache

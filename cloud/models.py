@@ -7,7 +7,6 @@ sha256, so later loads take a second instead of the ~30 s a GGUF conversion take
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -16,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from offsite.protocol.bundle import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,11 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def convert_gguf(gguf: Path, cache: Path | None = None) -> Path:
     """Convert a GGUF file to a safetensors model directory once; return the directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = (cache or cache_dir()) / "models" / f"{gguf.stem}-{_sha256(gguf)[:16]}"
+    target = (cache or cache_dir()) / "models" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
     if (target / "config.json").is_file():
         return target
     log.info("converting %s to safetensors (once; cached at %s)", gguf, target)

@@ -103,6 +103,11 @@ class Report:
             lines.append(f"privacy gap (plug-in - emulator-FT): {100 * self.privacy_gap:+.1f} points")
         if self.utility_gap is not None:
             lines.append(f"utility gap (full FT - plug-in): {100 * self.utility_gap:+.1f} points")
+        if "middle_nmse_at_answer" in self.meta:
+            lines.append(
+                f"emulator vs real middle output at the answer position (normalised MSE, before tuning): "
+                f"{self.meta['middle_nmse_at_answer']:.3f}"
+            )
         return "\n".join(lines) + "\n"
 
 
@@ -156,6 +161,7 @@ def five_setting_eval(
         emulator = load_emulator(bundle)
         if "emulator_zero_shot" in config.settings:
             score(emulator, "emulator_zero_shot")
+        report.meta["middle_nmse_at_answer"] = _middle_gap(base, emulator, tokenizer, bundle, test)
         if update is None:
             result = tune_adapter(emulator, tokenizer, bundle.layout, adapter_blocks, train, tune, a=shape["a"], progress=progress, desc="tuning on the emulator")
             update = result.adapter
@@ -179,6 +185,15 @@ def five_setting_eval(
         score(full, "full_ft")
         del full
     return report, update
+
+
+def _middle_gap(base: nn.Module, emulator: nn.Module, tokenizer, bundle: Bundle, test: list[MCRow], rows: int = 32) -> float:
+    """Emulator-vs-real middle output (normalised MSE) at the answer position of the first test prompts."""
+    from offsite.emulator.distill import answer_position_kd
+
+    prompts = [tokenizer(row.prompt, add_special_tokens=True)["input_ids"] for row in test[:rows]]
+    shape = bundle.shape
+    return answer_position_kd(base, emulator, bundle.layout, shape["a"], shape["b"], prompts)
 
 
 def _tail(losses: list[float], n: int = 10) -> float:

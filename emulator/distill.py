@@ -178,6 +178,34 @@ def heldout_kd(
     return sum(values) / len(blocks)
 
 
+@torch.no_grad()
+def answer_position_kd(
+    teacher: nn.Module, student: nn.Module, layout: list[int], a: int, b: int, prompts: list[list[int]], device="cpu"
+) -> float:
+    """Mean normalised MSE between teacher and student middle outputs at each prompt's last
+    token, the position whose hidden state the top blocks turn into an answer.
+
+    A diagnostic of how well the emulator stands in for the middle on a task's own prompts
+    (the held-out KD above measures it on the distillation corpus).
+    """
+    (student_position, teacher_block), = tap_pairs(layout, a, b, len(get_path(teacher, spec_for(teacher).blocks)), per_block=False)
+    values = []
+    for ids in prompts:
+        input_ids = torch.tensor([ids], device=device)
+        teacher_tap = BlockTap(teacher, [teacher_block], stop=True)
+        student_tap = BlockTap(student, [student_position], stop=True)
+        try:
+            teacher_tap.run(teacher, input_ids)
+            student_tap.run(student, input_ids)
+        finally:
+            teacher_tap.close()
+            student_tap.close()
+        values.append(
+            normalised_mse(teacher_tap.outputs[teacher_block][:, -1:], student_tap.outputs[student_position][:, -1:]).item()
+        )
+    return sum(values) / max(1, len(values))
+
+
 def distill(
     teacher: nn.Module,
     student: nn.Module,

@@ -52,3 +52,14 @@ def test_lm_kl_and_per_block_terms_run():
     config = DistillConfig(steps=3, batch_size=2, seq_len=16, kd_weight=1.0, lm_weight=0.5, kl_weight=0.5, per_block=True)
     result = distill(teacher, student, layout, 2, 2, blocks, blocks[:2], config, progress=False)
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_answer_position_kd_is_zero_for_a_keep_all_emulator_and_positive_after_drop():
+    from offsite.emulator.distill import answer_position_kd
+
+    teacher = tiny_model("llama", n_blocks=10)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    same, layout = build_emulator(teacher, SandwichShape(2, 6, 2))
+    assert answer_position_kd(teacher, same, layout, 2, 2, prompts) == 0.0
+    dropped, layout = build_emulator(teacher, SandwichShape(2, 2, 2))
+    assert answer_position_kd(teacher, dropped, layout, 2, 2, prompts) > 0.0

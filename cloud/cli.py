@@ -57,6 +57,17 @@ def register(subparsers) -> None:
     run.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="give up following after this many seconds")
     run.set_defaults(func=_run)
 
+    finish = commands.add_parser(
+        "finish",
+        help="plug a finished job's last global adapter into the full model (and evaluate it)",
+        description="What the ServerApp does after the last round when job.json names a base model: write "
+        "JOB/plug_in (a Hugging Face model directory) and, with an eval test file, JOB/report. Skipped when "
+        "already done from the same checkpoint unless --force.",
+    )
+    finish.add_argument("--job", required=True, type=Path, help="job directory with all rounds completed")
+    finish.add_argument("--force", action="store_true", help="redo the plug-in and the evaluation")
+    finish.set_defaults(func=_finish)
+
     for parent, name in ((commands, "eval"), (subparsers, "eval")):
         evaluate = parent.add_parser(
             name,
@@ -69,12 +80,23 @@ def register(subparsers) -> None:
 
     demo = subparsers.add_parser(
         "demo",
-        help="the whole pipeline on the embedded SmolLM2-135M: prepare, tune, plug in, evaluate",
-        description="Prepare and distil the default emulator, tune on a BIG-bench task shipped in data/, plug in and "
-        "print the five-setting table. The first run converts the model and distils (cached for later runs).",
+        help="federated offsite-tuning end to end on the embedded SmolLM2-135M, beside the centralised run",
+        description="Prepare and distil the default emulator; split a BIG-bench task shipped in data/ among data "
+        "owners (non-IID); run the federated job over a real SuperLink and SuperNodes on loopback (TLS, node "
+        "authentication); plug the federated adapter in; run the centralised baseline on the same data; print the "
+        "five-setting table with the federated emulator-FT and plug-in. The first run converts the model and "
+        "distils (cached for later runs).",
     )
-    _add_eval_arguments(demo, DEFAULT_PRESET, SETTINGS, demo=True)
-    demo.set_defaults(func=_eval)
+    demo.add_argument("--preset", default=DEFAULT_PRESET, help=f"named recipe (default {DEFAULT_PRESET})")
+    demo.add_argument("--task", default="hyperbaton", help="a task in data/bigbench (default hyperbaton)")
+    demo.add_argument("--owners", type=int, default=3, help="data owners, one SuperNode each (default 3)")
+    demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split; small is more skewed (default 0.5)")
+    demo.add_argument("--rounds", type=int, default=4, help="federated rounds (default 4); local steps follow from the preset's budget")
+    demo.add_argument("--test-rows", type=int, default=200, help="score the first N test rows (default 200; 0: all)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the split and of the tuning")
+    demo.add_argument("--no-centralised", action="store_true", help="skip the centralised baseline (emulator-FT, plug-in, full FT)")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
+    demo.set_defaults(func=_demo)
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None:
@@ -100,9 +122,15 @@ def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--local-lr", type=float, default=tuning.lr, help=f"data owners' learning rate (default {tuning.lr:g})")
     group.add_argument("--local-batch-size", type=int, default=tuning.batch_size, help=f"examples per local step (default {tuning.batch_size})")
     group.add_argument("--aggregator", choices=AGGREGATORS, default=job.aggregator, help=f"how updates are combined (default {job.aggregator})")
+    group.add_argument("--lr-schedule", choices=("constant", "cosine"), default=job.lr_schedule,
+                       help=f"the data owners' lr across rounds (cosine: down to {job.final_lr_ratio:g} x --local-lr by the last round)")
+    group.add_argument("--eval-test", type=Path, default=None,
+                       help="multiple-choice JSONL the coordinator scores after the last round (plug-in report under OUT/report)")
+    group.add_argument("--eval-rows", type=int, default=None, help="score only the first N rows of --eval-test")
+    group.add_argument("--no-plug-in", action="store_true", help="end the job with the last checkpoint: no plug-in, no evaluation")
 
 
-def fed_job_config_from_args(args: argparse.Namespace):
+def fed_job_config_from_args(args: argparse.Namespace, base_model: str | None = None):
     """The :class:`FedJobConfig` that ``cloud prepare``'s federated-job options describe (validated)."""
     from .fed_job import FedJobConfig, LocalTuning
 
@@ -112,6 +140,10 @@ def fed_job_config_from_args(args: argparse.Namespace):
             f"(got {args.local_steps}, {args.local_batch_size}, {args.local_lr})"
         )
     tuning = dataclasses.replace(LocalTuning(), steps=args.local_steps, lr=args.local_lr, batch_size=args.local_batch_size)
+    if args.eval_test is not None and args.no_plug_in:
+        raise ValueError("--eval-test scores the plug-in: it cannot go with --no-plug-in")
+    if args.eval_test is not None and not args.eval_test.is_file():
+        raise FileNotFoundError(f"--eval-test {args.eval_test}: no such file")
     return FedJobConfig(
         rounds=args.rounds,
         min_nodes=args.min_nodes,
@@ -119,19 +151,21 @@ def fed_job_config_from_args(args: argparse.Namespace):
         round_timeout=args.round_timeout,
         aggregator=args.aggregator,
         tuning=tuning,
+        lr_schedule=args.lr_schedule,
+        base_model=None if args.no_plug_in else base_model,
+        eval_test=str(args.eval_test.resolve()) if args.eval_test is not None else None,
+        eval_rows=args.eval_rows,
     )
 
 
-def _add_eval_arguments(parser, default_preset: str, settings, demo: bool = False) -> None:
+def _add_eval_arguments(parser, default_preset: str, settings) -> None:
     _add_recipe_arguments(parser, default_preset)
     parser.add_argument("--task", default="hyperbaton", help="a task in data/bigbench (used when --train/--test are not given)")
     parser.add_argument("--train", type=Path, default=None, help="training JSONL")
     parser.add_argument("--test", type=Path, default=None, help="multiple-choice test JSONL")
-    parser.add_argument(
-        "--test-rows", type=int, default=200 if demo else None, help="score the first N test rows (default: " + ("200" if demo else "all") + ")"
-    )
+    parser.add_argument("--test-rows", type=int, default=None, help="score the first N test rows (default: all)")
     parser.add_argument("--settings", default=",".join(settings), help="comma-separated subset of: " + ", ".join(settings))
-    parser.add_argument("--out", type=Path, default=Path("runs/demo") if demo else None, required=not demo, help="job directory")
+    parser.add_argument("--out", type=Path, required=True, help="job directory")
     add_tune_arguments(parser)
 
 
@@ -153,8 +187,8 @@ def _prepare(args: argparse.Namespace) -> int:
     from .models import load_base
     from .prepare import EmulatorConfig, prepare_bundle
 
-    job = fed_job_config_from_args(args)  # a contradiction fails here, before any distillation
     preset = _preset_from_args(args)
+    job = fed_job_config_from_args(args, args.model or preset.base)  # a contradiction fails here, before any distillation
     base, tokenizer, where = load_base(args.model or preset.base)
     config = EmulatorConfig(preset.shape, preset.distill, corpus=args.corpus or "python-docs")
     bundle = prepare_bundle(base, tokenizer, config, args.out / BUNDLE_DIR)
@@ -235,3 +269,25 @@ def _run(args: argparse.Namespace) -> int:
     for line in round_summary(args.job):
         print(line)
     return 0 if status == "finished:completed" else 1
+
+
+def _finish(args: argparse.Namespace) -> int:
+    from .finish import finish_job
+
+    for name, path in finish_job(args.job, force=args.force).items():
+        print(f"{name}: {path}")
+    report = args.job / "report" / "report.md"
+    if report.is_file():
+        print(report.read_text())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .fed_demo import demo_config_from_args, run_fed_demo
+    from .presets import get_preset
+
+    if args.owners < 1 or args.rounds < 1 or args.alpha <= 0 or args.test_rows < 0:
+        raise ValueError("--owners and --rounds must be >= 1, --alpha > 0 and --test-rows >= 0")
+    args.test_rows = args.test_rows or None
+    run_fed_demo(demo_config_from_args(args, get_preset(args.preset)))
+    return 0

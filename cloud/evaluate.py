@@ -40,7 +40,12 @@ LABELS = {
     "emulator_ft": "emulator-FT",
     "plug_in": "plug-in",
     "full_ft": "full FT",
+    "federated_emulator_ft": "emulator-FT, federated",
+    "federated_plug_in": "plug-in, federated",
 }
+# A federated job's adapter, scored beside the centralised settings (``offsite demo``).
+FEDERATED = ("federated_emulator_ft", "federated_plug_in")
+ROWS = SETTINGS + FEDERATED
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,7 @@ class Report:
             "| setting | accuracy | ± s.e. | correct |",
             "|---|---|---|---|",
         ]
-        for setting in SETTINGS:
+        for setting in ROWS:
             if setting in self.results:
                 r = self.results[setting]
                 lines.append(f"| {LABELS[setting]} | {r['accuracy']:.3f} | {r['stderr']:.3f} | {r['correct']}/{self.test_rows} |")
@@ -103,7 +108,10 @@ class Report:
             lines.append(f"privacy gap (plug-in - emulator-FT): {100 * self.privacy_gap:+.1f} points")
         if self.utility_gap is not None:
             lines.append(f"utility gap (full FT - plug-in): {100 * self.utility_gap:+.1f} points")
-        if "middle_nmse_at_answer" in self.meta:
+        federated, central = self.accuracy("federated_plug_in"), self.accuracy("plug_in")
+        if federated is not None and central is not None:
+            lines.append(f"federated plug-in - centralised plug-in: {100 * (federated - central):+.1f} points")
+        if self.meta.get("middle_nmse_at_answer") is not None:
             lines.append(
                 f"emulator vs real middle output at the answer position (normalised MSE, before tuning): "
                 f"{self.meta['middle_nmse_at_answer']:.3f}"
@@ -229,7 +237,7 @@ def _plot(reports: list[Report], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = [s for s in SETTINGS if any(s in r.results for r in reports)]
+    settings = [s for s in ROWS if any(s in r.results for r in reports)]
     width = 0.8 / max(1, len(settings))
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(reports) + 2), 4))
     for i, setting in enumerate(settings):
@@ -242,7 +250,7 @@ def _plot(reports: list[Report], path: Path, title: str) -> None:
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(title)
-    ax.legend(fontsize=8, ncol=min(5, len(settings)), loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    ax.legend(fontsize=8, ncol=min(4, len(settings)), loc="upper center", bbox_to_anchor=(0.5, -0.18))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -66,6 +67,15 @@ class FedJobConfig:
     trim_fraction: float = 0.1
     record_updates: bool = field(default=False, metadata={"help": "keep every client's update under updates/"})
     tuning: LocalTuning = field(default_factory=LocalTuning)
+    lr_schedule: Literal["constant", "cosine"] = field(
+        default="constant", metadata={"help": "the clients' lr across rounds: constant, or cosine from tuning.lr to final_lr_ratio * tuning.lr"}
+    )
+    final_lr_ratio: float = 0.1
+    # After the last round (see offsite.cloud.finish): plug the global adapter into this base model
+    # and, with an eval test file, write the evaluation. None: the job ends with the checkpoint.
+    base_model: str | None = None
+    eval_test: str | None = None
+    eval_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.min_nodes < 1 or self.min_replies < 1:
@@ -78,6 +88,20 @@ class FedJobConfig:
             raise JobError(f"aggregator {self.aggregator!r} is not one of {AGGREGATORS}")
         if self.bundle_part_bytes < 1:
             raise JobError("bundle_part_bytes must be >= 1")
+        if self.lr_schedule not in ("constant", "cosine") or not 0 < self.final_lr_ratio <= 1:
+            raise JobError(f"lr_schedule must be 'constant' or 'cosine' and 0 < final_lr_ratio <= 1 (got {self.lr_schedule!r}, {self.final_lr_ratio})")
+        if self.eval_test is not None and self.base_model is None:
+            raise JobError("eval_test needs base_model: the evaluation scores the plugged-in full model")
+        if self.eval_rows is not None and self.eval_rows < 1:
+            raise JobError(f"eval_rows must be >= 1, got {self.eval_rows}")
+
+    def round_lr(self, round_number: int) -> float:
+        """The clients' learning rate in round ``round_number`` (1-based)."""
+        if self.lr_schedule == "constant" or self.rounds == 1:
+            return self.tuning.lr
+        progress = (round_number - 1) / (self.rounds - 1)
+        floor = self.final_lr_ratio * self.tuning.lr
+        return floor + (self.tuning.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def to_json(self) -> dict:
         return {"kind": "federated", **dataclasses.asdict(self)}

@@ -491,6 +491,10 @@ class LocalFederation:
     def logs(self, run_id: int) -> str:
         return self._control().logs(run_id)
 
+    def follow(self, run_id: int, on_line: Callable[[str], None], timeout: float) -> str:
+        """Stream the run's ServerApp log lines to ``on_line`` until it finishes; return its status."""
+        return self._control().follow(run_id, on_line, timeout)
+
     def list_supernodes(self) -> list[dict]:
         return self._control().list_supernodes()
 

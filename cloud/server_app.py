@@ -218,7 +218,7 @@ def run_round(
     instruction = TrainInstruction(
         round=round_number,
         bundle_digest=bundle.digest,
-        lr=tuning.lr,
+        lr=config.round_lr(round_number),
         steps=tuning.steps,
         batch_size=tuning.batch_size,
         warmup_steps=tuning.warmup_steps,
@@ -274,6 +274,7 @@ def run_round(
     weights = {str(n): updates[n][1] for n in ordered}
     history = {
         "round": round_number,
+        "lr": instruction.lr,
         "connected": nodes,
         "sent": ready,
         "replied": ordered,
@@ -300,6 +301,10 @@ def run_job(grid: Grid, job_dir: Path) -> JobState:
         global_adapter, history = run_round(grid, job_dir, config, bundle, state, round_number, global_adapter)
         save_checkpoint(job_dir, state, round_number, global_adapter, history)
     log.info("job %s: %d round(s) completed; global adapter at %s", job_dir, state.completed_round, job_dir / state.checkpoint)
+    if config.base_model is not None:
+        from .finish import finish_job
+
+        finish_job(job_dir)
     return state
 
 

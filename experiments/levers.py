@@ -49,6 +49,9 @@ RECIPES: dict[str, tuple[str, DistillConfig, TuneConfig]] = {
     "drop-2-22-2-mdrop": ("2-22-2", DistillConfig(steps=0), dataclasses.replace(BASE_TUNE, middle_drop=0.25)),
     "kd-2-10-2-mdrop": ("2-10-2", KD, dataclasses.replace(BASE_TUNE, middle_drop=0.25)),
     "drop-2-26-2-mdrop": ("2-26-2", DistillConfig(steps=0), dataclasses.replace(BASE_TUNE, middle_drop=0.25)),
+    "kl-2-10-2": ("2-10-2", dataclasses.replace(KD, kl_weight=1.0), BASE_TUNE),
+    "kl-2-10-2-top": ("2-10-2", dataclasses.replace(KD, kl_weight=1.0), dataclasses.replace(BASE_TUNE, train="top")),
+    "kl-2-14-2": ("2-14-2", dataclasses.replace(KD, kl_weight=1.0), BASE_TUNE),
     "kd-2-10-2-top-lr3e-4": ("2-10-2", KD, dataclasses.replace(BASE_TUNE, train="top", lr=3e-4)),
 }
 

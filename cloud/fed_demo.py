@@ -1,0 +1,195 @@
+"""``offsite demo``: federated offsite-tuning end to end on one host, beside the centralised run.
+
+1. load the base model (the embedded SmolLM2-135M: converted once, then cached);
+2. build and distil the emulator bundle (cached by recipe);
+3. split the task's training file among the data owners, non-IID (Dirichlet over the labels);
+4. start a real federation on loopback: a SuperLink with TLS and SuperNode authentication, one
+   SuperNode per data owner holding only its own share; submit the job and follow its rounds;
+   the ServerApp plugs the last global adapter into the full model and scores it;
+5. run the centralised offsite-tuning baseline on the same training data (all shares together)
+   with the same number of training examples, and print the five-setting table with the
+   federated emulator-FT and plug-in beside it.
+
+Everything lands in ``--out`` (default ``runs/demo``): ``owners/`` (the shares),
+``federated/`` (the job: bundle, checkpoints, state.json, plug_in/, report/), ``federation/``
+(certificates, SuperLink and SuperNode logs), ``centralised/`` (adapter) and ``report/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .presets import Preset
+
+log = logging.getLogger(__name__)
+
+COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass(frozen=True)
+class FedDemoConfig:
+    preset: Preset
+    out: Path
+    task: str = "hyperbaton"
+    owners: int = 3
+    alpha: float = 0.5  # Dirichlet concentration of the label split: small is more skewed
+    rounds: int = 4
+    test_rows: int | None = 200
+    seed: int = 0
+    round_timeout: float = 1800.0
+    centralised: bool = True
+
+    @property
+    def local_steps(self) -> int:
+        """Local steps per owner and round, so the federation sees as many training examples as
+        the centralised run: rounds * owners * local_steps = the preset's steps."""
+        return max(1, round(self.preset.tune.steps / (self.rounds * self.owners)))
+
+
+def _stage(number: int, total: int, text: str) -> None:
+    print(f"\n[{number}/{total}] {text}", flush=True)
+
+
+def run_fed_demo(config: FedDemoConfig) -> dict:
+    from offsite.emulator.data import read_examples, read_mc_jsonl
+
+    from .certs import write_deployment_certs
+    from .evaluate import EvalConfig, Report, five_setting_eval, write_report
+    from .fed_job import BUNDLE_DIR, FedJobConfig, LocalTuning, write_job
+    from .federation import LocalFederation, round_summary
+    from .models import load_base
+    from .pipeline import task_files
+    from .prepare import EmulatorConfig, prepare_bundle
+    from .split import split_dirichlet, write_shares
+
+    started = time.perf_counter()
+    out = Path(config.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    preset, tune = config.preset, config.preset.tune
+    train_path, test_path = task_files(config.task)
+    total = 5 if config.centralised else 4
+
+    _stage(1, total, f"base model {preset.base}")
+    base, tokenizer, where = load_base(preset.base)
+    print(f"loaded from {where}")
+
+    _stage(2, total, f"emulator bundle {preset.name} (shape {preset.shape}, {preset.distill.steps} distillation steps; cached by recipe)")
+    job_dir = out / "federated"
+    if job_dir.exists():  # a fresh job every run; the distilled bundle comes from the cache
+        shutil.rmtree(job_dir)
+    bundle = prepare_bundle(base, tokenizer, EmulatorConfig(preset.shape, preset.distill), job_dir / BUNDLE_DIR)
+    distill = bundle.manifest.get("distill", {})
+    if "heldout_reduction" in distill:
+        print(f"held-out KD {distill['heldout_kd_before']:.3f} -> {distill['heldout_kd_after']:.3f} ({100 * distill['heldout_reduction']:.0f}% lower than layer drop)")
+
+    train = read_examples(train_path)
+    shares = split_dirichlet(train, config.owners, config.alpha, seed=config.seed)
+    share_paths = write_shares(shares, out / "owners")
+    for index, share in enumerate(shares):
+        labels: dict[str, int] = {}
+        for example in share:
+            labels[example.completion] = labels.get(example.completion, 0) + 1
+        print(f"owner-{index}: {len(share)} rows, labels {dict(sorted(labels.items()))}")
+
+    steps = config.local_steps
+    job = FedJobConfig(
+        rounds=config.rounds,
+        min_nodes=config.owners,
+        min_replies=max(1, config.owners - 1),
+        round_timeout=config.round_timeout,
+        bundle_timeout=config.round_timeout,
+        bundle_part_bytes=128 << 20,
+        tuning=LocalTuning(steps=steps, batch_size=tune.batch_size, lr=tune.lr, max_length=tune.max_length, seed=config.seed),
+        lr_schedule="cosine",
+        base_model=preset.base,
+        eval_test=str(test_path),
+        eval_rows=config.test_rows,
+    )
+    write_job(job_dir, job)
+    _stage(
+        3, total,
+        f"federated: {config.rounds} rounds x {config.owners} owners x {steps} local steps x {tune.batch_size} "
+        f"(= {config.rounds * config.owners * steps * tune.batch_size} examples; centralised: {tune.steps * tune.batch_size}), "
+        "SuperLink + SuperNodes on loopback with TLS and node authentication",
+    )
+    federation_dir = out / "federation"
+    if federation_dir.exists():
+        shutil.rmtree(federation_dir)
+    certs = write_deployment_certs(federation_dir / "certs", nodes=config.owners, hosts=("127.0.0.1", "localhost"))
+    fed_started = time.perf_counter()
+    with LocalFederation(federation_dir, certs=certs) as federation:
+        federation.start_superlink()
+        for index, path in enumerate(share_paths):
+            federation.start_supernode(
+                {"data-path": path, "cache-dir": out / "owners" / f"cache-{index}", "threads": 1}, name=f"owner-{index}"
+            )
+        print(f"SuperLink {federation.address}; {config.owners} SuperNodes registered and started (logs in {federation_dir / 'logs'})")
+        run_id = federation.submit({"job-dir": job_dir})
+        status = federation.follow(run_id, _print_server_line, timeout=config.round_timeout * (config.rounds + 2))
+    if status != "finished:completed":
+        raise RuntimeError(f"federated run {run_id} ended {status}; logs in {federation_dir / 'logs'}")
+    fed_seconds = time.perf_counter() - fed_started
+    for line in round_summary(job_dir):
+        print(line)
+    federated = json.loads((job_dir / "report" / "report.json").read_text())[0]
+
+    test = read_mc_jsonl(test_path, limit=config.test_rows)
+    report = Report(task=config.task, test_rows=len(test), train_rows=len(train))
+    for setting in ("full_zero_shot", "emulator_zero_shot"):
+        report.results[setting] = federated["results"][setting]
+    report.results["federated_emulator_ft"] = federated["results"]["emulator_ft"]
+    report.results["federated_plug_in"] = federated["results"]["plug_in"]
+    report.meta = {
+        "preset": preset.name,
+        "owners": config.owners,
+        "alpha": config.alpha,
+        "rounds": config.rounds,
+        "local_steps": steps,
+        "federated_seconds": round(fed_seconds, 1),
+        "middle_nmse_at_answer": federated["meta"].get("middle_nmse_at_answer"),
+    }
+    if config.centralised:
+        _stage(4, total, f"centralised offsite-tuning on the same {len(train)} training rows: emulator-FT, plug-in, full FT")
+        central, update = five_setting_eval(
+            base, tokenizer, bundle, train, test, tune, EvalConfig(settings=("emulator_ft", "plug_in", "full_ft")), task=config.task
+        )
+        report.results.update(central.results)
+        report.meta["centralised"] = {k: central.meta.get(k) for k in ("emulator_tuning", "full_tuning")}
+        from offsite.protocol.adapter import save_update
+
+        save_update(out / "centralised" / "adapter.safetensors", update, {"mode": "blocks", "lora_alpha": None, "bundle": bundle.digest})
+    report.meta["seconds"] = round(time.perf_counter() - started, 1)
+    paths = write_report([report], out / "report", title=f"{preset.name} on {config.task}: federated ({config.owners} owners) and centralised")
+    _stage(total, total, f"results ({report.meta['seconds'] / 60:.1f} min in all)")
+    print(report.markdown())
+    print(f"report: {paths['md']} (+ .json, .png); federated plug-in model: {job_dir / 'plug_in'}")
+    return report.to_dict()
+
+
+def _print_server_line(line: str) -> None:
+    """The ServerApp's own log lines (rounds, drops, evaluation), without Flower's colour codes."""
+    text = COLOUR.sub("", line).strip()
+    if text:
+        print(f"  coordinator | {text}", flush=True)
+
+
+def demo_config_from_args(args, preset: Preset) -> FedDemoConfig:
+    tune = dataclasses.replace(preset.tune)
+    return FedDemoConfig(
+        preset=dataclasses.replace(preset, tune=tune),
+        out=args.out,
+        task=args.task,
+        owners=args.owners,
+        alpha=args.alpha,
+        rounds=args.rounds,
+        test_rows=args.test_rows,
+        seed=args.seed,
+        centralised=not args.no_centralised,
+    )

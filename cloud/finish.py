@@ -1,0 +1,75 @@
+"""The end of a federated job: plug the last global adapter into the full model and evaluate it.
+
+Runs in the ServerApp after the last round when ``job.json`` names a ``base_model`` (and again,
+by hand, with ``offsite cloud finish --job DIR``). It writes, inside the job directory::
+
+    plug_in/                    the full model with the federated adapter (Hugging Face directory)
+    plug_in/offsite.json        provenance: bundle digest, round and sha256 of the checkpoint used
+    report/report.{md,json,png} with ``eval_test``: full zero-shot, emulator zero-shot, the emulator
+                                with the federated adapter, and the plug-in (full fine-tuning needs
+                                the training data, which the operator never holds)
+
+Finishing is idempotent: a plug-in already made from the same checkpoint is not made again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from offsite.emulator.tune import TuneConfig
+from offsite.protocol.bundle import read_bundle
+
+from .fed_job import BUNDLE_DIR, JobError, load_checkpoint, load_state, read_job
+
+log = logging.getLogger("flwr").getChild("offsite")
+
+PLUG_IN_DIR = "plug_in"
+REPORT_DIR = "report"
+FEDERATED_SETTINGS = ("full_zero_shot", "emulator_zero_shot", "emulator_ft", "plug_in")
+
+
+def finish_job(job_dir: Path | str, force: bool = False) -> dict[str, Path]:
+    """Plug in (and evaluate) the job's last global adapter; returns the paths written."""
+    from offsite.emulator.data import read_mc_jsonl
+
+    from .evaluate import EvalConfig, five_setting_eval, write_report
+    from .models import load_base
+    from .plugin import plug_in_update, save_plugged
+
+    job_dir = Path(job_dir)
+    config = read_job(job_dir)
+    state = load_state(job_dir)
+    if state is None or state.completed_round < config.rounds:
+        done = 0 if state is None else state.completed_round
+        raise JobError(f"{job_dir}: {done} of {config.rounds} rounds completed; finish the rounds first")
+    if config.base_model is None:
+        raise JobError(f"{job_dir / 'job.json'}: no base_model to plug the adapter into")
+    provenance = {"bundle": state.bundle, "round": state.completed_round, "checkpoint_sha256": state.checkpoint_sha256}
+    written: dict[str, Path] = {}
+    marker = job_dir / PLUG_IN_DIR / "offsite.json"
+    report_file = job_dir / REPORT_DIR / "report.json"
+    if not force and marker.is_file() and json.loads(marker.read_text()) == provenance and (config.eval_test is None or report_file.is_file()):
+        log.info("job %s: already finished from round %d", job_dir, state.completed_round)
+        return {"plug_in": marker.parent} | ({"report": report_file} if config.eval_test else {})
+
+    bundle = read_bundle(job_dir / BUNDLE_DIR)
+    adapter = load_checkpoint(job_dir, state)
+    base, tokenizer, where = load_base(config.base_model)
+    log.info("job %s: plugging round %d's adapter into %s", job_dir, state.completed_round, where)
+    plugged = plug_in_update(base, adapter, bundle.adapter_blocks)
+    written["plug_in"] = save_plugged(plugged, tokenizer, job_dir / PLUG_IN_DIR, provenance)
+    del plugged
+    if config.eval_test is not None:
+        test = read_mc_jsonl(config.eval_test, limit=config.eval_rows)
+        report, _ = five_setting_eval(
+            base, tokenizer, bundle, [], test, TuneConfig(), EvalConfig(settings=FEDERATED_SETTINGS),
+            task=Path(config.eval_test).name.removesuffix(".jsonl"), adapter=adapter, progress=False,
+        )
+        report.meta["federated"] = provenance
+        write_report([report], job_dir / REPORT_DIR, title=f"federated job {job_dir.name}: {state.completed_round} rounds")
+        written["report"] = report_file
+        for line in report.markdown().splitlines():
+            log.info("%s", line)
+    return written

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-rounds clean proto
 
 setup: $(VENV)/.installed
 
@@ -28,5 +28,19 @@ test: setup
 bench: setup
 	$(PY) benchmarks/finetune_cost.py
 
+bench-rounds: setup
+	$(PY) benchmarks/rounds.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Regenerate protocol/_generated/ from protocol/serving.proto. grpcio-tools 1.70 (protobuf 5.29 gencode,
+# which the protobuf 5 and 6 runtimes both load) goes to a throwaway folder, never into the venv.
+proto: setup
+	set -e; tools=$$(mktemp -d); \
+	$(PIP) --target $$tools grpcio-tools==1.70.0; \
+	PYTHONPATH=$$tools $(PY) -m grpc_tools.protoc -Iprotocol --python_out=protocol/_generated \
+	  --pyi_out=protocol/_generated --grpc_python_out=protocol/_generated protocol/serving.proto; \
+	rm -rf $$tools
+	sed -i 's/^import serving_pb2 as serving__pb2$$/from . import serving_pb2 as serving__pb2/' protocol/_generated/serving_pb2_grpc.py
+	for f in protocol/_generated/serving_pb2*.py*; do sed -i '1i # ruff: noqa' $$f; done

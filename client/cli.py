@@ -44,6 +44,10 @@ def register(subparsers) -> None:
     start.add_argument("--log-file", type=Path, help="append the SuperNode's output here (default: this terminal)")
     start.set_defaults(func=_start)
 
+    from .enroll_cli import register_enroll_command
+
+    register_enroll_command(commands)  # offsite client enroll
+
 
 def _train(args: argparse.Namespace) -> int:
     from .local import train_local_to_file

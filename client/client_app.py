@@ -11,6 +11,10 @@ The SuperNode's ``--node-config`` says where things are on this machine; the ser
 - ``threads``: torch CPU threads (default: torch's choice);
 - ``max-examples``: read at most this many rows of the data file.
 
+A virtual SuperNode of Flower's simulation engine has no ``--node-config``, only ``partition-id``
+and ``num-partitions``: its settings come from the ``$OFFSITE_SIMULATION`` that ``offsite cloud
+simulate`` sets on its own host (see :mod:`offsite.protocol.simulation`), never from the coordinator.
+
 Every failure becomes an ``Error`` reply with an :class:`~offsite.protocol.messages.ErrorCode` and a
 reason naming the bad thing, so one data owner's broken file never takes the job down.
 """
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
 
 from offsite.protocol.bundle import BundleError
 from offsite.protocol.messages import (
@@ -38,6 +43,7 @@ from offsite.protocol.messages import (
     WireError,
     bundle_part_from_content,
 )
+from offsite.protocol.simulation import SIMULATION_ENV, SimulatedOwners
 
 from .bundle_cache import BundleCache
 
@@ -69,7 +75,12 @@ class NodeSettings:
     max_examples: int | None = None
 
     @classmethod
-    def from_node_config(cls, node_config) -> "NodeSettings":
+    def from_node_config(cls, node_config, environ=None) -> "NodeSettings":
+        """From a SuperNode's node config; a virtual node's (``partition-id``, no ``data-path``)
+        is first mapped through ``$OFFSITE_SIMULATION`` in ``environ`` (default ``os.environ``)."""
+        if "data-path" not in node_config and PARTITION_ID_KEY in node_config:
+            node_config = simulated_node_config(node_config, os.environ if environ is None else environ)
+
         def text(key: str, default: str | None = None) -> str | None:
             value = node_config.get(key, default)
             if value is not None and (not isinstance(value, str) or not value):
@@ -93,6 +104,26 @@ class NodeSettings:
             threads=count("threads"),
             max_examples=count("max-examples"),
         )
+
+
+def simulated_node_config(node_config, environ) -> dict:
+    """The node config of virtual node ``partition-id``, as ``offsite cloud simulate`` describes it."""
+    partition, count = node_config.get(PARTITION_ID_KEY), node_config.get(NUM_PARTITIONS_KEY)
+    if isinstance(partition, bool) or not isinstance(partition, int) or partition < 0:
+        raise NodeConfigError(f"node config {PARTITION_ID_KEY!r} must be an integer >= 0, got {partition!r}")
+    if SIMULATION_ENV not in environ:
+        raise NodeConfigError(
+            f"simulated node (partition-id {partition}) without ${SIMULATION_ENV}: run simulations with `offsite cloud simulate`"
+        )
+    try:
+        owners = SimulatedOwners.from_env(environ[SIMULATION_ENV])
+    except ValueError as error:
+        raise NodeConfigError(str(error)) from None
+    if count is not None and count != owners.num_partitions:
+        raise NodeConfigError(f"the simulation runs {count} virtual nodes, ${SIMULATION_ENV} describes {owners.num_partitions} partitions")
+    if partition >= owners.num_partitions:
+        raise NodeConfigError(f"partition-id {partition} is out of range: ${SIMULATION_ENV} describes {owners.num_partitions} partitions")
+    return owners.node_config(partition)
 
 
 def _error_reply(message: Message, code: ErrorCode, reason: str) -> Message:

@@ -57,6 +57,16 @@ def register(subparsers) -> None:
     run.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="give up following after this many seconds")
     run.set_defaults(func=_run)
 
+    from .simulate import register as register_simulate
+    from .split import register as register_split
+
+    register_split(commands)  # offsite cloud split
+    register_simulate(commands)  # offsite cloud simulate
+
+    from .keys_cli import register_key_commands
+
+    register_key_commands(commands)  # offsite cloud keys | enroll | revoke | senders | sign-bundle
+
     finish = commands.add_parser(
         "finish",
         help="plug a finished job's last global adapter into the full model (and evaluate it)",
@@ -97,6 +107,10 @@ def register(subparsers) -> None:
     demo.add_argument("--no-centralised", action="store_true", help="skip the centralised baseline (emulator-FT, plug-in, full FT)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     demo.set_defaults(func=_demo)
+
+    from .serve_cli import register as register_serve
+
+    register_serve(commands)  # offsite cloud serve
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None:

@@ -67,7 +67,7 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
     from .models import load_base
     from .pipeline import task_files
     from .prepare import EmulatorConfig, prepare_bundle
-    from .split import split_dirichlet, write_shares
+    from .split import format_table, split_file
 
     started = time.perf_counter()
     out = Path(config.out).resolve()
@@ -90,13 +90,10 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
         print(f"held-out KD {distill['heldout_kd_before']:.3f} -> {distill['heldout_kd_after']:.3f} ({100 * distill['heldout_reduction']:.0f}% lower than layer drop)")
 
     train = read_examples(train_path)
-    shares = split_dirichlet(train, config.owners, config.alpha, seed=config.seed)
-    share_paths = write_shares(shares, out / "owners")
-    for index, share in enumerate(shares):
-        labels: dict[str, int] = {}
-        for example in share:
-            labels[example.completion] = labels.get(example.completion, 0) + 1
-        print(f"owner-{index}: {len(share)} rows, labels {dict(sorted(labels.items()))}")
+    summary = split_file(train_path, out / "owners", config.owners, config.alpha, config.seed, min_rows=tune.batch_size)
+    share_paths = [out / "owners" / owner["file"] for owner in summary["owners"]]
+    print(f"{len(train)} training rows split among {config.owners} owners, Dirichlet alpha {config.alpha} over the labels:")
+    print(format_table(summary))
 
     steps = config.local_steps
     job = FedJobConfig(

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -175,7 +176,9 @@ class JobState:
 
 
 def save_checkpoint(job_dir: Path, state: JobState, round_number: int, adapter: dict[str, torch.Tensor], record: dict | None) -> JobState:
-    """Write round ``round_number``'s global adapter, then the state file pointing at it."""
+    """Write round ``round_number``'s global adapter, then the state file pointing at it; the
+    record gets ``checkpoint_seconds`` (writing and hashing the adapter)."""
+    started = time.perf_counter()
     path = checkpoint_path(job_dir, round_number)
     tmp = path.with_name(f".{path.name}.tmp")
     save_update(tmp, adapter, {"mode": "blocks", "lora_alpha": None, "bundle": state.bundle, "round": round_number})
@@ -184,6 +187,7 @@ def save_checkpoint(job_dir: Path, state: JobState, round_number: int, adapter: 
     state.checkpoint = path.relative_to(job_dir).as_posix()
     state.checkpoint_sha256 = sha256_file(path)
     if record is not None:
+        record["checkpoint_seconds"] = round(time.perf_counter() - started, 4)
         state.history.append(record)
     _atomic_write_json(Path(job_dir) / STATE_FILE, dataclasses.asdict(state))
     return state

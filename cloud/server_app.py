@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -112,6 +113,22 @@ def open_job(job_dir: Path) -> tuple[FedJobConfig, Bundle, JobState, dict[str, t
     return config, bundle, state, load_checkpoint(job_dir, state)
 
 
+class WaitClock:
+    """Seconds a round spends waiting on the nodes: for them to connect and for their replies (the
+    pull loops). The rest of a round is the coordinator's own work."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextmanager
+    def waiting(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
@@ -123,12 +140,15 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.5) -> tuple[list[tuple[int, Message]], list[int]]:
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float, poll: float = 0.5, clock: WaitClock | None = None
+) -> tuple[list[tuple[int, Message]], list[int]]:
     """Push ``messages`` and pull replies until all are in or ``timeout`` s pass.
 
     Returns ``(destination node, reply)`` pairs, attributed by the id of the message replied to
     (an error reply the SuperLink makes itself, e.g. for an expired TTL, does not come from the
-    node), and the destination of every message left unanswered.
+    node), and the destination of every message left unanswered. The pull loop's time is added
+    to ``clock``, when given.
     """
     destinations = [message.metadata.dst_node_id for message in messages]
     ids = list(grid.push_messages(messages))
@@ -141,21 +161,24 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 
     waiting = set(node_of)
     replies: list[tuple[int, Message]] = []
     deadline = time.monotonic() + timeout
-    while waiting and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(waiting)):
-            replied_to = reply.metadata.reply_to_message_id
-            if replied_to in waiting:
-                waiting.discard(replied_to)
-                replies.append((node_of[replied_to], reply))
-        if waiting:
-            time.sleep(poll)
+    with (clock or WaitClock()).waiting():
+        while waiting and time.monotonic() < deadline:
+            for reply in grid.pull_messages(list(waiting)):
+                replied_to = reply.metadata.reply_to_message_id
+                if replied_to in waiting:
+                    waiting.discard(replied_to)
+                    replies.append((node_of[replied_to], reply))
+            if waiting:
+                time.sleep(poll)
     return replies, sorted([node_of[i] for i in waiting] + unsent)
 
 
 # ---------------------------------------------------------------- bundle distribution
 
 
-def distribute_bundle(grid: Grid, bundle: Bundle, nodes: list[int], part_bytes: int, timeout: float) -> set[int]:
+def distribute_bundle(
+    grid: Grid, bundle: Bundle, nodes: list[int], part_bytes: int, timeout: float, clock: WaitClock | None = None
+) -> set[int]:
     """Send every part of the bundle to each node; return the nodes that installed it (or had it)."""
     if not nodes:
         return set()
@@ -170,7 +193,7 @@ def distribute_bundle(grid: Grid, bundle: Bundle, nodes: list[int], part_bytes: 
             messages.append(
                 Message(content, dst_node_id=node, message_type=BUNDLE_PART, group_id=f"bundle-{bundle.digest[:12]}", ttl=timeout)
             )
-    replies, _ = exchange(grid, messages, timeout)
+    replies, _ = exchange(grid, messages, timeout, clock=clock)
     statuses: dict[int, list[str]] = {node: [] for node in nodes}
     for node, reply in replies:
         if reply.has_error():
@@ -209,10 +232,22 @@ def check_update(node: int, update: dict[str, torch.Tensor], reference: dict[str
 def run_round(
     grid: Grid, job_dir: Path, config: FedJobConfig, bundle: Bundle, state: JobState, round_number: int, global_adapter: dict
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    started = time.perf_counter()
-    nodes = wait_for_nodes(grid, config.min_nodes, config.node_wait_timeout)
+    """One round; returns the new global adapter and the round's record for ``state.json``.
+
+    Timings in the record: ``seconds`` (the round, checkpoint excluded), ``wait_seconds`` (waiting
+    for nodes to connect and reply), ``coordinator_seconds`` (the difference: reading and sending
+    the bundle, building and pushing the train messages, checking and aggregating the updates),
+    ``aggregate_seconds`` (decoding, checking and aggregating the updates), and per node
+    ``client_train_seconds`` (the local tuning loop) and ``client_seconds`` (the whole ClientApp
+    handler), as the clients report them. :func:`~offsite.cloud.fed_job.save_checkpoint` adds
+    ``checkpoint_seconds``.
+    """
+    started, clock = time.perf_counter(), WaitClock()
+    with clock.waiting():
+        nodes = wait_for_nodes(grid, config.min_nodes, config.node_wait_timeout)
     fresh = [node for node in nodes if node not in state.nodes_with_bundle]
-    state.nodes_with_bundle = sorted(set(state.nodes_with_bundle) | distribute_bundle(grid, bundle, fresh, config.bundle_part_bytes, config.bundle_timeout))
+    installed = distribute_bundle(grid, bundle, fresh, config.bundle_part_bytes, config.bundle_timeout, clock)
+    state.nodes_with_bundle = sorted(set(state.nodes_with_bundle) | installed)
     ready = [node for node in nodes if node in state.nodes_with_bundle]
     tuning = config.tuning
     instruction = TrainInstruction(
@@ -233,8 +268,9 @@ def run_round(
         for node in ready
     ]
     log.info("round %d: train on %d node(s) %s (%d connected)", round_number, len(ready), ready, len(nodes))
-    replies, unanswered = exchange(grid, messages, config.round_timeout)
+    replies, unanswered = exchange(grid, messages, config.round_timeout, clock=clock)
 
+    aggregating = time.perf_counter()
     updates, failed, metrics = {}, {}, {}
     no_reply = {node: f"no reply within {config.round_timeout:.0f}s" for node in unanswered}
     for node, reply in replies:
@@ -267,11 +303,13 @@ def run_round(
 
     ordered = sorted(updates)
     new_global = aggregate(config.aggregator, [updates[node] for node in ordered], config.trim_fraction)
+    aggregate_seconds = time.perf_counter() - aggregating
     if config.record_updates:
         for node in ordered:
             record_client_update(job_dir, round_number, node, updates[node][0], int(updates[node][1]), bundle.digest)
     losses = {str(n): metrics[n].get("train-loss") for n in ordered}
     weights = {str(n): updates[n][1] for n in ordered}
+    elapsed = time.perf_counter() - started
     history = {
         "round": round_number,
         "lr": instruction.lr,
@@ -284,7 +322,12 @@ def run_round(
         "num_examples": weights,
         "train_loss": losses,
         "mean_train_loss": sum(losses[str(n)] * updates[n][1] for n in ordered) / sum(weights.values()),
-        "seconds": round(time.perf_counter() - started, 2),
+        "client_train_seconds": {str(n): metrics[n].get("seconds") for n in ordered},
+        "client_seconds": {str(n): metrics[n].get("client-seconds") for n in ordered},
+        "seconds": round(elapsed, 2),
+        "wait_seconds": round(clock.seconds, 4),
+        "coordinator_seconds": round(elapsed - clock.seconds, 4),
+        "aggregate_seconds": round(aggregate_seconds, 4),
     }
     log.info("round %d: aggregated %d update(s), weighted train loss %.4f", round_number, len(ordered), history["mean_train_loss"])
     return new_global, history

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_cloud(subparsers)
     register_client(subparsers)
     register_deploy(subparsers)
+    from offsite.cloud.serve_cli import register_query
+
+    register_query(subparsers)  # offsite query
     presets = subparsers.add_parser("presets", help="list the named recipes")
     presets.set_defaults(func=_presets)
     return parser

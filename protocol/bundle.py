@@ -7,10 +7,14 @@ A directory with
 - ``tokenizer/*.json`` (and the chat template): the tokenizer, JSON only;
 - ``manifest.json``: format, family, the model config, the sandwich shape, the layout
   (original block index at each position), adapter and kept-middle indices, and the sha256
-  and size of every other file.
+  and size of every other file;
+- ``manifest.sig`` (once signed): the coordinator's Ed25519 signature over the manifest's exact
+  bytes (JSON; see :mod:`offsite.protocol.bundle_signing`). It is the one file the manifest
+  does not list.
 
 A data owner builds the trainable model from the bundle alone. Only safetensors and JSON are
-ever parsed, each with a size limit, and only after every hash has matched.
+ever parsed, each with a size limit, and only after every hash has matched (and, with
+:func:`~offsite.protocol.bundle_signing.read_signed_bundle`, after the signature has).
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from torch import nn
 
 FORMAT = "offsite-bundle/1"
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
 WEIGHTS = "emulator.safetensors"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -35,8 +41,28 @@ MAX_JSON_BYTES = 64 << 20
 MAX_WEIGHTS_BYTES = 64 << 30
 
 
+class BundleReason(str, Enum):
+    """Why a bundle was refused."""
+
+    MISSING = "missing"  # the manifest, or a file it lists, is absent
+    OVERSIZED = "oversized"  # a file is over its size limit
+    MALFORMED = "malformed"  # the manifest (or signature file) is not what it must be
+    UNSAFE_PATH = "unsafe-path"  # a listed file name escapes the bundle
+    UNLISTED_FILE = "unlisted-file"  # a file the manifest does not list
+    SIZE_MISMATCH = "size-mismatch"  # a file's size is not the manifest's
+    HASH_MISMATCH = "hash-mismatch"  # a file's sha256 is not the manifest's
+    DIGEST_MISMATCH = "digest-mismatch"  # the manifest is not the one announced
+    UNSIGNED = "unsigned"  # no manifest.sig where a signature is required
+    WRONG_SIGNER = "wrong-signer"  # signed, but not by the pinned coordinator key
+    BAD_SIGNATURE = "bad-signature"  # the signature does not verify over the manifest's bytes
+
+
 class BundleError(ValueError):
-    """A bundle is malformed, tampered with or oversized; the message names the file."""
+    """A bundle is malformed, tampered with or oversized; the message names the file, ``reason`` says what."""
+
+    def __init__(self, message: str, reason: BundleReason = BundleReason.MALFORMED) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -118,17 +144,27 @@ def write_bundle(root: Path | str, emulator: nn.Module, tokenizer, info: dict) -
     return Bundle(root, manifest)
 
 
-def _read_json(path: Path, limit: int) -> dict:
-    size = path.stat().st_size
-    if size > limit:
-        raise BundleError(f"{path}: {size} bytes is over the {limit}-byte limit")
+def read_limited(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``, refused (OVERSIZED) past ``limit`` without reading more than that."""
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise BundleError(f"{path}: over the {limit}-byte limit", BundleReason.OVERSIZED)
+    return data
+
+
+def parse_json_object(path: Path, data: bytes) -> dict:
     try:
-        value = json.loads(path.read_bytes())
+        value = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(value, dict):
         raise BundleError(f"{path}: expected a JSON object")
     return value
+
+
+def _read_json(path: Path, limit: int) -> dict:
+    return parse_json_object(path, read_limited(path, limit))
 
 
 def _check_manifest(root: Path, manifest: dict) -> None:
@@ -145,35 +181,46 @@ def _check_manifest(root: Path, manifest: dict) -> None:
         raise BundleError(f"{root / MANIFEST}: 'config' must be an object")
 
 
-def read_bundle(root: Path | str) -> Bundle:
+def read_manifest_bytes(root: Path) -> bytes:
+    """The manifest's exact bytes (size-limited), for checking a signature before parsing."""
+    manifest_path = Path(root) / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: missing", BundleReason.MISSING)
+    return read_limited(manifest_path, MAX_MANIFEST_BYTES)
+
+
+def read_bundle(root: Path | str, manifest_bytes: bytes | None = None) -> Bundle:
     """Open a bundle, checking the manifest and the sha256 and size of every file it lists.
 
-    Files not named in the manifest are refused too: nothing unverified sits in a bundle.
+    Files not named in the manifest are refused too (``manifest.sig`` aside): nothing unverified
+    sits in a bundle. ``manifest_bytes``: the manifest as already read (and signature-checked)
+    by the caller, so that what was verified is what is used.
     """
     root = Path(root)
     manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        raise BundleError(f"{manifest_path}: missing")
-    manifest = _read_json(manifest_path, MAX_MANIFEST_BYTES)
+    if manifest_bytes is None:
+        manifest_bytes = read_manifest_bytes(root)
+    manifest = parse_json_object(manifest_path, manifest_bytes)
     _check_manifest(root, manifest)
     listed = set(manifest["files"])
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST, SIGNATURE}
     if present - listed:
-        raise BundleError(f"{root}: files not in the manifest: {sorted(present - listed)}")
+        raise BundleError(f"{root}: files not in the manifest: {sorted(present - listed)}", BundleReason.UNLISTED_FILE)
     for rel, meta in manifest["files"].items():
         path = root / rel
-        if ".." in Path(rel).parts or Path(rel).is_absolute():
-            raise BundleError(f"{manifest_path}: file name {rel!r} escapes the bundle")
+        if ".." in Path(rel).parts or Path(rel).is_absolute() or rel in (MANIFEST, SIGNATURE):
+            raise BundleError(f"{manifest_path}: file name {rel!r} escapes the bundle", BundleReason.UNSAFE_PATH)
         if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("bytes"), int):
             raise BundleError(f"{manifest_path}: entry for {rel!r} needs 'sha256' and 'bytes'")
         if not path.is_file():
-            raise BundleError(f"{path}: listed in the manifest but missing")
+            raise BundleError(f"{path}: listed in the manifest but missing", BundleReason.MISSING)
         size = path.stat().st_size
         limit = MAX_WEIGHTS_BYTES if rel.endswith(".safetensors") else MAX_JSON_BYTES
         if size != meta["bytes"] or size > limit:
-            raise BundleError(f"{path}: {size} bytes, manifest says {meta['bytes']} (limit {limit})")
+            reason = BundleReason.OVERSIZED if size > limit else BundleReason.SIZE_MISMATCH
+            raise BundleError(f"{path}: {size} bytes, manifest says {meta['bytes']} (limit {limit})", reason)
         if sha256_file(path) != meta["sha256"]:
-            raise BundleError(f"{path}: sha256 does not match the manifest")
+            raise BundleError(f"{path}: sha256 does not match the manifest", BundleReason.HASH_MISMATCH)
     return Bundle(root, manifest)
 
 

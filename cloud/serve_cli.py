@@ -1,0 +1,181 @@
+"""``offsite cloud serve`` (the query server) and ``offsite query`` (try a served model from a terminal)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def register(commands) -> None:
+    """Add ``serve`` to the ``offsite cloud`` subcommands."""
+    from .models import DEFAULT_MODEL
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the base model and every registered job's adapter (OpenAI-compatible HTTP + gRPC)",
+        description="Load the base model once and the adapters of finished jobs from a registry directory; serve them "
+        "side by side, batching requests for different jobs into shared forward passes. HTTP: /v1/completions, "
+        "/v1/chat/completions, /v1/models (model 'base' is the bare base model) and the admin API under /admin/models; "
+        "gRPC: protocol/serving.proto. Base models of the llama family only (llama, mistral, qwen2, qwen3).",
+    )
+    serve.add_argument("--registry", required=True, type=Path, help="registry directory: REGISTRY/<job>/{adapter.safetensors,meta.json} (created if missing)")
+    serve.add_argument("--model", default=DEFAULT_MODEL, help=f"base model: {DEFAULT_MODEL}, a local HF directory or a .gguf file (default {DEFAULT_MODEL})")
+    serve.add_argument("--add", action="append", default=[], metavar="NAME=PATH",
+                       help="register a finished job directory (or an adapter update file) as NAME before serving; repeatable")
+    serve.add_argument("--replace", action="store_true", help="--add replaces a job of the same name")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port; default 8000)")
+    serve.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: any free port; -1: no gRPC; default 50051)")
+    serve.add_argument("--admin-token-file", type=Path, help="file holding the admin API's bearer token (else $OFFSITE_ADMIN_TOKEN; neither: admin API off)")
+    serve.add_argument("--api-keys-file", type=Path, help="file of inference API keys, one a line (else $OFFSITE_API_KEYS, comma-separated; neither: open)")
+    serve.add_argument("--max-batch", type=int, default=32, help="most requests decoded together (KV-cache slots; default 32)")
+    serve.add_argument("--max-context", type=int, default=2048, help="context limit per request, prompt + completion (default 2048, capped by the model's)")
+    serve.add_argument("--max-tokens", type=int, default=256, help="completion length when a request does not say (default 256)")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before new ones get 429 (default 256)")
+    serve.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    serve.set_defaults(func=_serve)
+
+
+def register_query(subparsers) -> None:
+    """Add ``offsite query``."""
+    query = subparsers.add_parser(
+        "query",
+        help="ask a served model (offsite cloud serve) and stream the answer to the terminal",
+        description="Send PROMPT to a job's model (or 'base') on a running `offsite cloud serve` and print the answer as "
+        "it is decoded. Without PROMPT: read it from standard input, or, on a terminal, chat line by line.",
+    )
+    query.add_argument("prompt", nargs="?", help="the question (default: standard input)")
+    query.add_argument("-m", "--model", default="base", help="a job's name, or 'base' (default)")
+    query.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address (default http://127.0.0.1:8000)")
+    query.add_argument("--grpc", metavar="HOST:PORT", help="use the gRPC service at HOST:PORT instead of HTTP")
+    query.add_argument("--raw", action="store_true", help="send PROMPT as raw text (/v1/completions), not as a chat message")
+    query.add_argument("--system", help="a system message (chat only)")
+    query.add_argument("--max-tokens", type=int, default=None, help="completion length (default: the server's)")
+    query.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    query.add_argument("--top-p", type=float, default=None)
+    query.add_argument("--seed", type=int, default=None)
+    query.add_argument("--list", action="store_true", help="list the served models and exit")
+    query.add_argument("--api-key", default=None, help="inference API key (default $OFFSITE_API_KEY)")
+    query.set_defaults(func=_query)
+
+
+# ---------------------------------------------------------------- serve
+
+
+def _secret_file(path: Path | None, env: str) -> str | None:
+    if path is not None:
+        try:
+            value = path.read_text().strip()
+        except OSError as error:
+            raise FileNotFoundError(f"{path}: cannot read ({error.strerror})") from None
+        if not value:
+            raise ValueError(f"{path}: empty")
+        return value
+    return os.environ.get(env) or None
+
+
+def api_keys(path: Path | None) -> frozenset[str]:
+    text = _secret_file(path, "OFFSITE_API_KEYS")
+    if text is None:
+        return frozenset()
+    parts = text.splitlines() if path is not None else text.split(",")
+    return frozenset(p.strip() for p in parts if p.strip() and not p.strip().startswith("#"))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import load_base
+    from .serving import registry, server
+    from .serving.service import ServeConfig, ServingService
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    adds = []
+    for item in args.add:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--add {item!r}: use NAME=PATH")
+        adds.append((registry.check_name(name), Path(path)))
+    config = ServeConfig(
+        registry=args.registry, base_name=str(args.model), max_batch=args.max_batch, max_context=args.max_context,
+        default_max_tokens=args.max_tokens, max_queue=args.max_queue, api_keys=api_keys(args.api_keys_file),
+        admin_token=_secret_file(args.admin_token_file, "OFFSITE_ADMIN_TOKEN"),
+    )
+    model, tokenizer, where = load_base(args.model, dtype=getattr(torch, args.dtype))
+    for name, path in adds:
+        registry.add(args.registry, name, path, base=model, replace=args.replace)
+        print(f"registered {name} from {path}")
+    service = ServingService(model, tokenizer, config)
+    servers = server.start(service, args.host, args.port, None if args.grpc_port < 0 else args.grpc_port)
+    jobs = service.jobs()
+    print(f"serving {where} as 'base' and {len(jobs)} job(s): {', '.join(sorted(jobs)) or '-'}", flush=True)
+    print(f"http: {servers.http_url}  (OpenAI API: {servers.http_url}/v1)", flush=True)
+    if servers.grpc:
+        print(f"grpc: {servers.grpc_target}", flush=True)
+    print(f"admin API: {'on' if config.admin_token else 'off'}; API keys: {len(config.api_keys) or 'off'}; "
+          f"context {service.context_length} tokens, batch {config.max_batch}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("stopping", flush=True)
+    servers.stop()
+    return 0
+
+
+# ---------------------------------------------------------------- query
+
+
+def _query(args: argparse.Namespace) -> int:
+    from .serving.client import GrpcClient, HttpClient, Query, QueryError
+
+    api_key = args.api_key or os.environ.get("OFFSITE_API_KEY")
+    client = GrpcClient(args.grpc, api_key) if args.grpc else HttpClient(args.url, api_key)
+    try:
+        if args.list:
+            for model in client.models():
+                blocks = ",".join(str(i) for i in model["adapter_blocks"]) or "-"
+                print(f"{model['id']:32s} {model['kind']:7s} blocks {blocks:16s} context {model['context_length']}")
+            return 0
+        history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+        interactive = args.prompt is None and sys.stdin.isatty()
+        prompts = iter([args.prompt]) if args.prompt is not None else (_lines() if interactive else iter([sys.stdin.read()]))
+        for prompt in prompts:
+            query = Query(args.model, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+            if args.raw:
+                query.prompt = prompt
+            else:
+                query.messages = history + [{"role": "user", "content": prompt}]
+            answer = []
+            for piece in client.stream(query):
+                answer.append(piece)
+                print(piece, end="", flush=True)
+            print()
+            if interactive and not args.raw:
+                history = query.messages + [{"role": "assistant", "content": "".join(answer)}]
+        return 0
+    except QueryError as error:
+        print(f"offsite: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _lines():
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        if line.strip():
+            yield line

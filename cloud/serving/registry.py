@@ -1,0 +1,247 @@
+"""The serving registry: finished jobs' adapters on disk, ready to be served beside the base model.
+
+Layout::
+
+    REGISTRY/
+      <job name>/
+        adapter.safetensors   the adapter (protocol.adapter format: "mode" blocks|lora, "lora_alpha")
+        meta.json             {"format", "name", "mode", "lora_alpha", "adapter_blocks", "source",
+                               "bundle", "round", "sha256", "registered"}
+
+A job's adapter is either whole blocks (``blocks.{i}.{param}``, every parameter of each block it
+names) or LoRA factors (``blocks.{i}.{module}.lora_A`` / ``.lora_B``) applied to the base model's
+own block ``i``, scaled by ``lora_alpha / rank``. Sources: a finished federated job directory
+(``state.json`` names the last checkpoint; its sha256 is verified) or an adapter update file
+(``offsite client train``'s output). Entries are written to a staging directory and renamed into
+place, so a reader never sees half an entry. Only safetensors and JSON are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from offsite.emulator.arch import blocks_of
+from offsite.emulator.sandwich import ADAPTER_KEY
+from offsite.protocol.adapter import UpdateError, load_update, save_update
+from offsite.protocol.bundle import sha256_file
+from torch import nn
+
+FORMAT = "offsite-served-job/1"
+ADAPTER_FILE = "adapter.safetensors"
+META_FILE = "meta.json"
+BASE_MODEL = "base"  # the model name that serves the bare base model
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class RegistryError(ValueError):
+    """A registry entry, a job to register or an adapter is unusable; the message names it."""
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise RegistryError(f"job name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if name == BASE_MODEL:
+        raise RegistryError(f"job name {name!r} is reserved for the bare base model")
+    return name
+
+
+@dataclass(eq=False)
+class ServedJob:
+    """One job's adapter, validated against the base model and in its dtype.
+
+    ``blocks``: original block index -> parameter name -> tensor (whole-block adapters);
+    ``lora``: original block index -> linear module path -> (A ``(r, in)``, B ``(out, r)``, scale).
+    Compared by identity: two registrations of one name are two jobs.
+    """
+
+    name: str
+    mode: Literal["blocks", "lora"]
+    blocks: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    lora: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = field(default_factory=dict)
+    lora_alpha: float | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def adapter_blocks(self) -> list[int]:
+        return sorted(self.blocks if self.mode == "blocks" else self.lora)
+
+    def nbytes(self) -> int:
+        tensors = [t for block in self.blocks.values() for t in block.values()]
+        tensors += [t for block in self.lora.values() for a, b, _ in block.values() for t in (a, b)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _block_index(key: str, n_blocks: int, where: str) -> tuple[int, str]:
+    match = ADAPTER_KEY.match(key)
+    if not match:
+        raise RegistryError(f"{where}: tensor {key!r} is not of the form blocks.<index>.<name>")
+    index = int(match.group(1))
+    if not 0 <= index < n_blocks:
+        raise RegistryError(f"{where}: tensor {key!r} names block {index}; the base model has blocks 0..{n_blocks - 1}")
+    return index, match.group(2)
+
+
+def served_job(name: str, tensors: dict[str, torch.Tensor], meta: dict, base: nn.Module, where: str = "") -> ServedJob:
+    """Check an adapter against ``base`` (every key, shape; whole blocks complete) and cast it to
+    the base model's dtype."""
+    where = where or name
+    blocks = blocks_of(base)
+    n_blocks = len(blocks)
+    dtype = next(base.parameters()).dtype
+    mode = meta.get("mode")
+    if not tensors:
+        raise RegistryError(f"{where}: the adapter holds no tensors")
+    grouped: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        index, rest = _block_index(key, n_blocks, where)
+        grouped.setdefault(index, {})[rest] = tensor
+    if mode == "blocks":
+        job = ServedJob(name, "blocks", meta=meta)
+        for index, params in sorted(grouped.items()):
+            own = blocks[index].state_dict()
+            if set(own) != set(params):
+                extra, lacking = sorted(set(params) - set(own)), sorted(set(own) - set(params))
+                raise RegistryError(f"{where}: adapter block {index}: unexpected {extra[:3]}, missing {lacking[:3]}")
+            for param, tensor in params.items():
+                if tuple(tensor.shape) != tuple(own[param].shape):
+                    raise RegistryError(
+                        f"{where}: tensor blocks.{index}.{param}: shape {tuple(tensor.shape)} != the base model's {tuple(own[param].shape)}"
+                    )
+            job.blocks[index] = {param: tensor.to(dtype).contiguous() for param, tensor in params.items()}
+        return job
+    if mode == "lora":
+        alpha = meta.get("lora_alpha")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+            raise RegistryError(f"{where}: a LoRA adapter needs a positive 'lora_alpha' in its metadata, got {alpha!r}")
+        job = ServedJob(name, "lora", lora_alpha=float(alpha), meta=meta)
+        for index, params in sorted(grouped.items()):
+            own = blocks[index].state_dict()
+            stems = {p.rsplit(".", 1)[0] for p in params}
+            for stem in sorted(stems):
+                a, b = params.get(stem + ".lora_A"), params.get(stem + ".lora_B")
+                if a is None or b is None or len([p for p in params if p.rsplit(".", 1)[0] == stem]) != 2:
+                    raise RegistryError(f"{where}: blocks.{index}.{stem}: LoRA needs exactly lora_A and lora_B")
+                weight = own.get(stem + ".weight")
+                if weight is None or weight.dim() != 2:
+                    raise RegistryError(f"{where}: blocks.{index}.{stem}: the base block has no linear {stem!r}")
+                out_features, in_features = weight.shape
+                if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape[0] != out_features or a.shape[0] != b.shape[1]:
+                    raise RegistryError(
+                        f"{where}: blocks.{index}.{stem}: LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
+                        f"a ({out_features}, {in_features}) weight"
+                    )
+                job.lora.setdefault(index, {})[stem] = (a.to(dtype).contiguous(), b.to(dtype).contiguous(), float(alpha) / a.shape[0])
+        return job
+    raise RegistryError(f"{where}: metadata 'mode' must be 'blocks' or 'lora', got {mode!r}")
+
+
+# ---------------------------------------------------------------- sources
+
+
+def read_source(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a finished federated job directory or an adapter update file."""
+    from offsite.cloud.fed_job import JobError, load_checkpoint, load_state
+
+    path = Path(path)
+    if path.is_dir():
+        try:
+            state = load_state(path)
+        except JobError as error:
+            raise RegistryError(str(error)) from None
+        if state is None or state.completed_round < 1 or not state.checkpoint:
+            raise RegistryError(f"{path}: not a finished job (no completed round in {path / 'state.json'})")
+        try:
+            tensors = load_checkpoint(path, state)
+        except (JobError, UpdateError) as error:
+            raise RegistryError(str(error)) from None
+        meta = {"mode": "blocks", "lora_alpha": None, "bundle": state.bundle, "round": state.completed_round}
+        return tensors, meta
+    try:
+        return load_update(path)
+    except UpdateError as error:
+        raise RegistryError(str(error)) from None
+
+
+def add(registry: Path | str, name: str, source: Path | str, base: nn.Module | None = None, replace: bool = False) -> Path:
+    """Copy ``source``'s adapter into ``registry/name`` (validated against ``base`` when given)."""
+    check_name(name)
+    registry = Path(registry)
+    target = registry / name
+    if target.exists() and not replace:
+        raise RegistryError(f"{target}: job {name!r} is already registered (unregister it first, or replace)")
+    tensors, meta = read_source(source)
+    if base is not None:
+        served_job(name, tensors, meta, base, where=str(source))
+    indices = sorted({int(ADAPTER_KEY.match(key).group(1)) for key in tensors if ADAPTER_KEY.match(key)})
+    info = {
+        "format": FORMAT,
+        "name": name,
+        "mode": meta.get("mode"),
+        "lora_alpha": meta.get("lora_alpha"),
+        "adapter_blocks": indices,
+        "source": str(Path(source).resolve()),
+        "bundle": meta.get("bundle"),
+        "round": meta.get("round"),
+        "registered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    registry.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=registry))
+    try:
+        save_update(staging / ADAPTER_FILE, tensors, meta)
+        info["sha256"] = sha256_file(staging / ADAPTER_FILE)
+        (staging / META_FILE).write_text(json.dumps(info, indent=1, sort_keys=True))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def remove(registry: Path | str, name: str) -> None:
+    check_name(name)
+    target = Path(registry) / name
+    if not (target / META_FILE).is_file():
+        raise RegistryError(f"{target}: job {name!r} is not registered")
+    shutil.rmtree(target)
+
+
+def names(registry: Path | str) -> list[str]:
+    registry = Path(registry)
+    if not registry.is_dir():
+        return []
+    return sorted(p.name for p in registry.iterdir() if not p.name.startswith(".") and (p / META_FILE).is_file())
+
+
+def load(registry: Path | str, name: str, base: nn.Module) -> ServedJob:
+    """The registered job ``name``, its file's sha256 checked against meta.json."""
+    entry = Path(registry) / check_name(name)
+    meta_path = entry / META_FILE
+    try:
+        info = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise RegistryError(f"{meta_path}: unreadable ({error})") from None
+    if info.get("format") != FORMAT:
+        raise RegistryError(f"{meta_path}: format {info.get('format')!r} is not {FORMAT!r}")
+    adapter = entry / ADAPTER_FILE
+    if not adapter.is_file():
+        raise RegistryError(f"{adapter}: missing")
+    if info.get("sha256") and sha256_file(adapter) != info["sha256"]:
+        raise RegistryError(f"{adapter}: sha256 does not match {meta_path}")
+    try:
+        tensors, meta = load_update(adapter)
+    except UpdateError as error:
+        raise RegistryError(str(error)) from None
+    job = served_job(name, tensors, meta, base, where=str(adapter))
+    job.meta = info
+    return job

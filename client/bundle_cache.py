@@ -7,6 +7,13 @@ Layout under ``root``::
     incoming/<digest>/files/...  the bundle being assembled
     incoming/<digest>/parts/<i>  one empty marker per part received
     locks/<digest>.lock          serialises processes working on the same digest (POSIX flock)
+
+With ``signer`` (the coordinator's public keys, pinned by the data owner out of band: the
+SuperNode's ``coordinator-key``, never a key taken from a message) a bundle is installed and
+used only if its ``manifest.sig`` verifies with that key before anything else is parsed
+(:func:`~offsite.protocol.bundle_signing.read_signed_bundle`). A cached copy that does not
+verify (e.g. installed unsigned before the key was pinned) is assembled again from the parts
+and replaced.
 """
 
 from __future__ import annotations
@@ -17,15 +24,24 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from offsite.protocol.bundle import Bundle, BundleError, read_bundle
+from offsite.protocol.bundle_signing import read_signed_bundle, verify_manifest_signature
+from offsite.protocol.keys import CoordinatorPublicKeys
 from offsite.protocol.messages import DIGEST, BundlePart, check_relative_path
 
 MAX_FILE_OFFSET = 64 << 30
 
 
 class BundleCache:
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, signer: CoordinatorPublicKeys | Ed25519PublicKey | None = None) -> None:
         self.root = Path(root)
+        self.signer = signer
+
+    def _verified(self, path: Path) -> Bundle:
+        """The bundle at ``path``: signature first (with a pinned key), then every file's hash."""
+        return read_bundle(path) if self.signer is None else read_signed_bundle(path, self.signer)
 
     def bundle_dir(self, digest: str) -> Path:
         if not DIGEST.match(digest):
@@ -48,7 +64,7 @@ class BundleCache:
         path = self.bundle_dir(digest)
         if not (path / "manifest.json").is_file():
             return None
-        bundle = read_bundle(path)
+        bundle = self._verified(path)
         if bundle.digest != digest:
             raise BundleError(f"{path}: manifest digest {bundle.digest} is not the directory's {digest}")
         return bundle
@@ -65,7 +81,7 @@ class BundleCache:
         """
         target = self.bundle_dir(part.digest)
         with self._locked(part.digest):
-            if (target / "manifest.json").is_file():
+            if (target / "manifest.json").is_file() and self._still_valid(target):
                 return "cached"
             incoming = self.root / "incoming" / part.digest
             files, markers = incoming / "files", incoming / "parts"
@@ -83,13 +99,29 @@ class BundleCache:
             if not all(f"{i}-of-{part.count}" in received for i in range(part.count)):
                 return "partial"
             try:
-                bundle = read_bundle(files)
+                bundle = self._verified(files)
                 if bundle.digest != part.digest:
                     raise BundleError(f"{files}: manifest digest {bundle.digest} is not the announced {part.digest}")
             except BundleError:
                 shutil.rmtree(incoming, ignore_errors=True)
                 raise
             target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():  # a cached copy that failed verification: replace it
+                stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
+                os.replace(target, stale)
+                shutil.rmtree(stale, ignore_errors=True)
             os.replace(files, target)
             shutil.rmtree(incoming, ignore_errors=True)
             return "installed"
+
+    def _still_valid(self, target: Path) -> bool:
+        """Whether the installed bundle's manifest is signed by the pinned key (its files are
+        hashed again by :meth:`lookup` before every use); one that is not is kept until the
+        bundle assembled from the parts replaces it."""
+        if self.signer is None:
+            return True
+        try:
+            verify_manifest_signature(target, self.signer)
+        except BundleError:
+            return False
+        return True

@@ -41,6 +41,10 @@ def register(subparsers) -> None:
     start.add_argument("--runtime-port", type=int, default=9094, help="the SuperNode's local runtime API port on 127.0.0.1 (default 9094)")
     start.add_argument("--threads", type=int, help="torch CPU threads for training")
     start.add_argument("--max-restarts", type=int, help="give up after this many restarts (default: never)")
+    start.add_argument("--identity", type=Path, help="this data owner's identity directory (`offsite client enroll --out DIR`): signs sealed updates")
+    start.add_argument("--coordinator-key", type=Path,
+                       help="the coordinator's coordinator.pub.json, pinned out of band: updates are sealed to it, bundles must be signed by it")
+    start.add_argument("--audit-dir", type=Path, help="keep a copy (0600) of every update this node sends, as it left the node")
     start.add_argument("--log-file", type=Path, help="append the SuperNode's output here (default: this terminal)")
     start.set_defaults(func=_start)
 
@@ -71,5 +75,8 @@ def _start(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         runtime_port=args.runtime_port,
         threads=args.threads,
+        identity_dir=args.identity,
+        coordinator_key=args.coordinator_key,
+        audit_dir=args.audit_dir,
     )
     return run_daemon(config, RestartPolicy(max_restarts=args.max_restarts), log_path=args.log_file)

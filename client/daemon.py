@@ -143,6 +143,9 @@ class DaemonConfig:
     insecure: bool = field(default=False, metadata={"help": "plain HTTP, no TLS (loopback tests only)"})
     runtime_port: int = field(default=9094, metadata={"help": "the SuperNode's local runtime API port (127.0.0.1)"})
     threads: int | None = None
+    identity_dir: Path | None = field(default=None, metadata={"help": "this data owner's identity (offsite client enroll --out DIR)"})
+    coordinator_key: Path | None = field(default=None, metadata={"help": "the coordinator's public keys, pinned (coordinator.pub.json)"})
+    audit_dir: Path | None = field(default=None, metadata={"help": "keep a copy of every update this node sends"})
 
     def __post_init__(self) -> None:
         host, _, port = self.superlink.rpartition(":")
@@ -154,6 +157,10 @@ class DaemonConfig:
             raise FileNotFoundError(f"{self.data_path}: data file not found")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.identity_dir is not None and not Path(self.identity_dir).is_dir():
+            raise FileNotFoundError(f"--identity {self.identity_dir}: no such directory (make it with offsite client enroll --out DIR)")
+        if self.coordinator_key is not None and not Path(self.coordinator_key).exists():
+            raise FileNotFoundError(f"--coordinator-key {self.coordinator_key}: no such file (the coordinator.pub.json the operator gave you)")
 
     def node_config(self) -> dict:
         """What reaches the ClientApp as ``context.node_config`` (absolute paths: the ClientApp
@@ -163,6 +170,9 @@ class DaemonConfig:
             config["cache-dir"] = Path(self.cache_dir).expanduser().resolve()
         if self.threads is not None:
             config["threads"] = self.threads
+        for key, path in (("identity-dir", self.identity_dir), ("coordinator-key", self.coordinator_key), ("audit-dir", self.audit_dir)):
+            if path is not None:
+                config[key] = Path(path).expanduser().resolve()
         return config
 
     def command(self) -> list[str]:

@@ -142,11 +142,15 @@ def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
                        help="multiple-choice JSONL the coordinator scores after the last round (plug-in report under OUT/report)")
     group.add_argument("--eval-rows", type=int, default=None, help="score only the first N rows of --eval-test")
     group.add_argument("--no-plug-in", action="store_true", help="end the job with the last checkpoint: no plug-in, no evaluation")
+    from .security_cli import add_security_arguments
+
+    add_security_arguments(parser)  # --job-id, --keys, --registry, --envelopes, --secure-aggregation, --dp-*, ...
 
 
 def fed_job_config_from_args(args: argparse.Namespace, base_model: str | None = None):
     """The :class:`FedJobConfig` that ``cloud prepare``'s federated-job options describe (validated)."""
     from .fed_job import FedJobConfig, LocalTuning
+    from .security_cli import security_from_args
 
     if args.local_steps < 1 or args.local_batch_size < 1 or args.local_lr <= 0:
         raise ValueError(
@@ -169,6 +173,7 @@ def fed_job_config_from_args(args: argparse.Namespace, base_model: str | None = 
         base_model=None if args.no_plug_in else base_model,
         eval_test=str(args.eval_test.resolve()) if args.eval_test is not None else None,
         eval_rows=args.eval_rows,
+        **security_from_args(args),  # job_id (a fresh uuid4 unless --job-id) and security
     )
 
 
@@ -200,12 +205,14 @@ def _prepare(args: argparse.Namespace) -> int:
     from .fed_job import BUNDLE_DIR, write_job
     from .models import load_base
     from .prepare import EmulatorConfig, prepare_bundle
+    from .security_cli import security_summary, sign_prepared_bundle
 
     preset = _preset_from_args(args)
     job = fed_job_config_from_args(args, args.model or preset.base)  # a contradiction fails here, before any distillation
     base, tokenizer, where = load_base(args.model or preset.base)
     config = EmulatorConfig(preset.shape, preset.distill, corpus=args.corpus or "python-docs")
     bundle = prepare_bundle(base, tokenizer, config, args.out / BUNDLE_DIR)
+    signature = sign_prepared_bundle(job, bundle.root)  # with --keys: manifest.sig, which the data owners verify
     job_file = write_job(args.out, job)
     distilled = bundle.manifest.get("distill", {})
     print(f"bundle: {bundle.root}  (shape {preset.shape}, layout {bundle.layout})")
@@ -214,6 +221,7 @@ def _prepare(args: argparse.Namespace) -> int:
         f"round timeout {job.round_timeout:g}s, {job.aggregator}, local {job.tuning.steps} step(s) x {job.tuning.batch_size} "
         f"at lr {job.tuning.lr:g}); run it with: offsite cloud run --job {args.out} --superlink HOST:PORT"
     )
+    print(security_summary(job) + (f"; bundle signed: {signature}" if signature else ""))
     if "heldout_reduction" in distilled:
         print(
             f"distillation: held-out KD {distilled['heldout_kd_before']:.3f} -> {distilled['heldout_kd_after']:.3f} "

@@ -156,7 +156,7 @@ def five_setting_eval(
     def score(model: nn.Module, setting: str) -> None:
         started = time.perf_counter()
         model.to(device)
-        result = score_mc(model, tokenizer, test, config.score_batch, device=device, desc=LABELS[setting])
+        result = score_mc(model, tokenizer, test, config.score_batch, device=device, desc=LABELS[setting], progress=progress)
         model.to("cpu")
         _record(report, setting, result, time.perf_counter() - started)
 

@@ -8,6 +8,8 @@ Job directory layout::
     checkpoints/round-NNNN.safetensors   the global adapter after round NNNN
     updates/round-NNNN/node-<id>.safetensors   each client's update (only with record_updates)
     state.json                       the last completed round, its checkpoint's sha256, history
+                                     (and, with DP, the privacy accountant)
+    replay.jsonl                     update envelopes accepted so far (with envelopes: a replay is refused)
 
 ``state.json`` is replaced atomically after the round's checkpoint is on disk, so a ServerApp
 that dies mid-round resumes from the last completed round.
@@ -29,12 +31,15 @@ import torch
 
 from offsite.protocol.adapter import load_update, save_update
 from offsite.protocol.bundle import sha256_file
+from offsite.protocol.dp import DP_MODES, DPConfig
+from offsite.protocol.envelope import JOB_ID
 
 from .aggregate import AGGREGATORS
 
 JOB_FILE = "job.json"
 STATE_FILE = "state.json"
 BUNDLE_DIR = "bundle"
+REPLAY_FILE = "replay.jsonl"
 
 
 class JobError(ValueError):
@@ -53,6 +58,53 @@ class LocalTuning:
     max_length: int = 256
     max_grad_norm: float = 1.0
     seed: int = 0  # the round number is added, so rounds draw different batches
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """What protects the updates of a job (all off by default; see README "Security").
+
+    Envelopes: each client seals its update to the coordinator's X25519 key and signs it with its
+    enrolled Ed25519 identity (:mod:`offsite.protocol.envelope`); the coordinator opens it with
+    the keys in ``keys_dir`` and the senders in ``registry`` (re-read every round, so a revocation
+    applies from the next round on), and refuses, with a reason, anything else.
+
+    Secure aggregation: pairwise masking (:mod:`offsite.protocol.secagg`); the coordinator learns
+    only the weighted sum of the clients' deltas (tuned - global), quantised after clipping every
+    coordinate to ``[-secagg_clip_range, secagg_clip_range]`` in a ring of ``secagg_ring_bits``.
+    Each round's threshold is ``max(secagg_threshold, n // 2 + 1)`` for the ``n`` nodes invited.
+
+    Differential privacy (``dp_clip_norm`` set): each client clips its delta to L2 norm
+    ``dp_clip_norm`` and adds Gaussian noise (:mod:`offsite.protocol.dp`); ``dp_mode`` ``local``
+    (noise multiplier ``dp_noise_multiplier`` on every update) or ``distributed`` (the sum of at
+    least ``min_replies`` updates carries that multiplier; needs secure aggregation). The
+    coordinator accounts epsilon at ``dp_delta`` after every round.
+    """
+
+    envelopes: bool = False
+    keys_dir: str | None = None  # `offsite cloud keys --out DIR`: opens envelopes, signs the bundle
+    registry: str | None = None  # sender registry JSON (`offsite cloud enroll --registry FILE`)
+    max_update_norm: float | None = None  # L2 norm of (update - global adapter); None: not checked
+    max_payload_bytes: int | None = None  # None: the adapter's own size plus a small margin
+    secure_aggregation: bool = False
+    secagg_clip_range: float = 1.0
+    secagg_ring_bits: int = 64
+    secagg_threshold: int = 2
+    secagg_max_weight: int = 1 << 20  # the largest example count a client may weigh in with
+    dp_clip_norm: float | None = None  # None: no differential privacy
+    dp_noise_multiplier: float = 1.0
+    dp_mode: Literal["local", "distributed"] = "local"
+    dp_delta: float = 1e-5
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_clip_norm is not None
+
+    def dp_config(self, min_replies: int) -> DPConfig | None:
+        """The clients' DP mechanism (``min_clients``: the updates a completed round's sum holds)."""
+        if self.dp_clip_norm is None:
+            return None
+        return DPConfig(self.dp_clip_norm, self.dp_noise_multiplier, self.dp_mode, min_replies if self.dp_mode == "distributed" else 1)
 
 
 @dataclass(frozen=True)
@@ -77,6 +129,10 @@ class FedJobConfig:
     base_model: str | None = None
     eval_test: str | None = None
     eval_rows: int | None = None
+    # Binds every envelope and secure-aggregation session to this job (uuid4 hex from `offsite
+    # cloud prepare`); needed by envelopes and secure aggregation.
+    job_id: str | None = None
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.min_nodes < 1 or self.min_replies < 1:
@@ -95,6 +151,68 @@ class FedJobConfig:
             raise JobError("eval_test needs base_model: the evaluation scores the plugged-in full model")
         if self.eval_rows is not None and self.eval_rows < 1:
             raise JobError(f"eval_rows must be >= 1, got {self.eval_rows}")
+        self._check_security()
+
+    def _check_security(self) -> None:
+        """Contradictions between the security settings and the rest of the job."""
+        sec = self.security
+        if self.job_id is not None and (not isinstance(self.job_id, str) or not JOB_ID.match(self.job_id)):
+            raise JobError(f"job_id {self.job_id!r}: use 1-128 of A-Z a-z 0-9 . _ : - (starting with a letter or digit)")
+        if (sec.envelopes or sec.secure_aggregation) and self.job_id is None:
+            raise JobError("envelopes and secure aggregation bind every update to the job: set job_id (offsite cloud prepare makes one)")
+        if sec.envelopes and (sec.keys_dir is None or sec.registry is None):
+            raise JobError("envelopes need the coordinator's keys (security.keys_dir, --keys) and the sender registry (security.registry, --registry)")
+        if sec.max_update_norm is not None and not (math.isfinite(sec.max_update_norm) and sec.max_update_norm > 0):
+            raise JobError(f"max_update_norm must be a finite number > 0, got {sec.max_update_norm}")
+        if (sec.max_update_norm is not None or sec.max_payload_bytes is not None) and not sec.envelopes:
+            raise JobError("max_update_norm and max_payload_bytes are checked when envelopes are opened: turn envelopes on")
+        if sec.max_payload_bytes is not None and sec.max_payload_bytes < 1024:
+            raise JobError(f"max_payload_bytes must be >= 1024, got {sec.max_payload_bytes}")
+        if sec.secure_aggregation:
+            if self.aggregator != "fedavg":
+                raise JobError(f"secure aggregation computes a weighted sum: aggregator must be 'fedavg', not {self.aggregator!r}")
+            if self.record_updates:
+                raise JobError("record_updates contradicts secure aggregation: the coordinator never holds an individual update")
+            if not (math.isfinite(sec.secagg_clip_range) and sec.secagg_clip_range > 0):
+                raise JobError(f"secagg_clip_range must be a finite number > 0, got {sec.secagg_clip_range}")
+            if sec.secagg_ring_bits not in (32, 64):
+                raise JobError(f"secagg_ring_bits must be 32 or 64, got {sec.secagg_ring_bits}")
+            if sec.secagg_threshold < 2:
+                raise JobError(f"secagg_threshold must be >= 2 (one client's sum is its update), got {sec.secagg_threshold}")
+            if self.min_replies < sec.secagg_threshold:
+                raise JobError(
+                    f"min_replies {self.min_replies} < secagg_threshold {sec.secagg_threshold}: a round needs at least "
+                    "the threshold's clients to unmask the sum"
+                )
+            if not 1 <= sec.secagg_max_weight <= 1 << 40:
+                raise JobError(f"secagg_max_weight must be in [1, 2**40], got {sec.secagg_max_weight}")
+        if sec.dp:
+            if sec.dp_mode not in DP_MODES:
+                raise JobError(f"dp_mode must be one of {DP_MODES}, got {sec.dp_mode!r}")
+            if sec.dp_mode == "distributed" and not sec.secure_aggregation:
+                raise JobError("dp_mode 'distributed' adds noise only the sum has enough of: it needs secure aggregation")
+            if not (isinstance(sec.dp_noise_multiplier, (int, float)) and math.isfinite(sec.dp_noise_multiplier) and sec.dp_noise_multiplier > 0):
+                raise JobError(f"dp_noise_multiplier must be a finite number > 0 (for clipping alone use max_update_norm), got {sec.dp_noise_multiplier}")
+            if not 0 < sec.dp_delta < 1:
+                raise JobError(f"dp_delta must be in (0, 1), got {sec.dp_delta}")
+            if self.aggregator != "fedavg":
+                raise JobError(f"DP accounting holds for the mean of the clipped updates: aggregator must be 'fedavg', not {self.aggregator!r}")
+            if sec.max_update_norm is not None and sec.max_update_norm < sec.dp_clip_norm:
+                raise JobError(
+                    f"max_update_norm {sec.max_update_norm:g} < dp_clip_norm {sec.dp_clip_norm:g}: clipped updates "
+                    "(plus their noise) would be refused"
+                )
+            if sec.secure_aggregation and sec.secagg_clip_range < sec.dp_clip_norm:
+                raise JobError(
+                    f"secagg_clip_range {sec.secagg_clip_range:g} < dp_clip_norm {sec.dp_clip_norm:g}: a clipped update's "
+                    "coordinates may reach the clip norm"
+                )
+            try:
+                sec.dp_config(self.min_replies)
+            except ValueError as error:
+                raise JobError(f"DP settings: {error}") from None
+        elif sec.dp_clip_norm is None and sec.dp_mode not in DP_MODES:
+            raise JobError(f"dp_mode must be one of {DP_MODES}, got {sec.dp_mode!r}")
 
     def round_lr(self, round_number: int) -> float:
         """The clients' learning rate in round ``round_number`` (1-based)."""
@@ -118,11 +236,24 @@ class FedJobConfig:
         tuning = data.pop("tuning", {})
         tuning_known = {f.name for f in dataclasses.fields(LocalTuning)}
         if not isinstance(tuning, dict) or set(tuning) - tuning_known:
-            raise JobError(f"{where}: unknown tuning settings {sorted(set(tuning) - tuning_known)}")
+            raise JobError(f"{where}: unknown tuning settings {sorted(set(tuning) - tuning_known) if isinstance(tuning, dict) else tuning}")
+        security = data.pop("security", {})
+        security_known = {f.name for f in dataclasses.fields(SecurityConfig)}
+        if not isinstance(security, dict) or set(security) - security_known:
+            unknown = sorted(set(security) - security_known) if isinstance(security, dict) else security
+            raise JobError(f"{where}: unknown security settings {unknown}")
         try:
-            return cls(**data, tuning=LocalTuning(**tuning))
+            return cls(**data, tuning=LocalTuning(**tuning), security=SecurityConfig(**security))
         except TypeError as error:
             raise JobError(f"{where}: {error}") from None
+        except JobError as error:
+            raise JobError(f"{where}: {error}") from None
+
+
+def job_path(job_dir: Path, value: str) -> Path:
+    """A path named in job.json: absolute as written, else relative to the job directory."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(job_dir) / path
 
 
 def write_job(job_dir: Path, config: FedJobConfig) -> Path:
@@ -173,6 +304,7 @@ class JobState:
     checkpoint_sha256: str = ""
     nodes_with_bundle: list[int] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    privacy: dict = field(default_factory=dict)  # with DP: PrivacyAccountant.to_json() after the last completed round
 
 
 def save_checkpoint(job_dir: Path, state: JobState, round_number: int, adapter: dict[str, torch.Tensor], record: dict | None) -> JobState:
@@ -191,6 +323,11 @@ def save_checkpoint(job_dir: Path, state: JobState, round_number: int, adapter: 
         state.history.append(record)
     _atomic_write_json(Path(job_dir) / STATE_FILE, dataclasses.asdict(state))
     return state
+
+
+def save_state(job_dir: Path, state: JobState) -> Path:
+    """Write ``state.json`` as it is (no new round): e.g. the privacy a failed round spent."""
+    return _atomic_write_json(Path(job_dir) / STATE_FILE, dataclasses.asdict(state))
 
 
 def load_state(job_dir: Path) -> JobState | None:

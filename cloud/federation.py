@@ -437,6 +437,7 @@ class LocalFederation:
         wait: bool = True,
         name: str | None = None,
         max_retries: int | None = None,
+        superlink: str | None = None,
     ) -> FlowerProcess:
         """A SuperNode connected to the SuperLink; ``node_config`` reaches its ClientApps as
         ``context.node_config`` (e.g. ``{"data-path": ..., "cache-dir": ...}``).
@@ -444,6 +445,8 @@ class LocalFederation:
         Secure mode: the SuperNode authenticates with ``auth_key`` (default: the next unused key
         of ``certs``), whose public half is registered first unless ``register`` is False (how a
         test shows that an unknown key is refused). ``wait``: block until its runtime API listens.
+        ``superlink``: connect to this ``HOST:PORT`` instead of the SuperLink's own address (e.g. a
+        test's recording relay in front of it).
         """
         index = len(self.supernodes)
         port = free_port()  # its own runtime API (ClientAppIo), where its SuperExec connects
@@ -456,7 +459,7 @@ class LocalFederation:
         elif auth_key is not None:
             raise FederationError("auth_key needs a secure federation (LocalFederation(certs=...))")
         command = supernode_command(
-            self.address,
+            superlink or self.address,
             node_config,
             root_certificates=self.certs.ca_cert if self.certs else None,
             auth_key=auth_key,
@@ -525,12 +528,22 @@ def round_summary(job_dir: Path) -> list[str]:
         return []
     if state is None:
         return []
-    return [
-        f"round {record['round']}: {len(record['replied'])}/{len(record['sent'])} replied, "
-        f"failed {sorted(record['failed']) or '-'}, dropped {record['dropped'] or '-'}, "
-        f"weighted train loss {record['mean_train_loss']:.4f}, {record['seconds']:.1f}s"
-        for record in state.history
-    ]
+    lines = []
+    for record in state.history:
+        loss = record.get("mean_train_loss")
+        line = (
+            f"round {record['round']}: {len(record['replied'])}/{len(record['sent'])} replied, "
+            f"failed {sorted(record['failed']) or '-'}, dropped {record['dropped'] or '-'}, "
+            f"weighted train loss {'-' if loss is None else f'{loss:.4f}'}, {record['seconds']:.1f}s"
+        )
+        if record.get("rejected"):
+            line += f", rejected {dict(sorted(record['rejected'].items()))}"
+        if "secagg" in record:
+            line += f", secure aggregate of {len(record['secagg']['survivors'])} (error bound {record['secagg']['error_bound']:.2g})"
+        if "privacy" in record:
+            line += f", DP epsilon {record['privacy']['epsilon']:.4g} at delta {record['privacy']['delta']:g}"
+        lines.append(line)
+    return lines
 
 
 def run_job_on_superlink(

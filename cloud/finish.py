@@ -30,6 +30,15 @@ REPORT_DIR = "report"
 FEDERATED_SETTINGS = ("full_zero_shot", "emulator_zero_shot", "emulator_ft", "plug_in")
 
 
+def privacy_spent(config, state) -> dict:
+    """The job's differential privacy: epsilon at its delta after the rounds accounted in ``state``."""
+    from offsite.protocol.dp import PrivacyAccountant
+
+    sec = config.security
+    spent = PrivacyAccountant.from_json(state.privacy).spent(sec.dp_delta)
+    return {**spent.to_json(), "mode": sec.dp_mode, "clip_norm": sec.dp_clip_norm, "noise_multiplier": sec.dp_noise_multiplier}
+
+
 def finish_job(job_dir: Path | str, force: bool = False) -> dict[str, Path]:
     """Plug in (and evaluate) the job's last global adapter; returns the paths written."""
     from offsite.emulator.data import read_mc_jsonl
@@ -68,6 +77,10 @@ def finish_job(job_dir: Path | str, force: bool = False) -> dict[str, Path]:
             task=Path(config.eval_test).name.removesuffix(".jsonl"), adapter=adapter, progress=False,
         )
         report.meta["federated"] = provenance
+        if config.security.dp and state.privacy:
+            report.meta["privacy"] = privacy_spent(config, state)
+            log.info("job %s: differential privacy spent: epsilon %.4g at delta %g over %d round(s)", job_dir,
+                     report.meta["privacy"]["epsilon"], config.security.dp_delta, report.meta["privacy"]["rounds"])
         write_report([report], job_dir / REPORT_DIR, title=f"federated job {job_dir.name}: {state.completed_round} rounds")
         written["report"] = report_file
         for line in report.markdown().splitlines():

@@ -70,6 +70,7 @@ def score_mc(
     max_length: int = 1024,
     device: torch.device | str = "cpu",
     desc: str = "scoring",
+    progress: bool = True,
 ) -> MCResult:
     """Accuracy by the highest summed log-likelihood of each choice given the prompt.
 
@@ -102,7 +103,7 @@ def score_mc(
     chunks = [group[i : i + batch_size] for _, group in sorted(single.items()) for i in range(0, len(group), batch_size)]
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][2][0]))
     pair_chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    bar = tqdm(total=len(chunks) + len(pair_chunks), desc=desc, leave=False, unit="batch")
+    bar = tqdm(total=len(chunks) + len(pair_chunks), desc=desc, leave=False, unit="batch", disable=not progress)
     for chunk in chunks:
         ids = torch.tensor([prompts[r] for r in chunk], device=device)  # (B, L), no padding
         with autocast:

@@ -13,15 +13,31 @@ Two conversations:
 
 ``train`` (server -> client, every round)
     ``{"adapter": ArrayRecord, "config": ConfigRecord}``: the global adapter and the round's
-    :class:`TrainInstruction` (which names the bundle by digest). The reply is
-    ``{"adapter": ArrayRecord, "metrics": MetricRecord}`` with ``num-examples`` and
-    ``train-loss``, or a Flower ``Error`` with one of :class:`ErrorCode` and a reason naming the
-    bad thing (file and line for a malformed data file).
+    :class:`TrainInstruction` (which names the bundle by digest, and the job's security modes).
+    The reply, or a Flower ``Error`` with one of :class:`ErrorCode` and a reason naming the bad
+    thing (file and line for a malformed data file), depends on the modes:
+
+    - plain: ``{"adapter": ArrayRecord, "metrics": MetricRecord}`` with ``num-examples``,
+      ``train-loss``, timings;
+    - ``envelope``: ``{"envelope": ArrayRecord, "metrics": MetricRecord}``: the update sealed to
+      the coordinator and signed by the data owner (:mod:`offsite.protocol.envelope_wire`),
+      its metrics inside the sealed metadata; outside, only ``client-seconds`` (the handler's wall
+      time, which the relay sees anyway). No plaintext update;
+    - ``secagg``: the train message also carries the secure-aggregation stage-2 records (the
+      client's :class:`~offsite.protocol.secagg.ShareBundle`); the reply is the client's
+      :class:`~offsite.protocol.secagg.MaskedInput` records (sealed in an envelope when
+      ``envelope`` is on too) and ``client-seconds``: no plaintext update, no example count, no loss.
+
+``query.secagg`` (server -> client, stages 0, 1 and 3 of secure aggregation)
+    :func:`~offsite.protocol.secagg.to_content` of the stage's request plus ``{"secagg-round":
+    ConfigRecord{"job-id", "round"}}``; the reply is ``to_content`` of the client's answer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 import re
 from dataclasses import dataclass
 from enum import IntEnum
@@ -30,8 +46,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from .dp import DP_MODES
+from .envelope import JOB_ID
+
 TRAIN = "train"
 BUNDLE_PART = "query.bundle_part"
+SECAGG_QUERY = "query.secagg"
 
 ADAPTER = "adapter"
 CONFIG = "config"
@@ -39,6 +59,7 @@ METRICS = "metrics"
 BUNDLE_INFO = "bundle-info"
 BUNDLE_DATA = "bundle-data"
 BUNDLE_STATUS = "bundle-status"
+SECAGG_ROUND = "secagg-round"
 
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 MAX_PART_BYTES = 256 << 20
@@ -53,6 +74,7 @@ class ErrorCode(IntEnum):
     BAD_MESSAGE = 1004  # the message does not decode (missing record, bad instruction)
     NODE_CONFIG = 1005  # the SuperNode's --node-config lacks or mangles a setting
     TRAIN_FAILED = 1006  # anything else raised while training
+    SECAGG = 1007  # a secure-aggregation stage was refused (bad message, no session state for it)
 
 
 class WireError(ValueError):
@@ -77,10 +99,30 @@ class TrainInstruction:
     max_grad_norm: float = 1.0
     mode: str = "blocks"
     seed: int = 0
+    # security modes (see the module docstring); "" / False / 0.0: off
+    job_id: str = ""
+    envelope: bool = False
+    secagg: bool = False
+    dp_clip_norm: float = 0.0  # > 0: clip the delta to this L2 norm and add Gaussian noise
+    dp_noise_multiplier: float = 0.0
+    dp_mode: str = "local"
+    dp_min_clients: int = 1
 
     def __post_init__(self) -> None:
         if not DIGEST.match(self.bundle_digest):
             raise WireError(f"bundle-digest {self.bundle_digest!r} is not a sha256 hex digest")
+        if self.job_id and not JOB_ID.match(self.job_id):
+            raise WireError(f"job-id {self.job_id[:140]!r} is not a job id")
+        if (self.envelope or self.secagg) and not self.job_id:
+            raise WireError("envelope and secagg need a job-id")
+        if not (math.isfinite(self.dp_clip_norm) and math.isfinite(self.dp_noise_multiplier)) or self.dp_clip_norm < 0 or self.dp_noise_multiplier < 0:
+            raise WireError(f"dp-clip-norm {self.dp_clip_norm} and dp-noise-multiplier {self.dp_noise_multiplier} must be finite and >= 0")
+        if self.dp_clip_norm == 0 and self.dp_noise_multiplier != 0:
+            raise WireError("dp-noise-multiplier without dp-clip-norm")
+        if self.dp_mode not in DP_MODES or self.dp_min_clients < 1 or (self.dp_mode == "local" and self.dp_min_clients != 1):
+            raise WireError(f"dp-mode {self.dp_mode!r} with dp-min-clients {self.dp_min_clients}: expected local (1) or distributed (>= 1)")
+        if self.dp_mode == "distributed" and self.dp_clip_norm > 0 and not self.secagg:
+            raise WireError("dp-mode 'distributed' needs secagg")
         if self.round < 1 or self.steps < 1 or self.batch_size < 1 or self.max_length < 2 or self.warmup_steps < 0:
             raise WireError(f"instruction out of range: {self}")
         if not self.lr > 0:
@@ -103,14 +145,26 @@ class TrainInstruction:
                     raise WireError(f"config record lacks {key!r}")
                 continue
             value = record[key]
-            want = {"int": int, "float": (int, float), "str": str}[field.type]
-            if isinstance(value, bool) or not isinstance(value, want):
+            want = {"int": int, "float": (int, float), "str": str, "bool": bool}[field.type]
+            if isinstance(value, bool) != (field.type == "bool") or not isinstance(value, want):
                 raise WireError(f"config {key!r}: expected {field.type}, got {type(value).__name__}")
             values[field.name] = float(value) if field.type == "float" else value
         unknown = set(record) - {f.name.replace("_", "-") for f in dataclasses.fields(cls)}
         if unknown:
             raise WireError(f"config record has unknown keys {sorted(unknown)}")
         return cls(**values)
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_clip_norm > 0
+
+
+def secagg_session(job_id: str, round_number: int) -> bytes:
+    """The secure-aggregation session of one round of one job (32 bytes): both sides derive it,
+    so no session (keys, shares, masks) can be carried over to another round or job."""
+    if not JOB_ID.match(job_id) or isinstance(round_number, bool) or not isinstance(round_number, int) or round_number < 1:
+        raise WireError(f"secure aggregation session: bad job id {job_id[:140]!r} or round {round_number!r}")
+    return hashlib.sha256(b"offsite-secagg-session/1\0" + job_id.encode() + b"\0" + round_number.to_bytes(8, "big")).digest()
 
 
 # ---------------------------------------------------------------- bundle parts
@@ -204,7 +258,7 @@ def bundle_part_from_content(content: RecordDict) -> BundlePart:
     if len(paths) != len(offsets) or len(paths) != len(data):
         raise WireError(f"bundle part {index}: {len(paths)} paths, {len(offsets)} offsets, {len(data)} segments")
     segments, total = [], 0
-    for number, (path, offset) in enumerate(zip(paths, offsets)):
+    for number, (path, offset) in enumerate(zip(paths, offsets, strict=True)):
         array = data.get(f"segment-{number}")
         if array is None or array.stype != "numpy.ndarray" or array.dtype != "uint8" or len(array.shape) != 1:
             raise WireError(f"bundle part {index}: segment-{number} is not a 1-d uint8 array")

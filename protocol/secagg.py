@@ -703,7 +703,7 @@ class KeyRoster:
         for name in ("channel_keys", "mask_keys"):
             if not isinstance(body[name], list) or len(body[name]) != len(nodes):
                 raise SecAggError(f"roster {name}: expected {len(nodes)} keys")
-            keys.append(tuple(_unb64(key, f"roster {name} of node {node}", KEY_BYTES) for node, key in zip(nodes, body[name])))
+            keys.append(tuple(_unb64(key, f"roster {name} of node {node}", KEY_BYTES) for node, key in zip(nodes, body[name], strict=True)))
         return cls(_unb64(body["session"], "roster session"), nodes, keys[0], keys[1])
 
 
@@ -845,6 +845,34 @@ class UnmaskShares:
             _unb64(body["session"], "unmask shares session"), _node(body["node"], "unmask shares node"),
             _pairs(body["self_mask_shares"], "self-mask share", SHARE_BYTES), _pairs(body["mask_key_shares"], "mask-key share", SHARE_BYTES),
         )
+
+
+MASKED_TENSOR = "masked"  # a MaskedInput's vector as a tensor (to seal it in an update envelope)
+
+
+def masked_input_tensors(masked: MaskedInput) -> dict[str, torch.Tensor]:
+    """``{"masked": int64 (or int32) tensor}``: the ring elements reinterpreted as signed
+    integers (same bits), the form an update envelope carries (safetensors has no uint64)."""
+    signed = np.int64 if masked.vector.dtype.itemsize == 8 else np.int32
+    return {MASKED_TENSOR: torch.from_numpy(np.ascontiguousarray(masked.vector).view(signed).copy())}
+
+
+def masked_input_reference(config: SecAggConfig) -> dict[str, torch.Tensor]:
+    """What :func:`masked_input_tensors` must look like for ``config`` (keys, shape, dtype): the
+    reference an envelope opener checks a sealed masked input against."""
+    return {MASKED_TENSOR: torch.zeros(config.dimension + 1, dtype=torch.int64 if config.bits == 64 else torch.int32)}
+
+
+def masked_input_from_tensors(session: bytes, node: int, tensors: Mapping[str, torch.Tensor], bits: int) -> MaskedInput:
+    """Inverse of :func:`masked_input_tensors` (the tensors already checked against
+    :func:`masked_input_reference`)."""
+    if set(tensors) != {MASKED_TENSOR}:
+        raise SecAggError(f"masked input of node {node}: expected the one tensor {MASKED_TENSOR!r}, got {sorted(tensors)[:3]}")
+    values = tensors[MASKED_TENSOR].detach().to("cpu").numpy()
+    dtype = ring_dtype(bits)
+    if values.ndim != 1 or values.dtype.itemsize != dtype.itemsize or values.dtype.kind != "i":
+        raise SecAggError(f"masked input of node {node}: {values.dtype}{values.shape} is not a vector of {bits}-bit integers")
+    return MaskedInput(session, node, np.ascontiguousarray(values).view(dtype).copy())
 
 
 MESSAGES: dict[str, type] = {cls.KIND: cls for cls in (SetupRequest, KeyAdvertisement, KeyRoster, EncryptedShares, ShareBundle, MaskedInput, UnmaskRequest, UnmaskShares)}

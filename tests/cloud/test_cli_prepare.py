@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 
@@ -39,7 +41,9 @@ def test_prepare_writes_job_json_with_the_given_settings(model_dir, tmp_path, ca
         rounds=4, min_nodes=3, min_replies=2, round_timeout=45.0, aggregator="trimmed-mean",
         tuning=LocalTuning(steps=3, lr=0.002, batch_size=4),
     )
-    assert read_job(out) == expected
+    job = read_job(out)
+    assert re.fullmatch(r"[0-9a-f]{32}", job.job_id)  # a fresh uuid4 per prepared job
+    assert job == dataclasses.replace(expected, job_id=job.job_id, base_model=str(model_dir))
     assert json.loads((out / "job.json").read_text())["kind"] == "federated"
     bundle = read_bundle(out / "bundle")  # verified: every file's sha256 matches the manifest
     assert bundle.adapter_blocks == [0, 5]
@@ -50,8 +54,10 @@ def test_prepare_writes_job_json_with_the_given_settings(model_dir, tmp_path, ca
 def test_prepare_without_job_options_writes_the_default_job(model_dir, tmp_path):
     out = tmp_path / "job"
     assert prepare(model_dir, out) == 0
-    assert read_job(out) == FedJobConfig()
+    job = read_job(out)
+    assert job == FedJobConfig(job_id=job.job_id, base_model=str(model_dir))
     read_bundle(out / "bundle")
+    assert not (out / "bundle" / "manifest.sig").exists()  # no --keys: not signed
 
 
 def test_contradictory_job_settings_stop_before_anything_is_written(model_dir, tmp_path, capsys):
@@ -64,4 +70,41 @@ def test_contradictory_job_settings_stop_before_anything_is_written(model_dir, t
     assert not out.exists()
     with pytest.raises(SystemExit):
         prepare(model_dir, out, "--aggregator", "mean")
+    assert not out.exists()
+
+
+def test_prepare_with_keys_signs_the_bundle_and_writes_the_security_settings(model_dir, tmp_path, capsys):
+    from offsite.cloud.fed_job import SecurityConfig
+    from offsite.protocol.bundle_signing import read_signed_bundle
+    from offsite.protocol.keys import CoordinatorKeys
+
+    keys = CoordinatorKeys.generate()
+    keys.save(tmp_path / "keys")
+    out = tmp_path / "job"
+    code = prepare(
+        model_dir, out, "--min-nodes", "3", "--min-replies", "3", "--keys", str(tmp_path / "keys"), "--registry", str(tmp_path / "senders.json"),
+        "--envelopes", "--max-update-norm", "5", "--secure-aggregation", "--secagg-clip-range", "0.5",
+        "--dp-clip", "0.1", "--dp-noise", "1.2", "--dp-mode", "distributed", "--dp-delta", "1e-6", "--job-id", "trial-7",
+    )
+    assert code == 0
+    job = read_job(out)
+    assert job.job_id == "trial-7"
+    assert job.security == SecurityConfig(
+        envelopes=True, keys_dir=str((tmp_path / "keys").resolve()), registry=str((tmp_path / "senders.json").resolve()),
+        max_update_norm=5.0, secure_aggregation=True, secagg_clip_range=0.5, dp_clip_norm=0.1, dp_noise_multiplier=1.2,
+        dp_mode="distributed", dp_delta=1e-6,
+    )
+    assert read_signed_bundle(out / "bundle", keys.public()).digest == read_bundle(out / "bundle").digest  # manifest.sig verifies
+    printed = capsys.readouterr().out
+    assert "security: job id trial-7, envelopes" in printed and "not there yet" in printed and "bundle signed" in printed
+
+
+def test_contradictory_security_options_stop_before_anything_is_written(model_dir, tmp_path, capsys):
+    out = tmp_path / "job"
+    assert prepare(model_dir, out, "--dp-clip", "0.1", "--dp-mode", "distributed") == 2
+    assert "needs secure aggregation" in capsys.readouterr().err
+    assert prepare(model_dir, out, "--envelopes") == 2
+    assert "keys_dir" in capsys.readouterr().err
+    assert prepare(model_dir, out, "--keys", str(tmp_path / "no-keys")) == 2
+    assert "no-keys" in capsys.readouterr().err
     assert not out.exists()

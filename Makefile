@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: setup demo test bench bench-rounds clean proto
+.PHONY: setup demo test bench bench-rounds bench-envelope bench-serving clean proto
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,12 @@ bench: setup
 
 bench-rounds: setup
 	$(PY) benchmarks/rounds.py
+
+bench-envelope: setup
+	$(PY) benchmarks/envelope.py
+
+bench-serving: setup
+	$(PY) benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -43,7 +43,7 @@ from offsite.protocol.keys import COORDINATOR_PUBLIC, ClientIdentity, Coordinato
 from offsite.protocol.secagg import SecAggConfig, quantisation_error_bound, state_dimension
 from tests.conftest import make_tokenizer, tiny_model
 from tests.e2e.test_flower_faults import supernode_ids, wait_until
-from tests.e2e.test_flower_rounds import NUM_EXAMPLES, assert_rounds_are_weighted_means, data_file
+from tests.e2e.test_flower_rounds import NUM_EXAMPLES, assert_rounds_are_weighted_means, data_file, data_rows
 
 HONEST = ("alice", "bob", "carol")
 TUNING = LocalTuning(steps=2, batch_size=2, lr=1e-2, max_length=32)
@@ -247,6 +247,16 @@ def test_envelopes_match_the_plain_job_and_hostile_senders_are_refused(tmp_path)
         for tensors in hostile:
             assert not any(window in sent_sealed for window in windows(tensors))
     assert sent_sealed.count(MAGIC) >= 5 * 2  # an envelope from each of the 5 nodes, every round
+
+    # raw training data never leaves a data owner: no row's text in anything a node sent, in either
+    # job (the relay does see the plain job's cleartext: its metric names are there)
+    assert b"train-loss" in sent_plain
+    owners = dict(zip(HONEST, NUM_EXAMPLES, strict=True)) | {"mallory": 4, "trudy": 4}
+    seeds = {name: index for index, name in enumerate(HONEST)} | {"mallory": 7, "trudy": 8}
+    for name, rows in owners.items():
+        for row in data_rows(rows, seeds[name]):
+            for text in (row["prompt"], row["prompt"].strip()):
+                assert text.encode() not in sent_plain and text.encode() not in sent_sealed, f"{name}'s row {text!r} crossed the wire"
     assert MAGIC not in sent_plain
     assert (tmp_path / "job-sealed" / "replay.jsonl").read_text().count("\n") == 3 * 2  # accepted envelopes only
 

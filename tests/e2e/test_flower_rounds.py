@@ -37,8 +37,13 @@ def make_job(tmp_path, rounds: int = 2):
     return job_dir
 
 
+def data_rows(rows: int, seed: int) -> list[dict]:
+    """A data owner's private rows: text distinctive enough to be searched for on the wire."""
+    return [{"prompt": f"owner{seed} private note {i}: ", "completion": f"a{(i * 7 + seed) % 10}"} for i in range(rows)]
+
+
 def data_file(path, rows: int, seed: int):
-    write_jsonl(path, [{"prompt": f"q{seed}-{i} ", "completion": f"a{(i * 7 + seed) % 10}"} for i in range(rows)])
+    write_jsonl(path, data_rows(rows, seed))
     return path
 
 

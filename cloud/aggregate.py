@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from offsite.protocol.tensors import check_like
+
 Update = tuple[dict[str, torch.Tensor], float]
 
 
@@ -35,16 +37,7 @@ def check_compatible(updates: Sequence[Update]) -> None:
     for index, (state, weight) in enumerate(updates):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise AggregationError(f"update {index}: weight {weight!r} is not a finite number >= 0")
-        if set(state) != set(reference):
-            extra, missing = sorted(set(state) - set(reference)), sorted(set(reference) - set(state))
-            raise AggregationError(f"update {index}: unexpected tensors {extra[:3]}, missing tensors {missing[:3]}")
-        for key, tensor in state.items():
-            if tuple(tensor.shape) != tuple(reference[key].shape):
-                raise AggregationError(
-                    f"tensor {key!r}: update {index} has shape {tuple(tensor.shape)}, update 0 has {tuple(reference[key].shape)}"
-                )
-            if not tensor.dtype.is_floating_point:
-                raise AggregationError(f"tensor {key!r}: update {index} has non-float dtype {tensor.dtype}")
+        check_like(state, reference, AggregationError, f"update {index} (against update 0)", floating=True)
     if sum(float(weight) for _, weight in updates) <= 0:
         raise AggregationError("the weights of the updates sum to zero")
 

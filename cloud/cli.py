@@ -101,10 +101,14 @@ def register(subparsers) -> None:
     demo.add_argument("--task", default="hyperbaton", help="a task in data/bigbench (default hyperbaton)")
     demo.add_argument("--owners", type=int, default=3, help="data owners, one SuperNode each (default 3)")
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split; small is more skewed (default 0.5)")
-    demo.add_argument("--rounds", type=int, default=4, help="federated rounds (default 4); local steps follow from the preset's budget")
+    demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3); local steps follow from the preset's budget")
     demo.add_argument("--test-rows", type=int, default=200, help="score the first N test rows (default 200; 0: all)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the split and of the tuning")
-    demo.add_argument("--no-centralised", action="store_true", help="skip the centralised baseline (emulator-FT, plug-in, full FT)")
+    demo.add_argument(
+        "--centralised", choices=("full-ft", "all", "none"), default="full-ft",
+        help="what runs centrally on all the training data: full-ft (default: the five-setting table's full FT), "
+        "all (also centralised emulator-FT and plug-in, to compare with the federated ones), none",
+    )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     demo.set_defaults(func=_demo)
 

@@ -45,10 +45,13 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def recipe_key(base_fingerprint: str, config: EmulatorConfig, corpus_text: str) -> str:
+    distill = dataclasses.asdict(config.distill)
+    if not (config.distill.lm_weight or config.distill.kl_weight):
+        del distill["logit_positions"]  # no logit terms: no bearing on the result (and older caches stay valid)
     recipe = {
         "base": base_fingerprint,
         "shape": str(config.shape),
-        "distill": dataclasses.asdict(config.distill),
+        "distill": distill,
         "corpus": hashlib.sha256(corpus_text.encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]

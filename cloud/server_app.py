@@ -66,6 +66,7 @@ from offsite.protocol.messages import (
     secagg_session,
 )
 from offsite.protocol.records import RecordError, state_from_record, state_to_record
+from offsite.protocol.tensors import check_like
 
 from .aggregate import aggregate
 from .fed_job import (
@@ -295,18 +296,8 @@ def distribute_bundle(
 
 def check_update(node: int, update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The update cast to the global adapter's dtypes, or ValueError naming node and tensor."""
-    if set(update) != set(reference):
-        extra, missing = sorted(set(update) - set(reference)), sorted(set(reference) - set(update))
-        raise ValueError(f"node {node}: unexpected tensors {extra[:3]}, missing {missing[:3]}")
-    checked = {}
-    for key, like in reference.items():
-        tensor = update[key]
-        if tuple(tensor.shape) != tuple(like.shape):
-            raise ValueError(f"node {node}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(like.shape)}")
-        if not tensor.dtype.is_floating_point or not torch.isfinite(tensor).all():
-            raise ValueError(f"node {node}: tensor {key!r} is not finite floating point")
-        checked[key] = tensor.to(like.dtype)
-    return checked
+    check_like(update, reference, ValueError, f"node {node}", finite=True)
+    return {key: update[key].to(like.dtype) for key, like in reference.items()}
 
 
 # what a client may report about its round (numbers only); anything else in a reply is ignored
@@ -445,6 +436,36 @@ def log_outcome(round_number: int, outcome: RoundReplies, dropped: list[int]) ->
         log.warning("round %d: node %d dropped: %s", round_number, node, outcome.no_reply[node])
 
 
+def round_history(
+    round_number: int, lr: float, nodes: list[int], sent: list[int], replied: list[int], failed: dict, outcome: RoundReplies,
+    dropped: list[int], started: float, clock, aggregate_seconds: float, envelopes: bool, privacy: dict | None, **fields,
+) -> dict:
+    """The round's entry in ``state.json``: who was asked, who answered and why not, timings, and
+    ``fields`` (what the plain and the secure-aggregation rounds record differently)."""
+    elapsed = time.perf_counter() - started
+    history = {
+        "round": round_number,
+        "lr": lr,
+        "connected": nodes,
+        "sent": sent,
+        "replied": replied,
+        "failed": {str(n): reason for n, reason in failed.items()},
+        "dropped": dropped,
+        "dropped_reasons": {str(n): outcome.no_reply[n] for n in dropped},
+        **fields,
+        "seconds": round(elapsed, 2),
+        "wait_seconds": round(clock.seconds, 4),
+        "coordinator_seconds": round(elapsed - clock.seconds, 4),
+        "aggregate_seconds": round(aggregate_seconds, 4),
+    }
+    if envelopes:
+        history["rejected"] = {str(n): reason for n, reason in outcome.rejected.items()}
+        history["senders"] = {str(n): sender for n, sender in outcome.senders.items() if n in replied}
+    if privacy is not None:
+        history["privacy"] = privacy
+    return history
+
+
 def run_round(
     grid: Grid, job_dir: Path, config: FedJobConfig, bundle: Bundle, state: JobState, round_number: int, global_adapter: dict,
     security: JobSecurity | None = None,
@@ -511,33 +532,17 @@ def run_round(
             record_client_update(job_dir, round_number, node, updates[node][0], int(updates[node][1]), bundle.digest)
     losses = {str(n): metrics[n]["train-loss"] for n in ordered if "train-loss" in metrics[n]}
     weights = {str(n): updates[n][1] for n in ordered}
-    elapsed = time.perf_counter() - started
-    history = {
-        "round": round_number,
-        "lr": instruction.lr,
-        "connected": nodes,
-        "sent": ready,
-        "replied": ordered,
-        "failed": {str(n): reason for n, reason in failed.items()},
-        "dropped": dropped,
-        "dropped_reasons": {str(n): outcome.no_reply[n] for n in dropped},
-        "num_examples": weights,
-        "train_loss": losses,
-        "mean_train_loss": (
+    history = round_history(
+        round_number, instruction.lr, nodes, ready, ordered, failed, outcome, dropped, started, clock, aggregate_seconds,
+        config.security.envelopes, privacy,
+        num_examples=weights,
+        train_loss=losses,
+        mean_train_loss=(
             sum(losses[str(n)] * updates[n][1] for n in ordered) / sum(weights.values()) if len(losses) == len(ordered) else None
         ),
-        "client_train_seconds": {str(n): metrics[n].get("seconds") for n in ordered},
-        "client_seconds": {str(n): metrics[n].get("client-seconds") for n in ordered},
-        "seconds": round(elapsed, 2),
-        "wait_seconds": round(clock.seconds, 4),
-        "coordinator_seconds": round(elapsed - clock.seconds, 4),
-        "aggregate_seconds": round(aggregate_seconds, 4),
-    }
-    if config.security.envelopes:
-        history["rejected"] = {str(n): reason for n, reason in outcome.rejected.items()}
-        history["senders"] = {str(n): sender for n, sender in outcome.senders.items() if n in updates}
-    if privacy is not None:
-        history["privacy"] = privacy
+        client_train_seconds={str(n): metrics[n].get("seconds") for n in ordered},
+        client_seconds={str(n): metrics[n].get("client-seconds") for n in ordered},
+    )
     loss = history["mean_train_loss"]
     log.info("round %d: aggregated %d update(s), weighted train loss %s%s", round_number, len(ordered),
              "-" if loss is None else f"{loss:.4f}", privacy_text(privacy))
@@ -677,22 +682,15 @@ def run_secagg_round(
     delta = unflatten_state(mean, {key: torch.empty(tensor.shape, dtype=torch.float64) for key, tensor in global_adapter.items()})
     new_global = {key: (tensor.detach().to("cpu", torch.float64) + delta[key]).to(tensor.dtype) for key, tensor in global_adapter.items()}
     aggregate_seconds += time.perf_counter() - unmasking
-    elapsed = time.perf_counter() - started
-    history = {
-        "round": round_number,
-        "lr": instruction.lr,
-        "connected": nodes,
-        "sent": ready,
-        "replied": survivors,
-        "failed": {str(n): reason for n, reason in outcome.failed.items()},
-        "dropped": dropped,
-        "dropped_reasons": {str(n): outcome.no_reply[n] for n in dropped},
-        "num_examples": {},  # never seen: the weights are inside the masked sum
-        "train_loss": {},
-        "mean_train_loss": None,
-        "client_train_seconds": {},
-        "client_seconds": {},
-        "secagg": {
+    history = round_history(
+        round_number, instruction.lr, nodes, ready, survivors, outcome.failed, outcome, dropped, started, clock, aggregate_seconds,
+        sec.envelopes, privacy,
+        num_examples={},  # never seen: the weights are inside the masked sum
+        train_loss={},
+        mean_train_loss=None,
+        client_train_seconds={},
+        client_seconds={},
+        secagg={
             "survivors": survivors,
             "dropped": list(result.dropped),  # sent shares, no (accepted) masked input: unmasked out
             "threshold": threshold,
@@ -703,16 +701,7 @@ def run_secagg_round(
             "error_bound": result.error_bound,
             "total_weight": result.total_weight,
         },
-        "seconds": round(elapsed, 2),
-        "wait_seconds": round(clock.seconds, 4),
-        "coordinator_seconds": round(elapsed - clock.seconds, 4),
-        "aggregate_seconds": round(aggregate_seconds, 4),
-    }
-    if sec.envelopes:
-        history["rejected"] = {str(n): reason for n, reason in outcome.rejected.items()}
-        history["senders"] = {str(n): sender for n, sender in outcome.senders.items() if n in survivors}
-    if privacy is not None:
-        history["privacy"] = privacy
+    )
     log.info("round %d: secure aggregate of %d masked update(s) %s (total weight %d, error bound %.3g)%s", round_number,
              len(survivors), survivors, result.total_weight, result.error_bound, privacy_text(privacy))
     return new_global, history

@@ -14,6 +14,7 @@ just before the next kept block (each kept block learns to stand in for the span
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -41,12 +42,15 @@ class DistillConfig:
     lm_weight: float = 0.0
     kl_weight: float = 0.0
     per_block: bool = False
+    logit_positions: int = 32  # per sequence, for the LM and KL terms (0: every position)
     max_grad_norm: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps must be >= 0, batch_size >= 1 and seq_len >= 2")
+        if self.logit_positions < 0:
+            raise ValueError(f"logit_positions must be >= 0, got {self.logit_positions}")
         if min(self.kd_weight, self.lm_weight, self.kl_weight) < 0 or self.kd_weight + self.lm_weight + self.kl_weight == 0:
             raise ValueError("loss weights must be >= 0 and not all zero")
 
@@ -83,10 +87,15 @@ class BlockTap:
 
         return record
 
-    def run(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """Logits of ``model`` on ``input_ids``, or None when the pass stopped early."""
+    def run(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits of ``model`` on ``input_ids`` (B, T, V), only at sequence ``positions`` (B, P, V)
+        when given, or None when the pass stopped early."""
         try:
-            return model(input_ids=input_ids, use_cache=False).logits
+            if positions is None:
+                return model(input_ids=input_ids, use_cache=False).logits
+            if "logits_to_keep" in inspect.signature(model.forward).parameters:
+                return model(input_ids=input_ids, use_cache=False, logits_to_keep=positions).logits
+            return model(input_ids=input_ids, use_cache=False).logits[:, positions]
         except _StopForward:
             return None
 
@@ -110,21 +119,37 @@ def tap_pairs(layout: list[int], a: int, b: int, n_blocks: int, per_block: bool)
     return pairs
 
 
+def logit_positions(seq_len: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """Sorted random positions in ``[0, seq_len - 1)`` (each with a next token) at which the LM
+    and KL terms are taken, or None for all of them. The head's (T, V) logits, their softmaxes
+    and KL are most of a step's cost on CPU with a 49k vocabulary; a sample of positions
+    gives the same expected gradient for a fraction of it."""
+    if not count or count >= seq_len - 1:
+        return None
+    return torch.randperm(seq_len - 1, generator=generator)[:count].sort().values
+
+
 def kd_losses(
     teacher: nn.Module,
     student: nn.Module,
     input_ids: torch.Tensor,
     pairs: list[tuple[int, int]],
     config: DistillConfig,
+    positions: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The weighted loss terms for one batch of token ids (B, T); 'total' is their sum."""
+    """The weighted loss terms for one batch of token ids (B, T); 'total' is their sum.
+
+    ``positions``: where the LM and KL terms are taken (all positions but the last if None)."""
     need_logits = bool(config.lm_weight or config.kl_weight)
+    if positions is None:
+        positions = torch.arange(input_ids.shape[1] - 1)
+    positions = positions.to(input_ids.device)
     teacher_tap = BlockTap(teacher, sorted({t for _, t in pairs}), stop=not config.kl_weight)
     student_tap = BlockTap(student, sorted({s for s, _ in pairs}), stop=not need_logits)
     try:
         with torch.no_grad():
-            teacher_logits = teacher_tap.run(teacher, input_ids)
-        student_logits = student_tap.run(student, input_ids)
+            teacher_logits = teacher_tap.run(teacher, input_ids, positions)
+        student_logits = student_tap.run(student, input_ids, positions)
         main_student, main_teacher = pairs[0]
         terms = {"kd": normalised_mse(teacher_tap.outputs[main_teacher], student_tap.outputs[main_student])}
         if len(pairs) > 1:
@@ -136,7 +161,7 @@ def kd_losses(
         student_tap.close()
     if config.lm_weight:
         vocab = student_logits.shape[-1]
-        terms["lm"] = F.cross_entropy(student_logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1))
+        terms["lm"] = F.cross_entropy(student_logits.reshape(-1, vocab).float(), input_ids[:, positions + 1].reshape(-1))
     if config.kl_weight:
         vocab = student_logits.shape[-1]
         terms["kl"] = F.kl_div(
@@ -245,8 +270,9 @@ def distill(
             group["lr"] = config.lr * warm * cosine
         rows = torch.randint(0, len(train_blocks), (config.batch_size,), generator=generator)
         ids = train_blocks[rows].to(device)
+        positions = logit_positions(ids.shape[1], config.logit_positions, generator)
         with autocast:
-            terms = kd_losses(teacher, student, ids, pairs, config)
+            terms = kd_losses(teacher, student, ids, pairs, config, positions)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -135,13 +136,15 @@ def tune_adapter(
     a: int,
     progress: bool = True,
     desc: str = "tuning",
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> TuneResult:
     """Tune ``model``'s adapter in place on ``examples`` and return the adapter state.
 
     ``layout`` maps block positions to original indices; ``adapter_blocks`` are original
     indices; ``a`` is the number of bottom adapter blocks (to tell bottom from top).
     In "blocks" mode the result holds every adapter block (trained or not); in "lora" mode
-    it holds the LoRA factors of the trained blocks.
+    it holds the LoRA factors of the trained blocks. ``on_step(step, model)`` runs after each
+    optimiser step (1-based), e.g. to evaluate along the way; it must leave the model as it found it.
     """
     import time
 
@@ -176,6 +179,8 @@ def tune_adapter(
         losses.append(loss.item())
         tokens += batch.num_tokens
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        if on_step is not None:
+            on_step(step + 1, model)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

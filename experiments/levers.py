@@ -56,6 +56,11 @@ RECIPES: dict[str, tuple[str, DistillConfig, TuneConfig]] = {
 }
 
 
+def picks(result) -> list[int]:
+    """How often each choice index was predicted (label bias at a glance)."""
+    return [result.predictions.count(i) for i in range(max(result.predictions) + 1)]
+
+
 def done(out: Path) -> set[tuple[str, str]]:
     if not out.exists():
         return set()
@@ -86,7 +91,7 @@ def main() -> None:
         test = read_mc_jsonl(test_path, limit=args.test_rows)
         if ("zero-shot", task) not in finished:
             r = score_mc(base, tokenizer, test, 32)
-            emit({"recipe": "zero-shot", "task": task, "rows": r.rows, "full_zero_shot": r.accuracy})
+            emit({"recipe": "zero-shot", "task": task, "rows": r.rows, "full_zero_shot": r.accuracy, "picks": picks(r)})
         if args.full_ft and ("full-ft", task) not in finished:
             full = with_layout(base, list(range(num_blocks(base))))
             tune_adapter(full, tokenizer, list(range(30)), [0, 1, 28, 29], train, BASE_TUNE, a=2)
@@ -99,13 +104,16 @@ def main() -> None:
             shape, distill_config, tune = RECIPES[name]
             bundle = prepare_bundle(base, tokenizer, EmulatorConfig(SandwichShape.parse(shape), distill_config), Path("runs/bundles") / name)
             emulator = load_emulator(bundle)
+            emu_zs = score_mc(emulator, tokenizer, test, 32)
             result = tune_adapter(emulator, tokenizer, bundle.layout, bundle.adapter_blocks, train, tune, a=bundle.shape["a"])
             emu = score_mc(emulator, tokenizer, test, 32)
             alpha = tune.lora.alpha if tune.mode == "lora" else None
             plugged = plug_in_update(base, result.adapter, bundle.adapter_blocks, alpha)
             plug = score_mc(plugged, tokenizer, test, 32)
             emit({
-                "recipe": name, "task": task, "rows": plug.rows, "emulator_ft": emu.accuracy, "plug_in": plug.accuracy,
+                "recipe": name, "task": task, "rows": plug.rows, "emulator_zero_shot": emu_zs.accuracy,
+                "emulator_ft": emu.accuracy, "plug_in": plug.accuracy,
+                "picks": {"emulator_zero_shot": picks(emu_zs), "emulator_ft": picks(emu), "plug_in": picks(plug)},
                 "final_loss": sum(result.losses[-10:]) / 10, "heldout_kd": bundle.manifest["distill"].get("heldout_kd_after"),
                 "seconds": round(time.time() - started),
             })

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from torch import nn
 
+from . import files
+
 FORMAT = "offsite-bundle/1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -145,22 +147,13 @@ def write_bundle(root: Path | str, emulator: nn.Module, tokenizer, info: dict) -
 
 
 def read_limited(path: Path, limit: int) -> bytes:
-    """The bytes of ``path``, refused (OVERSIZED) past ``limit`` without reading more than that."""
-    with open(path, "rb") as handle:
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise BundleError(f"{path}: over the {limit}-byte limit", BundleReason.OVERSIZED)
-    return data
+    """The bytes of ``path`` (a regular file, checked by the caller), refused (OVERSIZED) past
+    ``limit`` without reading more than that."""
+    return files.read_limited(path, limit, lambda message: BundleError(message, BundleReason.OVERSIZED))
 
 
 def parse_json_object(path: Path, data: bytes) -> dict:
-    try:
-        value = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BundleError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise BundleError(f"{path}: expected a JSON object")
-    return value
+    return files.parse_json_object(path, data, BundleError)
 
 
 def _read_json(path: Path, limit: int) -> dict:

@@ -71,6 +71,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .tensors import check_like
+
 DP_MODES = ("local", "distributed")
 CONVERSIONS = ("balle2020", "classic")
 DEFAULT_ORDERS: tuple[float, ...] = (
@@ -123,21 +125,11 @@ class DPConfig:
 
 def update_delta(tuned: Mapping[str, torch.Tensor], global_adapter: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tuned - global`` per tensor, in float64; the tensors must match by name and shape."""
-    if set(tuned) != set(global_adapter):
-        extra, missing = sorted(set(tuned) - set(global_adapter)), sorted(set(global_adapter) - set(tuned))
-        raise DPError(f"the tuned adapter has unexpected tensors {extra[:3]}, lacks {missing[:3]}")
-    delta = {}
-    for name, reference in global_adapter.items():
-        tensor = tuned[name]
-        if tuple(tensor.shape) != tuple(reference.shape):
-            raise DPError(f"tensor {name!r}: tuned shape {tuple(tensor.shape)}, global shape {tuple(reference.shape)}")
-        if not tensor.dtype.is_floating_point:
-            raise DPError(f"tensor {name!r}: non-float dtype {tensor.dtype}")
-        difference = tensor.detach().to("cpu", torch.float64) - reference.detach().to("cpu", torch.float64)
-        if not torch.isfinite(difference).all():
-            raise DPError(f"tensor {name!r}: non-finite values in the update")
-        delta[name] = difference
-    return delta
+    check_like(tuned, global_adapter, DPError, "the tuned adapter", finite=True)
+    return {
+        name: tuned[name].detach().to("cpu", torch.float64) - reference.detach().to("cpu", torch.float64)
+        for name, reference in global_adapter.items()
+    }
 
 
 def l2_norm(state: Mapping[str, torch.Tensor]) -> float:

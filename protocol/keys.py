@@ -48,6 +48,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
     X25519PublicKey,
 )
 
+from . import files
+
 COORDINATOR_ENCRYPTION_KEY = "coordinator-encryption.key"
 COORDINATOR_SIGNING_KEY = "coordinator-signing.key"
 COORDINATOR_PUBLIC = "coordinator.pub.json"
@@ -159,16 +161,7 @@ def write_public_file(path: Path, data: bytes, force: bool = False) -> Path:
 
 
 def _read_limited(path: Path, limit: int, what: str) -> bytes:
-    path = Path(path)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: no such {what}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise KeyFileError(f"{path}: {what} is not a regular file")
-    if info.st_size > limit:
-        raise KeyFileError(f"{path}: {info.st_size} bytes is over the {limit}-byte limit for a {what}")
-    return path.read_bytes()
+    return files.read_limited(path, limit, KeyFileError, what)
 
 
 def load_private_key(path: Path, kind: type) -> Ed25519PrivateKey | X25519PrivateKey:
@@ -191,14 +184,7 @@ def load_private_key(path: Path, kind: type) -> Ed25519PrivateKey | X25519Privat
 
 
 def _read_json_object(path: Path, limit: int, what: str) -> dict:
-    data = _read_limited(path, limit, what)
-    try:
-        value = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise KeyFileError(f"{path}: {what} is not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise KeyFileError(f"{path}: {what} must be a JSON object")
-    return value
+    return files.read_json_object(path, limit, KeyFileError, what)
 
 
 def _json_bytes(value: dict) -> bytes:

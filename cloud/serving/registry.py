@@ -33,6 +33,7 @@ from offsite.emulator.arch import blocks_of
 from offsite.emulator.sandwich import ADAPTER_KEY
 from offsite.protocol.adapter import UpdateError, load_update, save_update
 from offsite.protocol.bundle import sha256_file
+from offsite.protocol.tensors import check_like
 from torch import nn
 
 FORMAT = "offsite-served-job/1"
@@ -108,14 +109,7 @@ def served_job(name: str, tensors: dict[str, torch.Tensor], meta: dict, base: nn
         job = ServedJob(name, "blocks", meta=meta)
         for index, params in sorted(grouped.items()):
             own = blocks[index].state_dict()
-            if set(own) != set(params):
-                extra, lacking = sorted(set(params) - set(own)), sorted(set(own) - set(params))
-                raise RegistryError(f"{where}: adapter block {index}: unexpected {extra[:3]}, missing {lacking[:3]}")
-            for param, tensor in params.items():
-                if tuple(tensor.shape) != tuple(own[param].shape):
-                    raise RegistryError(
-                        f"{where}: tensor blocks.{index}.{param}: shape {tuple(tensor.shape)} != the base model's {tuple(own[param].shape)}"
-                    )
+            check_like(params, own, RegistryError, f"{where}: adapter block {index}", prefix=f"blocks.{index}.", floating=True)
             job.blocks[index] = {param: tensor.to(dtype).contiguous() for param, tensor in params.items()}
         return job
     if mode == "lora":

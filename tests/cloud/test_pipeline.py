@@ -84,6 +84,24 @@ def test_report_gaps():
     assert report.privacy_gap == pytest.approx(0.1)
     assert report.utility_gap == pytest.approx(0.05)
     assert "| plug-in | 0.700 |" in report.markdown()
+    assert "privacy gap (plug-in - emulator-FT): +10.0 points" in report.markdown()
+
+
+def test_report_gaps_fall_back_to_the_federated_settings():
+    """The demo's default runs only the federated job and the full FT: the gaps are taken on the
+    federated emulator-FT and plug-in, and say so; a centralised result, when present, wins."""
+    def entry(accuracy):
+        return {"accuracy": accuracy, "stderr": 0.05, "correct": int(accuracy * 100)}
+
+    report = Report("t", 100, 10)
+    report.results = {"full_zero_shot": entry(0.5), "emulator_zero_shot": entry(0.45), "federated_emulator_ft": entry(0.55),
+                      "federated_plug_in": entry(0.62), "full_ft": entry(0.8)}
+    assert report.privacy_gap == pytest.approx(0.07) and report.utility_gap == pytest.approx(0.18)
+    text = report.markdown()
+    assert "privacy gap (plug-in - emulator-FT, federated): +7.0 points" in text and "federated plug-in - centralised" not in text
+    report.results |= {"emulator_ft": entry(0.6), "plug_in": entry(0.65)}
+    assert report.privacy_gap == pytest.approx(0.05) and report.utility_gap == pytest.approx(0.15)
+    assert "federated plug-in - centralised plug-in: -3.0 points" in report.markdown()
 
 
 def test_presets_are_well_formed():

@@ -207,10 +207,10 @@ def test_registry_refuses_what_does_not_fit(tmp_path):
         with pytest.raises(RegistryError, match="job name"):
             registry.check_name(name)
     wrong = dict(blocks) | {"blocks.0.mlp.up_proj.weight": torch.zeros(3, 3)}
-    with pytest.raises(RegistryError, match=r"blocks\.0\.mlp\.up_proj\.weight: shape \(3, 3\)"):
+    with pytest.raises(RegistryError, match=r"blocks\.0\.mlp\.up_proj\.weight': shape \(3, 3\)"):
         served_job("x", wrong, {"mode": "blocks"}, base)
     partial = {k: v for k, v in blocks.items() if k != "blocks.1.input_layernorm.weight"}
-    with pytest.raises(RegistryError, match=r"adapter block 1: .*missing \['input_layernorm.weight'\]"):
+    with pytest.raises(RegistryError, match=r"adapter block 1: .*missing \['blocks\.1\.input_layernorm\.weight'\]"):
         served_job("x", partial, {"mode": "blocks"}, base)
     with pytest.raises(RegistryError, match="names block 8; the base model has blocks 0..7"):
         served_job("x", {"blocks.8.input_layernorm.weight": torch.ones(32)}, {"mode": "blocks"}, base)

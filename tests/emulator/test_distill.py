@@ -63,3 +63,35 @@ def test_answer_position_kd_is_zero_for_a_keep_all_emulator_and_positive_after_d
     assert answer_position_kd(teacher, same, layout, 2, 2, prompts) == 0.0
     dropped, layout = build_emulator(teacher, SandwichShape(2, 2, 2))
     assert answer_position_kd(teacher, dropped, layout, 2, 2, prompts) > 0.0
+
+
+def test_sampled_logit_positions_give_the_terms_of_those_positions():
+    """The LM and KL terms at sampled positions equal the full-logits terms restricted to those
+    positions, through ``logits_to_keep`` (llama) and through slicing (OPT has no such argument);
+    with every position the sample is the full sequence."""
+    import torch.nn.functional as F
+
+    from offsite.emulator.distill import kd_losses, logit_positions
+
+    generator = torch.Generator().manual_seed(0)
+    positions = logit_positions(16, 5, generator)
+    assert positions.tolist() == sorted(set(positions.tolist())) and len(positions) == 5 and positions.max() < 15
+    assert logit_positions(16, 0) is None and logit_positions(16, 15) is None
+    ids = _text_blocks(2, 16, seed=2)
+    config = DistillConfig(kd_weight=1.0, lm_weight=1.0, kl_weight=1.0)
+    for family in ("llama", "opt"):
+        teacher = tiny_model(family, n_blocks=8)
+        student, layout = build_emulator(teacher, SandwichShape(2, 2, 2))
+        pairs = tap_pairs(layout, 2, 2, 8, per_block=False)
+        with torch.no_grad():
+            sampled = kd_losses(teacher, student, ids, pairs, config, positions)
+            every = kd_losses(teacher, student, ids, pairs, config, None)
+            t_logits = teacher(input_ids=ids).logits[:, positions]
+            s_logits = student(input_ids=ids).logits[:, positions]
+        vocab = s_logits.shape[-1]
+        lm = F.cross_entropy(s_logits.reshape(-1, vocab), ids[:, positions + 1].reshape(-1))
+        kl = (t_logits.softmax(-1) * (t_logits.log_softmax(-1) - s_logits.log_softmax(-1))).sum(-1).mean()
+        torch.testing.assert_close(sampled["lm"], lm)
+        torch.testing.assert_close(sampled["kl"], kl)
+        torch.testing.assert_close(sampled["kd"], every["kd"])
+        assert not torch.isclose(sampled["kl"], every["kl"])

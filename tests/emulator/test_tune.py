@@ -121,3 +121,21 @@ def test_adapter_tuned_on_a_keep_all_emulator_plugs_in_to_the_same_model(tokeniz
         tuned = emulator(ids).logits
         assert torch.equal(plugged(ids).logits, tuned)
         assert not torch.allclose(tuned, model(ids).logits, atol=1e-4)
+
+
+def test_on_step_sees_every_step_and_the_adapter_as_it_is_then(tokenizer):
+    """The hook runs after each optimiser step, 1-based, with the model mid-tuning: the adapter it
+    reads at the last step is the one returned, and an early one differs from it."""
+    from offsite.emulator.sandwich import adapter_state_dict
+
+    emulator, layout, adapter_blocks = _setup()
+    seen = {}
+
+    def record(step, model):
+        seen[step] = adapter_state_dict(model, layout, adapter_blocks)
+
+    config = TuneConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=1, device="cpu")
+    result = tune_adapter(emulator, tokenizer, layout, adapter_blocks, EXAMPLES, config, a=2, progress=False, on_step=record)
+    assert sorted(seen) == [1, 2, 3, 4]
+    assert all(torch.equal(seen[4][k], v) for k, v in result.adapter.items())
+    assert any(not torch.equal(seen[1][k], v) for k, v in result.adapter.items())

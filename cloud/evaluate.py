@@ -45,7 +45,8 @@ LABELS = {
 }
 # A federated job's adapter, scored beside the centralised settings (``offsite demo``).
 FEDERATED = ("federated_emulator_ft", "federated_plug_in")
-ROWS = SETTINGS + FEDERATED
+# table order: each offsite setting beside its federated twin, full FT last (the paper's order)
+ROWS = ("full_zero_shot", "emulator_zero_shot", "emulator_ft", "federated_emulator_ft", "plug_in", "federated_plug_in", "full_ft")
 
 
 @dataclass(frozen=True)

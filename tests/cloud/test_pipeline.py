@@ -99,6 +99,7 @@ def test_report_gaps_fall_back_to_the_federated_settings():
     assert report.privacy_gap == pytest.approx(0.07) and report.utility_gap == pytest.approx(0.18)
     text = report.markdown()
     assert "privacy gap (plug-in - emulator-FT, federated): +7.0 points" in text and "federated plug-in - centralised" not in text
+    assert text.index("| emulator zero-shot") < text.index("| emulator-FT, federated") < text.index("| plug-in, federated") < text.index("| full FT")
     report.results |= {"emulator_ft": entry(0.6), "plug_in": entry(0.65)}
     assert report.privacy_gap == pytest.approx(0.05) and report.utility_gap == pytest.approx(0.15)
     assert "federated plug-in - centralised plug-in: -3.0 points" in report.markdown()

@@ -90,11 +90,11 @@ def register(subparsers) -> None:
 
     demo = subparsers.add_parser(
         "demo",
-        help="federated offsite-tuning end to end on the embedded SmolLM2-135M, beside the centralised run",
+        help="federated offsite-tuning end to end on the embedded SmolLM2-135M, with the five-setting table",
         description="Prepare and distil the default emulator; split a BIG-bench task shipped in data/ among data "
         "owners (non-IID); run the federated job over a real SuperLink and SuperNodes on loopback (TLS, node "
-        "authentication); plug the federated adapter in; run the centralised baseline on the same data; print the "
-        "five-setting table with the federated emulator-FT and plug-in. The first run converts the model and "
+        "authentication); plug the federated adapter in; tune the same blocks with the real middle on the same data "
+        "(full FT; --centralised all adds centralised emulator-FT and plug-in); print the five-setting table. The first run converts the model and "
         "distils (cached for later runs).",
     )
     demo.add_argument("--preset", default=DEFAULT_PRESET, help=f"named recipe (default {DEFAULT_PRESET})")

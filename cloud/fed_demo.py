@@ -1,4 +1,4 @@
-"""``offsite demo``: federated offsite-tuning end to end on one host, beside the centralised run.
+"""``offsite demo``: federated offsite-tuning end to end on one host, with the five-setting table.
 
 1. load the base model (the embedded SmolLM2-135M: converted once, then cached);
 2. build and distil the emulator bundle (cached by recipe);

@@ -43,9 +43,8 @@ LABELS = {
     "federated_emulator_ft": "emulator-FT, federated",
     "federated_plug_in": "plug-in, federated",
 }
-# A federated job's adapter, scored beside the centralised settings (``offsite demo``).
-FEDERATED = ("federated_emulator_ft", "federated_plug_in")
-# table order: each offsite setting beside its federated twin, full FT last (the paper's order)
+# table order: each offsite setting beside its federated twin (a federated job's adapter, scored by
+# ``offsite demo``), full FT last (the paper's order)
 ROWS = ("full_zero_shot", "emulator_zero_shot", "emulator_ft", "federated_emulator_ft", "plug_in", "federated_plug_in", "full_ft")
 
 

@@ -53,6 +53,7 @@ RECIPES: dict[str, tuple[str, DistillConfig, TuneConfig]] = {
     "kl-2-10-2-top": ("2-10-2", dataclasses.replace(KD, kl_weight=1.0), dataclasses.replace(BASE_TUNE, train="top")),
     "kl-2-14-2": ("2-14-2", dataclasses.replace(KD, kl_weight=1.0), BASE_TUNE),
     "kd-2-10-2-top-lr3e-4": ("2-10-2", KD, dataclasses.replace(BASE_TUNE, train="top", lr=3e-4)),
+    "kd100-2-22-2": ("2-22-2", dataclasses.replace(KD, steps=100), BASE_TUNE),
 }
 
 

@@ -106,6 +106,7 @@ def main() -> None:
     real = adapter_state_dict(base, list(range(num_blocks(base))), bundle.adapter_blocks)
     shell = adapter_state_dict(emulator, bundle.layout, bundle.adapter_blocks)
     gammas = [float(g) for g in args.gammas.split(",")]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(step, model) -> None:
         if step not in at:
@@ -119,7 +120,6 @@ def main() -> None:
             record = {"recipe": name, "task": args.task, "lr": tune.lr, "train": tune.train, "schedule": tune.schedule,
                       "step": step, "gamma": gamma, "rows": plug.rows, "emulator_ft": emu.accuracy, "plug_in": plug.accuracy,
                       "picks": {"emulator_ft": picks(emu), "plug_in": picks(plug)}}
-            args.out.parent.mkdir(parents=True, exist_ok=True)
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)

@@ -242,8 +242,13 @@ def distill(
     config: DistillConfig,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    train_top: bool = False,
 ) -> DistillResult:
-    """Train the student's kept middle blocks in place; adapter, embeddings and head stay frozen."""
+    """Train the student's kept middle blocks in place; adapter, embeddings and head stay frozen.
+
+    With ``train_top`` the top adapter blocks train too (fitting a whole shell to the full
+    model, not only the middle); the bottom blocks, embeddings and head stay frozen either way.
+    Every student parameter is left with ``requires_grad`` off."""
     started = time.perf_counter()
     teacher.to(device).eval()
     student.to(device)
@@ -252,7 +257,7 @@ def distill(
     for param in student.parameters():
         param.requires_grad_(False)
     blocks = get_path(student, spec_for(student).blocks)
-    params = [p for position in range(a, len(layout) - b) for p in blocks[position].parameters()]
+    params = [p for position in range(a, len(layout) - (0 if train_top else b)) for p in blocks[position].parameters()]
     for param in params:
         param.requires_grad_(True)
     before = heldout_kd(teacher, student, heldout_blocks, layout, a, b, device=device)

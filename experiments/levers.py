@@ -54,6 +54,7 @@ RECIPES: dict[str, tuple[str, DistillConfig, TuneConfig]] = {
     "kl-2-14-2": ("2-14-2", dataclasses.replace(KD, kl_weight=1.0), BASE_TUNE),
     "kd-2-10-2-top-lr3e-4": ("2-10-2", KD, dataclasses.replace(BASE_TUNE, train="top", lr=3e-4)),
     "kd100-2-22-2": ("2-22-2", dataclasses.replace(KD, steps=100), BASE_TUNE),
+    "keep-2-26-2": ("2-26-2", DistillConfig(steps=0), BASE_TUNE),  # nothing dropped (with trajectory.py --quantize)
 }
 
 

@@ -4,12 +4,15 @@ label picks, so transfer can be seen rising, peaking or turning.
 
     python experiments/trajectory.py --recipe kd-2-10-2 --task hyperbaton --at 10,30,60,120
 
-Two probes of how the update is carried over:
+Three probes of how the update is carried over:
   --gammas 1,2   plug in the real adapter + gamma * (tuned - shipped shell): does the real model
                  move the same way as the emulator, only less?
   --shell-steps  before tuning, fit the emulator's middle and top blocks to the full model's
                  middle output and logits (KD + KL on --shell-corpus); the plug-in then carries
                  the delta from that shell, so what the shell learned to make up for is not sent.
+  --realign-every N   every N tuning steps, distil the emulator's middle again (KD + KL on
+                 --realign-corpus) against the full model with the current adapter plugged into
+                 both, as FedBiOT does between rounds.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from offsite.cloud.models import load_base
 from offsite.cloud.pipeline import task_files
 from offsite.cloud.prepare import EmulatorConfig, prepare_bundle
 from offsite.emulator.data import read_examples, read_mc_jsonl
-from offsite.emulator.arch import get_path, spec_for
 from offsite.emulator.corpus import read_corpus, token_blocks
-from offsite.emulator.distill import DistillConfig, kd_losses, logit_positions, tap_pairs
+from offsite.emulator.arch import get_path, spec_for
+from offsite.emulator.distill import DistillConfig, distill, heldout_kd
 from offsite.emulator.sandwich import SandwichShape, adapter_state_dict, num_blocks, plug_in
 from offsite.emulator.score import score_mc
-from offsite.emulator.tune import tune_adapter
+from offsite.emulator.tune import trainable_parameters, tune_adapter
 from offsite.protocol.bundle import load_emulator
 
 from levers import RECIPES, picks  # experiments/ is on sys.path when this script runs
@@ -38,32 +41,40 @@ from levers import RECIPES, picks  # experiments/ is on sys.path when this scrip
 def fit_shell(base, emulator, bundle, text: str, tokenizer, steps: int, lr: float = 1e-4) -> None:
     """Train the emulator's kept middle and top adapter blocks in place so that it matches the full
     model's middle output (normalised MSE) and next-token distribution (KL, every position)."""
+    train_blocks, heldout_blocks = token_blocks(tokenizer, text, 256)
+    config = DistillConfig(steps=steps, lr=lr, kd_weight=1.0, kl_weight=1.0, logit_positions=0, seed=1)
+    distill(base, emulator, bundle.layout, bundle.shape["a"], bundle.shape["b"], train_blocks, heldout_blocks[:8],
+            config, progress=False, train_top=True)
+
+
+def quantize_middle(emulator, bundle, bits: int, group: int = 64) -> None:
+    """Round every linear weight of the kept middle blocks to ``bits`` bits in place (min-max,
+    per group of ``group`` input columns): a lossy emulator that keeps every block's role."""
     import torch
 
-    a, b, layout = bundle.shape["a"], bundle.shape["b"], bundle.layout
+    a, b = bundle.shape["a"], bundle.shape["b"]
     blocks = get_path(emulator, spec_for(emulator).blocks)
-    params = [p for i in range(a, len(layout)) for p in blocks[i].parameters()]
-    for p in emulator.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    config = DistillConfig(kd_weight=1.0, kl_weight=1.0, logit_positions=0)
-    train_blocks, _ = token_blocks(tokenizer, text, 256)
-    pairs = tap_pairs(layout, a, b, num_blocks(base), False)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(1)
-    emulator.train()
-    for step in range(steps):
-        ids = train_blocks[torch.randint(0, len(train_blocks), (4,), generator=generator)]
-        terms = kd_losses(base, emulator, ids, pairs, config, logit_positions(256, 0, generator))
-        optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        logging.info("shell step %d: kd %.3f kl %.3f", step, terms["kd"].item(), terms["kl"].item())
-    emulator.eval()
-    for p in params:
-        p.requires_grad_(False)
+    levels = 2**bits - 1
+    with torch.no_grad():
+        for position in range(a, len(bundle.layout) - b):
+            for module in blocks[position].modules():
+                if isinstance(module, torch.nn.Linear):
+                    weight = module.weight
+                    grouped = weight.reshape(weight.shape[0], -1, group)
+                    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+                    scale = ((high - low) / levels).clamp(min=1e-8)
+                    weight.copy_((((grouped - low) / scale).round().clamp(0, levels) * scale + low).reshape_as(weight))
+
+
+def realign(base, emulator, bundle, adapter: dict, train_blocks, heldout_blocks, steps: int, lr: float) -> None:
+    """FedBiOT-style re-alignment: distil the emulator's middle (KD + KL) against the full model
+    with the *current* adapter in both, so the emulator tracks how the real middle responds to the
+    adapter as it moves. Only the kept middle blocks change; the adapter is left as it is."""
+    teacher = plug_in(base, adapter)
+    config = DistillConfig(steps=steps, lr=lr, warmup_steps=1, kd_weight=1.0, kl_weight=1.0, seed=len(adapter) + steps)
+    result = distill(teacher, emulator, bundle.layout, bundle.shape["a"], bundle.shape["b"], train_blocks,
+                     heldout_blocks, config, progress=False)
+    logging.info("re-aligned: held-out KD %.3f -> %.3f", result.heldout_before, result.heldout_after)
 
 
 def main() -> None:
@@ -79,6 +90,12 @@ def main() -> None:
     parser.add_argument("--gammas", default="1", help="plug in real + gamma * (tuned - shell), for each gamma")
     parser.add_argument("--shell-steps", type=int, default=0, help="fit the shell to the full model first (KD + KL)")
     parser.add_argument("--shell-corpus", default="python-docs")
+    parser.add_argument("--quantize", type=int, default=0, help="round the emulator's middle weights to this many bits")
+    parser.add_argument("--realign-every", type=int, default=0, help="re-align the emulator to the full model "
+                        "with the current adapter every N tuning steps (FedBiOT-style; 0: never)")
+    parser.add_argument("--realign-steps", type=int, default=20)
+    parser.add_argument("--realign-lr", type=float, default=1e-4)
+    parser.add_argument("--realign-corpus", default="python-docs", help="public text for the re-alignment")
     parser.add_argument("--out", type=Path, default=Path("runs/trajectory.jsonl"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -100,17 +117,33 @@ def main() -> None:
     emulator = load_emulator(bundle)
     train_path, test_path = task_files(args.task)
     test = read_mc_jsonl(test_path, limit=args.test_rows)
+    if args.quantize:
+        quantize_middle(emulator, bundle, args.quantize)
+        name += f"-q{args.quantize}"
     if args.shell_steps:
         fit_shell(base, emulator, bundle, read_corpus(args.shell_corpus), tokenizer, args.shell_steps)
         name += f"-shell{args.shell_steps}-" + Path(args.shell_corpus).stem
     real = adapter_state_dict(base, list(range(num_blocks(base))), bundle.adapter_blocks)
     shell = adapter_state_dict(emulator, bundle.layout, bundle.adapter_blocks)
     gammas = [float(g) for g in args.gammas.split(",")]
+    if args.realign_every:
+        name += f"-realign{args.realign_every}x{args.realign_steps}-" + Path(args.realign_corpus).stem
+        realign_train, realign_heldout = token_blocks(tokenizer, read_corpus(args.realign_corpus), 256)
+        realign_heldout = realign_heldout[:8]
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
+    trained = tune.blocks_to_train(bundle.adapter_blocks, bundle.shape["a"])
+
     def checkpoint(step, model) -> None:
-        if step not in at:
-            return
+        if step in at:
+            score(step, model)
+        if args.realign_every and step % args.realign_every == 0 and step < at[-1]:
+            realign(base, model, bundle, adapter_state_dict(model, bundle.layout, bundle.adapter_blocks),
+                    realign_train, realign_heldout, args.realign_steps, args.realign_lr)
+            trainable_parameters(model, bundle.layout, trained, tune.mode)  # distill() froze everything
+            model.train()
+
+    def score(step, model) -> None:
         model.eval()
         state = adapter_state_dict(model, bundle.layout, bundle.adapter_blocks)
         emu = score_mc(model, tokenizer, test, 32, progress=False)
@@ -127,8 +160,10 @@ def main() -> None:
 
     zs = score_mc(base, tokenizer, test, 32, progress=False)
     ezs = score_mc(emulator, tokenizer, test, 32, progress=False)
-    print(json.dumps({"task": args.task, "full_zero_shot": zs.accuracy, "picks": picks(zs),
-                      "emulator_zero_shot": ezs.accuracy, "emulator_picks": picks(ezs)}), flush=True)
+    _, probe_blocks = token_blocks(tokenizer, read_corpus(), 256)
+    fidelity = heldout_kd(base, emulator, probe_blocks[:8], bundle.layout, bundle.shape["a"], bundle.shape["b"])
+    print(json.dumps({"task": args.task, "emulator": name, "full_zero_shot": zs.accuracy, "picks": picks(zs),
+                      "emulator_zero_shot": ezs.accuracy, "emulator_picks": picks(ezs), "heldout_kd": fidelity}), flush=True)
     tune_adapter(emulator, tokenizer, bundle.layout, bundle.adapter_blocks, read_examples(train_path), tune,
                  a=bundle.shape["a"], on_step=checkpoint)
 

@@ -43,7 +43,7 @@ from offsite.protocol.keys import COORDINATOR_PUBLIC, ClientIdentity, Coordinato
 from offsite.protocol.secagg import SecAggConfig, quantisation_error_bound, state_dimension
 from tests.conftest import make_tokenizer, tiny_model
 from tests.e2e.test_flower_faults import supernode_ids, wait_until
-from tests.e2e.test_flower_rounds import NUM_EXAMPLES, assert_rounds_are_weighted_means, data_file, data_rows
+from tests.e2e.flower_jobs import NUM_EXAMPLES, assert_rounds_are_weighted_means, data_file, data_rows
 
 HONEST = ("alice", "bob", "carol")
 TUNING = LocalTuning(steps=2, batch_size=2, lr=1e-2, max_length=32)

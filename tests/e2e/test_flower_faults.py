@@ -5,7 +5,7 @@
   owner's daemon restarts the SuperNode, which contributes to round 2;
 - the coordinator crashes after round 1 is checkpointed (SIGKILL of the ServerApp process the
   SuperLink started for the run) and the job is submitted again: the new run resumes at round 2
-  without touching round 1 and finishes round 3;
+  without touching round 1 and finishes it;
 - (in the same run) one data owner's file has a broken line: its reply is an error naming the
   file and line, and every round completes with the others.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from offsite.cloud.fed_job import checkpoint_path, read_job, write_job
 from offsite.cloud.federation import LocalFederation, _children, _descendants, free_port, kill_tree
-from tests.e2e.test_flower_rounds import data_file, make_job
+from tests.e2e.flower_jobs import data_file, make_job
 
 ROUND_TIMEOUT = 40.0  # the two healthy nodes reply in ~10 s here; a dead one is waited for this long
 
@@ -131,7 +131,7 @@ def test_client_killed_mid_round(tmp_path):
 
 
 def test_coordinator_killed_after_round_1(tmp_path):
-    job_dir = fault_job(tmp_path, rounds=3)
+    job_dir = fault_job(tmp_path, rounds=2)
     broken = data_file(tmp_path / "data-2.jsonl", 4, 2)
     lines = broken.read_text().splitlines(keepends=True)
     lines[2] = '{"prompt": "q2-2 ", "completion": \n'  # line 3 is cut off mid-row
@@ -169,11 +169,11 @@ def test_coordinator_killed_after_round_1(tmp_path):
         logs = federation.logs(second_run)
         assert status == "finished:completed", logs
         assert second_run != first_run
-        assert "resuming after round 1 of 3" in logs, logs
+        assert "resuming after round 1 of 2" in logs, logs
 
     state = state_of(job_dir)
-    assert [record["round"] for record in state["history"]] == [1, 2, 3]
-    assert state["completed_round"] == 3 and state["checkpoint"] == "checkpoints/round-0003.safetensors"
+    assert [record["round"] for record in state["history"]] == [1, 2]
+    assert state["completed_round"] == 2 and state["checkpoint"] == "checkpoints/round-0002.safetensors"
     assert state["history"][0] == after_crash["history"][0]  # round 1 as the first run recorded it
     assert sha256(round_1_checkpoint) == round_1_digest and round_1_checkpoint.stat().st_mtime_ns == round_1_mtime
     assert sha256(job_dir / state["checkpoint"]) == state["checkpoint_sha256"]

@@ -14,7 +14,7 @@ import time
 
 from offsite.cloud.certs import write_deployment_certs, write_node_key
 from offsite.cloud.federation import LocalFederation, SuperLinkConnection, free_port, run_job_on_superlink, wait_for_port
-from tests.e2e.test_flower_rounds import NUM_EXAMPLES, assert_rounds_are_weighted_means, data_file, make_job
+from tests.e2e.flower_jobs import NUM_EXAMPLES, assert_rounds_are_weighted_means, data_file, make_job
 
 
 def wait_exit(process, timeout: float) -> int | None:
@@ -90,3 +90,7 @@ def test_tls_and_node_auth_two_rounds_and_an_unknown_key_is_refused(tmp_path):
     for record in state["history"]:
         assert sorted(record["connected"]) == sorted(registered)  # the rogue never got work
     assert not (tmp_path / "cache-rogue").exists()
+    # every data owner's cache holds the verified bundle, installed once
+    for index in range(3):
+        installed = list((tmp_path / f"cache-{index}" / "bundles").iterdir())
+        assert len(installed) == 1 and installed[0].name == state["bundle"]

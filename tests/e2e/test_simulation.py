@@ -16,7 +16,7 @@ from offsite.cli import main
 from offsite.cloud.fed_job import checkpoint_path, read_job, update_path, write_job
 from offsite.protocol.adapter import load_update
 from tests.conftest import write_jsonl
-from tests.e2e.test_flower_rounds import make_job
+from tests.e2e.flower_jobs import make_job
 
 CLIENTS = 4
 

@@ -54,6 +54,26 @@ def test_lm_kl_and_per_block_terms_run():
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
 
 
+def test_train_top_fits_the_top_blocks_too_and_never_the_bottom():
+    teacher = tiny_model("llama", n_blocks=8, seed=2)
+    shape = SandwichShape(2, 2, 2)
+    untouched, layout = build_emulator(teacher, shape)
+    blocks = _text_blocks(8, 16, seed=0)
+    config = DistillConfig(steps=2, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=1, kl_weight=1.0)
+    moved = {}
+    for train_top in (False, True):
+        student, _ = build_emulator(teacher, shape)
+        distill(teacher, student, layout, 2, 2, blocks, blocks[:2], config, progress=False, train_top=train_top)
+        moved[train_top] = [
+            any(not torch.equal(x, y) for x, y in zip(student.model.layers[p].parameters(), untouched.model.layers[p].parameters()))
+            for p in range(len(layout))
+        ]
+        assert not any(p.requires_grad for p in student.parameters())
+        assert torch.equal(student.model.embed_tokens.weight, untouched.model.embed_tokens.weight)
+    assert moved[False] == [False, False, True, True, False, False]
+    assert moved[True] == [False, False, True, True, True, True]
+
+
 def test_answer_position_kd_is_zero_for_a_keep_all_emulator_and_positive_after_drop():
     from offsite.emulator.distill import answer_position_kd
 

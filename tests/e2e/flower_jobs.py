@@ -1,5 +1,7 @@
-"""Federated offsite-tuning on Flower's deployment engine: a real SuperLink and 3 SuperNodes on
-loopback, 2 rounds on a tiny random llama, FedAvg checked against the updates the clients sent."""
+"""Shared parts of the Flower end-to-end tests: a job on a tiny random llama (2 rounds, 3 data
+owners of different sizes), the owners' private rows, and the check that every round's checkpoint
+is the weighted FedAvg of the updates the clients sent. ``test_flower_secure`` runs it over TLS
+with node authentication, ``test_flower_envelopes`` with signed bundles and sealed updates."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import torch
 
 from offsite.cloud.aggregate import fedavg
 from offsite.cloud.fed_job import FedJobConfig, LocalTuning, checkpoint_path, update_path, write_job
-from offsite.cloud.federation import LocalFederation
 from offsite.emulator.sandwich import SandwichShape, build_emulator
 from offsite.protocol.adapter import load_update
 from offsite.protocol.bundle import write_bundle
@@ -71,23 +72,3 @@ def assert_rounds_are_weighted_means(job_dir, rounds: int) -> dict:
         assert any(not torch.allclose(got[k], previous[k]) for k in got)
         assert any(not torch.allclose(updates[0][0][k], updates[1][0][k]) for k in got)
     return state
-
-
-def test_two_rounds_on_three_supernodes(tmp_path):
-    job_dir = make_job(tmp_path)
-    with LocalFederation(tmp_path / "federation") as federation:
-        federation.start_superlink()
-        for index, rows in enumerate(NUM_EXAMPLES):
-            federation.start_supernode(
-                {"data-path": data_file(tmp_path / f"data-{index}.jsonl", rows, index), "cache-dir": tmp_path / f"cache-{index}", "threads": 1}
-            )
-        run_id = federation.submit({"job-dir": job_dir})
-        status = federation.wait(run_id, timeout=200)
-        assert status == "finished:completed", federation.logs(run_id)
-
-    state = assert_rounds_are_weighted_means(job_dir, rounds=2)
-
-    # every bundle cache holds the verified bundle, installed once
-    for index in range(3):
-        installed = list((tmp_path / f"cache-{index}" / "bundles").iterdir())
-        assert len(installed) == 1 and installed[0].name == state["bundle"]

@@ -31,8 +31,8 @@ import torch
 
 from offsite.protocol.adapter import load_update, save_update
 from offsite.protocol.bundle import sha256_file
-from offsite.protocol.dp import DP_MODES, DPConfig
-from offsite.protocol.envelope import JOB_ID
+from offsite.protocol.dp import DPConfig
+from offsite.protocol.ids import DP_MODES, JOB_ID
 
 from .aggregate import AGGREGATORS
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     """The security group of ``cloud prepare``; defaults are :class:`SecurityConfig`'s (all off)."""
-    from offsite.protocol.dp import DP_MODES
+    from offsite.protocol.ids import DP_MODES
 
     from .fed_job import SecurityConfig
 

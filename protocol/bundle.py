@@ -27,10 +27,12 @@ import tempfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from . import files
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written, not by a manifest check
+    from torch import nn
 
 FORMAT = "offsite-bundle/1"
 MANIFEST = "manifest.json"

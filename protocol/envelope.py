@@ -86,6 +86,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 )
 
 from . import hpke
+from .ids import JOB_ID
 from .keys import (
     SENDER_ID,
     ClientIdentity,
@@ -116,7 +117,6 @@ META_KEY = "offsite"
 MAX_ROUND = (1 << 31) - 1
 MAX_TIMESTAMP_MS = 1 << 53
 
-JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MESSAGE_ID = re.compile(r"^[0-9a-f]{32}$")
 RECIPIENT = re.compile(r"^[0-9a-f]{16}$")
 HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")

@@ -46,8 +46,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from .dp import DP_MODES
-from .envelope import JOB_ID
+from .ids import DP_MODES, JOB_ID
 
 TRAIN = "train"
 BUNDLE_PART = "query.bundle_part"

@@ -148,10 +148,9 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import (
@@ -161,6 +160,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: the key-exchange stages never need it
+    import torch
 
 RandomBytes = Callable[[int], bytes]
 
@@ -284,6 +286,8 @@ def from_ring(values: np.ndarray, bits: int) -> np.ndarray:
 def flatten_state(state: Mapping[str, torch.Tensor]) -> np.ndarray:
     """The tensors in sorted-name order, flattened into one float64 vector; a non-finite or
     non-float tensor raises :class:`SecAggError` naming it."""
+    import torch
+
     parts = []
     for name in sorted(state):
         tensor = state[name]
@@ -303,6 +307,8 @@ def state_dimension(state: Mapping[str, torch.Tensor]) -> int:
 def unflatten_state(vector: np.ndarray, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`flatten_state`: cut ``vector`` into ``like``'s tensors (sorted-name
     order), with ``like``'s shapes and dtypes, in ``like``'s key order."""
+    import torch
+
     vector = np.asarray(vector, dtype=np.float64)
     if vector.ndim != 1 or vector.size != state_dimension(like):
         raise SecAggError(f"vector of shape {vector.shape} does not fill the {state_dimension(like)} values of the state dict")
@@ -853,6 +859,8 @@ MASKED_TENSOR = "masked"  # a MaskedInput's vector as a tensor (to seal it in an
 def masked_input_tensors(masked: MaskedInput) -> dict[str, torch.Tensor]:
     """``{"masked": int64 (or int32) tensor}``: the ring elements reinterpreted as signed
     integers (same bits), the form an update envelope carries (safetensors has no uint64)."""
+    import torch
+
     signed = np.int64 if masked.vector.dtype.itemsize == 8 else np.int32
     return {MASKED_TENSOR: torch.from_numpy(np.ascontiguousarray(masked.vector).view(signed).copy())}
 
@@ -860,6 +868,8 @@ def masked_input_tensors(masked: MaskedInput) -> dict[str, torch.Tensor]:
 def masked_input_reference(config: SecAggConfig) -> dict[str, torch.Tensor]:
     """What :func:`masked_input_tensors` must look like for ``config`` (keys, shape, dtype): the
     reference an envelope opener checks a sealed masked input against."""
+    import torch
+
     return {MASKED_TENSOR: torch.zeros(config.dimension + 1, dtype=torch.int64 if config.bits == 64 else torch.int32)}
 
 
@@ -1062,6 +1072,8 @@ class SecAggClient:
         return MaskedInput(config.session, self.node, masked)
 
     def _update_vector(self, update: Mapping[str, torch.Tensor] | np.ndarray, strict: bool) -> np.ndarray:
+        import torch
+
         config = self.config
         if isinstance(update, Mapping):
             for name, tensor in update.items():

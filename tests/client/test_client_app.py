@@ -159,3 +159,52 @@ def test_bundle_part_handler_replies_with_status(tmp_path, bundle):
     assert reply.content.config_records["bundle-status"]["status"] == "installed"
     reply = receive_bundle_part(make_message(bundle_part_to_content(part), "query.bundle_part"), context)
     assert reply.content.config_records["bundle-status"]["status"] == "cached"
+
+
+LIGHT_MESSAGES = r"""
+import inspect, sys
+from flwr.app import Context, Message, RecordDict
+from offsite.client.client_app import receive_bundle_part
+from offsite.protocol.bundle import read_bundle
+from offsite.protocol.messages import bundle_part_to_content, plan_bundle_parts, read_bundle_part
+from offsite.protocol.secagg import KeyRoster, SecAggClient, SecAggConfig, SetupRequest
+from flwr.supercore.task_identity import TaskIdentity
+
+for name in ("_run_id", "_node_id", "_task_id"):  # what a ClientApp process has from its SuperNode
+    if hasattr(TaskIdentity, name):
+        setattr(TaskIdentity, name, 1)
+bundle = read_bundle(sys.argv[1])
+files = {name: meta["bytes"] for name, meta in bundle.manifest["files"].items()}
+files["manifest.json"] = (bundle.root / "manifest.json").stat().st_size
+plan = plan_bundle_parts(files, 4096)
+values = {"run_id": 1, "node_id": 7, "node_config": {"data-path": "unused", "cache-dir": sys.argv[2]}, "state": RecordDict(), "run_config": {}}
+context = Context(**{k: v for k, v in values.items() if k in inspect.signature(Context).parameters})
+statuses = []
+for index in range(len(plan)):
+    content = bundle_part_to_content(read_bundle_part(bundle.root, bundle.digest, plan, index))
+    reply = receive_bundle_part(Message(content, dst_node_id=7, message_type="query.bundle_part", group_id="1"), context)
+    assert not reply.has_error(), reply.error.reason
+    statuses.append(reply.content.config_records["bundle-status"]["status"])
+assert statuses[-1] == "installed" and len(statuses) > 1, statuses
+
+config = SecAggConfig.for_job(b"s" * 32, 10, 3, 1.0)
+clients = {node: SecAggClient(node) for node in (1, 2, 3)}
+adverts = {node: client.advertise(SetupRequest(config, (1, 2, 3))) for node, client in clients.items()}
+roster = KeyRoster(config.session, (1, 2, 3), tuple(a.channel_key for a in adverts.values()), tuple(a.mask_key for a in adverts.values()))
+shares = [client.share_keys(roster) for client in clients.values()]
+assert len(shares) == 3
+print("torch imported" if "torch" in sys.modules else "torch-free")
+"""
+
+
+def test_bundle_parts_and_key_exchange_run_without_importing_torch(tmp_path, bundle):
+    """Flower starts a fresh ClientApp process for every message; the ones that only carry bundle
+    parts or secure-aggregation keys must not pay torch's import (seconds each on a small node)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LIGHT_MESSAGES, str(bundle.root), str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "torch-free", done.stdout
+    assert BundleCache(tmp_path / "cache").lookup(bundle.digest) is not None

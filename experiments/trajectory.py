@@ -66,6 +66,15 @@ def quantize_middle(emulator, bundle, bits: int, group: int = 64) -> None:
                     weight.copy_((((grouped - low) / scale).round().clamp(0, levels) * scale + low).reshape_as(weight))
 
 
+def heldout_ce(model, blocks) -> float:
+    """Mean next-token cross-entropy (nats) over held-out token blocks: what the model is worth
+    as a language model on its own (the privacy side: an emulator should be clearly worse)."""
+    import torch
+
+    with torch.no_grad():
+        return sum(model(input_ids=block[None], labels=block[None], use_cache=False).loss.item() for block in blocks) / len(blocks)
+
+
 def realign(base, emulator, bundle, adapter: dict, train_blocks, heldout_blocks, steps: int, lr: float) -> None:
     """FedBiOT-style re-alignment: distil the emulator's middle (KD + KL) against the full model
     with the *current* adapter in both, so the emulator tracks how the real middle responds to the
@@ -90,6 +99,7 @@ def main() -> None:
     parser.add_argument("--gammas", default="1", help="plug in real + gamma * (tuned - shell), for each gamma")
     parser.add_argument("--shell-steps", type=int, default=0, help="fit the shell to the full model first (KD + KL)")
     parser.add_argument("--shell-corpus", default="python-docs")
+    parser.add_argument("--fidelity-only", action="store_true", help="print zero-shot and held-out figures, do not tune")
     parser.add_argument("--quantize", type=int, default=0, help="round the emulator's middle weights to this many bits")
     parser.add_argument("--realign-every", type=int, default=0, help="re-align the emulator to the full model "
                         "with the current adapter every N tuning steps (FedBiOT-style; 0: never)")
@@ -163,7 +173,11 @@ def main() -> None:
     _, probe_blocks = token_blocks(tokenizer, read_corpus(), 256)
     fidelity = heldout_kd(base, emulator, probe_blocks[:8], bundle.layout, bundle.shape["a"], bundle.shape["b"])
     print(json.dumps({"task": args.task, "emulator": name, "full_zero_shot": zs.accuracy, "picks": picks(zs),
-                      "emulator_zero_shot": ezs.accuracy, "emulator_picks": picks(ezs), "heldout_kd": fidelity}), flush=True)
+                      "emulator_zero_shot": ezs.accuracy, "emulator_picks": picks(ezs), "heldout_kd": fidelity,
+                      "heldout_ce": {"full": heldout_ce(base, probe_blocks[:8]), "emulator": heldout_ce(emulator, probe_blocks[:8])}}),
+          flush=True)
+    if args.fidelity_only:
+        return
     tune_adapter(emulator, tokenizer, bundle.layout, bundle.adapter_blocks, read_examples(train_path), tune,
                  a=bundle.shape["a"], on_step=checkpoint)
 

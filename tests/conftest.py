@@ -12,6 +12,16 @@ VOCAB = 100
 INIT = 0.2  # larger than the usual 0.02, so a tiny model's logits are not all near zero
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Undo a test's ``torch.set_num_threads``: the ClientApp sets a node's ``threads`` for its own
+    process (a fresh one per message), and run in-process by a test it would otherwise leave every
+    later test on one thread."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(family: str, n_blocks: int = 8, seed: int = 0):
     torch.manual_seed(seed)
     if family == "llama":

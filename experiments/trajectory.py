@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--gammas", default="1", help="plug in real + gamma * (tuned - shell), for each gamma")
     parser.add_argument("--shell-steps", type=int, default=0, help="fit the shell to the full model first (KD + KL)")
     parser.add_argument("--shell-corpus", default="python-docs")
+    parser.add_argument("--val-rows", type=int, default=0, help="score on the last N rows of the train file "
+                        "(held out of tuning) instead of the test file")
     parser.add_argument("--fidelity-only", action="store_true", help="print zero-shot and held-out figures, do not tune")
     parser.add_argument("--quantize", type=int, default=0, help="round the emulator's middle weights to this many bits")
     parser.add_argument("--realign-every", type=int, default=0, help="re-align the emulator to the full model "
@@ -126,7 +128,13 @@ def main() -> None:
     bundle = prepare_bundle(base, tokenizer, emulator_config, Path("runs/bundles") / name)
     emulator = load_emulator(bundle)
     train_path, test_path = task_files(args.task)
-    test = read_mc_jsonl(test_path, limit=args.test_rows)
+    examples = read_examples(train_path)
+    if args.val_rows:  # score on the train file's last rows, which tuning never sees (to choose settings)
+        examples = examples[: -args.val_rows]
+        test = read_mc_jsonl(train_path)[-args.val_rows :]
+        name += f"-val{args.val_rows}"
+    else:
+        test = read_mc_jsonl(test_path, limit=args.test_rows)
     if args.quantize:
         quantize_middle(emulator, bundle, args.quantize)
         name += f"-q{args.quantize}"
@@ -178,7 +186,7 @@ def main() -> None:
           flush=True)
     if args.fidelity_only:
         return
-    tune_adapter(emulator, tokenizer, bundle.layout, bundle.adapter_blocks, read_examples(train_path), tune,
+    tune_adapter(emulator, tokenizer, bundle.layout, bundle.adapter_blocks, examples, tune,
                  a=bundle.shape["a"], on_step=checkpoint)
 
 

@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--gammas", default="1", help="plug in real + gamma * (tuned - shell), for each gamma")
     parser.add_argument("--shell-steps", type=int, default=0, help="fit the shell to the full model first (KD + KL)")
     parser.add_argument("--shell-corpus", default="python-docs")
+    parser.add_argument("--seed", type=int, default=0, help="tuning seed (batch order, LoRA init)")
     parser.add_argument("--val-rows", type=int, default=0, help="score on the last N rows of the train file "
                         "(held out of tuning) instead of the test file")
     parser.add_argument("--fidelity-only", action="store_true", help="print zero-shot and held-out figures, do not tune")
@@ -113,7 +114,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     at = sorted(int(x) for x in args.at.split(","))
     shape, distill_config, tune = RECIPES[args.recipe]
-    changes = {"steps": at[-1], "schedule": args.schedule}
+    changes = {"steps": at[-1], "schedule": args.schedule, "seed": args.seed}
     if args.lr:
         changes["lr"] = args.lr
     if args.train:
@@ -168,7 +169,7 @@ def main() -> None:
         for gamma in gammas:
             plugged = plug_in(base, {key: real[key] + gamma * (state[key] - shell[key]) for key in real})
             plug = score_mc(plugged, tokenizer, test, 32, progress=False)
-            record = {"recipe": name, "task": args.task, "lr": tune.lr, "train": tune.train, "schedule": tune.schedule,
+            record = {"recipe": name, "task": args.task, "lr": tune.lr, "seed": tune.seed, "train": tune.train, "schedule": tune.schedule,
                       "step": step, "gamma": gamma, "rows": plug.rows, "emulator_ft": emu.accuracy, "plug_in": plug.accuracy,
                       "picks": {"emulator_ft": picks(emu), "plug_in": picks(plug)}}
             with open(args.out, "a") as handle:

@@ -73,6 +73,7 @@ import torch
 
 from .ids import DP_MODES
 from .tensors import check_like
+
 CONVERSIONS = ("balle2020", "classic")
 DEFAULT_ORDERS: tuple[float, ...] = (
     tuple(1 + x / 20 for x in range(1, 40)) + tuple(3 + x / 4 for x in range(36)) + tuple(range(12, 64)) + (64, 80, 96, 128, 192, 256, 384, 512, 1024)

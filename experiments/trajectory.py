@@ -104,6 +104,7 @@ def main() -> None:
                         "(held out of tuning) instead of the test file")
     parser.add_argument("--fidelity-only", action="store_true", help="print zero-shot and held-out figures, do not tune")
     parser.add_argument("--quantize", type=int, default=0, help="round the emulator's middle weights to this many bits")
+    parser.add_argument("--quant-group", type=int, default=64, help="input columns per quantisation group (scale and offset)")
     parser.add_argument("--realign-every", type=int, default=0, help="re-align the emulator to the full model "
                         "with the current adapter every N tuning steps (FedBiOT-style; 0: never)")
     parser.add_argument("--realign-steps", type=int, default=20)
@@ -137,8 +138,8 @@ def main() -> None:
     else:
         test = read_mc_jsonl(test_path, limit=args.test_rows)
     if args.quantize:
-        quantize_middle(emulator, bundle, args.quantize)
-        name += f"-q{args.quantize}"
+        quantize_middle(emulator, bundle, args.quantize, args.quant_group)
+        name += f"-q{args.quantize}" + (f"g{args.quant_group}" if args.quant_group != 64 else "")
     if args.shell_steps:
         fit_shell(base, emulator, bundle, read_corpus(args.shell_corpus), tokenizer, args.shell_steps)
         name += f"-shell{args.shell_steps}-" + Path(args.shell_corpus).stem

@@ -66,6 +66,31 @@ def quantize_middle(emulator, bundle, bits: int, group: int = 64) -> None:
                     weight.copy_((((grouped - low) / scale).round().clamp(0, levels) * scale + low).reshape_as(weight))
 
 
+def margin_auc(result, rows) -> float | None:
+    """Two-choice tasks only: the chance that a row whose answer is the first choice gets a larger
+    score margin (first minus second) than a row whose answer is the second. It ignores where the
+    decision threshold sits, so it tells skill from a label bias that swings between runs."""
+    if any(len(row.choices) != 2 for row in rows):
+        return None
+    margins = [score[0] - score[1] for score in result.scores]
+    first = [m for m, row in zip(margins, rows) if row.answer == 0]
+    second = [m for m, row in zip(margins, rows) if row.answer == 1]
+    if not first or not second:
+        return None
+    wins = sum((x > y) + 0.5 * (x == y) for x in first for y in second)
+    return wins / (len(first) * len(second))
+
+
+def batch_calibrated(result, rows) -> float | None:
+    """Two-choice tasks only: accuracy when the decision threshold on the margin is its mean over
+    the scored rows instead of 0 (batch calibration: it uses the prompts, never the labels)."""
+    if any(len(row.choices) != 2 for row in rows):
+        return None
+    margins = [score[0] - score[1] for score in result.scores]
+    mean = sum(margins) / len(margins)
+    return sum((m > mean) == (row.answer == 0) for m, row in zip(margins, rows)) / len(rows)
+
+
 def heldout_ce(model, blocks) -> float:
     """Mean next-token cross-entropy (nats) over held-out token blocks: what the model is worth
     as a language model on its own (the privacy side: an emulator should be clearly worse)."""
@@ -172,7 +197,9 @@ def main() -> None:
             plug = score_mc(plugged, tokenizer, test, 32, progress=False)
             record = {"recipe": name, "task": args.task, "lr": tune.lr, "seed": tune.seed, "train": tune.train, "schedule": tune.schedule,
                       "step": step, "gamma": gamma, "rows": plug.rows, "emulator_ft": emu.accuracy, "plug_in": plug.accuracy,
-                      "picks": {"emulator_ft": picks(emu), "plug_in": picks(plug)}}
+                      "picks": {"emulator_ft": picks(emu), "plug_in": picks(plug)},
+                      "auc": {"emulator_ft": margin_auc(emu, test), "plug_in": margin_auc(plug, test)},
+                      "calibrated": {"emulator_ft": batch_calibrated(emu, test), "plug_in": batch_calibrated(plug, test)}}
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)
@@ -183,7 +210,9 @@ def main() -> None:
     _, probe_blocks = token_blocks(tokenizer, read_corpus(), 256)
     fidelity = heldout_kd(base, emulator, probe_blocks[:8], bundle.layout, bundle.shape["a"], bundle.shape["b"])
     print(json.dumps({"task": args.task, "emulator": name, "full_zero_shot": zs.accuracy, "picks": picks(zs),
-                      "emulator_zero_shot": ezs.accuracy, "emulator_picks": picks(ezs), "heldout_kd": fidelity,
+                      "emulator_zero_shot": ezs.accuracy, "emulator_picks": picks(ezs),
+                      "auc": {"full": margin_auc(zs, test), "emulator": margin_auc(ezs, test)},
+                      "calibrated": {"full": batch_calibrated(zs, test), "emulator": batch_calibrated(ezs, test)}, "heldout_kd": fidelity,
                       "heldout_ce": {"full": heldout_ce(base, probe_blocks[:8]), "emulator": heldout_ce(emulator, probe_blocks[:8])}}),
           flush=True)
     if args.fidelity_only:

@@ -66,13 +66,20 @@ def quantize_middle(emulator, bundle, bits: int, group: int = 64) -> None:
                     weight.copy_((((grouped - low) / scale).round().clamp(0, levels) * scale + low).reshape_as(weight))
 
 
+def choice_margins(result, rows) -> list[float] | None:
+    """Each row's score margin, first choice minus second; None unless every row has two choices."""
+    if any(len(row.choices) != 2 for row in rows):
+        return None
+    return [score[0] - score[1] for score in result.scores]
+
+
 def margin_auc(result, rows) -> float | None:
     """Two-choice tasks only: the chance that a row whose answer is the first choice gets a larger
     score margin (first minus second) than a row whose answer is the second. It ignores where the
     decision threshold sits, so it tells skill from a label bias that swings between runs."""
-    if any(len(row.choices) != 2 for row in rows):
+    margins = choice_margins(result, rows)
+    if margins is None:
         return None
-    margins = [score[0] - score[1] for score in result.scores]
     first = [m for m, row in zip(margins, rows) if row.answer == 0]
     second = [m for m, row in zip(margins, rows) if row.answer == 1]
     if not first or not second:
@@ -84,9 +91,9 @@ def margin_auc(result, rows) -> float | None:
 def batch_calibrated(result, rows) -> float | None:
     """Two-choice tasks only: accuracy when the decision threshold on the margin is its mean over
     the scored rows instead of 0 (batch calibration: it uses the prompts, never the labels)."""
-    if any(len(row.choices) != 2 for row in rows):
+    margins = choice_margins(result, rows)
+    if margins is None:
         return None
-    margins = [score[0] - score[1] for score in result.scores]
     mean = sum(margins) / len(margins)
     return sum((m > mean) == (row.answer == 0) for m, row in zip(margins, rows)) / len(rows)
 

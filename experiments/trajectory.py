@@ -47,19 +47,24 @@ def fit_shell(base, emulator, bundle, text: str, tokenizer, steps: int, lr: floa
             config, progress=False, train_top=True)
 
 
-def quantize_middle(emulator, bundle, bits: int, group: int = 64) -> None:
+def quantize_middle(emulator, bundle, bits: int | list[int], group: int = 64) -> None:
     """Round every linear weight of the kept middle blocks to ``bits`` bits in place (min-max,
-    per group of ``group`` input columns): a lossy emulator that keeps every block's role."""
+    per group of ``group`` input columns): a lossy emulator that keeps every block's role.
+    A list of widths is cycled over the middle blocks (``[3, 4]``: 3, 4, 3, 4, ...)."""
     import torch
 
     a, b = bundle.shape["a"], bundle.shape["b"]
     blocks = get_path(emulator, spec_for(emulator).blocks)
-    levels = 2**bits - 1
+    cycle = [bits] if isinstance(bits, int) else list(bits)
     with torch.no_grad():
-        for position in range(a, len(bundle.layout) - b):
+        for index, position in enumerate(range(a, len(bundle.layout) - b)):
+            levels = 2 ** cycle[index % len(cycle)] - 1
             for module in blocks[position].modules():
                 if isinstance(module, torch.nn.Linear):
                     weight = module.weight
+                    if weight.shape[1] % group:
+                        raise ValueError(f"--quant-group {group} does not divide the {weight.shape[1]} input columns "
+                                         f"of block {bundle.layout[position]}'s {type(module).__name__} {tuple(weight.shape)}")
                     grouped = weight.reshape(weight.shape[0], -1, group)
                     low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
                     scale = ((high - low) / levels).clamp(min=1e-8)
@@ -135,7 +140,8 @@ def main() -> None:
     parser.add_argument("--val-rows", type=int, default=0, help="score on the last N rows of the train file "
                         "(held out of tuning) instead of the test file")
     parser.add_argument("--fidelity-only", action="store_true", help="print zero-shot and held-out figures, do not tune")
-    parser.add_argument("--quantize", type=int, default=0, help="round the emulator's middle weights to this many bits")
+    parser.add_argument("--quantize", default="", help="round the emulator's middle weights to this many bits; "
+                        "a comma list is cycled over the middle blocks (3,4: alternate 3 and 4 bits)")
     parser.add_argument("--quant-group", type=int, default=64, help="input columns per quantisation group (scale and offset)")
     parser.add_argument("--realign-every", type=int, default=0, help="re-align the emulator to the full model "
                         "with the current adapter every N tuning steps (FedBiOT-style; 0: never)")
@@ -170,8 +176,9 @@ def main() -> None:
     else:
         test = read_mc_jsonl(test_path, limit=args.test_rows)
     if args.quantize:
-        quantize_middle(emulator, bundle, args.quantize, args.quant_group)
-        name += f"-q{args.quantize}" + (f"g{args.quant_group}" if args.quant_group != 64 else "")
+        bits = [int(width) for width in args.quantize.split(",")]
+        quantize_middle(emulator, bundle, bits, args.quant_group)
+        name += "-q" + "".join(map(str, bits)) + (f"g{args.quant_group}" if args.quant_group != 64 else "")
     if args.shell_steps:
         fit_shell(base, emulator, bundle, read_corpus(args.shell_corpus), tokenizer, args.shell_steps)
         name += f"-shell{args.shell_steps}-" + Path(args.shell_corpus).stem
@@ -216,12 +223,14 @@ def main() -> None:
     ezs = score_mc(emulator, tokenizer, test, 32, progress=False)
     _, probe_blocks = token_blocks(tokenizer, read_corpus(), 256)
     fidelity = heldout_kd(base, emulator, probe_blocks[:8], bundle.layout, bundle.shape["a"], bundle.shape["b"])
-    print(json.dumps({"task": args.task, "emulator": name, "full_zero_shot": zs.accuracy, "picks": picks(zs),
-                      "emulator_zero_shot": ezs.accuracy, "emulator_picks": picks(ezs),
-                      "auc": {"full": margin_auc(zs, test), "emulator": margin_auc(ezs, test)},
-                      "calibrated": {"full": batch_calibrated(zs, test), "emulator": batch_calibrated(ezs, test)}, "heldout_kd": fidelity,
-                      "heldout_ce": {"full": heldout_ce(base, probe_blocks[:8]), "emulator": heldout_ce(emulator, probe_blocks[:8])}}),
-          flush=True)
+    header = {"task": args.task, "emulator": name, "rows": zs.rows, "full_zero_shot": zs.accuracy, "picks": picks(zs),
+              "emulator_zero_shot": ezs.accuracy, "emulator_picks": picks(ezs),
+              "auc": {"full": margin_auc(zs, test), "emulator": margin_auc(ezs, test)},
+              "calibrated": {"full": batch_calibrated(zs, test), "emulator": batch_calibrated(ezs, test)}, "heldout_kd": fidelity,
+              "heldout_ce": {"full": heldout_ce(base, probe_blocks[:8]), "emulator": heldout_ce(emulator, probe_blocks[:8])}}
+    with open(args.out, "a") as handle:  # the emulator's fidelity, before any tuning (experiments/knob.py reads it)
+        handle.write(json.dumps(header) + "\n")
+    print(json.dumps(header), flush=True)
     if args.fidelity_only:
         return
     tune_adapter(emulator, tokenizer, bundle.layout, bundle.adapter_blocks, examples, tune,

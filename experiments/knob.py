@@ -34,6 +34,10 @@ def read_records(paths: list[Path]) -> list[dict]:
     return records
 
 
+def has_auc(record: dict) -> bool:
+    return (record.get("auc") or {}).get("plug_in") is not None
+
+
 def knob_rows(records: list[dict], task: str, step: int, rows: int | None = None,
               schedule: str | None = None) -> tuple[list[dict], list[str]]:
     """One row per emulator (recipe name): held-out CE and KD from its fidelity record, and the
@@ -48,8 +52,11 @@ def knob_rows(records: list[dict], task: str, step: int, rows: int | None = None
             fidelity[record["emulator"]] = record
         elif record.get("step") == step and record.get("gamma", 1.0) == 1.0 and schedule in (None, record.get("schedule")):
             record = record | {"seed": record.get("seed") or 0}  # records from before --seed were seed 0
-            # the same run scored again (e.g. re-run to record the AUC): the later record stands
-            latest[(record["recipe"], record["seed"], record.get("lr"), record.get("train"), record.get("rows"))] = record
+            # the same run scored again (e.g. re-run to record the AUC): the later record stands,
+            # unless only the earlier one has the AUC (files may come in any order)
+            key = (record["recipe"], record["seed"], record.get("lr"), record.get("train"), record.get("rows"))
+            if key not in latest or has_auc(record) or not has_auc(latest[key]):
+                latest[key] = record
     results = defaultdict(list)
     for record in latest.values():
         results[record["recipe"]].append(record)

@@ -100,7 +100,8 @@ def test_knob_rows_join_fidelity_to_results_and_average_over_seeds(tmp_path):
     records = [fidelity("lossy", 4.0), fidelity("close", 3.0), fidelity("other-task", 3.5) | {"task": "sports"},
                step("lossy", 0, 0.50, 0.70, 0.55), step("lossy", 1, 0.54, 0.80, 0.65), step("lossy", 1, 0.9, 0.9, step=60),
                step("close", 0, 0.70, 0.75), step("orphan", 0, 0.6, 0.6), step("close", 0, 0.1, 0.1, rows=1000),
-               step("close", 1, 0.2, 0.2, schedule="cosine"), step("lossy", 0, 0.50, 0.70, 0.57)]  # re-scored
+               step("close", 1, 0.2, 0.2, schedule="cosine"), step("lossy", 0, 0.50, 0.70, 0.57),  # re-scored: the later record stands...
+               step("lossy", 0, 0.50, 0.70)]  # ...unless it lacks the AUC the earlier one has
     path = tmp_path / "runs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
     table, notes = knob_rows(read_records([path]), "hyperbaton", 120, rows=300, schedule="constant")

@@ -123,6 +123,10 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser, default_preset: str) 
     parser.add_argument("--shape", default=None, help="a-k-b: adapter blocks at the bottom, kept middle blocks, adapter blocks at the top")
     parser.add_argument("--distill-steps", type=int, default=None, help="distillation steps (0: plain layer drop)")
     parser.add_argument("--corpus", default=None, help="distillation text: 'python-docs' (default), a .txt or a .jsonl with 'text'")
+    parser.add_argument("--quantize", default=None, metavar="BITS",
+                        help="round the kept middle blocks' weights to BITS bits; a comma list is cycled over the blocks "
+                        "(3,4: 3 and 4 in turn); 'none' turns off a preset's")
+    parser.add_argument("--quant-group", type=int, default=None, help="input columns per quantisation scale and offset (default 64)")
 
 
 def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,6 +197,7 @@ def _add_eval_arguments(parser, default_preset: str, settings) -> None:
 
 
 def _preset_from_args(args):
+    from offsite.emulator.quantize import Quantize
     from offsite.emulator.sandwich import SandwichShape
 
     from .presets import get_preset
@@ -202,24 +207,31 @@ def _preset_from_args(args):
     if args.distill_steps is not None:
         distill = dataclasses.replace(distill, steps=args.distill_steps)
     shape = SandwichShape.parse(args.shape) if args.shape else preset.shape
-    return dataclasses.replace(preset, shape=shape, distill=distill)
+    quantize = preset.quantize
+    if args.quantize is not None:
+        quantize = None if args.quantize.lower() == "none" else Quantize.parse(args.quantize, args.quant_group or 64)
+    elif args.quant_group is not None:
+        if quantize is None:
+            raise ValueError(f"--quant-group needs --quantize: preset {preset.name} does not quantise")
+        quantize = dataclasses.replace(quantize, group=args.quant_group)
+    return dataclasses.replace(preset, shape=shape, distill=distill, quantize=quantize)
 
 
 def _prepare(args: argparse.Namespace) -> int:
     from .fed_job import BUNDLE_DIR, write_job
     from .models import load_base
-    from .prepare import EmulatorConfig, prepare_bundle
+    from .prepare import config_for, prepare_bundle
     from .security_cli import security_summary, sign_prepared_bundle
 
     preset = _preset_from_args(args)
     job = fed_job_config_from_args(args, args.model or preset.base)  # a contradiction fails here, before any distillation
     base, tokenizer, where = load_base(args.model or preset.base)
-    config = EmulatorConfig(preset.shape, preset.distill, corpus=args.corpus or "python-docs")
-    bundle = prepare_bundle(base, tokenizer, config, args.out / BUNDLE_DIR)
+    bundle = prepare_bundle(base, tokenizer, config_for(preset, args.corpus), args.out / BUNDLE_DIR)
     signature = sign_prepared_bundle(job, bundle.root)  # with --keys: manifest.sig, which the data owners verify
     job_file = write_job(args.out, job)
     distilled = bundle.manifest.get("distill", {})
-    print(f"bundle: {bundle.root}  (shape {preset.shape}, layout {bundle.layout})")
+    quantised = f", middle quantised {preset.quantize}" if preset.quantize else ""
+    print(f"bundle: {bundle.root}  (shape {preset.shape}, layout {bundle.layout}{quantised})")
     print(
         f"job: {job_file}  ({job.rounds} round(s), min_nodes {job.min_nodes}, min_replies {job.min_replies}, "
         f"round timeout {job.round_timeout:g}s, {job.aggregator}, local {job.tuning.steps} step(s) x {job.tuning.batch_size} "

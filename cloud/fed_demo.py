@@ -69,7 +69,7 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
     from .federation import LocalFederation, round_summary
     from .models import load_base
     from .pipeline import task_files
-    from .prepare import EmulatorConfig, prepare_bundle
+    from .prepare import config_for, prepare_bundle
     from .split import format_table, split_file
 
     started = time.perf_counter()
@@ -90,7 +90,7 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
     job_dir = out / "federated"
     if job_dir.exists():  # a fresh job every run; the distilled bundle comes from the cache
         shutil.rmtree(job_dir)
-    bundle = prepare_bundle(base, tokenizer, EmulatorConfig(preset.shape, preset.distill), job_dir / BUNDLE_DIR)
+    bundle = prepare_bundle(base, tokenizer, config_for(preset), job_dir / BUNDLE_DIR)
     distill = bundle.manifest.get("distill", {})
     if "heldout_reduction" in distill:
         print(f"held-out KD {distill['heldout_kd_before']:.3f} -> {distill['heldout_kd_after']:.3f} ({100 * distill['heldout_reduction']:.0f}% lower than layer drop)")

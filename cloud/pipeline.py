@@ -18,7 +18,7 @@ from offsite.protocol.adapter import save_update
 from .evaluate import SETTINGS, EvalConfig, Report, five_setting_eval, write_report
 from .models import load_base
 from .plugin import plug_in_update, save_plugged
-from .prepare import EmulatorConfig, prepare_bundle
+from .prepare import config_for, prepare_bundle
 from .presets import Preset
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def run_eval_job(job: EvalJob, progress: bool = True) -> Report:
                 "model": job.model or job.preset.base,
                 "shape": str(job.preset.shape),
                 "distill": dataclasses.asdict(job.preset.distill),
+                "quantize": dataclasses.asdict(job.preset.quantize) if job.preset.quantize else None,
                 "tune": dataclasses.asdict(job.tune),
                 "train": str(job.train),
                 "test": str(job.test),
@@ -70,7 +71,7 @@ def run_eval_job(job: EvalJob, progress: bool = True) -> Report:
     )
     base, tokenizer, where = load_base(job.model or job.preset.base)
     log.info("base model from %s", where)
-    bundle = prepare_bundle(base, tokenizer, EmulatorConfig(job.preset.shape, job.preset.distill, job.corpus), job.out / "bundle", progress=progress)
+    bundle = prepare_bundle(base, tokenizer, config_for(job.preset, job.corpus), job.out / "bundle", progress=progress)
     train = read_examples(job.train)
     test = read_mc_jsonl(job.test, limit=job.test_rows)
     report, update = five_setting_eval(

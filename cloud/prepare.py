@@ -1,4 +1,4 @@
-"""Build a job's emulator bundle: split, layer-drop, distil, write. Distilled bundles are cached
+"""Build a job's emulator bundle: split, layer-drop, distil, optionally quantise, write. Bundles are cached
 by a key over everything that determines them (base weights, shape, distillation settings,
 corpus), so a second ``prepare`` with the same recipe takes seconds."""
 
@@ -18,6 +18,7 @@ from torch import nn
 from offsite.emulator.arch import spec_for
 from offsite.emulator.corpus import DEFAULT_CORPUS, read_corpus, token_blocks
 from offsite.emulator.distill import DistillConfig, distill
+from offsite.emulator.quantize import Quantize, quantize_blocks
 from offsite.emulator.sandwich import SandwichShape, build_emulator, num_blocks
 from offsite.emulator.tune import pick_device
 from offsite.protocol.bundle import Bundle, BundleError, read_bundle, write_bundle
@@ -33,6 +34,12 @@ class EmulatorConfig:
     distill: DistillConfig
     corpus: str = DEFAULT_CORPUS
     device: str = "auto"
+    quantize: Quantize | None = None  # round the kept middle blocks' weights after distillation
+
+
+def config_for(preset, corpus: str | None = None) -> EmulatorConfig:
+    """The emulator a :class:`~offsite.cloud.presets.Preset` names (shape, distillation, quantisation)."""
+    return EmulatorConfig(preset.shape, preset.distill, corpus=corpus or DEFAULT_CORPUS, quantize=preset.quantize)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -54,6 +61,8 @@ def recipe_key(base_fingerprint: str, config: EmulatorConfig, corpus_text: str) 
         "distill": distill,
         "corpus": hashlib.sha256(corpus_text.encode()).hexdigest(),
     }
+    if config.quantize is not None:  # only when set, so unquantised caches keep their keys
+        recipe["quantize"] = dataclasses.asdict(config.quantize)
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -108,4 +117,8 @@ def _build(base, tokenizer, config: EmulatorConfig, corpus_text: str, target: Pa
             heldout_reduction=result.reduction,
             seconds=result.seconds,
         )
+    if config.quantize is not None:
+        quantize_blocks(emulator, list(range(shape.a, len(layout) - shape.b)), config.quantize)
+        info["quantize"] = {"bits": list(config.quantize.bits), "group": config.quantize.group}
+        log.info("quantised the %d kept middle blocks (%s)", len(layout) - shape.a - shape.b, config.quantize)
     return write_bundle(target, emulator, tokenizer, info)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from offsite.emulator.distill import DistillConfig
+from offsite.emulator.quantize import Quantize
 from offsite.emulator.sandwich import SandwichShape
 from offsite.emulator.tune import TuneConfig
 
@@ -22,6 +23,7 @@ class Preset:
     distill: DistillConfig
     tune: TuneConfig = field(default_factory=TuneConfig)
     description: str = ""
+    quantize: Quantize | None = None  # round the kept middle blocks' weights (emulator/quantize.py)
 
 
 def _smollm(shape: str, distill_steps: int, description: str, **tune) -> Preset:
@@ -52,6 +54,17 @@ PRESETS[DEFAULT_PRESET] = replace(
     name=DEFAULT_PRESET,
     distill=DistillConfig(steps=60, batch_size=4, seq_len=256, lr=3e-4, warmup_steps=5, kd_weight=1.0),
     description="the demo recipe: 2-10-2, distilled 60 steps at lr 3e-4, whole adapter blocks",
+)
+# Full depth, every middle block rounded (3 and 4 bits in turn, groups of 16): the emulator found
+# to carry hyperbaton over (plug-in +25 points on the whole test file), at the price of handing
+# the data owners a lower-precision copy of the whole model (README, "privacy-utility knob").
+PRESETS[f"{DEFAULT_MODEL}/q34g16"] = replace(
+    _smollm("2-26-2", 0, ""),
+    name=f"{DEFAULT_MODEL}/q34g16",
+    quantize=Quantize((3, 4), 16),
+    tune=TuneConfig(steps=120, batch_size=16, lr=1e-4, schedule="constant"),
+    description="2-26-2, nothing dropped; middle weights rounded to 3 and 4 bits in turn (groups of 16). "
+    "Transfers, but the data owners hold a near copy of the model and emulator-FT stays above the plug-in",
 )
 
 

@@ -28,8 +28,8 @@ from offsite.cloud.pipeline import task_files
 from offsite.cloud.prepare import EmulatorConfig, prepare_bundle
 from offsite.emulator.data import read_examples, read_mc_jsonl
 from offsite.emulator.corpus import read_corpus, token_blocks
-from offsite.emulator.arch import get_path, spec_for
 from offsite.emulator.distill import DistillConfig, distill, heldout_kd
+from offsite.emulator.quantize import Quantize, quantize_blocks
 from offsite.emulator.sandwich import SandwichShape, adapter_state_dict, num_blocks, plug_in
 from offsite.emulator.score import score_mc
 from offsite.emulator.tune import trainable_parameters, tune_adapter
@@ -45,30 +45,6 @@ def fit_shell(base, emulator, bundle, text: str, tokenizer, steps: int, lr: floa
     config = DistillConfig(steps=steps, lr=lr, kd_weight=1.0, kl_weight=1.0, logit_positions=0, seed=1)
     distill(base, emulator, bundle.layout, bundle.shape["a"], bundle.shape["b"], train_blocks, heldout_blocks[:8],
             config, progress=False, train_top=True)
-
-
-def quantize_middle(emulator, bundle, bits: int | list[int], group: int = 64) -> None:
-    """Round every linear weight of the kept middle blocks to ``bits`` bits in place (min-max,
-    per group of ``group`` input columns): a lossy emulator that keeps every block's role.
-    A list of widths is cycled over the middle blocks (``[3, 4]``: 3, 4, 3, 4, ...)."""
-    import torch
-
-    a, b = bundle.shape["a"], bundle.shape["b"]
-    blocks = get_path(emulator, spec_for(emulator).blocks)
-    cycle = [bits] if isinstance(bits, int) else list(bits)
-    with torch.no_grad():
-        for index, position in enumerate(range(a, len(bundle.layout) - b)):
-            levels = 2 ** cycle[index % len(cycle)] - 1
-            for module in blocks[position].modules():
-                if isinstance(module, torch.nn.Linear):
-                    weight = module.weight
-                    if weight.shape[1] % group:
-                        raise ValueError(f"--quant-group {group} does not divide the {weight.shape[1]} input columns "
-                                         f"of block {bundle.layout[position]}'s {type(module).__name__} {tuple(weight.shape)}")
-                    grouped = weight.reshape(weight.shape[0], -1, group)
-                    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
-                    scale = ((high - low) / levels).clamp(min=1e-8)
-                    weight.copy_((((grouped - low) / scale).round().clamp(0, levels) * scale + low).reshape_as(weight))
 
 
 def choice_margins(result, rows) -> list[float] | None:
@@ -176,9 +152,9 @@ def main() -> None:
     else:
         test = read_mc_jsonl(test_path, limit=args.test_rows)
     if args.quantize:
-        bits = [int(width) for width in args.quantize.split(",")]
-        quantize_middle(emulator, bundle, bits, args.quant_group)
-        name += "-q" + "".join(map(str, bits)) + (f"g{args.quant_group}" if args.quant_group != 64 else "")
+        spec = Quantize.parse(args.quantize, args.quant_group)
+        quantize_blocks(emulator, list(range(bundle.shape["a"], len(bundle.layout) - bundle.shape["b"])), spec)
+        name += "-q" + "".join(map(str, spec.bits)) + (f"g{spec.group}" if spec.group != 64 else "")
     if args.shell_steps:
         fit_shell(base, emulator, bundle, read_corpus(args.shell_corpus), tokenizer, args.shell_steps)
         name += f"-shell{args.shell_steps}-" + Path(args.shell_corpus).stem

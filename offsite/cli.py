@@ -40,8 +40,9 @@ def _presets(args: argparse.Namespace) -> int:
 
     for name, preset in sorted(PRESETS.items()):
         tune = preset.tune
-        print(f"{name:28s} shape {preset.shape}  distil {preset.distill.steps} steps  "
-              f"tune {tune.mode} {tune.steps}x{tune.batch_size} lr {tune.lr:g}  {preset.description}")
+        quantise = f"  quantise {preset.quantize}" if preset.quantize else ""
+        print(f"{name:28s} shape {preset.shape}  distil {preset.distill.steps} steps{quantise}  "
+              f"tune {tune.mode} {tune.steps}x{tune.batch_size} lr {tune.lr:g} {tune.schedule}  {preset.description}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """The experiment scripts' own logic: the diagnostics `experiments/trajectory.py` reports next to
-accuracy (margin AUC, batch-calibrated accuracy), its quantised emulator, and the table
-`experiments/knob.py` builds from its records."""
+accuracy (margin AUC, batch-calibrated accuracy) and the table `experiments/knob.py` builds from
+its records."""
 
 from __future__ import annotations
 
@@ -8,19 +8,16 @@ import json
 import random
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 from offsite.emulator.data import MCRow
 from offsite.emulator.score import MCResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from knob import knob_rows, read_records  # noqa: E402
-from trajectory import batch_calibrated, margin_auc, quantize_middle  # noqa: E402
+from trajectory import batch_calibrated, margin_auc  # noqa: E402
 
-from tests.conftest import tiny_model  # noqa: E402
 
 
 def result(scores: list[list[float]]) -> MCResult:
@@ -58,33 +55,6 @@ def test_diagnostics_are_none_where_they_do_not_apply():
     assert margin_auc(result([[0.0, 1.0, 2.0]] * 2), rows([0, 2], k=3)) is None
     assert batch_calibrated(result([[0.0, 1.0, 2.0]] * 2), rows([0, 2], k=3)) is None
     assert margin_auc(result([[0.0, 1.0]] * 3), rows([1, 1, 1])) is None  # one class only: undefined
-
-
-def test_quantize_middle_cycles_bit_widths_over_the_middle_and_leaves_the_adapter_alone():
-    model = tiny_model("llama", n_blocks=6)
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    bundle = SimpleNamespace(shape={"a": 1, "b": 1}, layout=list(range(6)))
-    quantize_middle(model, bundle, [2, 4], group=16)
-    blocks = model.model.layers
-    for position, block in enumerate(blocks):
-        for name, module in block.named_modules():
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            key = f"model.layers.{position}.{name}.weight"
-            if position in (0, 5):  # adapter blocks: untouched, bit for bit
-                assert torch.equal(module.weight, original[key])
-                continue
-            bits = [2, 4][(position - 1) % 2]
-            groups = module.weight.reshape(module.weight.shape[0], -1, 16)
-            distinct = max(len(torch.unique(row)) for row in groups.reshape(-1, 16))
-            assert distinct <= 2**bits, (key, distinct)
-            # rounding to the nearest level: off by at most half a step of its group's range
-            reference = original[key].reshape_as(groups)
-            step = (reference.amax(-1, keepdim=True) - reference.amin(-1, keepdim=True)) / (2**bits - 1)
-            assert ((groups - reference).abs() <= step / 2 + 1e-6).all(), key
-            assert not torch.equal(module.weight, original[key])
-    with pytest.raises(ValueError, match="does not divide the 32 input columns"):
-        quantize_middle(tiny_model("llama", n_blocks=6), bundle, 3, group=24)
 
 
 def test_knob_rows_join_fidelity_to_results_and_average_over_seeds(tmp_path):

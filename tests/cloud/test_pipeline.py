@@ -11,9 +11,12 @@ from offsite.cloud.models import load_base, resolve_model_dir
 from offsite.cloud.pipeline import EvalJob, run_eval_job, task_files
 from offsite.cloud.prepare import EmulatorConfig, prepare_bundle
 from offsite.cloud.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
+from offsite.emulator.arch import get_path, spec_for
 from offsite.emulator.distill import DistillConfig
-from offsite.emulator.sandwich import SandwichShape
+from offsite.emulator.quantize import Quantize, quantize_blocks
+from offsite.emulator.sandwich import SandwichShape, build_emulator
 from offsite.emulator.tune import TuneConfig
+from offsite.protocol.bundle import load_emulator
 from tests.conftest import tiny_model, write_jsonl
 
 
@@ -46,6 +49,40 @@ def test_prepare_caches_the_distilled_bundle(tmp_path, tiny_dir, monkeypatch):
     other = prepare_bundle(base, tokenizer, EmulatorConfig(SandwichShape(2, 3, 2), config.distill, config.corpus), tmp_path / "job3", progress=False)
     assert other.digest != first.digest
     assert len(list((tmp_path / "cache" / "bundles").iterdir())) == 2
+
+
+def test_prepare_quantises_the_kept_middle_and_records_it(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
+    base, tokenizer, _ = load_base(str(tiny_dir))
+    shape, spec = SandwichShape(2, 4, 2), Quantize((3, 4), 16)
+    plain = prepare_bundle(base, tokenizer, EmulatorConfig(shape, DistillConfig(steps=0)), tmp_path / "plain", progress=False)
+    bundle = prepare_bundle(base, tokenizer, EmulatorConfig(shape, DistillConfig(steps=0), quantize=spec), tmp_path / "q", progress=False)
+    assert bundle.digest != plain.digest and "quantize" not in plain.manifest
+    assert bundle.manifest["quantize"] == {"bits": [3, 4], "group": 16}
+    expected, layout = build_emulator(base, shape)
+    quantize_blocks(expected, [2, 3, 4, 5], spec)  # the 4 kept middle positions, between 2 + 2 adapter blocks
+    shipped = load_emulator(bundle).state_dict()
+    for key, tensor in expected.state_dict().items():
+        assert torch.equal(shipped[key], tensor), key  # written and read back bit for bit
+    blocks, real = get_path(load_emulator(bundle), spec_for(base).blocks), get_path(base, spec_for(base).blocks)
+    for position in (0, 1, 6, 7):  # the adapter shells are the real model's blocks, not rounded
+        assert all(torch.equal(a, b) for a, b in zip(blocks[position].parameters(), real[layout[position]].parameters()))
+    assert not torch.equal(blocks[2].mlp.down_proj.weight, real[layout[2]].mlp.down_proj.weight)
+
+
+def test_quantisation_options_override_the_preset():
+    from offsite.cloud.cli import _preset_from_args
+    from offsite.cli import build_parser
+
+    def preset(*argv):
+        return _preset_from_args(build_parser().parse_args(["eval", "--out", "x", *argv]))
+
+    assert preset("--preset", "smollm2-135m/q34g16").quantize == Quantize((3, 4), 16)
+    assert preset("--preset", "smollm2-135m/q34g16", "--quantize", "none").quantize is None
+    assert preset("--preset", "smollm2-135m/q34g16", "--quant-group", "64").quantize == Quantize((3, 4), 64)
+    assert preset("--quantize", "3").quantize == Quantize((3,), 64)
+    with pytest.raises(ValueError, match="--quant-group needs --quantize"):
+        preset("--quant-group", "16")
 
 
 def _corpus(tmp_path):

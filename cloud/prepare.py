@@ -18,7 +18,7 @@ from torch import nn
 from offsite.emulator.arch import spec_for
 from offsite.emulator.corpus import DEFAULT_CORPUS, read_corpus, token_blocks
 from offsite.emulator.distill import DistillConfig, distill
-from offsite.emulator.quantize import Quantize, quantize_blocks
+from offsite.emulator.quantize import Quantize, check_quantizable, quantize_blocks
 from offsite.emulator.sandwich import SandwichShape, build_emulator, num_blocks
 from offsite.emulator.tune import pick_device
 from offsite.protocol.bundle import Bundle, BundleError, read_bundle, write_bundle
@@ -95,6 +95,9 @@ def _build(base, tokenizer, config: EmulatorConfig, corpus_text: str, target: Pa
     shape = config.shape
     n = num_blocks(base)
     emulator, layout = build_emulator(base, shape)
+    middle = list(range(shape.a, len(layout) - shape.b))
+    if config.quantize is not None:
+        check_quantizable(emulator, middle, config.quantize)  # before minutes of distillation, not after
     info = {
         "family": spec_for(base).family,
         "shape": {"a": shape.a, "k": shape.k, "b": shape.b, "n_blocks": n},
@@ -118,7 +121,7 @@ def _build(base, tokenizer, config: EmulatorConfig, corpus_text: str, target: Pa
             seconds=result.seconds,
         )
     if config.quantize is not None:
-        quantize_blocks(emulator, list(range(shape.a, len(layout) - shape.b)), config.quantize)
+        quantize_blocks(emulator, middle, config.quantize)
         info["quantize"] = {"bits": list(config.quantize.bits), "group": config.quantize.group}
         log.info("quantised the %d kept middle blocks (%s)", len(layout) - shape.a - shape.b, config.quantize)
     return write_bundle(target, emulator, tokenizer, info)

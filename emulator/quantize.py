@@ -56,21 +56,31 @@ def _weights(block: nn.Module):
             yield name, module.weight.t()
 
 
+def check_quantizable(model: nn.Module, positions: list[int], spec: Quantize) -> None:
+    """Raise, naming the block and weight, unless ``spec.group`` divides every linear weight's input
+    columns in the blocks at ``positions`` (so a bad group fails before any distillation, and
+    :func:`quantize_blocks` never leaves a model half rounded)."""
+    blocks = get_path(model, spec_for(model).blocks)
+    for position in positions:
+        weights = list(_weights(blocks[position]))
+        if not weights:
+            raise ValueError(f"block {position} has no linear weights to quantise")
+        for name, weight in weights:
+            if weight.shape[1] % spec.group:
+                raise ValueError(f"quantisation group {spec.group} does not divide the {weight.shape[1]} input "
+                                 f"columns of block {position}'s {name} {tuple(weight.shape)}")
+
+
 def quantize_blocks(model: nn.Module, positions: list[int], spec: Quantize) -> None:
     """Round every linear weight of the blocks at ``positions`` in place, the i-th of them to
     ``spec.bits[i % len(spec.bits)]`` bits: min-max per group of ``spec.group`` input columns,
     each weight moved to the nearest of the group's ``2**bits`` levels."""
+    check_quantizable(model, positions, spec)
     blocks = get_path(model, spec_for(model).blocks)
     with torch.no_grad():
         for index, position in enumerate(positions):
             levels = 2 ** spec.bits[index % len(spec.bits)] - 1
-            weights = list(_weights(blocks[position]))
-            if not weights:
-                raise ValueError(f"block {position} has no linear weights to quantise")
-            for name, weight in weights:
-                if weight.shape[1] % spec.group:
-                    raise ValueError(f"quantisation group {spec.group} does not divide the {weight.shape[1]} input "
-                                     f"columns of block {position}'s {name} {tuple(weight.shape)}")
+            for _, weight in _weights(blocks[position]):
                 grouped = weight.reshape(weight.shape[0], -1, spec.group)
                 low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
                 scale = ((high - low) / levels).clamp(min=1e-8)

@@ -65,5 +65,6 @@ def test_bad_specs_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="group must be >= 1"):
         Quantize((3,), 0)
     model = tiny_model("llama", n_blocks=4)
-    with pytest.raises(ValueError, match="group 24 does not divide the 32 input columns of block 1's self_attn.q_proj"):
-        quantize_blocks(model, [1], Quantize((3,), 24))
+    with pytest.raises(ValueError, match="group 64 does not divide the 32 input columns of block 1's self_attn.q_proj"):
+        quantize_blocks(model, [1, 2], Quantize((3,), 64))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), tiny_model("llama", n_blocks=4).parameters()))

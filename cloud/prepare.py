@@ -123,5 +123,5 @@ def _build(base, tokenizer, config: EmulatorConfig, corpus_text: str, target: Pa
     if config.quantize is not None:
         quantize_blocks(emulator, middle, config.quantize)
         info["quantize"] = {"bits": list(config.quantize.bits), "group": config.quantize.group}
-        log.info("quantised the %d kept middle blocks (%s)", len(layout) - shape.a - shape.b, config.quantize)
+        log.info("quantised the %d kept middle blocks (%s)", len(middle), config.quantize)
     return write_bundle(target, emulator, tokenizer, info)

@@ -154,7 +154,7 @@ def main() -> None:
     if args.quantize:
         spec = Quantize.parse(args.quantize, args.quant_group)
         quantize_blocks(emulator, list(range(bundle.shape["a"], len(bundle.layout) - bundle.shape["b"])), spec)
-        name += "-q" + "".join(map(str, spec.bits)) + (f"g{spec.group}" if spec.group != 64 else "")
+        name += "-" + str(spec).removesuffix("g64")  # run names from before --quant-group leave out the default
     if args.shell_steps:
         fit_shell(base, emulator, bundle, read_corpus(args.shell_corpus), tokenizer, args.shell_steps)
         name += f"-shell{args.shell_steps}-" + Path(args.shell_corpus).stem

@@ -19,7 +19,6 @@ from knob import knob_rows, read_records  # noqa: E402
 from trajectory import batch_calibrated, margin_auc  # noqa: E402
 
 
-
 def result(scores: list[list[float]]) -> MCResult:
     predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
     return MCResult(accuracy=0.0, rows=len(scores), correct=0, predictions=predictions, scores=scores)

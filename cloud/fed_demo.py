@@ -131,8 +131,9 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
         federation.start_superlink()
         for index, path in enumerate(share_paths):
             federation.start_supernode(
-                {"data-path": path, "cache-dir": out / "owners" / f"cache-{index}", "threads": 1}, name=f"owner-{index}"
+                {"data-path": path, "cache-dir": out / "owners" / f"cache-{index}", "threads": 1}, name=f"owner-{index}", wait=False
             )
+        federation.wait_listening()  # started side by side, waited for together
         print(f"SuperLink {federation.address}; {config.owners} SuperNodes registered and started (logs in {federation_dir / 'logs'})")
         run_id = federation.submit({"job-dir": job_dir})
         status = federation.follow(run_id, _print_server_line, timeout=config.round_timeout * (config.rounds + 2))

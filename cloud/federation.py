@@ -113,14 +113,36 @@ def _descendants(pid: int) -> list[int]:
     return result
 
 
-def stop_process(proc: FlowerProcess, grace: float = 10.0) -> None:
-    """SIGTERM the process, then its descendants that outlive it (Flower's SuperExec runs in its
-    own session and exits by itself once its parent is gone; we do not rely on that), then SIGKILL."""
-    descendants = _descendants(proc.process.pid)
-    if proc.alive():
+def _wait_gone(pids: list[int], deadline: float) -> list[int]:
+    """Wait until every pid has exited or ``deadline`` (monotonic) passes; return those still alive."""
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        still = []
+        for pid in alive:
+            try:
+                os.kill(pid, 0)
+                still.append(pid)
+            except ProcessLookupError:
+                continue
+        alive = still
+        if alive:
+            time.sleep(0.1)
+    return alive
+
+
+def stop_processes(procs: list[FlowerProcess], grace: float = 10.0) -> None:
+    """SIGTERM every process at once and wait for them together (a federation's SuperNodes shut
+    down in parallel, not one after another), then their descendants that outlive them (Flower's
+    SuperExec runs in its own session and exits by itself once its parent is gone; we do not rely
+    on that); whatever is left after ``grace`` seconds gets SIGKILL."""
+    descendants = [pid for proc in procs for pid in _descendants(proc.process.pid)]
+    running = [proc for proc in procs if proc.alive()]
+    for proc in running:
         proc.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in running:
         try:
-            proc.process.wait(timeout=grace)
+            proc.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.process.kill()
             proc.process.wait(timeout=grace)
@@ -129,19 +151,15 @@ def stop_process(proc: FlowerProcess, grace: float = 10.0) -> None:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             continue
-    deadline = time.monotonic() + grace
-    for pid in descendants:
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    for pid in _wait_gone(descendants, time.monotonic() + grace):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def stop_process(proc: FlowerProcess, grace: float = 10.0) -> None:
+    stop_processes([proc], grace)
 
 
 def kill_tree(pid: int) -> list[int]:
@@ -474,6 +492,12 @@ class LocalFederation:
             _wait_listening(node, timeout)
         return node
 
+    def wait_listening(self, nodes: list[FlowerProcess] | None = None, timeout: float = 60.0) -> None:
+        """Block until each of ``nodes`` (default: every SuperNode) listens on its runtime API; for
+        SuperNodes started with ``wait=False``, so that they start up side by side."""
+        for node in self.supernodes if nodes is None else nodes:
+            _wait_listening(node, timeout)
+
     # the flwr CLI, bound to this federation's SuperLink
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -503,8 +527,7 @@ class LocalFederation:
 
     def stop(self) -> None:
         """Stop every SuperNode, then the SuperLink, each by its PID."""
-        for node in reversed(self.supernodes):
-            stop_process(node)
+        stop_processes(self.supernodes)  # together, so a federation's shutdown takes one grace period, not one per node
         if self.superlink is not None:
             stop_process(self.superlink)
 

@@ -160,9 +160,10 @@ def node_config(tmp_path, name: str, rows: int, seed: int, keys_dir) -> dict:
 def start_owners(federation, tmp_path, owners: dict[str, tuple[int, int]], keys_dir, superlink: str | None = None) -> dict[str, int]:
     """SuperNodes for ``owners`` (name -> (rows, seed)); returns name -> node id."""
     started = {
-        name: federation.start_supernode(node_config(tmp_path, name, rows, seed, keys_dir), name=f"supernode-{name}", superlink=superlink)
+        name: federation.start_supernode(node_config(tmp_path, name, rows, seed, keys_dir), name=f"supernode-{name}", superlink=superlink, wait=False)
         for name, (rows, seed) in owners.items()
     }
+    federation.wait_listening(list(started.values()))  # started side by side
     return {name: wait_until(lambda node=node: supernode_ids(node.log_path), 60, f"{node.name}'s id")[0] for name, node in started.items()}
 
 

@@ -82,10 +82,11 @@ def test_client_killed_mid_round(tmp_path):
         federation.start_superlink()
         healthy = [
             federation.start_supernode(
-                {"data-path": data_file(tmp_path / f"data-{i}.jsonl", 4, i), "cache-dir": tmp_path / f"cache-{i}", "threads": 1}
+                {"data-path": data_file(tmp_path / f"data-{i}.jsonl", 4, i), "cache-dir": tmp_path / f"cache-{i}", "threads": 1}, wait=False
             )
             for i in range(2)
         ]
+        federation.wait_listening(healthy)  # started side by side
         # the third data owner runs the supervised daemon: it restarts its SuperNode after a crash
         daemon_log_path = tmp_path / "daemon.log"
         daemon_log = open(daemon_log_path, "wb")
@@ -141,10 +142,12 @@ def test_coordinator_killed_after_round_1(tmp_path):
         federation.start_superlink()
         nodes = [
             federation.start_supernode(
-                {"data-path": data_file(tmp_path / f"data-{i}.jsonl", 4, i) if i < 2 else broken, "cache-dir": tmp_path / f"cache-{i}", "threads": 1}
+                {"data-path": data_file(tmp_path / f"data-{i}.jsonl", 4, i) if i < 2 else broken, "cache-dir": tmp_path / f"cache-{i}", "threads": 1},
+                wait=False,
             )
             for i in range(3)
         ]
+        federation.wait_listening(nodes)  # started side by side
         node_ids = [wait_until(lambda node=node: supernode_ids(node.log_path), 60, f"{node.name}'s id")[0] for node in nodes]
         first_run = federation.submit({"job-dir": job_dir})
 

@@ -85,3 +85,43 @@ def quantize_blocks(model: nn.Module, positions: list[int], spec: Quantize) -> N
                 low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
                 scale = ((high - low) / levels).clamp(min=1e-8)
                 weight.copy_((((grouped - low) / scale).round().clamp(0, levels) * scale + low).reshape_as(weight))
+
+
+class RoundingNoise:
+    """Tuning through a quantised middle without fitting its rounding errors.
+
+    The real weights of a rounded group lie within half a step of the values shipped, and the
+    step is readable from the shipped values alone (``(max - min) / (2**bits - 1)`` per group,
+    min-max rounding keeps both ends on a level). :meth:`sample` moves every weight to a uniform
+    draw from ``scale`` times that cell, so an adapter tuned across draws has to work for every
+    middle the emulator is consistent with, the real one included; :meth:`restore` puts the
+    shipped values back (for scoring, and when tuning ends).
+    """
+
+    def __init__(self, model: nn.Module, positions: list[int], spec: Quantize, scale: float = 1.0, seed: int = 0) -> None:
+        if scale <= 0:
+            raise ValueError(f"rounding-noise scale must be > 0, got {scale}")
+        check_quantizable(model, positions, spec)
+        blocks = get_path(model, spec_for(model).blocks)
+        self.scale = scale
+        self.generator = torch.Generator().manual_seed(seed + 2)
+        self.entries = []  # (block, weight name, shipped values grouped, step per group)
+        for index, position in enumerate(positions):
+            levels = 2 ** spec.bits[index % len(spec.bits)] - 1
+            for name, weight in _weights(blocks[position]):
+                shipped = weight.detach().reshape(weight.shape[0], -1, spec.group).clone()
+                step = (shipped.amax(-1, keepdim=True) - shipped.amin(-1, keepdim=True)) / levels
+                self.entries.append((blocks[position], name, shipped, step))
+
+    def _set(self, make) -> None:
+        with torch.no_grad():
+            for block, name, shipped, step in self.entries:
+                weight = dict(_weights(block))[name]  # looked up each time: the model may have moved device
+                weight.copy_(make(shipped, step).reshape_as(weight))
+
+    def sample(self) -> None:
+        scale, generator = self.scale, self.generator
+        self._set(lambda shipped, step: shipped + torch.rand(shipped.shape, generator=generator).sub_(0.5).mul_(step * scale))
+
+    def restore(self) -> None:
+        self._set(lambda shipped, step: shipped)

@@ -29,7 +29,7 @@ from offsite.cloud.prepare import EmulatorConfig, prepare_bundle
 from offsite.emulator.data import read_examples, read_mc_jsonl
 from offsite.emulator.corpus import read_corpus, token_blocks
 from offsite.emulator.distill import DistillConfig, distill, heldout_kd
-from offsite.emulator.quantize import Quantize, quantize_blocks
+from offsite.emulator.quantize import Quantize, RoundingNoise, quantize_blocks
 from offsite.emulator.sandwich import SandwichShape, adapter_state_dict, num_blocks, plug_in
 from offsite.emulator.score import score_mc
 from offsite.emulator.tune import trainable_parameters, tune_adapter
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--quantize", default="", help="round the emulator's middle weights to this many bits; "
                         "a comma list is cycled over the middle blocks (3,4: alternate 3 and 4 bits)")
     parser.add_argument("--quant-group", type=int, default=64, help="input columns per quantisation group (scale and offset)")
+    parser.add_argument("--quant-noise", type=float, default=0.0, help="tune through a fresh draw of the rounded "
+                        "middle each step: every weight uniform in this fraction of its rounding cell (1 = the whole cell)")
     parser.add_argument("--realign-every", type=int, default=0, help="re-align the emulator to the full model "
                         "with the current adapter every N tuning steps (FedBiOT-style; 0: never)")
     parser.add_argument("--realign-steps", type=int, default=20)
@@ -153,8 +155,15 @@ def main() -> None:
         test = read_mc_jsonl(test_path, limit=args.test_rows)
     if args.quantize:
         spec = Quantize.parse(args.quantize, args.quant_group)
-        quantize_blocks(emulator, list(range(bundle.shape["a"], len(bundle.layout) - bundle.shape["b"])), spec)
+        middle = list(range(bundle.shape["a"], len(bundle.layout) - bundle.shape["b"]))
+        quantize_blocks(emulator, middle, spec)
         name += "-" + str(spec).removesuffix("g64")  # run names from before --quant-group leave out the default
+    noise = None
+    if args.quant_noise:
+        if not args.quantize:
+            parser.error("--quant-noise needs --quantize")
+        noise = RoundingNoise(emulator, middle, spec, args.quant_noise, seed=args.seed)
+        name += f"-noise{args.quant_noise:g}"
     if args.shell_steps:
         fit_shell(base, emulator, bundle, read_corpus(args.shell_corpus), tokenizer, args.shell_steps)
         name += f"-shell{args.shell_steps}-" + Path(args.shell_corpus).stem
@@ -171,7 +180,11 @@ def main() -> None:
 
     def checkpoint(step, model) -> None:
         if step in at:
+            if noise is not None:
+                noise.restore()  # scored on the emulator as shipped
             score(step, model)
+        if noise is not None and step < at[-1]:
+            noise.sample()  # the next step's draw
         if args.realign_every and step % args.realign_every == 0 and step < at[-1]:
             realign(base, model, bundle, adapter_state_dict(model, bundle.layout, bundle.adapter_blocks),
                     realign_train, realign_heldout, args.realign_steps, args.realign_lr)
@@ -209,6 +222,8 @@ def main() -> None:
     print(json.dumps(header), flush=True)
     if args.fidelity_only:
         return
+    if noise is not None:
+        noise.sample()
     tune_adapter(emulator, tokenizer, bundle.layout, bundle.adapter_blocks, examples, tune,
                  a=bundle.shape["a"], on_step=checkpoint)
 

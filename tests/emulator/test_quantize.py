@@ -5,7 +5,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from offsite.emulator.arch import get_path, spec_for
-from offsite.emulator.quantize import Quantize, quantize_blocks
+from offsite.emulator.quantize import Quantize, RoundingNoise, quantize_blocks
 from tests.conftest import tiny_model
 
 
@@ -68,3 +68,39 @@ def test_bad_specs_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="group 64 does not divide the 32 input columns of block 1's self_attn.q_proj"):
         quantize_blocks(model, [1, 2], Quantize((3,), 64))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), tiny_model("llama", n_blocks=4).parameters()))
+
+
+def test_rounding_noise_draws_inside_the_cells_the_real_weights_lie_in(family):
+    """The cells are read from the rounded weights alone, and they hold the real weights; draws
+    stay inside them (scaled), differ from draw to draw, and restore() gives back the rounded
+    weights bit for bit."""
+    spec, positions = Quantize((2, 3), group=16), [1, 2, 3]
+    model = tiny_model(family, n_blocks=5)
+    quantize_blocks(model, positions, spec)
+    rounded = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = get_path(model, spec_for(model).blocks)
+    shipped = {p: [(name, w.detach().clone()) for name, w in linear_weights(blocks[p])] for p in positions}
+    real = get_path(tiny_model(family, n_blocks=5), spec_for(model).blocks)  # same seed: before rounding
+    noise = RoundingNoise(model, positions, spec, scale=0.5, seed=0)
+    draws = []
+    for _ in range(2):
+        noise.sample()
+        draws.append({k: v.clone() for k, v in model.state_dict().items()})
+        for index, position in enumerate(positions):
+            levels = 2 ** spec.bits[index % 2] - 1
+            triples = zip(shipped[position], linear_weights(blocks[position]), linear_weights(real[position]))
+            for (name, ship), (_, drawn), (_, truth) in triples:
+                ship, drawn, truth = ship.reshape(-1, 16), drawn.reshape(-1, 16), truth.reshape(-1, 16)
+                step = (ship.amax(-1, keepdim=True) - ship.amin(-1, keepdim=True)) / levels
+                assert ((truth - ship).abs() <= step / 2 + 1e-6).all(), (family, position, name)  # the real weights' cell
+                assert ((drawn - ship).abs() <= 0.5 * step / 2 + 1e-6).all(), (family, position, name)  # scale 0.5
+                assert not torch.equal(drawn, ship), (family, position, name)
+    assert any(not torch.equal(draws[0][k], draws[1][k]) for k in rounded)
+    moved = {k for k in rounded if not torch.equal(draws[0][k], rounded[k])}
+    untouched_model = tiny_model(family, n_blocks=5)
+    quantize_blocks(untouched_model, positions, spec)
+    assert moved == {k for k, v in untouched_model.state_dict().items() if not torch.equal(v, tiny_model(family, n_blocks=5).state_dict()[k])}
+    noise.restore()
+    assert all(torch.equal(v, rounded[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        RoundingNoise(model, [1], spec, scale=0)

@@ -158,10 +158,6 @@ def stop_processes(procs: list[FlowerProcess], grace: float = 10.0) -> None:
             pass
 
 
-def stop_process(proc: FlowerProcess, grace: float = 10.0) -> None:
-    stop_processes([proc], grace)
-
-
 def kill_tree(pid: int) -> list[int]:
     """SIGKILL ``pid`` and every descendant of it, at once: a crash, not a shutdown (no process
     gets to clean up, deregister or flush). For fault tests; returns the PIDs signalled."""
@@ -529,7 +525,7 @@ class LocalFederation:
         """Stop every SuperNode, then the SuperLink, each by its PID."""
         stop_processes(self.supernodes)  # together, so a federation's shutdown takes one grace period, not one per node
         if self.superlink is not None:
-            stop_process(self.superlink)
+            stop_processes([self.superlink])
 
     def __enter__(self) -> "LocalFederation":
         return self

@@ -44,6 +44,10 @@ class Quantize:
     def __str__(self) -> str:
         return "q" + "".join(map(str, self.bits)) + f"g{self.group}"
 
+    def levels(self, index: int) -> int:
+        """The highest code of the ``index``-th quantised block (widths cycle): ``2**bits - 1``."""
+        return 2 ** self.bits[index % len(self.bits)] - 1
+
 
 def _weights(block: nn.Module):
     """(name, weight as out x in) for every linear map of a block; GPT-2's Conv1D stores in x out."""
@@ -79,7 +83,7 @@ def quantize_blocks(model: nn.Module, positions: list[int], spec: Quantize) -> N
     blocks = get_path(model, spec_for(model).blocks)
     with torch.no_grad():
         for index, position in enumerate(positions):
-            levels = 2 ** spec.bits[index % len(spec.bits)] - 1
+            levels = spec.levels(index)
             for _, weight in _weights(blocks[position]):
                 grouped = weight.reshape(weight.shape[0], -1, spec.group)
                 low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
@@ -107,7 +111,7 @@ class RoundingNoise:
         self.generator = torch.Generator().manual_seed(seed + 2)
         self.entries = []  # (block, weight name, shipped values grouped, step per group)
         for index, position in enumerate(positions):
-            levels = 2 ** spec.bits[index % len(spec.bits)] - 1
+            levels = spec.levels(index)
             for name, weight in _weights(blocks[position]):
                 shipped = weight.detach().reshape(weight.shape[0], -1, spec.group).clone()
                 step = (shipped.amax(-1, keepdim=True) - shipped.amin(-1, keepdim=True)) / levels

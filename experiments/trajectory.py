@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--realign-corpus", default="python-docs", help="public text for the re-alignment")
     parser.add_argument("--out", type=Path, default=Path("runs/trajectory.jsonl"))
     args = parser.parse_args()
+    if args.quant_noise and not args.quantize:
+        parser.error("--quant-noise needs --quantize")  # before minutes of loading, not after
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     at = sorted(int(x) for x in args.at.split(","))
     shape, distill_config, tune = RECIPES[args.recipe]
@@ -160,8 +162,6 @@ def main() -> None:
         name += "-" + str(spec).removesuffix("g64")  # run names from before --quant-group leave out the default
     noise = None
     if args.quant_noise:
-        if not args.quantize:
-            parser.error("--quant-noise needs --quantize")
         noise = RoundingNoise(emulator, middle, spec, args.quant_noise, seed=args.seed)
         name += f"-noise{args.quant_noise:g}"
     if args.shell_steps:

@@ -59,10 +59,25 @@ def convert_gguf(gguf: Path, cache: Path | None = None) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "tokenizer.model").unlink(missing_ok=True)  # tokenizer.json is enough
-        os.replace(staging, target)
+        return publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def publish(staging: Path, target: Path) -> Path:
+    """Move a finished conversion into place atomically. Where another process (a second data
+    owner's daemon, a parallel job) finished the same conversion first, keep its copy and drop ours:
+    the cache key is the GGUF's digest, so the two are the same model."""
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        if not (target / "config.json").is_file():
+            raise OSError(f"{target}: exists but holds no converted model; remove it and load again") from None
+        log.info("%s was converted by another process meanwhile; using that copy", target)
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from offsite.cloud.evaluate import SETTINGS, Report
-from offsite.cloud.models import load_base, resolve_model_dir
+from offsite.cloud.models import load_base, publish, resolve_model_dir
 from offsite.cloud.pipeline import EvalJob, run_eval_job, task_files
 from offsite.cloud.prepare import EmulatorConfig, prepare_bundle
 from offsite.cloud.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
@@ -165,3 +165,29 @@ def test_model_sources(tmp_path, tiny_dir):
         resolve_model_dir(str(tmp_path / "missing.gguf"))
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         resolve_model_dir(str(tmp_path / "missing"))
+
+
+def test_a_conversion_published_twice_keeps_the_first_copy(tmp_path, tiny_dir):
+    """Two processes converting the same GGUF at once (two daemons starting on one host): the one
+    that finishes second keeps the first's copy instead of failing on a non-empty directory."""
+    import shutil
+
+    target = tmp_path / "models" / "model-0123"
+    target.parent.mkdir()
+    first, second = tmp_path / ".convert-a", tmp_path / ".convert-b"
+    shutil.copytree(tiny_dir, first)
+    shutil.copytree(tiny_dir, second)
+    (second / "marker").write_text("second")
+    assert publish(first, target) == target and not first.exists()
+    before = {path.name: path.read_bytes() for path in target.iterdir()}
+    assert publish(second, target) == target
+    assert not second.exists()  # ours is dropped, not left behind in the cache
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == before
+    assert AutoModelForCausalLM.from_pretrained(target) is not None
+
+    stray = tmp_path / "models" / "model-4567"
+    (stray / "junk").mkdir(parents=True)
+    third = tmp_path / ".convert-c"
+    shutil.copytree(tiny_dir, third)
+    with pytest.raises(OSError, match="model-4567: exists but holds no converted model"):
+        publish(third, stray)

@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     plugin.add_argument("--bundle", required=True, type=Path, help="the bundle the adapter was tuned on")
     plugin.add_argument("--adapter", required=True, type=Path, help="adapter update (.safetensors)")
     plugin.add_argument("--out", required=True, type=Path, help="output model directory")
+    plugin.add_argument("--gain", type=float, default=None, metavar="G",
+                        help="plug in the full model's adapter blocks + G x what tuning changed "
+                        "(default: the adapter file's recorded plugin_gain, else the preset's)")
     plugin.set_defaults(func=_plugin)
 
     run = commands.add_parser(
@@ -127,6 +130,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser, default_preset: str) 
                         help="round the kept middle blocks' weights to BITS bits; a comma list is cycled over the blocks "
                         "(3,4: 3 and 4 in turn); 'none' turns off a preset's")
     parser.add_argument("--quant-group", type=int, default=None, help="input columns per quantisation scale and offset (default 64)")
+    parser.add_argument("--plugin-gain", type=float, default=None, metavar="G",
+                        help="plug in the full model's adapter blocks + G x what tuning changed (default: the preset's; 1 = as tuned)")
 
 
 def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -155,7 +160,7 @@ def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
     add_security_arguments(parser)  # --job-id, --keys, --registry, --envelopes, --secure-aggregation, --dp-*, ...
 
 
-def fed_job_config_from_args(args: argparse.Namespace, base_model: str | None = None):
+def fed_job_config_from_args(args: argparse.Namespace, base_model: str | None = None, plugin_gain: float = 1.0):
     """The :class:`FedJobConfig` that ``cloud prepare``'s federated-job options describe (validated)."""
     from .fed_job import FedJobConfig, LocalTuning
     from .security_cli import security_from_args
@@ -181,6 +186,7 @@ def fed_job_config_from_args(args: argparse.Namespace, base_model: str | None = 
         base_model=None if args.no_plug_in else base_model,
         eval_test=str(args.eval_test.resolve()) if args.eval_test is not None else None,
         eval_rows=args.eval_rows,
+        plugin_gain=plugin_gain,
         **security_from_args(args),  # job_id (a fresh uuid4 unless --job-id) and security
     )
 
@@ -200,7 +206,7 @@ def _preset_from_args(args):
     from offsite.emulator.quantize import Quantize
     from offsite.emulator.sandwich import SandwichShape
 
-    from .presets import get_preset
+    from .presets import check_gain, get_preset
 
     preset = get_preset(args.preset)
     distill = preset.distill
@@ -214,7 +220,8 @@ def _preset_from_args(args):
         if quantize is None:
             raise ValueError(f"--quant-group needs --quantize: preset {preset.name} does not quantise")
         quantize = dataclasses.replace(quantize, group=args.quant_group)
-    return dataclasses.replace(preset, shape=shape, distill=distill, quantize=quantize)
+    gain = preset.plugin_gain if args.plugin_gain is None else check_gain(args.plugin_gain)
+    return dataclasses.replace(preset, shape=shape, distill=distill, quantize=quantize, plugin_gain=gain)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -224,7 +231,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from .security_cli import security_summary, sign_prepared_bundle
 
     preset = _preset_from_args(args)
-    job = fed_job_config_from_args(args, args.model or preset.base)  # a contradiction fails here, before any distillation
+    job = fed_job_config_from_args(args, args.model or preset.base, preset.plugin_gain)  # a contradiction fails here, before any distillation
     base, tokenizer, where = load_base(args.model or preset.base)
     bundle = prepare_bundle(base, tokenizer, config_for(preset, args.corpus), args.out / BUNDLE_DIR)
     signature = sign_prepared_bundle(job, bundle.root)  # with --keys: manifest.sig, which the data owners verify
@@ -252,13 +259,15 @@ def _plugin(args: argparse.Namespace) -> int:
 
     from .models import load_base
     from .plugin import plug_in_update, save_plugged
-    from .presets import get_preset
+    from .presets import check_gain, get_preset
 
+    preset = get_preset(args.preset)
     bundle = read_bundle(args.bundle)
     update, meta = load_update(args.adapter)
-    base, tokenizer, _ = load_base(args.model or get_preset(args.preset).base)
-    plugged = plug_in_update(base, update, bundle.adapter_blocks, meta.get("lora_alpha") if meta["mode"] == "lora" else None)
-    out = save_plugged(plugged, tokenizer, args.out, {"bundle": bundle.digest, "adapter": str(args.adapter)})
+    gain = check_gain(args.gain if args.gain is not None else meta.get("plugin_gain", preset.plugin_gain))
+    base, tokenizer, _ = load_base(args.model or preset.base)
+    plugged = plug_in_update(base, update, bundle.adapter_blocks, meta.get("lora_alpha") if meta["mode"] == "lora" else None, gain)
+    out = save_plugged(plugged, tokenizer, args.out, {"bundle": bundle.digest, "adapter": str(args.adapter), "plugin_gain": gain})
     print(f"plugged-in model written to {out}")
     return 0
 

@@ -53,6 +53,7 @@ class EvalConfig:
     settings: tuple[str, ...] = SETTINGS
     score_batch: int = 16
     device: str = "auto"
+    plugin_gain: float = 1.0  # the plug-in setting scores real + gain * (tuned - real)
 
     def __post_init__(self) -> None:
         unknown = set(self.settings) - set(SETTINGS)
@@ -112,7 +113,10 @@ class Report:
         for setting in ROWS:
             if setting in self.results:
                 r = self.results[setting]
-                lines.append(f"| {LABELS[setting]} | {r['accuracy']:.3f} | {r['stderr']:.3f} | {r['correct']}/{self.test_rows} |")
+                label = LABELS[setting]
+                if setting.endswith("plug_in") and self.meta.get("plugin_gain", 1.0) != 1.0:
+                    label += f" (gain {self.meta['plugin_gain']:g})"
+                lines.append(f"| {label} | {r['accuracy']:.3f} | {r['stderr']:.3f} | {r['correct']}/{self.test_rows} |")
         lines.append("")
         which = ", federated" if self.gaps_federated else ""
         if self.privacy_gap is not None:
@@ -192,7 +196,8 @@ def five_setting_eval(
         del emulator
 
     if "plug_in" in config.settings:
-        plugged = plug_in_update(base, update, adapter_blocks, lora_alpha)
+        plugged = plug_in_update(base, update, adapter_blocks, lora_alpha, config.plugin_gain)
+        report.meta["plugin_gain"] = config.plugin_gain
         score(plugged, "plug_in")
         del plugged
 

@@ -35,6 +35,7 @@ from offsite.protocol.dp import DPConfig
 from offsite.protocol.ids import DP_MODES, JOB_ID
 
 from .aggregate import AGGREGATORS
+from .presets import check_gain
 
 JOB_FILE = "job.json"
 STATE_FILE = "state.json"
@@ -129,6 +130,7 @@ class FedJobConfig:
     base_model: str | None = None
     eval_test: str | None = None
     eval_rows: int | None = None
+    plugin_gain: float = field(default=1.0, metadata={"help": "plug in real + gain * (global adapter - real) (the recipe's)"})
     # Binds every envelope and secure-aggregation session to this job (uuid4 hex from `offsite
     # cloud prepare`); needed by envelopes and secure aggregation.
     job_id: str | None = None
@@ -151,6 +153,10 @@ class FedJobConfig:
             raise JobError("eval_test needs base_model: the evaluation scores the plugged-in full model")
         if self.eval_rows is not None and self.eval_rows < 1:
             raise JobError(f"eval_rows must be >= 1, got {self.eval_rows}")
+        try:
+            check_gain(self.plugin_gain)
+        except ValueError as error:
+            raise JobError(str(error)) from None
         self._check_security()
 
     def _check_security(self) -> None:

@@ -67,13 +67,14 @@ def finish_job(job_dir: Path | str, force: bool = False) -> dict[str, Path]:
     adapter = load_checkpoint(job_dir, state)
     base, tokenizer, where = load_base(config.base_model)
     log.info("job %s: plugging round %d's adapter into %s", job_dir, state.completed_round, where)
-    plugged = plug_in_update(base, adapter, bundle.adapter_blocks)
+    plugged = plug_in_update(base, adapter, bundle.adapter_blocks, gain=config.plugin_gain)
     written["plug_in"] = save_plugged(plugged, tokenizer, job_dir / PLUG_IN_DIR, provenance)
     del plugged
     if config.eval_test is not None:
         test = read_mc_jsonl(config.eval_test, limit=config.eval_rows)
         report, _ = five_setting_eval(
-            base, tokenizer, bundle, [], test, TuneConfig(), EvalConfig(settings=FEDERATED_SETTINGS),
+            base, tokenizer, bundle, [], test, TuneConfig(),
+            EvalConfig(settings=FEDERATED_SETTINGS, plugin_gain=config.plugin_gain),
             task=Path(config.eval_test).name.removesuffix(".jsonl"), adapter=adapter, progress=False,
         )
         report.meta["federated"] = provenance

@@ -61,6 +61,7 @@ def run_eval_job(job: EvalJob, progress: bool = True) -> Report:
                 "shape": str(job.preset.shape),
                 "distill": dataclasses.asdict(job.preset.distill),
                 "quantize": dataclasses.asdict(job.preset.quantize) if job.preset.quantize else None,
+                "plugin_gain": job.preset.plugin_gain,
                 "tune": dataclasses.asdict(job.tune),
                 "train": str(job.train),
                 "test": str(job.test),
@@ -75,16 +76,19 @@ def run_eval_job(job: EvalJob, progress: bool = True) -> Report:
     train = read_examples(job.train)
     test = read_mc_jsonl(job.test, limit=job.test_rows)
     report, update = five_setting_eval(
-        base, tokenizer, bundle, train, test, job.tune, EvalConfig(settings=job.settings), task=job.task, progress=progress
+        base, tokenizer, bundle, train, test, job.tune,
+        EvalConfig(settings=job.settings, plugin_gain=job.preset.plugin_gain), task=job.task, progress=progress
     )
     report.meta["distill"] = bundle.manifest.get("distill")
     report.meta["preset"] = job.preset.name
     if update is not None:
         lora_alpha = job.tune.lora.alpha if job.tune.mode == "lora" else None
-        save_update(job.out / "adapter.safetensors", update, {"mode": job.tune.mode, "lora_alpha": lora_alpha, "bundle": bundle.digest})
+        gain = job.preset.plugin_gain
+        save_update(job.out / "adapter.safetensors", update,
+                    {"mode": job.tune.mode, "lora_alpha": lora_alpha, "bundle": bundle.digest, "plugin_gain": gain})
         if job.save_plug_in:
-            plugged = plug_in_update(base, update, bundle.adapter_blocks, lora_alpha)
-            save_plugged(plugged, tokenizer, job.out / "plug_in", {"preset": job.preset.name, "bundle": bundle.digest})
+            plugged = plug_in_update(base, update, bundle.adapter_blocks, lora_alpha, gain)
+            save_plugged(plugged, tokenizer, job.out / "plug_in", {"preset": job.preset.name, "bundle": bundle.digest, "plugin_gain": gain})
     report.meta["seconds"] = round(time.perf_counter() - started, 1)
     write_report([report], job.out / "report", title=f"{job.preset.name} on {job.task}")
     return report

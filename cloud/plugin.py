@@ -12,19 +12,50 @@ from torch import nn
 from offsite.emulator.lora import lora_is_transposed, merge_lora
 from offsite.emulator.sandwich import adapter_state_dict, num_blocks, plug_in
 
+from .presets import check_gain
 
-def adapter_from_update(full_model: nn.Module, update: dict[str, torch.Tensor], adapter_blocks: list[int], lora_alpha: float | None = None) -> dict[str, torch.Tensor]:
+
+def extrapolate(real: torch.Tensor, tuned: torch.Tensor, gain: float) -> torch.Tensor:
+    """``real + gain * (tuned - real)`` in float32, back in ``real``'s dtype."""
+    return (real.float() + gain * (tuned.float() - real.float())).to(real.dtype)
+
+
+def adapter_from_update(
+    full_model: nn.Module,
+    update: dict[str, torch.Tensor],
+    adapter_blocks: list[int],
+    lora_alpha: float | None = None,
+    gain: float = 1.0,
+) -> dict[str, torch.Tensor]:
     """Whole-block adapter state from a tuning result: as is in "blocks" mode, or the full
-    model's own adapter blocks with the LoRA factors merged in (``lora_alpha`` given)."""
-    if lora_alpha is None:
-        return update
+    model's own adapter blocks with the LoRA factors merged in (``lora_alpha`` given).
+
+    ``gain`` scales what the update changes in the full model's own adapter blocks (the plug-in
+    gain, a recipe setting: the real model moves the way the emulator moved under an update, but
+    less; README, "Plug-in gain"). 1 plugs the update in as tuned, 0 leaves the model as it was.
+    """
+    gain = check_gain(gain)
     layout = list(range(num_blocks(full_model)))
+    if lora_alpha is not None:  # the merged change is linear in alpha
+        base = adapter_state_dict(full_model, layout, adapter_blocks)
+        return merge_lora(base, update, lora_alpha * gain, transposed=lora_is_transposed(full_model))
+    if gain == 1.0:
+        return update
     base = adapter_state_dict(full_model, layout, adapter_blocks)
-    return merge_lora(base, update, lora_alpha, transposed=lora_is_transposed(full_model))
+    if set(update) != set(base):
+        raise KeyError(f"the update's tensors do not match the full model's adapter blocks {adapter_blocks}: "
+                       f"{sorted(set(update) ^ set(base))[:4]}")
+    return {key: extrapolate(base[key], tensor, gain) for key, tensor in update.items()}
 
 
-def plug_in_update(full_model: nn.Module, update: dict[str, torch.Tensor], adapter_blocks: list[int], lora_alpha: float | None = None) -> nn.Module:
-    return plug_in(full_model, adapter_from_update(full_model, update, adapter_blocks, lora_alpha))
+def plug_in_update(
+    full_model: nn.Module,
+    update: dict[str, torch.Tensor],
+    adapter_blocks: list[int],
+    lora_alpha: float | None = None,
+    gain: float = 1.0,
+) -> nn.Module:
+    return plug_in(full_model, adapter_from_update(full_model, update, adapter_blocks, lora_alpha, gain))
 
 
 def save_plugged(model: nn.Module, tokenizer, out: Path | str, provenance: dict | None = None) -> Path:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from offsite.emulator.distill import DistillConfig
@@ -13,6 +14,13 @@ from offsite.emulator.sandwich import SandwichShape
 from offsite.emulator.tune import TuneConfig
 
 from .models import DEFAULT_MODEL
+
+
+def check_gain(gain: float) -> float:
+    """A plug-in gain: finite and >= 0 (0 leaves the full model as it was, 1 plugs the update in as tuned)."""
+    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not math.isfinite(gain) or gain < 0:
+        raise ValueError(f"the plug-in gain must be a finite number >= 0, got {gain!r}")
+    return float(gain)
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,10 @@ class Preset:
     tune: TuneConfig = field(default_factory=TuneConfig)
     description: str = ""
     quantize: Quantize | None = None  # round the kept middle blocks' weights (emulator/quantize.py)
+    plugin_gain: float = 1.0  # plug in real + gain * (tuned - real) (cloud/plugin.py; README, "Plug-in gain")
+
+    def __post_init__(self) -> None:
+        check_gain(self.plugin_gain)
 
 
 def _smollm(shape: str, distill_steps: int, description: str, **tune) -> Preset:

@@ -41,8 +41,9 @@ def _presets(args: argparse.Namespace) -> int:
     for name, preset in sorted(PRESETS.items()):
         tune = preset.tune
         quantise = f"  quantise {preset.quantize}" if preset.quantize else ""
+        gain = f"  plug-in gain {preset.plugin_gain:g}" if preset.plugin_gain != 1.0 else ""
         print(f"{name:28s} shape {preset.shape}  distil {preset.distill.steps} steps{quantise}  "
-              f"tune {tune.mode} {tune.steps}x{tune.batch_size} lr {tune.lr:g} {tune.schedule}  {preset.description}")
+              f"tune {tune.mode} {tune.steps}x{tune.batch_size} lr {tune.lr:g} {tune.schedule}{gain}  {preset.description}")
     return 0
 
 

@@ -5,12 +5,15 @@ Layout::
     REGISTRY/
       <job name>/
         adapter.safetensors   the adapter (protocol.adapter format: "mode" blocks|lora, "lora_alpha")
-        meta.json             {"format", "name", "mode", "lora_alpha", "adapter_blocks", "source",
-                               "bundle", "round", "sha256", "registered"}
+        meta.json             {"format", "name", "mode", "lora_alpha", "plugin_gain", "adapter_blocks",
+                               "source", "bundle", "round", "sha256", "registered"}
 
 A job's adapter is either whole blocks (``blocks.{i}.{param}``, every parameter of each block it
 names) or LoRA factors (``blocks.{i}.{module}.lora_A`` / ``.lora_B``) applied to the base model's
-own block ``i``, scaled by ``lora_alpha / rank``. Sources: a finished federated job directory
+own block ``i``, scaled by ``lora_alpha / rank``; a ``plugin_gain`` other than 1 (the recipe's; a
+federated job's job.json, or the update file's metadata) is applied as ``offsite cloud plugin``
+applies it: whole blocks become ``own + gain * (adapter - own)``, LoRA's scale is multiplied by it.
+Sources: a finished federated job directory
 (``state.json`` names the last checkpoint; its sha256 is verified) or an adapter update file
 (``offsite client train``'s output). Entries are written to a staging directory and renamed into
 place, so a reader never sees half an entry. Only safetensors and JSON are read.
@@ -30,6 +33,8 @@ from typing import Literal
 
 import torch
 from offsite.emulator.arch import blocks_of
+from offsite.cloud.plugin import extrapolate
+from offsite.cloud.presets import check_gain
 from offsite.emulator.sandwich import ADAPTER_KEY
 from offsite.protocol.adapter import UpdateError, load_update, save_update
 from offsite.protocol.bundle import sha256_file
@@ -99,6 +104,10 @@ def served_job(name: str, tensors: dict[str, torch.Tensor], meta: dict, base: nn
     n_blocks = len(blocks)
     dtype = next(base.parameters()).dtype
     mode = meta.get("mode")
+    try:
+        gain = check_gain(meta.get("plugin_gain", 1.0))
+    except ValueError as error:
+        raise RegistryError(f"{where}: {error}") from None
     if not tensors:
         raise RegistryError(f"{where}: the adapter holds no tensors")
     grouped: dict[int, dict[str, torch.Tensor]] = {}
@@ -110,6 +119,8 @@ def served_job(name: str, tensors: dict[str, torch.Tensor], meta: dict, base: nn
         for index, params in sorted(grouped.items()):
             own = blocks[index].state_dict()
             check_like(params, own, RegistryError, f"{where}: adapter block {index}", prefix=f"blocks.{index}.", floating=True)
+            if gain != 1.0:  # the recipe's plug-in gain, as `offsite cloud plugin` applies it
+                params = {param: extrapolate(own[param], tensor, gain) for param, tensor in params.items()}
             job.blocks[index] = {param: tensor.to(dtype).contiguous() for param, tensor in params.items()}
         return job
     if mode == "lora":
@@ -133,7 +144,8 @@ def served_job(name: str, tensors: dict[str, torch.Tensor], meta: dict, base: nn
                         f"{where}: blocks.{index}.{stem}: LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
                         f"a ({out_features}, {in_features}) weight"
                     )
-                job.lora.setdefault(index, {})[stem] = (a.to(dtype).contiguous(), b.to(dtype).contiguous(), float(alpha) / a.shape[0])
+                scale = gain * float(alpha) / a.shape[0]
+                job.lora.setdefault(index, {})[stem] = (a.to(dtype).contiguous(), b.to(dtype).contiguous(), scale)
         return job
     raise RegistryError(f"{where}: metadata 'mode' must be 'blocks' or 'lora', got {mode!r}")
 
@@ -143,12 +155,13 @@ def served_job(name: str, tensors: dict[str, torch.Tensor], meta: dict, base: nn
 
 def read_source(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a finished federated job directory or an adapter update file."""
-    from offsite.cloud.fed_job import JobError, load_checkpoint, load_state
+    from offsite.cloud.fed_job import JOB_FILE, JobError, load_checkpoint, load_state, read_job
 
     path = Path(path)
     if path.is_dir():
         try:
             state = load_state(path)
+            gain = read_job(path).plugin_gain if (path / JOB_FILE).is_file() else 1.0
         except JobError as error:
             raise RegistryError(str(error)) from None
         if state is None or state.completed_round < 1 or not state.checkpoint:
@@ -157,7 +170,8 @@ def read_source(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
             tensors = load_checkpoint(path, state)
         except (JobError, UpdateError) as error:
             raise RegistryError(str(error)) from None
-        meta = {"mode": "blocks", "lora_alpha": None, "bundle": state.bundle, "round": state.completed_round}
+        meta = {"mode": "blocks", "lora_alpha": None, "bundle": state.bundle, "round": state.completed_round,
+                "plugin_gain": gain}
         return tensors, meta
     try:
         return load_update(path)
@@ -181,6 +195,7 @@ def add(registry: Path | str, name: str, source: Path | str, base: nn.Module | N
         "name": name,
         "mode": meta.get("mode"),
         "lora_alpha": meta.get("lora_alpha"),
+        "plugin_gain": meta.get("plugin_gain", 1.0),
         "adapter_blocks": indices,
         "source": str(Path(source).resolve()),
         "bundle": meta.get("bundle"),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from offsite.cloud.fed_job import JobState, save_checkpoint
+from offsite.cloud.fed_job import FedJobConfig, JobState, save_checkpoint, write_job
 from offsite.cloud.plugin import plug_in_update
 from offsite.cloud.serving import registry
 from offsite.emulator.sandwich import adapter_state_dict
@@ -63,26 +63,29 @@ class JobSpec:
     name: str
     tensors: dict[str, torch.Tensor]
     lora_alpha: float | None = None
+    plugin_gain: float = 1.0
 
     @property
     def meta(self) -> dict:
-        return {"mode": "lora" if self.lora_alpha else "blocks", "lora_alpha": self.lora_alpha}
+        return {"mode": "lora" if self.lora_alpha else "blocks", "lora_alpha": self.lora_alpha, "plugin_gain": self.plugin_gain}
 
     def plugged(self, base: nn.Module) -> nn.Module:
-        return plug_in_update(base, self.tensors, ADAPTER_BLOCKS, self.lora_alpha)
+        return plug_in_update(base, self.tensors, ADAPTER_BLOCKS, self.lora_alpha, self.plugin_gain)
 
 
 def four_jobs(base: nn.Module) -> list[JobSpec]:
     return [
         JobSpec("alpha", perturbed_blocks(base, 1)),
-        JobSpec("beta", perturbed_blocks(base, 2)),
+        JobSpec("beta", perturbed_blocks(base, 2), plugin_gain=1.5),  # the recipe's plug-in gain, from job.json
         JobSpec("gamma", lora_factors(base, 3, 4, ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")), 8.0),
-        JobSpec("delta", lora_factors(base, 4, 2, ("self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")), 4.0),
+        JobSpec("delta", lora_factors(base, 4, 2, ("self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")), 4.0,
+                plugin_gain=0.5),  # from the update file's metadata
     ]
 
 
-def finished_job_dir(root: Path, adapter: dict[str, torch.Tensor], rounds: int = 2) -> Path:
-    """A federated job directory whose state.json names its last round's checkpoint."""
+def finished_job_dir(root: Path, adapter: dict[str, torch.Tensor], rounds: int = 2, plugin_gain: float = 1.0) -> Path:
+    """A federated job directory (job.json, and a state.json that names its last round's checkpoint)."""
+    write_job(root, FedJobConfig(rounds=rounds, plugin_gain=plugin_gain))
     state = JobState(bundle="0" * 64)
     for round_number in range(1, rounds + 1):
         save_checkpoint(root, state, round_number, adapter, {"round": round_number})
@@ -93,7 +96,7 @@ def fill_registry(path: Path, base: nn.Module, jobs: list[JobSpec], sources: Pat
     """Register ``jobs``: whole-block ones from finished job directories, LoRA ones from update files."""
     for job in jobs:
         if job.lora_alpha is None:
-            source = finished_job_dir(sources / job.name, job.tensors)
+            source = finished_job_dir(sources / job.name, job.tensors, plugin_gain=job.plugin_gain)
         else:
             source = save_update(sources / f"{job.name}.safetensors", job.tensors, job.meta)
         registry.add(path, job.name, source, base=base)

@@ -10,7 +10,8 @@ import re
 import pytest
 
 from offsite.cli import main
-from offsite.cloud.fed_job import FedJobConfig, LocalTuning, read_job
+from offsite.cloud.fed_job import FedJobConfig, JobError, LocalTuning, read_job, write_job
+from offsite.cloud.presets import get_preset
 from offsite.protocol.bundle import read_bundle
 from tests.conftest import make_tokenizer, tiny_model
 
@@ -58,6 +59,16 @@ def test_prepare_without_job_options_writes_the_default_job(model_dir, tmp_path)
     assert job == FedJobConfig(job_id=job.job_id, base_model=str(model_dir))
     read_bundle(out / "bundle")
     assert not (out / "bundle" / "manifest.sig").exists()  # no --keys: not signed
+
+
+def test_prepare_takes_the_plugin_gain_from_the_preset_or_the_option(model_dir, tmp_path, capsys):
+    assert prepare(model_dir, tmp_path / "q", "--preset", "smollm2-135m/q34g16", "--quantize", "none") == 0
+    assert read_job(tmp_path / "q").plugin_gain == get_preset("smollm2-135m/q34g16").plugin_gain
+    assert prepare(model_dir, tmp_path / "g", "--plugin-gain", "0.5") == 0
+    assert read_job(tmp_path / "g").plugin_gain == 0.5
+    assert prepare(model_dir, tmp_path / "bad", "--plugin-gain", "-1") == 2
+    assert "plug-in gain must be a finite number >= 0, got -1.0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_contradictory_job_settings_stop_before_anything_is_written(model_dir, tmp_path, capsys):
@@ -108,3 +119,13 @@ def test_contradictory_security_options_stop_before_anything_is_written(model_di
     assert prepare(model_dir, out, "--keys", str(tmp_path / "no-keys")) == 2
     assert "no-keys" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_job_json_keeps_the_plugin_gain_and_refuses_a_bad_one(tmp_path):
+    write_job(tmp_path, FedJobConfig(plugin_gain=1.5))
+    assert read_job(tmp_path).plugin_gain == 1.5
+    data = json.loads((tmp_path / "job.json").read_text())
+    for bad in (-0.5, "2", None):
+        (tmp_path / "job.json").write_text(json.dumps({**data, "plugin_gain": bad}))
+        with pytest.raises(JobError, match=r"job\.json.*plug-in gain"):
+            read_job(tmp_path)

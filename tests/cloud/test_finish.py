@@ -21,7 +21,7 @@ N_BLOCKS = 6
 SHAPE = SandwichShape(1, 2, 1)
 
 
-def make_finished_job(tmp_path, rounds: int = 2, completed: int = 2, eval_rows: int | None = None):
+def make_finished_job(tmp_path, rounds: int = 2, completed: int = 2, eval_rows: int | None = None, plugin_gain: float = 1.0):
     base = tiny_model("llama", n_blocks=N_BLOCKS)
     tokenizer = make_tokenizer(tmp_path)
     base_dir = tmp_path / "base"
@@ -37,7 +37,8 @@ def make_finished_job(tmp_path, rounds: int = 2, completed: int = 2, eval_rows: 
     )
     test = tmp_path / "test.jsonl"
     write_jsonl(test, [{"prompt": f"q{i} ", "choices": ["a", "b", "c"], "answer": i % 3} for i in range(12)])
-    write_job(job_dir, FedJobConfig(rounds=rounds, tuning=LocalTuning(), base_model=str(base_dir), eval_test=str(test), eval_rows=eval_rows))
+    write_job(job_dir, FedJobConfig(rounds=rounds, tuning=LocalTuning(), base_model=str(base_dir), eval_test=str(test),
+                                    eval_rows=eval_rows, plugin_gain=plugin_gain))
     state = JobState(bundle=read_bundle(job_dir / "bundle").digest)
     adapter = adapter_state_dict(emulator, layout, adapter_blocks)
     generator = torch.Generator().manual_seed(1)
@@ -75,6 +76,20 @@ def test_finish_plugs_in_the_last_checkpoint_and_scores_it(tmp_path):
     stamp = (written["plug_in"] / "model.safetensors").stat().st_mtime_ns
     finish_job(job_dir)
     assert (written["plug_in"] / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_finish_applies_the_jobs_plugin_gain(tmp_path):
+    job_dir, base, tokenizer, adapter, bundle, test = make_finished_job(tmp_path, eval_rows=6, plugin_gain=1.5)
+    written = finish_job(job_dir)
+    state = AutoModelForCausalLM.from_pretrained(written["plug_in"]).state_dict()
+    base_state = base.state_dict()
+    for key, tensor in adapter.items():
+        index, name = key.split(".", 2)[1:]
+        real = base_state[f"model.layers.{index}.{name}"]
+        # the plugged block moved 1.5 times as far from the real one as the global adapter did
+        torch.testing.assert_close(state[f"model.layers.{index}.{name}"] - real, 1.5 * (tensor - real), rtol=1e-5, atol=1e-6)
+    report = json.loads(written["report"].read_text())[0]
+    assert report["meta"]["plugin_gain"] == 1.5
 
 
 def test_finish_refuses_an_unfinished_job(tmp_path):

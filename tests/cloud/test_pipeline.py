@@ -114,6 +114,34 @@ def test_eval_job_writes_report_plug_in_and_adapter(tmp_path, tiny_dir, task, mo
         assert not torch.allclose(plugged(ids).logits, base(ids).logits, atol=1e-5)
 
 
+def test_eval_job_plugs_in_with_the_presets_gain(tmp_path, tiny_dir, task, monkeypatch):
+    """The saved plug-in, the plug-in setting and the adapter file all carry the recipe's gain."""
+    from offsite.cloud.plugin import plug_in_update
+    from offsite.protocol.adapter import load_update
+    from offsite.protocol.bundle import read_bundle
+
+    monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
+    train, test = task
+    preset = Preset("tiny", str(tiny_dir), SandwichShape(2, 2, 2), DistillConfig(steps=0), plugin_gain=2.0)
+    tune = TuneConfig(steps=3, batch_size=4, lr=1e-3, device="cpu")
+    job = EvalJob(preset=preset, train=train, test=test, out=tmp_path / "job", task="even", tune=tune, settings=("plug_in",))
+    report = run_eval_job(job, progress=False)
+    assert report.meta["plugin_gain"] == 2.0
+    assert "| plug-in (gain 2) |" in (tmp_path / "job" / "report" / "report.md").read_text()
+    assert json.loads((tmp_path / "job" / "job.json").read_text())["plugin_gain"] == 2.0
+    update, meta = load_update(tmp_path / "job" / "adapter.safetensors")
+    assert meta["plugin_gain"] == 2.0
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    blocks = read_bundle(tmp_path / "job" / "bundle").adapter_blocks
+    expected = plug_in_update(base, update, blocks, gain=2.0).state_dict()
+    as_tuned = plug_in_update(base, update, blocks).state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "job" / "plug_in").state_dict()
+    assert all(torch.equal(saved[key], expected[key]) for key in expected)
+    assert any(not torch.equal(saved[key], as_tuned[key]) for key in expected)
+    with pytest.raises(ValueError, match="plug-in gain"):
+        Preset("tiny", str(tiny_dir), SandwichShape(2, 2, 2), DistillConfig(steps=0), plugin_gain=-1.0)
+
+
 def test_report_gaps():
     report = Report("t", 100, 10)
     report.results = {s: {"accuracy": a, "stderr": 0.05, "correct": int(a * 100)} for s, a in

@@ -177,6 +177,30 @@ def test_gpt2_and_opt_are_refused_naming_the_supported_families():
 # ---------------------------------------------------------------- the registry
 
 
+def test_the_registry_applies_the_recipes_plugin_gain(tmp_path):
+    """A job's plug-in gain (job.json, or the update file's metadata) is served the way
+    `offsite cloud plugin` plugs it in: whole blocks own + gain x (adapter - own), LoRA scaled."""
+    import json
+
+    from offsite.emulator.sandwich import adapter_state_dict
+
+    base = tiny_base(dtype=torch.float32)
+    blocks = perturbed_blocks(base, 1)
+    registry.add(tmp_path / "reg", "fed", finished_job_dir(tmp_path / "job", blocks, plugin_gain=2.0), base=base)
+    assert json.loads((tmp_path / "reg" / "fed" / "meta.json").read_text())["plugin_gain"] == 2.0
+    fed = registry.load(tmp_path / "reg", "fed", base)
+    own = adapter_state_dict(base, list(range(8)), ADAPTER_BLOCKS)
+    key = "blocks.6.mlp.up_proj.weight"
+    torch.testing.assert_close(fed.blocks[6]["mlp.up_proj.weight"] - own[key], 2.0 * (blocks[key] - own[key]))
+    save_update(tmp_path / "u.safetensors", lora_factors(base, 2, 4, ("self_attn.q_proj",)),
+                {"mode": "lora", "lora_alpha": 16.0, "plugin_gain": 0.5})
+    registry.add(tmp_path / "reg", "tuned", tmp_path / "u.safetensors", base=base)
+    assert registry.load(tmp_path / "reg", "tuned", base).lora[0]["self_attn.q_proj"][2] == 0.5 * 16.0 / 4
+    save_update(tmp_path / "bad.safetensors", blocks, {"mode": "blocks", "plugin_gain": -1})
+    with pytest.raises(RegistryError, match="bad.safetensors: the plug-in gain must be"):
+        registry.add(tmp_path / "reg", "bad", tmp_path / "bad.safetensors", base=base)
+
+
 def test_registry_from_a_finished_job_and_from_an_update_file(tmp_path):
     base = tiny_base(dtype=torch.float32)
     blocks = perturbed_blocks(base, 1)

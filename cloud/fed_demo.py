@@ -114,6 +114,7 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
         base_model=preset.base,
         eval_test=str(test_path),
         eval_rows=config.test_rows,
+        plugin_gain=preset.plugin_gain,
     )
     write_job(job_dir, job)
     _stage(
@@ -158,11 +159,13 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
         "local_steps": steps,
         "federated_seconds": round(fed_seconds, 1),
         "middle_nmse_at_answer": federated["meta"].get("middle_nmse_at_answer"),
+        "plugin_gain": preset.plugin_gain,
     }
     if central_settings:
         names = {"emulator_ft": "emulator-FT", "plug_in": "plug-in", "full_ft": "full FT (the same blocks tuned with the real middle)"}
         _stage(4, total, f"centralised on the same {len(train)} training rows: {', '.join(names[s] for s in central_settings)}")
-        central, update = five_setting_eval(base, tokenizer, bundle, train, test, tune, EvalConfig(settings=central_settings), task=config.task)
+        central, update = five_setting_eval(base, tokenizer, bundle, train, test, tune, EvalConfig(settings=central_settings, plugin_gain=preset.plugin_gain),
+                                             task=config.task)
         report.results.update(central.results)
         report.meta["centralised"] = {k: central.meta[k] for k in ("emulator_tuning", "full_tuning") if k in central.meta}
         if update is not None:

@@ -70,11 +70,15 @@ PRESETS[DEFAULT_PRESET] = replace(
 # Full depth, every middle block rounded (3 and 4 bits in turn, groups of 16): the emulator found
 # to carry hyperbaton over (plug-in +25 points on the whole test file), at the price of handing
 # the data owners a lower-precision copy of the whole model (README, "privacy-utility knob").
+# The real model moves the emulator's way under the update, but less: the plug-in gain of 1.5
+# (chosen on 300 rows held out of hyperbaton's train file) added 5.8 points on its whole test
+# file (README, "Plug-in gain").
 PRESETS[f"{DEFAULT_MODEL}/q34g16"] = replace(
     _smollm("2-26-2", 0, ""),
     name=f"{DEFAULT_MODEL}/q34g16",
     quantize=Quantize((3, 4), 16),
     tune=TuneConfig(steps=120, batch_size=16, lr=1e-4, schedule="constant"),
+    plugin_gain=1.5,
     description="2-26-2, nothing dropped; middle weights rounded to 3 and 4 bits in turn (groups of 16). "
     "Transfers, but the data owners hold a near copy of the model and emulator-FT stays above the plug-in",
 )

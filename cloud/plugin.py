@@ -31,8 +31,8 @@ def adapter_from_update(
     model's own adapter blocks with the LoRA factors merged in (``lora_alpha`` given).
 
     ``gain`` scales what the update changes in the full model's own adapter blocks (the plug-in
-    gain, a recipe setting: the real model moves the way the emulator moved under an update, but
-    less; README, "Plug-in gain"). 1 plugs the update in as tuned, 0 leaves the model as it was.
+    gain, a recipe setting chosen on held-out rows; README, "Plug-in gain"). 1 plugs the update in
+    as tuned, 0 leaves the model as it was.
     """
     gain = check_gain(gain)
     layout = list(range(num_blocks(full_model)))

@@ -16,8 +16,10 @@ from .presets import check_gain
 
 
 def extrapolate(real: torch.Tensor, tuned: torch.Tensor, gain: float) -> torch.Tensor:
-    """``real + gain * (tuned - real)`` in float32, back in ``real``'s dtype."""
-    return (real.float() + gain * (tuned.float() - real.float())).to(real.dtype)
+    """``real + gain * (tuned - real)``, computed in float32 at least (float64 stays float64), back
+    in ``real``'s dtype."""
+    wide = torch.promote_types(real.dtype, torch.float32)
+    return (real.to(wide) + gain * (tuned.to(wide) - real.to(wide))).to(real.dtype)
 
 
 def adapter_from_update(

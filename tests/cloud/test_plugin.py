@@ -77,3 +77,16 @@ def test_an_update_that_misses_a_block_tensor_is_named():
     del tuned[missing]
     with pytest.raises(KeyError, match=missing.replace(".", r"\.")):
         adapter_from_update(model, tuned, BLOCKS, gain=2.0)
+
+
+def test_extrapolation_keeps_float64_precision_and_the_dtype():
+    from offsite.cloud.plugin import extrapolate
+
+    generator = torch.Generator().manual_seed(4)
+    real = torch.randn(64, 64, generator=generator, dtype=torch.float64)
+    tuned = real + 1e-9 * torch.randn(64, 64, generator=generator, dtype=torch.float64)  # below float32's resolution
+    out = extrapolate(real, tuned, 1.5)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, real + 1.5 * (tuned - real))
+    half = extrapolate(real.to(torch.bfloat16), tuned.to(torch.bfloat16), 1.5)
+    assert half.dtype == torch.bfloat16

@@ -32,6 +32,10 @@ def register(commands) -> None:
     serve.add_argument("--add", action="append", default=[], metavar="NAME=PATH",
                        help="register a finished job directory (or an adapter update file) as NAME before serving; repeatable")
     serve.add_argument("--replace", action="store_true", help="--add replaces a job of the same name")
+    serve.add_argument("--plugin-gain", type=float, default=None, metavar="G",
+                       help="serve the --add jobs at plug-in gain G (real + G x (tuned - real); the recipe's, e.g. 1.5 for "
+                       "smollm2-135m/q34g16). Default: each source's own (a job directory's job.json, else the update "
+                       "file's metadata, else 1)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port; default 8000)")
     serve.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: any free port; -1: no gRPC; default 50051)")
@@ -96,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
     import torch
 
     from .models import load_base
+    from .presets import check_gain
     from .serving import registry, server
     from .serving.service import ServeConfig, ServingService
 
@@ -107,6 +112,13 @@ def _serve(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise ValueError(f"--add {item!r}: use NAME=PATH")
         adds.append((registry.check_name(name), Path(path)))
+    if args.plugin_gain is not None:
+        try:
+            check_gain(args.plugin_gain)  # before the base model loads
+        except ValueError as error:
+            raise ValueError(f"--plugin-gain: {error}") from None
+        if not adds:
+            raise ValueError("--plugin-gain applies to --add jobs; there are none")
     config = ServeConfig(
         registry=args.registry, base_name=str(args.model), max_batch=args.max_batch, max_context=args.max_context,
         default_max_tokens=args.max_tokens, max_queue=args.max_queue, api_keys=api_keys(args.api_keys_file),
@@ -114,7 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     model, tokenizer, where = load_base(args.model, dtype=getattr(torch, args.dtype))
     for name, path in adds:
-        registry.add(args.registry, name, path, base=model, replace=args.replace)
+        registry.add(args.registry, name, path, base=model, replace=args.replace, plugin_gain=args.plugin_gain)
         print(f"registered {name} from {path}")
     service = ServingService(model, tokenizer, config)
     servers = server.start(service, args.host, args.port, None if args.grpc_port < 0 else args.grpc_port)

@@ -11,8 +11,9 @@ Inference (``Authorization: Bearer KEY`` when API keys are on)::
 Admin (``Authorization: Bearer ADMIN_TOKEN``)::
 
     GET    /admin/models            the registered jobs with their metadata
-    POST   /admin/models            {"name", "path": a finished job dir or adapter file on the server, "replace"}
-    PUT    /admin/models/{name}     body: an adapter file (safetensors); ?replace=true to replace
+    POST   /admin/models            {"name", "path": a finished job dir or adapter file on the server, "replace",
+                                     "plugin_gain": the recipe's plug-in gain (default: the source's own, else 1)}
+    PUT    /admin/models/{name}     body: an adapter file (safetensors); ?replace=true to replace, ?plugin_gain=G
     DELETE /admin/models/{name}
 
 ``stream: true`` answers with server-sent events (chunked), one ``data: {json}`` per piece of text,
@@ -196,10 +197,17 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ServingError(400, "'path' must name a finished job directory or an adapter file on the server", param="path", code="invalid_value")
             if not isinstance(replace, bool):
                 raise ServingError(400, "'replace' must be true or false", param="replace", code="invalid_type")
-            self._send_json(201, service.register(name, source, replace=replace))
+            self._send_json(201, service.register(name, source, replace=replace, plugin_gain=body.get("plugin_gain")))
         elif name and method == "PUT":
-            replace = parse_qs(urlsplit(self.path).query).get("replace", ["false"])[0].lower() in ("1", "true", "yes")
-            self._send_json(201, service.register_bytes(name, self._read_body(MAX_UPLOAD_BYTES), replace=replace))
+            query = parse_qs(urlsplit(self.path).query)
+            replace = query.get("replace", ["false"])[0].lower() in ("1", "true", "yes")
+            gain = query.get("plugin_gain", [None])[0]
+            if gain is not None:
+                try:
+                    gain = float(gain)
+                except ValueError:
+                    raise ServingError(400, f"'plugin_gain' must be a number, got {gain!r}", param="plugin_gain", code="invalid_type") from None
+            self._send_json(201, service.register_bytes(name, self._read_body(MAX_UPLOAD_BYTES), replace=replace, plugin_gain=gain))
         elif name and method == "DELETE":
             self._send_json(200, service.unregister(name))
         else:

@@ -179,14 +179,25 @@ def read_source(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
         raise RegistryError(str(error)) from None
 
 
-def add(registry: Path | str, name: str, source: Path | str, base: nn.Module | None = None, replace: bool = False) -> Path:
-    """Copy ``source``'s adapter into ``registry/name`` (validated against ``base`` when given)."""
+def add(registry: Path | str, name: str, source: Path | str, base: nn.Module | None = None, replace: bool = False,
+        plugin_gain: float | None = None) -> Path:
+    """Copy ``source``'s adapter into ``registry/name`` (validated against ``base`` when given).
+
+    ``plugin_gain``: serve the adapter at this gain instead of the source's own (a job's
+    ``job.json``, else the update file's metadata, else 1). A client's update file does not know
+    the recipe's gain, so registering one from a recipe with a gain needs it said here.
+    """
     check_name(name)
     registry = Path(registry)
     target = registry / name
     if target.exists() and not replace:
         raise RegistryError(f"{target}: job {name!r} is already registered (unregister it first, or replace)")
     tensors, meta = read_source(source)
+    if plugin_gain is not None:
+        try:
+            meta = {**meta, "plugin_gain": check_gain(plugin_gain)}
+        except ValueError as error:
+            raise RegistryError(f"registering {name!r}: {error}") from None
     if base is not None:
         served_job(name, tensors, meta, base, where=str(source))
     indices = sorted({int(ADAPTER_KEY.match(key).group(1)) for key in tensors if ADAPTER_KEY.match(key)})

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from torch import nn
 
+from offsite.cloud.presets import check_gain
+
 from . import registry
 from .engine import (
     LlamaStack,
@@ -207,12 +209,18 @@ class ServingService:
 
     # ------------------------------------------------------------ admin
 
-    def register(self, name: str, source: Path | str, replace: bool = False) -> dict:
-        """Copy a finished job's (or an adapter file's) adapter into the registry and serve it."""
+    def register(self, name: str, source: Path | str, replace: bool = False, plugin_gain: float | None = None) -> dict:
+        """Copy a finished job's (or an adapter file's) adapter into the registry and serve it
+        (at ``plugin_gain`` when given, else at the source's own gain)."""
         try:
             registry.check_name(name)
         except RegistryError as error:
             raise ServingError(400, str(error), param="name", code="invalid_value") from None
+        if plugin_gain is not None:
+            try:
+                plugin_gain = check_gain(plugin_gain)
+            except ValueError as error:
+                raise ServingError(400, str(error), param="plugin_gain", code="invalid_value") from None
         with self._admin:
             if name in self.jobs() and not replace:
                 raise ServingError(409, f"job {name!r} is already registered (unregister it first, or send replace: true)", param="name", code="model_exists")
@@ -220,7 +228,7 @@ class ServingService:
             if not source.exists():
                 raise ServingError(400, f"{source}: no such job directory or adapter file on the server", param="path", code="invalid_value")
             try:
-                registry.add(self.config.registry, name, source, base=self.model, replace=replace)
+                registry.add(self.config.registry, name, source, base=self.model, replace=replace, plugin_gain=plugin_gain)
                 job = registry.load(self.config.registry, name, self.model)
             except (RegistryError, ValueError) as error:
                 raise ServingError(400, str(error), param="path", code="invalid_adapter") from None
@@ -229,7 +237,7 @@ class ServingService:
         log.info("registered %s (%s, blocks %s)", name, job.mode, job.adapter_blocks)
         return self.model_info(name, job)
 
-    def register_bytes(self, name: str, data: bytes, replace: bool = False) -> dict:
+    def register_bytes(self, name: str, data: bytes, replace: bool = False, plugin_gain: float | None = None) -> dict:
         """Register an uploaded adapter file (safetensors bytes, protocol.adapter format)."""
         if len(data) > MAX_UPLOAD_BYTES:
             raise ServingError(413, f"the adapter is {len(data)} bytes; the limit is {MAX_UPLOAD_BYTES}", code="too_large")
@@ -237,7 +245,7 @@ class ServingService:
         with tempfile.NamedTemporaryFile(dir=self.config.registry, prefix=".upload-", suffix=".safetensors", delete=False) as handle:
             handle.write(data)
         try:
-            return self.register(name, handle.name, replace=replace)
+            return self.register(name, handle.name, replace=replace, plugin_gain=plugin_gain)
         finally:
             os.unlink(handle.name)
 

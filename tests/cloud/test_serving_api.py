@@ -246,9 +246,21 @@ def test_admin_registers_and_unregisters_at_run_time(served):
     status, info = call(served, "PUT", "/admin/models/uploaded", raw=upload.read_bytes(), headers=auth | {"Content-Type": "application/octet-stream"})
     assert status == 201 and info["id"] == "uploaded"
     _assert_error(call(served, "PUT", "/admin/models/junk", raw=b"not safetensors", headers=auth), 400, code="invalid_adapter")
-    listed = {m["id"] for m in call(served, "GET", "/admin/models", headers=auth)[1]["data"]}
-    assert {"late", "uploaded"} <= listed and "junk" not in listed
-    for name in ("late", "uploaded"):
+    # the recipe's plug-in gain, said at registration (a client's update file carries none)
+    gained = perturbed_blocks(served.base, 13)
+    save_update(upload, gained, {"mode": "blocks"})
+    status, info = call(served, "PUT", "/admin/models/gained?plugin_gain=1.5", raw=upload.read_bytes(), headers=auth)
+    assert status == 201
+    served.references["gained"] = plug_in_update(served.base, gained, ADAPTER_BLOCKS, gain=1.5)
+    reply = call(served, "POST", "/v1/completions", {"model": "gained", "prompt": [3, 1, 4], "max_tokens": 8, "temperature": 0})[1]
+    assert reply["choices"][0]["text"] == expected_text(served, "gained", [3, 1, 4], 8)
+    _assert_error(call(served, "PUT", "/admin/models/g2?plugin_gain=much", raw=upload.read_bytes(), headers=auth), 400, "plugin_gain")
+    for bad in (-1, "1.5"):
+        _assert_error(call(served, "POST", "/admin/models", {"name": "g3", "path": str(job_dir), "plugin_gain": bad}, auth), 400, "plugin_gain")
+    listed = {m["id"]: m for m in call(served, "GET", "/admin/models", headers=auth)[1]["data"]}
+    assert {"late", "uploaded", "gained"} <= set(listed) and not {"junk", "g2", "g3"} & set(listed)
+    assert listed["gained"]["meta"]["plugin_gain"] == 1.5 and listed["late"]["meta"]["plugin_gain"] == 1.0
+    for name in ("late", "uploaded", "gained"):
         assert call(served, "DELETE", f"/admin/models/{name}", headers=auth) == (200, {"id": name, "object": "model", "deleted": True})
     _assert_error(call(served, "POST", "/v1/completions", {"model": "late", "prompt": "x", "max_tokens": 2}), 404, "model")
     _assert_error(call(served, "DELETE", "/admin/models/late", headers=auth), 404, "name")
@@ -336,3 +348,15 @@ def test_offsite_query_streams_the_answer(served, capsys):
     assert capsys.readouterr().out.split("\n")[0].startswith("base ")
     assert main(["query", "--url", served.servers.http_url, "-m", "nope", "hi"]) == 1
     assert "404: The model 'nope' does not exist" in capsys.readouterr().err
+
+
+def test_serve_checks_plugin_gain_before_loading_the_model(tmp_path, capsys):
+    from offsite.cli import main
+
+    registry_dir = tmp_path / "registry"
+    assert main(["cloud", "serve", "--registry", str(registry_dir), "--model", str(tmp_path / "no-model"),
+                 "--add", f"job={tmp_path / 'u.safetensors'}", "--plugin-gain", "-1"]) == 2
+    assert "--plugin-gain: the plug-in gain must be a finite number >= 0, got -1.0" in capsys.readouterr().err
+    assert main(["cloud", "serve", "--registry", str(registry_dir), "--model", str(tmp_path / "no-model"), "--plugin-gain", "1.5"]) == 2
+    assert "--plugin-gain applies to --add jobs; there are none" in capsys.readouterr().err
+    assert not registry_dir.exists()

@@ -201,6 +201,32 @@ def test_the_registry_applies_the_recipes_plugin_gain(tmp_path):
         registry.add(tmp_path / "reg", "bad", tmp_path / "bad.safetensors", base=base)
 
 
+def test_a_gain_given_at_registration_overrides_the_sources(tmp_path):
+    """A client's update file does not know the recipe's gain: the operator says it when
+    registering. The stated gain replaces the source's (job.json's 2.0 here), and a bad one is
+    refused before anything is written."""
+    import json
+
+    from offsite.emulator.sandwich import adapter_state_dict
+
+    base = tiny_base(dtype=torch.float32)
+    blocks = perturbed_blocks(base, 3)
+    own = adapter_state_dict(base, list(range(8)), ADAPTER_BLOCKS)
+    key = "blocks.1.self_attn.o_proj.weight"
+    save_update(tmp_path / "u.safetensors", blocks, {"mode": "blocks"})
+    registry.add(tmp_path / "reg", "client", tmp_path / "u.safetensors", base=base, plugin_gain=1.5)
+    assert json.loads((tmp_path / "reg" / "client" / "meta.json").read_text())["plugin_gain"] == 1.5
+    served = registry.load(tmp_path / "reg", "client", base).blocks[1]["self_attn.o_proj.weight"]
+    torch.testing.assert_close(served - own[key], 1.5 * (blocks[key] - own[key]))
+    job_dir = finished_job_dir(tmp_path / "job", blocks, plugin_gain=2.0)
+    registry.add(tmp_path / "reg", "zero", job_dir, base=base, plugin_gain=0)
+    assert torch.equal(registry.load(tmp_path / "reg", "zero", base).blocks[1]["self_attn.o_proj.weight"], own[key])
+    for bad in (-0.5, float("nan"), True):
+        with pytest.raises(RegistryError, match="registering 'late': the plug-in gain must be"):
+            registry.add(tmp_path / "reg", "late", job_dir, base=base, plugin_gain=bad)
+    assert not (tmp_path / "reg" / "late").exists()
+
+
 def test_registry_from_a_finished_job_and_from_an_update_file(tmp_path):
     base = tiny_base(dtype=torch.float32)
     blocks = perturbed_blocks(base, 1)

@@ -63,6 +63,7 @@ def recipe_key(base_fingerprint: str, config: EmulatorConfig, corpus_text: str) 
     }
     if config.quantize is not None:  # only when set, so unquantised caches keep their keys
         recipe["quantize"] = dataclasses.asdict(config.quantize)
+        recipe["packed"] = True  # bundles cached before packing are rebuilt packed
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -121,7 +122,8 @@ def _build(base, tokenizer, config: EmulatorConfig, corpus_text: str, target: Pa
             seconds=result.seconds,
         )
     if config.quantize is not None:
-        quantize_blocks(emulator, middle, config.quantize)
+        rounded = quantize_blocks(emulator, middle, config.quantize)
         info["quantize"] = {"bits": list(config.quantize.bits), "group": config.quantize.group}
         log.info("quantised the %d kept middle blocks (%s)", len(middle), config.quantize)
+        return write_bundle(target, emulator, tokenizer, info, packed=rounded)
     return write_bundle(target, emulator, tokenizer, info)

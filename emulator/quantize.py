@@ -49,15 +49,34 @@ class Quantize:
         return 2 ** self.bits[index % len(self.bits)] - 1
 
 
-def _weights(block: nn.Module):
-    """(name, weight as out x in) for every linear map of a block; GPT-2's Conv1D stores in x out."""
+@dataclass
+class Rounded:
+    """One rounded weight as what it is made of: ``weight = codes * scale + low`` per group, in the
+    weight's (out x in) orientation. ``transposed``: the parameter itself is stored in x out
+    (GPT-2's Conv1D). What a bundle packs instead of the weight's floats."""
+
+    codes: torch.Tensor  # uint8, (out, groups, group), each in 0 .. 2**bits - 1
+    scale: torch.Tensor  # (out, groups, 1), the weight's dtype
+    low: torch.Tensor  # (out, groups, 1)
+    bits: int
+    transposed: bool
+
+
+def _linear(block: nn.Module):
+    """(name, parameter, transposed) for every linear map of a block; GPT-2's Conv1D stores in x out."""
     from transformers.pytorch_utils import Conv1D
 
     for name, module in block.named_modules():
         if isinstance(module, nn.Linear):
-            yield name, module.weight
+            yield name, module.weight, False
         elif isinstance(module, Conv1D):
-            yield name, module.weight.t()
+            yield name, module.weight, True
+
+
+def _weights(block: nn.Module):
+    """(name, weight as out x in) for every linear map of a block."""
+    for name, weight, transposed in _linear(block):
+        yield name, weight.t() if transposed else weight
 
 
 def check_quantizable(model: nn.Module, positions: list[int], spec: Quantize) -> None:
@@ -75,20 +94,29 @@ def check_quantizable(model: nn.Module, positions: list[int], spec: Quantize) ->
                                  f"columns of block {position}'s {name} {tuple(weight.shape)}")
 
 
-def quantize_blocks(model: nn.Module, positions: list[int], spec: Quantize) -> None:
+def quantize_blocks(model: nn.Module, positions: list[int], spec: Quantize) -> dict[str, Rounded]:
     """Round every linear weight of the blocks at ``positions`` in place, the i-th of them to
     ``spec.bits[i % len(spec.bits)]`` bits: min-max per group of ``spec.group`` input columns,
-    each weight moved to the nearest of the group's ``2**bits`` levels."""
+    each weight moved to the nearest of the group's ``2**bits`` levels.
+
+    Returns each rounded weight's codes, scales and offsets by parameter name (``model``'s
+    ``state_dict`` keys), from which a bundle rebuilds the same floats bit for bit."""
     check_quantizable(model, positions, spec)
     blocks = get_path(model, spec_for(model).blocks)
+    names = {id(param): name for name, param in model.named_parameters(remove_duplicate=False)}
+    rounded = {}
     with torch.no_grad():
         for index, position in enumerate(positions):
             levels = spec.levels(index)
-            for _, weight in _weights(blocks[position]):
+            for _, param, transposed in _linear(blocks[position]):
+                weight = param.t() if transposed else param
                 grouped = weight.reshape(weight.shape[0], -1, spec.group)
                 low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
                 scale = ((high - low) / levels).clamp(min=1e-8)
-                weight.copy_((((grouped - low) / scale).round().clamp(0, levels) * scale + low).reshape_as(weight))
+                codes = ((grouped - low) / scale).round().clamp(0, levels)
+                weight.copy_((codes * scale + low).reshape_as(weight))
+                rounded[names[id(param)]] = Rounded(codes.to(torch.uint8), scale, low, levels.bit_length(), transposed)
+    return rounded
 
 
 class RoundingNoise:

@@ -3,7 +3,8 @@
 A directory with
 
 - ``emulator.safetensors``: every tensor of the emulator model (adapter blocks, kept middle
-  blocks, embeddings, final norm, head);
+  blocks, embeddings, final norm, head); a quantised middle's weights bit-packed
+  (:mod:`offsite.protocol.packed`, listed under the manifest's ``packed``);
 - ``tokenizer/*.json`` (and the chat template): the tokenizer, JSON only;
 - ``manifest.json``: format, family, the model config, the sandwich shape, the layout
   (original block index at each position), adapter and kept-middle indices, and the sha256
@@ -104,14 +105,20 @@ def canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def write_bundle(root: Path | str, emulator: nn.Module, tokenizer, info: dict) -> Bundle:
+def write_bundle(root: Path | str, emulator: nn.Module, tokenizer, info: dict, packed: dict | None = None) -> Bundle:
     """Write ``emulator`` (+ tokenizer) as a bundle at ``root``; ``info`` goes into the manifest
     (it must hold ``family``, ``shape``, ``layout``, ``adapter_blocks``, ``kept_middle``).
+
+    ``packed``: rounded weights by parameter name (what
+    :func:`offsite.emulator.quantize.quantize_blocks` returns), stored as bit-packed codes with
+    their groups' scales and offsets instead of floats (:mod:`offsite.protocol.packed`).
 
     The bundle is assembled in a sibling temporary directory and renamed into place, so a
     crash never leaves a half-written bundle behind.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import load_file, save_file, save_model
+
+    from .packed import pack_state
 
     for key in ("family", "shape", "layout", "adapter_blocks", "kept_middle"):
         if key not in info:
@@ -120,7 +127,11 @@ def write_bundle(root: Path | str, emulator: nn.Module, tokenizer, info: dict) -
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        save_model(emulator, str(staging / WEIGHTS))
+        save_model(emulator, str(staging / WEIGHTS))  # safetensors drops tied duplicates; packing starts from that
+        if packed:
+            tensors, entry = pack_state(load_file(str(staging / WEIGHTS)), packed)
+            save_file(tensors, str(staging / WEIGHTS))
+            info = {**info, "packed": entry}
         with tempfile.TemporaryDirectory() as scratch:
             tokenizer.save_pretrained(scratch)
             (staging / TOKENIZER_DIR).mkdir()
@@ -221,21 +232,46 @@ def read_bundle(root: Path | str, manifest_bytes: bytes | None = None) -> Bundle
 
 def load_emulator(bundle: Bundle, dtype=None) -> nn.Module:
     """Build the emulator model from the bundle alone: the config from the manifest, then a
-    strict load of every tensor from ``emulator.safetensors``."""
-    from safetensors.torch import load_model
+    strict load of every tensor from ``emulator.safetensors`` (packed weights rebuilt first)."""
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .packed import unpack_state
 
     config_dict = dict(bundle.manifest["config"])
     model_type = config_dict.pop("model_type", bundle.manifest.get("model_type"))
     config = AutoConfig.for_model(model_type, **config_dict)
     model = AutoModelForCausalLM.from_config(config)
+    path = bundle.root / WEIGHTS
     try:
-        load_model(model, str(bundle.root / WEIGHTS), strict=True)
-    except (RuntimeError, ValueError) as error:
-        raise BundleError(f"{bundle.root / WEIGHTS}: does not fit the manifest's config ({error})") from None
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error type for a malformed header
+        raise BundleError(f"{path}: not a readable safetensors file ({error})") from None
+    if "packed" in bundle.manifest:
+        tensors = unpack_state(tensors, bundle.manifest["packed"], str(path), BundleError)
+    load_strict(model, tensors, str(path))
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def load_strict(model: nn.Module, tensors: dict, where: str) -> None:
+    """Load ``tensors`` into ``model``: every parameter and buffer the model saves must be there,
+    with its shape, except a tied duplicate of one that is (as safetensors writes them), and
+    nothing else may be."""
+    own = model.state_dict()
+    unexpected = sorted(set(tensors) - set(own))
+    if unexpected:
+        raise BundleError(f"{where}: does not fit the manifest's config: it has no place for {unexpected[:5]}")
+    loaded = {own[key].data_ptr() for key in tensors}
+    missing = sorted(key for key in set(own) - set(tensors) if own[key].data_ptr() not in loaded)
+    if missing:
+        raise BundleError(f"{where}: does not fit the manifest's config: the file lacks {missing[:5]}")
+    for key, tensor in tensors.items():
+        if tensor.shape != own[key].shape:
+            raise BundleError(f"{where}: does not fit the manifest's config: {key} is {tuple(tensor.shape)}, "
+                             f"the config needs {tuple(own[key].shape)}")
+    model.load_state_dict(tensors, strict=False)
 
 
 def load_tokenizer(bundle: Bundle):

@@ -59,6 +59,8 @@ def test_prepare_quantises_the_kept_middle_and_records_it(tmp_path, tiny_dir, mo
     bundle = prepare_bundle(base, tokenizer, EmulatorConfig(shape, DistillConfig(steps=0), quantize=spec), tmp_path / "q", progress=False)
     assert bundle.digest != plain.digest and "quantize" not in plain.manifest
     assert bundle.manifest["quantize"] == {"bits": [3, 4], "group": 16}
+    assert "packed" not in plain.manifest and len(bundle.manifest["packed"]["weights"]) == 4 * 7  # 4 blocks x 7 linear maps
+    assert bundle.manifest["files"]["emulator.safetensors"]["bytes"] < plain.manifest["files"]["emulator.safetensors"]["bytes"]
     expected, layout = build_emulator(base, shape)
     quantize_blocks(expected, [2, 3, 4, 5], spec)  # the 4 kept middle positions, between 2 + 2 adapter blocks
     shipped = load_emulator(bundle).state_dict()

@@ -56,10 +56,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """The ``count`` codes of ``bits`` bits each that :func:`pack_codes` wrote, as uint8 (1-D)."""
-    stream = ((packed.reshape(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[: count * bits]
-    weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.int32)
-    return (stream.reshape(count, bits).to(torch.int32) * weights).sum(1).to(torch.uint8)
+    """The ``count`` codes of ``bits`` bits each that :func:`pack_codes` wrote, as uint8 (1-D).
+    A code starts at bit ``i * bits`` and spans at most two bytes (bits <= 8, offset <= 7)."""
+    start = torch.arange(count, dtype=torch.int64) * bits
+    byte, shift = start >> 3, (start & 7).to(torch.int32)
+    data = torch.cat([packed.reshape(-1), packed.new_zeros(1)]).to(torch.int32)
+    word = data[byte] | (data[byte + 1] << 8)
+    return ((word >> shift) & ((1 << bits) - 1)).to(torch.uint8)
 
 
 def packed_bytes(shape: tuple[int, int], bits: int) -> int:

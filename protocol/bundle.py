@@ -235,13 +235,16 @@ def load_emulator(bundle: Bundle, dtype=None) -> nn.Module:
     strict load of every tensor from ``emulator.safetensors`` (packed weights rebuilt first)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
 
     from .packed import unpack_state
 
     config_dict = dict(bundle.manifest["config"])
     model_type = config_dict.pop("model_type", bundle.manifest.get("model_type"))
     config = AutoConfig.for_model(model_type, **config_dict)
-    model = AutoModelForCausalLM.from_config(config)
+    with no_init_weights():  # every tensor comes from the file (load_strict refuses a gap): no random init to throw away
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # skipped with the init; tied tensors are written once
     path = bundle.root / WEIGHTS
     try:
         tensors = load_file(str(path))

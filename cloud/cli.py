@@ -43,7 +43,8 @@ def register(subparsers) -> None:
     plugin.add_argument("--out", required=True, type=Path, help="output model directory")
     plugin.add_argument("--gain", type=float, default=None, metavar="G",
                         help="plug in the full model's adapter blocks + G x what tuning changed "
-                        "(default: the adapter file's recorded plugin_gain, else the preset's)")
+                        "(default: the adapter file's recorded plugin_gain, else the federated job's when the "
+                        "adapter is JOB/checkpoints/round-N.safetensors, else the preset's)")
     plugin.set_defaults(func=_plugin)
 
     run = commands.add_parser(
@@ -264,12 +265,24 @@ def _plugin(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
     bundle = read_bundle(args.bundle)
     update, meta = load_update(args.adapter)
-    gain = check_gain(args.gain if args.gain is not None else meta.get("plugin_gain", preset.plugin_gain))
+    gain = args.gain if args.gain is not None else meta.get("plugin_gain", _checkpoint_job_gain(args.adapter))
+    gain = check_gain(preset.plugin_gain if gain is None else gain)
     base, tokenizer, _ = load_base(args.model or preset.base)
     plugged = plug_in_update(base, update, bundle.adapter_blocks, meta.get("lora_alpha") if meta["mode"] == "lora" else None, gain)
     out = save_plugged(plugged, tokenizer, args.out, {"bundle": bundle.digest, "adapter": str(args.adapter), "plugin_gain": gain})
     print(f"plugged-in model written to {out}")
     return 0
+
+
+def _checkpoint_job_gain(adapter: Path) -> float | None:
+    """The plug-in gain of the federated job whose checkpoint ``adapter`` is
+    (``JOB/checkpoints/round-N.safetensors`` next to ``JOB/job.json``), else None."""
+    from .fed_job import JOB_FILE, read_job
+
+    job_dir = Path(adapter).resolve().parent.parent
+    if Path(adapter).resolve().parent.name != "checkpoints" or not (job_dir / JOB_FILE).is_file():
+        return None
+    return read_job(job_dir).plugin_gain
 
 
 def _eval(args: argparse.Namespace) -> int:

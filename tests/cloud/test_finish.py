@@ -92,6 +92,28 @@ def test_finish_applies_the_jobs_plugin_gain(tmp_path):
     assert report["meta"]["plugin_gain"] == 1.5
 
 
+def test_cloud_plugin_takes_the_gain_of_the_job_whose_checkpoint_it_is(tmp_path):
+    """`offsite cloud plugin --adapter JOB/checkpoints/round-N.safetensors` plugs in at the job's
+    gain (job.json); the same file elsewhere falls back to the preset's (the default's is 1)."""
+    import shutil
+
+    from offsite.cli import main
+
+    job_dir, base, tokenizer, adapter, bundle, test = make_finished_job(tmp_path, plugin_gain=1.5)
+    checkpoint = job_dir / "checkpoints" / "round-0002.safetensors"
+    copy = tmp_path / "elsewhere.safetensors"
+    shutil.copy(checkpoint, copy)
+    base_state = base.state_dict()
+    for source, out, gain in ((checkpoint, "in-job", 1.5), (copy, "copied", 1.0)):
+        assert main(["cloud", "plugin", "--model", str(tmp_path / "base"), "--bundle", str(job_dir / "bundle"),
+                     "--adapter", str(source), "--out", str(tmp_path / out)]) == 0
+        state = AutoModelForCausalLM.from_pretrained(tmp_path / out).state_dict()
+        for key, tensor in adapter.items():
+            index, name = key.split(".", 2)[1:]
+            real = base_state[f"model.layers.{index}.{name}"]
+            torch.testing.assert_close(state[f"model.layers.{index}.{name}"] - real, gain * (tensor - real), rtol=1e-5, atol=1e-6)
+
+
 def test_finish_refuses_an_unfinished_job(tmp_path):
     job_dir, *_ = make_finished_job(tmp_path, rounds=3, completed=2)
     with pytest.raises(JobError, match="2 of 3 rounds"):

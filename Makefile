@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: setup demo test bench bench-rounds bench-envelope bench-serving clean proto
+.PHONY: setup demo test bench bench-rounds bench-envelope bench-serving bench-bundle clean proto
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,9 @@ bench-envelope: setup
 
 bench-serving: setup
 	$(PY) benchmarks/serving.py
+
+bench-bundle: setup
+	$(PY) benchmarks/bundle.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

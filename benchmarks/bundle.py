@@ -44,23 +44,21 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     from offsite.cloud.models import load_base
+    from offsite.cloud.prepare import cut_info
     from offsite.cloud.presets import get_preset
-    from offsite.emulator.arch import spec_for
     from offsite.emulator.quantize import quantize_blocks
-    from offsite.emulator.sandwich import build_emulator, num_blocks
+    from offsite.emulator.sandwich import build_emulator
     from offsite.protocol.bundle import load_emulator, read_bundle, write_bundle
 
     preset = get_preset(args.preset)
     if preset.quantize is None:
         parser.error(f"preset {preset.name} does not quantise its middle: nothing to pack")
     base, tokenizer, where = load_base(preset.base)
-    n = num_blocks(base)
     shape = preset.shape
     emulator, layout = build_emulator(base, shape)
     middle = list(range(shape.a, len(layout) - shape.b))
     rounded = quantize_blocks(emulator, middle, preset.quantize)
-    info = {"family": spec_for(base).family, "shape": {"a": shape.a, "k": shape.k, "b": shape.b, "n_blocks": n},
-            "layout": layout, "adapter_blocks": shape.adapter_blocks(n), "kept_middle": shape.kept_middle(n)}
+    info = cut_info(base, shape, layout)
     print(f"{preset.name}: {where}, emulator {shape} with its middle rounded ({preset.quantize}), "
           f"{len(rounded)} weights, {sum(emulator.state_dict()[k].numel() for k in rounded) / 1e6:.1f} M values; "
           f"torch threads {torch.get_num_threads()}, median of {args.runs}")

@@ -92,21 +92,25 @@ def prepare_bundle(
     return read_bundle(out)
 
 
-def _build(base, tokenizer, config: EmulatorConfig, corpus_text: str, target: Path, progress: bool) -> Bundle:
-    shape = config.shape
+def cut_info(base: nn.Module, shape: SandwichShape, layout: list[int]) -> dict:
+    """What a bundle's manifest says about the cut: family, shape, layout, adapter and kept blocks."""
     n = num_blocks(base)
-    emulator, layout = build_emulator(base, shape)
-    middle = list(range(shape.a, len(layout) - shape.b))
-    if config.quantize is not None:
-        check_quantizable(emulator, middle, config.quantize)  # before minutes of distillation, not after
-    info = {
+    return {
         "family": spec_for(base).family,
         "shape": {"a": shape.a, "k": shape.k, "b": shape.b, "n_blocks": n},
         "layout": layout,
         "adapter_blocks": shape.adapter_blocks(n),
         "kept_middle": shape.kept_middle(n),
-        "distill": {"config": dataclasses.asdict(config.distill), "corpus": config.corpus},
     }
+
+
+def _build(base, tokenizer, config: EmulatorConfig, corpus_text: str, target: Path, progress: bool) -> Bundle:
+    shape = config.shape
+    emulator, layout = build_emulator(base, shape)
+    middle = list(range(shape.a, len(layout) - shape.b))
+    if config.quantize is not None:
+        check_quantizable(emulator, middle, config.quantize)  # before minutes of distillation, not after
+    info = cut_info(base, shape, layout) | {"distill": {"config": dataclasses.asdict(config.distill), "corpus": config.corpus}}
     if config.distill.steps:
         seq_len = config.distill.seq_len
         train_blocks, heldout_blocks = token_blocks(tokenizer, corpus_text, seq_len)

@@ -265,7 +265,9 @@ def _plugin(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
     bundle = read_bundle(args.bundle)
     update, meta = load_update(args.adapter)
-    gain = args.gain if args.gain is not None else meta.get("plugin_gain", _checkpoint_job_gain(args.adapter))
+    gain = args.gain if args.gain is not None else meta.get("plugin_gain")
+    if gain is None:  # job.json is read only when neither the option nor the file says
+        gain = _checkpoint_job_gain(args.adapter)
     gain = check_gain(preset.plugin_gain if gain is None else gain)
     base, tokenizer, _ = load_base(args.model or preset.base)
     plugged = plug_in_update(base, update, bundle.adapter_blocks, meta.get("lora_alpha") if meta["mode"] == "lora" else None, gain)
@@ -279,10 +281,10 @@ def _checkpoint_job_gain(adapter: Path) -> float | None:
     (``JOB/checkpoints/round-N.safetensors`` next to ``JOB/job.json``), else None."""
     from .fed_job import JOB_FILE, read_job
 
-    job_dir = Path(adapter).resolve().parent.parent
-    if Path(adapter).resolve().parent.name != "checkpoints" or not (job_dir / JOB_FILE).is_file():
+    checkpoints = Path(adapter).resolve().parent
+    if checkpoints.name != "checkpoints" or not (checkpoints.parent / JOB_FILE).is_file():
         return None
-    return read_job(job_dir).plugin_gain
+    return read_job(checkpoints.parent).plugin_gain
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -19,7 +19,6 @@ and replaced.
 from __future__ import annotations
 
 import fcntl
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from offsite.protocol.bundle import Bundle, BundleError, read_bundle
 from offsite.protocol.bundle_signing import read_signed_bundle, verify_manifest_signature
+from offsite.protocol.files import replace_dir
 from offsite.protocol.keys import CoordinatorPublicKeys
 from offsite.protocol.messages import DIGEST, BundlePart, check_relative_path
 
@@ -106,11 +106,7 @@ class BundleCache:
                 shutil.rmtree(incoming, ignore_errors=True)
                 raise
             target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():  # a cached copy that failed verification: replace it
-                stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
-                os.replace(target, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(files, target)
+            replace_dir(files, target)  # over a cached copy that failed verification, if any
             shutil.rmtree(incoming, ignore_errors=True)
             return "installed"
 

@@ -5,10 +5,12 @@ corpus), so a second ``prepare`` with the same recipe takes seconds."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from offsite.emulator.quantize import Quantize, check_quantizable, quantize_bloc
 from offsite.emulator.sandwich import SandwichShape, build_emulator, num_blocks
 from offsite.emulator.tune import pick_device
 from offsite.protocol.bundle import Bundle, BundleError, read_bundle, write_bundle
+from offsite.protocol.files import replace_dir
 
 from .models import cache_dir
 
@@ -80,16 +83,35 @@ def prepare_bundle(
     key = recipe_key(model_fingerprint(base), config, corpus_text)
     cached = (cache or cache_dir()) / "bundles" / key
     try:
-        read_bundle(cached)
+        bundle = read_bundle(cached)
         log.info("emulator %s: reusing the cached bundle %s", config.shape, cached)
     except BundleError:
-        _build(base, tokenizer, config, corpus_text, cached, progress)
+        bundle = _build(base, tokenizer, config, corpus_text, cached, progress)
     out = Path(out)
-    if out.resolve() != cached.resolve():
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(cached, out)
-    return read_bundle(out)
+    if out.resolve() == cached.resolve():
+        return bundle
+    same = functools.partial(_holds, digest=bundle.digest)
+    if same(out):
+        return Bundle(out, bundle.manifest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copytree(cached, staging, dirs_exist_ok=True)
+        if read_bundle(staging).digest != bundle.digest:
+            raise BundleError(f"{cached}: the cached bundle changed while it was copied to {out}")
+        replace_dir(staging, out, keep=same)  # another job with this --out may have put the same bundle there first
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Bundle(out, bundle.manifest)
+
+
+def _holds(path: Path, digest: str) -> bool:
+    """Whether ``path`` holds a whole bundle (every file's hash checked) with this manifest digest."""
+    try:
+        return read_bundle(path).digest == digest
+    except BundleError:
+        return False
 
 
 def cut_info(base: nn.Module, shape: SandwichShape, layout: list[int]) -> dict:

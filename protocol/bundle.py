@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import files
+from .files import replace_dir
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written, not by a manifest check
     from torch import nn
@@ -150,9 +150,7 @@ def write_bundle(root: Path | str, emulator: nn.Module, tokenizer, info: dict, p
             "files": files,
         }
         (staging / MANIFEST).write_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode())
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staging, root)
+        replace_dir(staging, root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -22,7 +22,6 @@ place, so a reader never sees half an entry. Only safetensors and JSON are read.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -38,6 +37,7 @@ from offsite.cloud.presets import check_gain
 from offsite.emulator.sandwich import ADAPTER_KEY
 from offsite.protocol.adapter import UpdateError, load_update, save_update
 from offsite.protocol.bundle import sha256_file
+from offsite.protocol.files import replace_dir
 from offsite.protocol.tensors import check_like
 from torch import nn
 
@@ -219,9 +219,7 @@ def add(registry: Path | str, name: str, source: Path | str, base: nn.Module | N
         save_update(staging / ADAPTER_FILE, tensors, meta)
         info["sha256"] = sha256_file(staging / ADAPTER_FILE)
         (staging / META_FILE).write_text(json.dumps(info, indent=1, sort_keys=True))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -16,7 +16,7 @@ from offsite.emulator.distill import DistillConfig
 from offsite.emulator.quantize import Quantize, quantize_blocks
 from offsite.emulator.sandwich import SandwichShape, build_emulator
 from offsite.emulator.tune import TuneConfig
-from offsite.protocol.bundle import load_emulator
+from offsite.protocol.bundle import load_emulator, read_bundle
 from tests.conftest import tiny_model, write_jsonl
 
 
@@ -221,3 +221,24 @@ def test_a_conversion_published_twice_keeps_the_first_copy(tmp_path, tiny_dir):
     shutil.copytree(tiny_dir, third)
     with pytest.raises(OSError, match="model-4567: exists but holds no converted model"):
         publish(third, stray)
+
+
+def test_jobs_sharing_an_out_directory_each_get_a_whole_bundle(tmp_path, tiny_dir, monkeypatch):
+    """Experiments started together with one --out: each copies the cached bundle into the same
+    directory. Each must get a whole, verified bundle; before, one failed in rmtree or copytree."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
+    base, tokenizer, _ = load_base(str(tiny_dir))
+    config = EmulatorConfig(SandwichShape(2, 2, 2), DistillConfig(steps=0))
+    first = prepare_bundle(base, tokenizer, config, tmp_path / "job", progress=False)  # fills the cache
+    (tmp_path / "job" / "emulator.safetensors").write_bytes(b"damaged")  # a copy to be replaced, not reused
+
+    def prepare(_):
+        return prepare_bundle(base, tokenizer, config, tmp_path / "job", progress=False).digest
+
+    with ThreadPoolExecutor(8) as pool:
+        digests = list(pool.map(prepare, range(48)))
+    assert set(digests) == {first.digest}
+    assert read_bundle(tmp_path / "job").digest == first.digest  # the hashes of every file checked again
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind

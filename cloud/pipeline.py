@@ -52,6 +52,10 @@ class EvalJob:
 
 def run_eval_job(job: EvalJob, progress: bool = True) -> Report:
     started = time.perf_counter()
+    # the settings and both data files are checked before the model loads and minutes of distillation
+    config = EvalConfig(settings=job.settings, plugin_gain=job.preset.plugin_gain)
+    train = read_examples(job.train)
+    test = read_mc_jsonl(job.test, limit=job.test_rows)
     job.out.mkdir(parents=True, exist_ok=True)
     (job.out / "job.json").write_text(
         json.dumps(
@@ -73,12 +77,7 @@ def run_eval_job(job: EvalJob, progress: bool = True) -> Report:
     base, tokenizer, where = load_base(job.model or job.preset.base)
     log.info("base model from %s", where)
     bundle = prepare_bundle(base, tokenizer, config_for(job.preset, job.corpus), job.out / "bundle", progress=progress)
-    train = read_examples(job.train)
-    test = read_mc_jsonl(job.test, limit=job.test_rows)
-    report, update = five_setting_eval(
-        base, tokenizer, bundle, train, test, job.tune,
-        EvalConfig(settings=job.settings, plugin_gain=job.preset.plugin_gain), task=job.task, progress=progress
-    )
+    report, update = five_setting_eval(base, tokenizer, bundle, train, test, job.tune, config, task=job.task, progress=progress)
     report.meta["distill"] = bundle.manifest.get("distill")
     report.meta["preset"] = job.preset.name
     if update is not None:

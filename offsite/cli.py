@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as error:
         logging.getLogger("offsite").debug("failed", exc_info=True)
-        print(f"offsite: error: {error}", file=sys.stderr)
+        message = error.args[0] if isinstance(error, KeyError) and len(error.args) == 1 else error  # str(KeyError) is a repr
+        print(f"offsite: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -20,6 +20,13 @@ def test_console_script_help(argv):
     assert "usage: offsite" in result.stdout
 
 
+def test_an_unknown_preset_is_named_plainly(tmp_path, capsys):
+    code = main(["eval", "--preset", "nope/x", "--task", "hyperbaton", "--out", str(tmp_path / "job")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("offsite: error: unknown preset 'nope/x'; known: ")  # not a KeyError's quoted repr
+    assert "smollm2-135m/default" in err and not (tmp_path / "job").exists()
+
+
 def test_client_train_names_the_bad_line(tmp_path, capsys, tokenizer):
     data = tmp_path / "data.jsonl"
     write_jsonl(data, [{"prompt": "ok", "completion": " fine"}])

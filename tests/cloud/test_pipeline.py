@@ -242,3 +242,25 @@ def test_jobs_sharing_an_out_directory_each_get_a_whole_bundle(tmp_path, tiny_di
     assert set(digests) == {first.digest}
     assert read_bundle(tmp_path / "job").digest == first.digest  # the hashes of every file checked again
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind
+
+
+@pytest.mark.parametrize("fault", ["missing train", "malformed test", "unknown setting"])
+def test_eval_job_refuses_bad_input_before_loading_anything(tmp_path, task, monkeypatch, fault):
+    """A typo in a path, a bad row or a bad setting fails at once, naming it, not after the model
+    loaded and the emulator was distilled; nothing is written."""
+    monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
+    train, test = task
+    settings = SETTINGS
+    if fault == "missing train":
+        train, expected = tmp_path / "trian.jsonl", "trian.jsonl"
+    elif fault == "malformed test":
+        test.write_text(test.read_text() + '{"prompt": "x", "choices": [" a"], "answer": 3}\n')
+        expected = "test.jsonl:11"
+    else:
+        settings, expected = ("plug_in", "plug-in"), "unknown settings"
+    # a model that cannot be loaded: reaching it would fail with a different error
+    preset = Preset("tiny", str(tmp_path / "no-such-model"), SandwichShape(2, 2, 2), DistillConfig(steps=5))
+    job = EvalJob(preset=preset, train=train, test=test, out=tmp_path / "job", task="even", tune=TuneConfig(steps=1), settings=settings)
+    with pytest.raises((ValueError, FileNotFoundError), match=expected):
+        run_eval_job(job, progress=False)
+    assert not (tmp_path / "job").exists() and not (tmp_path / "cache").exists()

@@ -6,11 +6,13 @@ downloads), the operator's write time and the data owner's verify and load times
 
 What runs: the preset's base model (the embedded SmolLM2-135M by default; converted once and
 cached, nothing downloaded) is cut into the preset's emulator and its middle rounded; the same
-emulator is then written twice, with its rounded weights as floats (what bundles held before
-packing) and packed (``protocol/packed.py``). For each it times ``write_bundle``, ``read_bundle``
-(the sha256 of every file) and ``load_emulator`` (model build + unpacking), as the median of
-``--runs``, and checks that both load to the same tensors, bit for bit. The preset's
-distillation, if any, is skipped: it changes the weights, not the sizes or the timings.
+emulator is then written three times: every weight as floats (what bundles held before packing),
+the rounded middle packed (``protocol/packed.py``), and that plus the weights the converted model
+already holds on a GGUF grid (the embeddings and adapter shells; what ``write_bundle`` does by
+default). For each it times ``write_bundle``, ``read_bundle`` (the sha256 of every file) and
+``load_emulator`` (model build + unpacking), as the median of ``--runs``, and checks that all
+three load to the same tensors, bit for bit. The preset's distillation, if any, is skipped: it
+changes the weights, not the sizes or the timings.
 """
 
 from __future__ import annotations
@@ -65,21 +67,24 @@ def main() -> int:
 
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for label, packed in (("floats", None), ("packed", rounded)):
-            root = Path(scratch) / label
-            write_s, bundle = timed(lambda: write_bundle(root, emulator, tokenizer, info, packed=packed), args.runs)
+        variants = (("floats", None, False), ("packed middle", rounded, False), ("packed middle + GGUF grids", rounded, True))
+        for label, packed, grids in variants:
+            root = Path(scratch) / label.replace(" ", "-")
+            write_s, bundle = timed(lambda: write_bundle(root, emulator, tokenizer, info, packed=packed, grids=grids), args.runs)
             read_s, bundle = timed(lambda: read_bundle(root), args.runs)
             load_s, model = timed(lambda: load_emulator(bundle), args.runs)
             size = sum(meta["bytes"] for meta in bundle.manifest["files"].values())
             rows[label] = (size, write_s, read_s, load_s, model.state_dict())
-    floats, packed = rows["floats"], rows["packed"]
-    same = floats[4].keys() == packed[4].keys() and all(torch.equal(floats[4][k], packed[4][k]) for k in floats[4])
+    floats = rows["floats"]
     print("\n| bundle | MiB | write s | verify s | load s |\n|---|---|---|---|---|")
     for label, (size, write_s, read_s, load_s, _) in rows.items():
         print(f"| {label} | {size / 2**20:.1f} | {write_s:.2f} | {read_s:.2f} | {load_s:.2f} |")
-    print(f"\npacked / floats: size {packed[0] / floats[0]:.3f}, write {packed[1] / floats[1]:.2f}x, "
-          f"verify {packed[2] / floats[2]:.2f}x, load {packed[3] / floats[3]:.2f}x")
-    print(f"both load to the same tensors, bit for bit: {same}")
+    same = True
+    for label, (size, write_s, read_s, load_s, state) in list(rows.items())[1:]:
+        equal = state.keys() == floats[4].keys() and all(torch.equal(state[k], floats[4][k]) for k in state)
+        same &= equal
+        print(f"\n{label} / floats: size {size / floats[0]:.3f}, write {write_s / floats[1]:.2f}x, "
+              f"verify {read_s / floats[2]:.2f}x, load {load_s / floats[3]:.2f}x; same tensors bit for bit: {equal}")
     return 0 if same else 1
 
 

@@ -105,20 +105,24 @@ def canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def write_bundle(root: Path | str, emulator: nn.Module, tokenizer, info: dict, packed: dict | None = None) -> Bundle:
+def write_bundle(
+    root: Path | str, emulator: nn.Module, tokenizer, info: dict, packed: dict | None = None, grids: bool = True
+) -> Bundle:
     """Write ``emulator`` (+ tokenizer) as a bundle at ``root``; ``info`` goes into the manifest
     (it must hold ``family``, ``shape``, ``layout``, ``adapter_blocks``, ``kept_middle``).
 
     ``packed``: rounded weights by parameter name (what
     :func:`offsite.emulator.quantize.quantize_blocks` returns), stored as bit-packed codes with
     their groups' scales and offsets instead of floats (:mod:`offsite.protocol.packed`).
+    ``grids``: also pack every other weight that already lies on such a grid (a model converted
+    from GGUF: its embeddings and the adapter shells), found by :func:`~offsite.protocol.packed.find_grid`.
 
     The bundle is assembled in a sibling temporary directory and renamed into place, so a
     crash never leaves a half-written bundle behind.
     """
     from safetensors.torch import load_file, save_file, save_model
 
-    from .packed import pack_state
+    from .packed import find_grid, pack_state
 
     for key in ("family", "shape", "layout", "adapter_blocks", "kept_middle"):
         if key not in info:
@@ -128,10 +132,16 @@ def write_bundle(root: Path | str, emulator: nn.Module, tokenizer, info: dict, p
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
         save_model(emulator, str(staging / WEIGHTS))  # safetensors drops tied duplicates; packing starts from that
-        if packed:
-            tensors, entry = pack_state(load_file(str(staging / WEIGHTS)), packed)
-            save_file(tensors, str(staging / WEIGHTS))
-            info = {**info, "packed": entry}
+        if packed or grids:
+            tensors = load_file(str(staging / WEIGHTS))
+            packed = dict(packed or {})
+            if grids:
+                found = {name: find_grid(tensor) for name, tensor in tensors.items() if name not in packed}
+                packed.update((name, grid) for name, grid in found.items() if grid is not None)
+            if packed:
+                tensors, entry = pack_state(tensors, packed)
+                save_file(tensors, str(staging / WEIGHTS))
+                info = {**info, "packed": entry}
         with tempfile.TemporaryDirectory() as scratch:
             tokenizer.save_pretrained(scratch)
             (staging / TOKENIZER_DIR).mkdir()

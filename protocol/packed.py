@@ -18,11 +18,18 @@ The manifest's ``packed`` entry (signed with the rest) says which parameters are
 Unpacking computes ``codes * scale + low`` in the scale's dtype, the operations the quantiser
 used, so the floats are the ones the operator evaluated, bit for bit; packing checks that before
 it writes anything.
+
+The same form carries weights that already lie on such a grid without our rounding them: a model
+converted from GGUF holds its blocks' ``d * q + m`` (Q4_1) and ``d * q`` (Q8_0) values as floats,
+so the adapter shells and the embeddings a bundle ships are each exactly 16 or 256 levels per
+group of 32. :func:`find_grid` recovers their codes, scales and offsets (or says there are none:
+trained and random weights), and a bundle packs them the same way, bit for bit.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -41,28 +48,91 @@ class RoundedWeight(Protocol):
     transposed: bool
 
 
+@dataclass
+class Grid:
+    """A weight found on a grid by :func:`find_grid` (the :class:`RoundedWeight` fields)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    low: torch.Tensor
+    bits: int
+    transposed: bool = False
+
+
+GGUF_GROUP = 32  # values per block in GGUF's Q4_0/Q4_1/Q8_0
+
+
+def find_grid(weight: torch.Tensor, group: int = GGUF_GROUP) -> Grid | None:
+    """The codes, scales and offsets that give back ``weight`` (2-D, float) exactly, per group of
+    ``group`` columns, when it lies on a grid of 16 or 256 levels a group; None when it does not.
+
+    The grids tried are those of the GGUF blocks models are converted from: 16 levels from the
+    group's minimum in steps of a half-precision float (Q4_1: ``d * q + m``, ``q`` 0-15); 16
+    levels ``d * (q - 8)`` with ``d`` minus an eighth of the value of largest magnitude (Q4_0);
+    and 255 from ``-127 d`` to ``127 d`` with ``d = max |w| / 127`` (Q8_0: ``d * q``). One is
+    accepted only when every value is rebuilt bit for bit.
+    """
+    if weight.dim() != 2 or not weight.is_floating_point() or weight.numel() == 0 or weight.shape[1] % group:
+        return None
+    grouped = weight.detach().reshape(weight.shape[0], -1, group)
+    if not torch.isfinite(grouped).all():
+        return None
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    step = ((high - low) / 15).to(torch.float16).to(weight.dtype)
+    if (found := _on_grid(weight, grouped, step, low, 4)) is not None:
+        return found
+    extreme = grouped.gather(-1, grouped.abs().argmax(-1, keepdim=True))  # the value of largest magnitude
+    d = extreme / -8
+    if (found := _on_grid(weight, grouped, d, d * -8, 4)) is not None:
+        return found
+    d = extreme.abs() / 127
+    return _on_grid(weight, grouped, d, d * torch.round(low / d.where(d != 0, 1.0)), 8)
+
+
+def _on_grid(weight: torch.Tensor, grouped: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int) -> Grid | None:
+    codes = torch.round((grouped - low) / scale.where(scale != 0, 1.0))  # a zero step: every value is low, code 0
+    if not torch.isfinite(scale).all() or codes.amin() < 0 or codes.amax() > (1 << bits) - 1:
+        return None
+    codes = codes.to(torch.uint8)
+    if not torch.equal(dequantize(codes, scale, low), weight):
+        return None
+    return Grid(codes, scale, low, bits)
+
+
+def _frame(bits: int) -> tuple[int, int, torch.dtype]:
+    """The smallest whole run of the stream, as (codes, bytes, an integer type that holds it):
+    8 codes of 3 bits fill 3 bytes, 2 of 4 bits one."""
+    codes = 8 // math.gcd(bits, 8)
+    width = codes * bits // 8  # 1, 3, 5 or 7 bytes
+    return codes, width, torch.int32 if width <= 3 else torch.int64
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (each < 2**bits; any shape, read row-major) -> bytes, ``bits`` bits per code."""
+    """uint8 codes (each < 2**bits; any shape, read row-major) -> bytes, ``bits`` bits per code,
+    code ``i`` at bits ``i * bits`` onwards of the stream, least significant bit first."""
     if codes.dtype != torch.uint8 or not 1 <= bits <= 8:
         raise ValueError(f"pack_codes needs uint8 codes and 1-8 bits, got {codes.dtype} and {bits}")
     flat = codes.reshape(-1)
     if flat.numel() and int(flat.max()) >= 1 << bits:
         raise ValueError(f"a code of {int(flat.max())} does not fit in {bits} bits")
-    shifts = torch.arange(bits, dtype=torch.uint8)
-    stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
-    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8))
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
-    return (stream.reshape(-1, 8).to(torch.int32) * weights).sum(1).to(torch.uint8)
+    per, width, kind = _frame(bits)  # each run of `per` codes is one integer of `width` bytes
+    runs = torch.nn.functional.pad(flat, (0, -flat.numel() % per)).reshape(-1, per).to(kind)
+    word = runs[:, 0].clone()
+    for k in range(1, per):
+        word |= runs[:, k] << (k * bits)
+    stream = torch.stack([(word >> (8 * j)) & 255 for j in range(width)], 1).to(torch.uint8).reshape(-1)
+    return stream[: packed_bytes((1, flat.numel()), bits)]
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """The ``count`` codes of ``bits`` bits each that :func:`pack_codes` wrote, as uint8 (1-D).
-    A code starts at bit ``i * bits`` and spans at most two bytes (bits <= 8, offset <= 7)."""
-    start = torch.arange(count, dtype=torch.int64) * bits
-    byte, shift = start >> 3, (start & 7).to(torch.int32)
-    data = torch.cat([packed.reshape(-1), packed.new_zeros(1)]).to(torch.int32)
-    word = data[byte] | (data[byte + 1] << 8)
-    return ((word >> shift) & ((1 << bits) - 1)).to(torch.uint8)
+    """The ``count`` codes of ``bits`` bits each that :func:`pack_codes` wrote, as uint8 (1-D)."""
+    per, width, kind = _frame(bits)
+    stream = torch.nn.functional.pad(packed.reshape(-1), (0, -packed.numel() % width)).reshape(-1, width).to(kind)
+    word = stream[:, 0].clone()
+    for j in range(1, width):
+        word |= stream[:, j] << (8 * j)
+    codes = torch.stack([(word >> (k * bits)) & ((1 << bits) - 1) for k in range(per)], 1)
+    return codes.to(torch.uint8).reshape(-1)[:count]
 
 
 def packed_bytes(shape: tuple[int, int], bits: int) -> int:

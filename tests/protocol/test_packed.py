@@ -1,16 +1,20 @@
 """Packed bundles: a quantised middle shipped as bit-packed codes rebuilds the emulator bit for bit,
-is several times smaller, and a packed file that does not fit its manifest is refused by name."""
+is several times smaller, and a packed file that does not fit its manifest is refused by name.
+Weights that already lie on a GGUF block grid (a converted model's shells and embeddings) are found
+and packed the same way."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType, quants
 from safetensors.torch import load_file, save_file
 
 from offsite.emulator.quantize import Quantize, quantize_blocks
 from offsite.emulator.sandwich import SandwichShape, build_emulator
 from offsite.protocol.bundle import MANIFEST, WEIGHTS, BundleError, load_emulator, read_bundle, sha256_file, write_bundle
-from offsite.protocol.packed import pack_codes, packed_bytes, unpack_codes
+from offsite.protocol.packed import dequantize, find_grid, pack_codes, packed_bytes, unpack_codes
 from tests.conftest import VOCAB, tiny_model
 
 MIDDLE = [2, 3]  # the kept middle of a 2-2-2 emulator of 8 blocks
@@ -26,6 +30,16 @@ def test_codes_round_trip_at_every_width(bits):
         assert torch.equal(unpack_codes(packed, bits, count), codes)
     with pytest.raises(ValueError, match="does not fit in 3 bits"):
         pack_codes(torch.tensor([8], dtype=torch.uint8), 3)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_codes_are_laid_out_as_documented(bits):
+    """Code i occupies bits i*bits .. i*bits + bits - 1 of the stream, least significant first,
+    at every width (4 and 8 take shortcuts that must write the same bytes)."""
+    codes = torch.randint(0, 2**bits, (37,), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    stream = sum(int(code) << (i * bits) for i, code in enumerate(codes))
+    expected = stream.to_bytes(packed_bytes((1, 37), bits), "little")
+    assert bytes(pack_codes(codes, bits).tolist()) == expected
 
 
 def _emulator(family):
@@ -124,3 +138,63 @@ def test_a_packed_file_that_does_not_fit_its_manifest_is_refused(tmp_path, token
     edited = _edit(bundle, tensors_edit, packed_edit)
     with pytest.raises(BundleError, match=message):
         load_emulator(edited)
+
+
+GGUF_TYPES = {"Q4_1": 4, "Q4_0": 4, "Q8_0": 8}
+
+
+def _gguf_round(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """``weight`` quantised to a GGUF block type and dequantised, as a converted model holds it."""
+    kind = GGMLQuantizationType[kind]
+    data = quants.dequantize(quants.quantize(weight.detach().numpy(), kind), kind)
+    return torch.from_numpy(data.astype(np.float32)).reshape(weight.shape)
+
+
+@pytest.mark.parametrize("kind", sorted(GGUF_TYPES))
+def test_gguf_grids_are_found_and_give_back_every_value(kind):
+    for magnitude in (1e-3, 1.0, 300.0):
+        weight = torch.randn(24, 96, generator=torch.Generator().manual_seed(7)) * magnitude
+        weight[0, :32], weight[1, 32:64] = 0.0, -0.25  # a group of zeros, a constant group
+        rounded = _gguf_round(weight, kind)
+        grid = find_grid(rounded)
+        assert grid is not None and grid.bits == GGUF_TYPES[kind]
+        assert grid.codes.dtype == torch.uint8 and grid.codes.shape == (24, 3, 32)
+        assert torch.equal(dequantize(grid.codes, grid.scale, grid.low), rounded)
+
+
+def test_weights_off_any_grid_are_left_as_floats():
+    weight = _gguf_round(torch.randn(8, 64, generator=torch.Generator().manual_seed(1)), "Q4_1")
+    assert find_grid(torch.randn(8, 64)) is None  # random floats
+    nudged = weight.clone()
+    nudged[3, 5] = torch.nextafter(nudged[3, 5], torch.tensor(10.0))  # one value one ulp off its level
+    assert find_grid(nudged) is None
+    broken = weight.clone()
+    broken[0, 0] = float("nan")
+    assert find_grid(broken) is None
+    assert find_grid(weight[:, :48]) is None  # 48 columns: no whole groups of 32
+    assert find_grid(weight[0]) is None  # a norm's vector
+
+
+def test_a_converted_models_shells_and_embeddings_ship_packed(tmp_path, tokenizer):
+    """A model converted from GGUF holds its embeddings as Q8_0 and its blocks as Q4_1 values: the
+    bundle packs both (the distilled middle stays float) and loads bit for bit."""
+    emulator, info = _emulator("llama")
+    shells = []
+    with torch.no_grad():
+        for name, param in emulator.named_parameters():  # the tied head is the embedding, listed once
+            if name == "model.embed_tokens.weight":
+                param.copy_(_gguf_round(param, "Q8_0"))
+            elif param.dim() == 2 and ".layers.2." not in name and ".layers.3." not in name:  # the middle stays trained floats
+                param.copy_(_gguf_round(param, "Q4_1"))
+                shells.append(name)
+    bundle = write_bundle(tmp_path / "grids", emulator, tokenizer, info)
+    floats = write_bundle(tmp_path / "floats", emulator, tokenizer, info, grids=False)
+    entries = dict(bundle.manifest["packed"]["weights"])
+    tied = [name for name in ("model.embed_tokens.weight", "lm_head.weight") if name in entries]
+    assert len(tied) == 1 and entries.pop(tied[0])["bits"] == 8  # tied: packed once, under the name the file keeps
+    assert len(shells) == 4 * 7 and sorted(entries) == sorted(shells)
+    assert all(entries[name]["bits"] == 4 for name in shells)
+    assert "packed" not in floats.manifest
+    assert bundle.manifest["files"][WEIGHTS]["bytes"] < 0.5 * floats.manifest["files"][WEIGHTS]["bytes"]
+    loaded, expected = load_emulator(read_bundle(bundle.root)).state_dict(), emulator.state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)

@@ -179,17 +179,18 @@ def five_setting_eval(
         score(base, "full_zero_shot")
 
     update = adapter
+    needs_update = {"emulator_ft", "plug_in"} & set(config.settings)  # zero-shot and full FT alone tune nothing here
     needs_emulator = {"emulator_zero_shot", "emulator_ft"} & set(config.settings) or (update is None and "plug_in" in config.settings)
     if needs_emulator:
         emulator = load_emulator(bundle)
         if "emulator_zero_shot" in config.settings:
             score(emulator, "emulator_zero_shot")
         report.meta["middle_nmse_at_answer"] = _middle_gap(base, emulator, tokenizer, bundle, test)
-        if update is None:
+        if update is None and needs_update:
             result = tune_adapter(emulator, tokenizer, bundle.layout, adapter_blocks, train, tune, a=shape["a"], progress=progress, desc="tuning on the emulator")
             update = result.adapter
             report.meta["emulator_tuning"] = {"seconds": round(result.seconds, 1), "tokens": result.tokens, "final_loss": _tail(result.losses)}
-        else:
+        elif update is not None:
             _load_update(emulator, bundle.layout, update, tune)
         if "emulator_ft" in config.settings:
             score(emulator, "emulator_ft")

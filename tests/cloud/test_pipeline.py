@@ -264,3 +264,18 @@ def test_eval_job_refuses_bad_input_before_loading_anything(tmp_path, task, monk
     with pytest.raises((ValueError, FileNotFoundError), match=expected):
         run_eval_job(job, progress=False)
     assert not (tmp_path / "job").exists() and not (tmp_path / "cache").exists()
+
+
+def test_eval_job_tunes_on_the_emulator_only_for_the_settings_that_need_it(tmp_path, tiny_dir, task, monkeypatch):
+    """Emulator zero-shot and full FT alone: the emulator is scored but not tuned (that run is
+    minutes of waste on a real model), and no adapter is written."""
+    monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
+    train, test = task
+    preset = Preset("tiny", str(tiny_dir), SandwichShape(2, 2, 2), DistillConfig(steps=0))
+    tune = TuneConfig(steps=2, batch_size=4, lr=1e-3, device="cpu")
+    job = EvalJob(preset=preset, train=train, test=test, out=tmp_path / "job", task="even", tune=tune,
+                  settings=("emulator_zero_shot", "full_ft"))
+    report = run_eval_job(job, progress=False)
+    assert set(report.results) == {"emulator_zero_shot", "full_ft"}
+    assert "full_tuning" in report.meta and "emulator_tuning" not in report.meta
+    assert not (tmp_path / "job" / "adapter.safetensors").exists() and not (tmp_path / "job" / "plug_in").exists()

@@ -5,6 +5,8 @@ emulator invariants on a real 30-block model, distillation on the default corpus
 whole five-setting pipeline with the plug-in saved and reloaded.
 """
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -72,6 +74,12 @@ def test_five_settings_end_to_end(smollm, cache, tmp_path, monkeypatch):
     job = EvalJob(preset=preset, train=train, test=test, out=tmp_path / "job", task="hyperbaton", tune=tune, test_rows=12)
     report = run_eval_job(job, progress=False)
     assert report.test_rows == 12 and len(report.results) == 5
+    # the GGUF's own grids ship packed: the tied embedding (Q8_0) and the four adapter shells (Q4_1);
+    # the distilled middle blocks are floats
+    packed = json.loads((tmp_path / "job" / "bundle" / "manifest.json").read_text())["packed"]["weights"]
+    assert [packed[name]["bits"] for name in packed if ".layers." not in name] == [8]
+    shells = {name.split(".")[2] for name in packed if ".layers." in name}
+    assert shells == {"0", "1", "12", "13"} and all(packed[name]["bits"] == 4 for name in packed if ".layers." in name)
     plugged = AutoModelForCausalLM.from_pretrained(tmp_path / "job" / "plug_in")
     base = smollm[0]
     changed = [k for k, v in plugged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]

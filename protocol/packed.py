@@ -74,22 +74,37 @@ def find_grid(weight: torch.Tensor, group: int = GGUF_GROUP) -> Grid | None:
     """
     if weight.dim() != 2 or not weight.is_floating_point() or weight.numel() == 0 or weight.shape[1] % group:
         return None
-    grouped = weight.detach().reshape(weight.shape[0], -1, group)
-    if not torch.isfinite(grouped).all():
+    weight = weight.detach()
+    if not torch.isfinite(weight).all():
         return None
+    for grid in _GRIDS:
+        if _on_grid(weight[:8], grid, group) is not None:  # a few rows first: most weights fail here, cheaply
+            if (found := _on_grid(weight, grid, group)) is not None:
+                return found
+    return None
+
+
+def _q4_1(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
-    step = ((high - low) / 15).to(torch.float16).to(weight.dtype)
-    if (found := _on_grid(weight, grouped, step, low, 4)) is not None:
-        return found
-    extreme = grouped.gather(-1, grouped.abs().argmax(-1, keepdim=True))  # the value of largest magnitude
-    d = extreme / -8
-    if (found := _on_grid(weight, grouped, d, d * -8, 4)) is not None:
-        return found
-    d = extreme.abs() / 127
-    return _on_grid(weight, grouped, d, d * torch.round(low / d.where(d != 0, 1.0)), 8)
+    return ((high - low) / 15).to(torch.float16).to(grouped.dtype), low, 4
 
 
-def _on_grid(weight: torch.Tensor, grouped: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int) -> Grid | None:
+def _q4_0(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    d = grouped.gather(-1, grouped.abs().argmax(-1, keepdim=True)) / -8  # the value of largest magnitude is -8 d
+    return d, d * -8, 4
+
+
+def _q8_0(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    d = grouped.abs().amax(-1, keepdim=True) / 127
+    return d, d * torch.round(grouped.amin(-1, keepdim=True) / d.where(d != 0, 1.0)), 8
+
+
+_GRIDS = (_q4_1, _q4_0, _q8_0)
+
+
+def _on_grid(weight: torch.Tensor, grid: Callable, group: int) -> Grid | None:
+    grouped = weight.reshape(weight.shape[0], -1, group)
+    scale, low, bits = grid(grouped)
     codes = torch.round((grouped - low) / scale.where(scale != 0, 1.0))  # a zero step: every value is low, code 0
     if not torch.isfinite(scale).all() or codes.amin() < 0 or codes.amax() > (1 << bits) - 1:
         return None

@@ -239,7 +239,10 @@ def _prepare(args: argparse.Namespace) -> int:
     job_file = write_job(args.out, job)
     distilled = bundle.manifest.get("distill", {})
     quantised = f", middle quantised {preset.quantize}" if preset.quantize else ""
-    print(f"bundle: {bundle.root}  (shape {preset.shape}, layout {bundle.layout}{quantised})")
+    size = sum(entry["bytes"] for entry in bundle.manifest["files"].values())
+    packed = len(bundle.manifest.get("packed", {}).get("weights", {}))
+    print(f"bundle: {bundle.root}  ({size / 1e6:.0f} MB, {packed} weights packed; shape {preset.shape}, "
+          f"layout {bundle.layout}{quantised})")
     print(
         f"job: {job_file}  ({job.rounds} round(s), min_nodes {job.min_nodes}, min_replies {job.min_replies}, "
         f"round timeout {job.round_timeout:g}s, {job.aggregator}, local {job.tuning.steps} step(s) x {job.tuning.batch_size} "

@@ -50,6 +50,8 @@ def test_prepare_writes_job_json_with_the_given_settings(model_dir, tmp_path, ca
     assert bundle.adapter_blocks == [0, 5]
     printed = capsys.readouterr().out
     assert f"offsite cloud run --job {out}" in printed
+    size = sum(entry["bytes"] for entry in bundle.manifest["files"].values())
+    assert f"bundle: {out / 'bundle'}  ({size / 1e6:.0f} MB, 0 weights packed; shape " in printed  # a random model: no grids
 
 
 def test_prepare_without_job_options_writes_the_default_job(model_dir, tmp_path):

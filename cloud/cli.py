@@ -312,7 +312,8 @@ def _eval(args: argparse.Namespace) -> int:
     report = run_eval_job(job)
     print()
     print(report.markdown())
-    print(f"report: {args.out / 'report' / 'report.md'} (+ .json, .png); plug-in model: {args.out / 'plug_in'}")
+    plugged = f"; plug-in model: {args.out / 'plug_in'}" if (args.out / "plug_in").is_dir() else ""
+    print(f"report: {args.out / 'report' / 'report.md'} (+ .json, .png){plugged}")
     return 0
 
 

@@ -21,8 +21,8 @@ it writes anything.
 
 The same form carries weights that already lie on such a grid without our rounding them: a model
 converted from GGUF holds its blocks' ``d * q + m`` (Q4_1) and ``d * q`` (Q8_0) values as floats,
-so the adapter shells and the embeddings a bundle ships are each exactly 16 or 256 levels per
-group of 32. :func:`find_grid` recovers their codes, scales and offsets (or says there are none:
+so the adapter shells and the embeddings a bundle ships take at most 16 or 255 levels per group
+of 32. :func:`find_grid` recovers their codes, scales and offsets (or says there are none:
 trained and random weights), and a bundle packs them the same way, bit for bit.
 """
 
@@ -59,18 +59,19 @@ class Grid:
     transposed: bool = False
 
 
-GGUF_GROUP = 32  # values per block in GGUF's Q4_0/Q4_1/Q8_0
+GGUF_GROUP = 32  # values per block in GGUF's Q4_1 and Q8_0
 
 
 def find_grid(weight: torch.Tensor, group: int = GGUF_GROUP) -> Grid | None:
     """The codes, scales and offsets that give back ``weight`` (2-D, float) exactly, per group of
-    ``group`` columns, when it lies on a grid of 16 or 256 levels a group; None when it does not.
+    ``group`` columns, when it lies on a grid of at most 16 or 255 levels a group; None when it
+    does not.
 
     The grids tried are those of the GGUF blocks models are converted from: 16 levels from the
-    group's minimum in steps of a half-precision float (Q4_1: ``d * q + m``, ``q`` 0-15); 16
-    levels ``d * (q - 8)`` with ``d`` minus an eighth of the value of largest magnitude (Q4_0);
-    and 255 from ``-127 d`` to ``127 d`` with ``d = max |w| / 127`` (Q8_0: ``d * q``). One is
-    accepted only when every value is rebuilt bit for bit.
+    group's minimum in steps of a half-precision float (Q4_1: ``d * q + m``, ``q`` 0-15), and 255
+    from ``-127 d`` to ``127 d`` with ``d = max |w| / 127`` (Q8_0: ``d * q``). One is accepted
+    only when every value is rebuilt bit for bit. Q4_0 (``d * (q - 8)``) is not among them: its
+    zeros come out as -0.0 where ``d`` is negative, which ``code * scale + low`` cannot give back.
     """
     if weight.dim() != 2 or not weight.is_floating_point() or weight.numel() == 0 or weight.shape[1] % group:
         return None
@@ -89,17 +90,12 @@ def _q4_1(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return ((high - low) / 15).to(torch.float16).to(grouped.dtype), low, 4
 
 
-def _q4_0(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    d = grouped.gather(-1, grouped.abs().argmax(-1, keepdim=True)) / -8  # the value of largest magnitude is -8 d
-    return d, d * -8, 4
-
-
 def _q8_0(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     d = grouped.abs().amax(-1, keepdim=True) / 127
     return d, d * torch.round(grouped.amin(-1, keepdim=True) / d.where(d != 0, 1.0)), 8
 
 
-_GRIDS = (_q4_1, _q4_0, _q8_0)
+_GRIDS = (_q4_1, _q8_0)
 
 
 def _on_grid(weight: torch.Tensor, grid: Callable, group: int) -> Grid | None:
@@ -109,9 +105,17 @@ def _on_grid(weight: torch.Tensor, grid: Callable, group: int) -> Grid | None:
     if not torch.isfinite(scale).all() or codes.amin() < 0 or codes.amax() > (1 << bits) - 1:
         return None
     codes = codes.to(torch.uint8)
-    if not torch.equal(dequantize(codes, scale, low), weight):
+    if not same_bits(dequantize(codes, scale, low), weight):
         return None
     return Grid(codes, scale, low, bits)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two float tensors are equal bit for bit (``torch.equal`` takes -0.0 for 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
 
 
 def _frame(bits: int) -> tuple[int, int, torch.dtype]:
@@ -173,7 +177,7 @@ def pack_state(tensors: dict[str, torch.Tensor], rounded: dict[str, RoundedWeigh
         rebuilt = dequantize(weight.codes, weight.scale, weight.low)
         if weight.transposed:
             rebuilt = rebuilt.t()
-        if rebuilt.shape != floats.shape or rebuilt.dtype != floats.dtype or not torch.equal(rebuilt, floats):
+        if not same_bits(rebuilt, floats):
             raise ValueError(f"packing {name}: its codes do not give back its weights exactly "
                              "(changed after rounding?); refusing to ship a near copy")
         out[name + CODES] = pack_codes(weight.codes, weight.bits)

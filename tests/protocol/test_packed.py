@@ -140,7 +140,7 @@ def test_a_packed_file_that_does_not_fit_its_manifest_is_refused(tmp_path, token
         load_emulator(edited)
 
 
-GGUF_TYPES = {"Q4_1": 4, "Q4_0": 4, "Q8_0": 8}
+GGUF_TYPES = {"Q4_1": 4, "Q8_0": 8}
 
 
 def _gguf_round(weight: torch.Tensor, kind: str) -> torch.Tensor:
@@ -172,6 +172,10 @@ def test_weights_off_any_grid_are_left_as_floats():
     broken[0, 0] = float("nan")
     assert find_grid(broken) is None
     assert find_grid(weight[:, :48]) is None  # 48 columns: no whole groups of 32
+    signed = weight.clone()
+    signed[2, :32] = torch.tensor([-0.0, 0.0] * 16)  # rebuilt as +0.0: equal as numbers, not as bits
+    assert find_grid(signed) is None
+    assert find_grid(_gguf_round(torch.randn(8, 64, generator=torch.Generator().manual_seed(2)), "Q4_0")) is None  # its -0.0s
     assert find_grid(weight[0]) is None  # a norm's vector
 
 

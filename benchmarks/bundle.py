@@ -51,6 +51,7 @@ def main() -> int:
     from offsite.emulator.quantize import quantize_blocks
     from offsite.emulator.sandwich import build_emulator
     from offsite.protocol.bundle import load_emulator, read_bundle, write_bundle
+    from offsite.protocol.packed import same_bits
 
     preset = get_preset(args.preset)
     if preset.quantize is None:
@@ -81,7 +82,7 @@ def main() -> int:
         print(f"| {label} | {size / 2**20:.1f} | {write_s:.2f} | {read_s:.2f} | {load_s:.2f} |")
     same = True
     for label, (size, write_s, read_s, load_s, state) in list(rows.items())[1:]:
-        equal = state.keys() == floats[4].keys() and all(torch.equal(state[k], floats[4][k]) for k in state)
+        equal = state.keys() == floats[4].keys() and all(same_bits(state[k], floats[4][k]) for k in state)
         same &= equal
         print(f"\n{label} / floats: size {size / floats[0]:.3f}, write {write_s / floats[1]:.2f}x, "
               f"verify {read_s / floats[2]:.2f}x, load {load_s / floats[3]:.2f}x; same tensors bit for bit: {equal}")

@@ -74,8 +74,7 @@ def main() -> int:
             write_s, bundle = timed(lambda: write_bundle(root, emulator, tokenizer, info, packed=packed, grids=grids), args.runs)
             read_s, bundle = timed(lambda: read_bundle(root), args.runs)
             load_s, model = timed(lambda: load_emulator(bundle), args.runs)
-            size = sum(meta["bytes"] for meta in bundle.manifest["files"].values())
-            rows[label] = (size, write_s, read_s, load_s, model.state_dict())
+            rows[label] = (bundle.size, write_s, read_s, load_s, model.state_dict())
     floats = rows["floats"]
     print("\n| bundle | MiB | write s | verify s | load s |\n|---|---|---|---|---|")
     for label, (size, write_s, read_s, load_s, _) in rows.items():

@@ -239,9 +239,8 @@ def _prepare(args: argparse.Namespace) -> int:
     job_file = write_job(args.out, job)
     distilled = bundle.manifest.get("distill", {})
     quantised = f", middle quantised {preset.quantize}" if preset.quantize else ""
-    size = sum(entry["bytes"] for entry in bundle.manifest["files"].values())
     packed = len(bundle.manifest.get("packed", {}).get("weights", {}))
-    print(f"bundle: {bundle.root}  ({size / 1e6:.0f} MB, {packed} weights packed; shape {preset.shape}, "
+    print(f"bundle: {bundle.root}  ({bundle.size / 1e6:.0f} MB, {packed} weights packed; shape {preset.shape}, "
           f"layout {bundle.layout}{quantised})")
     print(
         f"job: {job_file}  ({job.rounds} round(s), min_nodes {job.min_nodes}, min_replies {job.min_replies}, "

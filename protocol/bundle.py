@@ -96,6 +96,11 @@ class Bundle:
         return dict(self.manifest["shape"])
 
     @property
+    def size(self) -> int:
+        """Bytes of every file the manifest lists: what a data owner downloads."""
+        return sum(entry["bytes"] for entry in self.manifest["files"].values())
+
+    @property
     def digest(self) -> str:
         """sha256 of the manifest, which pins every file: the bundle's identity."""
         return hashlib.sha256(canonical_json(self.manifest)).hexdigest()

@@ -50,7 +50,8 @@ def test_prepare_writes_job_json_with_the_given_settings(model_dir, tmp_path, ca
     assert bundle.adapter_blocks == [0, 5]
     printed = capsys.readouterr().out
     assert f"offsite cloud run --job {out}" in printed
-    size = sum(entry["bytes"] for entry in bundle.manifest["files"].values())
+    size = sum(entry["bytes"] for entry in bundle.manifest["files"].values())  # what Bundle.size sums
+    assert bundle.size == size == sum(path.stat().st_size for path in (out / "bundle").rglob("*") if path.is_file() and path.name != "manifest.json")
     assert f"bundle: {out / 'bundle'}  ({size / 1e6:.0f} MB, 0 weights packed; shape " in printed  # a random model: no grids
 
 

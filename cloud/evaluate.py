@@ -190,7 +190,7 @@ def five_setting_eval(
             result = tune_adapter(emulator, tokenizer, bundle.layout, adapter_blocks, train, tune, a=shape["a"], progress=progress, desc="tuning on the emulator")
             update = result.adapter
             report.meta["emulator_tuning"] = {"seconds": round(result.seconds, 1), "tokens": result.tokens, "final_loss": _tail(result.losses)}
-        elif update is not None:
+        elif update is not None and "emulator_ft" in config.settings:
             _load_update(emulator, bundle.layout, update, tune)
         if "emulator_ft" in config.settings:
             score(emulator, "emulator_ft")

@@ -13,7 +13,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("adapter tuning (defaults come from the preset)")
     group.add_argument("--steps", type=int, help="optimiser steps")
     group.add_argument("--batch-size", type=int, help="examples per step")
-    group.add_argument("--lr", type=float, help="peak learning rate (cosine schedule after warm-up)")
+    group.add_argument("--lr", type=float, help="learning rate (the peak, with the cosine schedule)")
+    group.add_argument("--schedule", choices=["cosine", "constant"],
+                       help="learning-rate schedule after the warm-up steps: cosine decay or constant")
     group.add_argument("--mode", choices=["blocks", "lora"], help="train whole adapter blocks, or LoRA inside them")
     group.add_argument("--lora-rank", type=int, help="LoRA rank r")
     group.add_argument("--lora-alpha", type=float, help="LoRA alpha (scale alpha/r)")
@@ -37,6 +39,7 @@ def tune_config_from_args(args: argparse.Namespace, base: TuneConfig) -> TuneCon
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "schedule": args.schedule,
         "mode": args.mode,
         "train": args.train_blocks,
         "prox": args.prox,

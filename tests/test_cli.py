@@ -27,6 +27,21 @@ def test_an_unknown_preset_is_named_plainly(tmp_path, capsys):
     assert "smollm2-135m/default" in err and not (tmp_path / "job").exists()
 
 
+def test_tune_options_replace_only_what_is_given():
+    from offsite.cloud.presets import get_preset
+    from offsite.options import tune_config_from_args
+
+    base = get_preset("smollm2-135m/q34g16").tune
+    assert base.schedule == "constant"
+    args = build_parser().parse_args(["eval", "--preset", "smollm2-135m/q34g16", "--out", "j", "--schedule", "cosine", "--lr", "3e-4"])
+    tune = tune_config_from_args(args, base)
+    assert (tune.schedule, tune.lr) == ("cosine", 3e-4)
+    assert (tune.steps, tune.batch_size, tune.mode) == (base.steps, base.batch_size, base.mode)  # the preset's, untouched
+    assert tune_config_from_args(build_parser().parse_args(["eval", "--out", "j"]), base) == base
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--out", "j", "--schedule", "linear"])
+
+
 def test_client_train_names_the_bad_line(tmp_path, capsys, tokenizer):
     data = tmp_path / "data.jsonl"
     write_jsonl(data, [{"prompt": "ok", "completion": " fine"}])

@@ -33,7 +33,7 @@ def adapter_from_update(
     model's own adapter blocks with the LoRA factors merged in (``lora_alpha`` given).
 
     ``gain`` scales what the update changes in the full model's own adapter blocks (the plug-in
-    gain, a recipe setting chosen on held-out rows; README, "Plug-in gain"). 1 plugs the update in
+    gain, a recipe setting chosen on held-out rows; experiments/QUALITY.md, "Plug-in gain"). 1 plugs the update in
     as tuned, 0 leaves the model as it was.
     """
     gain = check_gain(gain)

@@ -32,7 +32,7 @@ class Preset:
     tune: TuneConfig = field(default_factory=TuneConfig)
     description: str = ""
     quantize: Quantize | None = None  # round the kept middle blocks' weights (emulator/quantize.py)
-    plugin_gain: float = 1.0  # plug in real + gain * (tuned - real) (cloud/plugin.py; README, "Plug-in gain")
+    plugin_gain: float = 1.0  # plug in real + gain * (tuned - real) (cloud/plugin.py; experiments/QUALITY.md, "Plug-in gain")
 
     def __post_init__(self) -> None:
         check_gain(self.plugin_gain)
@@ -69,10 +69,10 @@ PRESETS[DEFAULT_PRESET] = replace(
 )
 # Full depth, every middle block rounded (3 and 4 bits in turn, groups of 16): the emulator found
 # to carry hyperbaton over (plug-in +25 points on the whole test file), at the price of handing
-# the data owners a lower-precision copy of the whole model (README, "privacy-utility knob").
+# the data owners a lower-precision copy of the whole model (experiments/QUALITY.md, "privacy-utility knob").
 # Its plug-in gain of 1.5 (plug in real + 1.5 x what tuning changed; chosen on 300 rows held out
 # of hyperbaton's train file) added about 6 points on the whole test file, on both batch orders
-# measured (README, "Plug-in gain").
+# measured (experiments/QUALITY.md, "Plug-in gain").
 PRESETS[f"{DEFAULT_MODEL}/q34g16"] = replace(
     _smollm("2-26-2", 0, ""),
     name=f"{DEFAULT_MODEL}/q34g16",

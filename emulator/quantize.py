@@ -3,7 +3,7 @@
 The other way to make the middle lossy. Layer drop (with distillation) removes blocks; this keeps
 each block's place and role and coarsens its weights instead (min-max rounding per group of input
 columns, stored back as floats). At the same cost to the emulator as a language model it carries
-far more of what the adapter learns over to the real model (README, "The emulator as a
+far more of what the adapter learns over to the real model (experiments/QUALITY.md, "The emulator as a
 privacy-utility knob"), but the data owners then hold a full-depth, lower-precision copy of the
 model, so the operator chooses it knowingly.
 """

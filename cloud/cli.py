@@ -92,6 +92,21 @@ def register(subparsers) -> None:
         _add_eval_arguments(evaluate, DEFAULT_PRESET, SETTINGS)
         evaluate.set_defaults(func=_eval)
 
+    for parent, name in ((commands, "report"), (subparsers, "report")):
+        combined = parent.add_parser(
+            name,
+            help="one table from several evaluation runs (pieces of one table, or one run per task)",
+            description="Read the report.json of each run (an `offsite eval` job directory, a federated job's, or "
+            "the file itself), join the runs that measured the same task with the same recipe and test file "
+            "(e.g. `--settings` run in two jobs), and write report.md (a summary row per task, then each "
+            "task's table), report.json and report.png. Runs that disagree on the recipe, the test file or a "
+            "setting's result are refused, naming both.",
+        )
+        combined.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="job directory or report.json")
+        combined.add_argument("--out", type=Path, required=True, help="where to write report.{md,json,png}")
+        combined.add_argument("--title", default="Offsite five-setting evaluation", help="heading of the report and chart")
+        combined.set_defaults(func=_report)
+
     demo = subparsers.add_parser(
         "demo",
         help="federated offsite-tuning end to end on the embedded SmolLM2-135M, with the five-setting table",
@@ -287,6 +302,17 @@ def _checkpoint_job_gain(adapter: Path) -> float | None:
     if checkpoints.name != "checkpoints" or not (checkpoints.parent / JOB_FILE).is_file():
         return None
     return read_job(checkpoints.parent).plugin_gain
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .combine import combine
+    from .evaluate import summary_table, write_report
+
+    reports = combine(args.runs)
+    written = write_report(reports, args.out, title=args.title)
+    print(summary_table(reports))
+    print(f"report: {written['md']} (+ .json, .png); {len(reports)} task(s) from {len(args.runs)} run(s)")
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -103,9 +103,30 @@ class Report:
             "meta": self.meta,
         }
 
-    def markdown(self) -> str:
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        """The inverse of :meth:`to_dict` (the gaps are recomputed, not read)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a report is a JSON object, not {type(data).__name__}")
+        results = data.get("results", {})
+        if not isinstance(results, dict):
+            raise TypeError("'results' is not an object")
+        for setting, result in results.items():
+            if setting not in LABELS:
+                raise ValueError(f"unknown setting {setting!r}; known: {', '.join(LABELS)}")
+            if not isinstance(result, dict) or not all(isinstance(result.get(k), (int, float)) for k in ("accuracy", "stderr", "correct")):
+                raise ValueError(f"{setting}: needs numeric 'accuracy', 'stderr' and 'correct'")
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict):
+            raise TypeError("'meta' is not an object")
+        task, test_rows, train_rows = data["task"], data["test_rows"], data["train_rows"]
+        if not isinstance(task, str) or not all(isinstance(n, int) and n >= 0 for n in (test_rows, train_rows)):
+            raise ValueError("'task' must be a string and 'test_rows', 'train_rows' counts")
+        return cls(task=task, test_rows=test_rows, train_rows=train_rows, results=dict(results), meta=dict(meta))
+
+    def markdown(self, label: str | None = None) -> str:
         lines = [
-            f"### {self.task}: {self.test_rows} test rows (one standard error at 0.5 is {50 / self.test_rows ** 0.5:.1f} points)",
+            f"### {label or self.task}: {self.test_rows} test rows (one standard error at 0.5 is {50 / self.test_rows ** 0.5:.1f} points)",
             "",
             "| setting | accuracy | ± s.e. | correct |",
             "|---|---|---|---|",
@@ -237,11 +258,34 @@ def _load_update(emulator: nn.Module, layout: list[int], update: dict[str, torch
         load_adapter_state(emulator, layout, update)
 
 
+def labels(reports: list[Report]) -> list[str]:
+    """Each report's name in a table or chart: its task, and its preset when the reports are of
+    more than one."""
+    presets = {r.meta.get("preset") for r in reports}
+    return [f"{r.meta.get('preset')}: {r.task}" if len(presets) > 1 else r.task for r in reports]
+
+
+def summary_table(reports: list[Report]) -> str:
+    """A row per task (and preset), a column per setting any of them measured, then the two gaps."""
+    settings = [s for s in ROWS if any(s in r.results for r in reports)]
+    header = ["task (test rows)", *(LABELS[s] for s in settings), "privacy gap", "utility gap"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for report, label in zip(reports, labels(reports)):
+        cells = [f"{label} ({report.test_rows})"]
+        cells += [f"{report.accuracy(s):.3f}" if report.accuracy(s) is not None else "-" for s in settings]
+        cells += [f"{100 * gap:+.1f}" if gap is not None else "-" for gap in (report.privacy_gap, report.utility_gap)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(reports: list[Report], out: Path | str, title: str = "Offsite five-setting evaluation") -> dict[str, Path]:
     """``report.md``, ``report.json`` and ``report.png`` (bar chart with ± one s.e.) in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    md = f"# {title}\n\n" + "\n".join(r.markdown() for r in reports)
+    md = f"# {title}\n\n"
+    if len(reports) > 1:
+        md += summary_table(reports) + "\n"
+    md += "\n".join(r.markdown(label) for r, label in zip(reports, labels(reports)))
     (out / "report.md").write_text(md)
     (out / "report.json").write_text(json.dumps([r.to_dict() for r in reports], indent=1))
     _plot(reports, out / "report.png", title)
@@ -263,7 +307,7 @@ def _plot(reports: list[Report], path: Path, title: str) -> None:
         es = [r.results.get(setting, {}).get("stderr", 0.0) for r in reports]
         ax.bar(xs, ys, width, yerr=es, capsize=2, label=LABELS[setting])
     ax.set_xticks(range(len(reports)))
-    ax.set_xticklabels([f"{r.task}\n({r.test_rows} rows)" for r in reports])
+    ax.set_xticklabels([f"{label.replace(': ', chr(10))}\n({r.test_rows} rows)" for r, label in zip(reports, labels(reports))])
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(title)

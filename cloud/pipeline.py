@@ -14,6 +14,7 @@ from offsite.emulator.corpus import DEFAULT_CORPUS
 from offsite.emulator.data import read_examples, read_mc_jsonl
 from offsite.emulator.tune import TuneConfig
 from offsite.protocol.adapter import save_update
+from offsite.protocol.bundle import sha256_file
 
 from .evaluate import SETTINGS, EvalConfig, Report, five_setting_eval, write_report
 from .models import load_base
@@ -80,6 +81,9 @@ def run_eval_job(job: EvalJob, progress: bool = True) -> Report:
     report, update = five_setting_eval(base, tokenizer, bundle, train, test, job.tune, config, task=job.task, progress=progress)
     report.meta["distill"] = bundle.manifest.get("distill")
     report.meta["preset"] = job.preset.name
+    # what `offsite report` checks before joining runs into one table: the same files and bundle
+    report.meta.update(model=str(job.model or job.preset.base), bundle_digest=bundle.digest,
+                       test_sha256=sha256_file(job.test), train_sha256=sha256_file(job.train))
     if update is not None:
         lora_alpha = job.tune.lora.alpha if job.tune.mode == "lora" else None
         gain = job.preset.plugin_gain

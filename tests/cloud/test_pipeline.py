@@ -279,3 +279,36 @@ def test_eval_job_tunes_on_the_emulator_only_for_the_settings_that_need_it(tmp_p
     assert set(report.results) == {"emulator_zero_shot", "full_ft"}
     assert "full_tuning" in report.meta and "emulator_tuning" not in report.meta
     assert not (tmp_path / "job" / "adapter.safetensors").exists() and not (tmp_path / "job" / "plug_in").exists()
+
+
+def test_eval_runs_in_pieces_join_into_the_whole_table(tmp_path, tiny_dir, task, monkeypatch):
+    """Two `offsite eval --settings` runs of one recipe make one five-setting table, each setting
+    as its own run scored it; a third run on another test file is refused, not mixed in."""
+    from offsite.cloud.combine import ReportError, combine
+    from offsite.protocol.bundle import sha256_file
+
+    monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
+    train, test = task
+    preset = Preset("tiny", str(tiny_dir), SandwichShape(2, 2, 2), DistillConfig(steps=0))
+    tune = TuneConfig(steps=2, batch_size=4, lr=1e-3, device="cpu")
+
+    def run(name, settings, test=test):
+        return run_eval_job(EvalJob(preset=preset, train=train, test=test, out=tmp_path / name, task="even", tune=tune,
+                                    settings=settings), progress=False)
+
+    first = run("a", ("full_zero_shot", "emulator_ft", "plug_in"))
+    rest = run("b", ("emulator_zero_shot", "full_ft"))
+    assert first.meta["test_sha256"] == sha256_file(test) and first.meta["bundle_digest"] == rest.meta["bundle_digest"]
+    (joined,) = combine([tmp_path / "a", tmp_path / "b"])
+    assert set(joined.results) == set(SETTINGS)
+    for piece in (first, rest):
+        for setting, result in piece.results.items():
+            assert joined.results[setting]["correct"] == result["correct"]
+    assert joined.privacy_gap == pytest.approx(first.accuracy("plug_in") - first.accuracy("emulator_ft"))
+    assert joined.utility_gap == pytest.approx(rest.accuracy("full_ft") - first.accuracy("plug_in"))
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(test.read_text().replace("Is 30 even?", "Is 30 odd?"))
+    run("c", ("full_zero_shot",), test=other)
+    with pytest.raises(ReportError, match="differ in 'test_sha256'"):
+        combine([tmp_path / "a", tmp_path / "c"])

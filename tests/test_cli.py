@@ -9,11 +9,11 @@ from tests.conftest import write_jsonl
 
 def test_help_lists_every_command():
     text = build_parser().format_help()
-    for command in ("cloud", "client", "eval", "demo", "presets"):
+    for command in ("cloud", "client", "eval", "report", "demo", "presets"):
         assert command in text
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["cloud", "--help"], ["client", "train", "--help"], ["eval", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["cloud", "--help"], ["client", "train", "--help"], ["eval", "--help"], ["report", "--help"], ["demo", "--help"]])
 def test_console_script_help(argv):
     result = subprocess.run([sys.executable, "-m", "offsite.cli", *argv], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -262,7 +262,7 @@ def labels(reports: list[Report]) -> list[str]:
     """Each report's name in a table or chart: its task, and its preset when the reports are of
     more than one."""
     presets = {r.meta.get("preset") for r in reports}
-    return [f"{r.meta.get('preset')}: {r.task}" if len(presets) > 1 else r.task for r in reports]
+    return [f"{r.meta.get('preset') or 'no preset'}: {r.task}" if len(presets) > 1 else r.task for r in reports]
 
 
 def summary_table(reports: list[Report]) -> str:

@@ -14,12 +14,13 @@ Finishing is idempotent: a plug-in already made from the same checkpoint is not 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 from offsite.emulator.tune import TuneConfig
-from offsite.protocol.bundle import read_bundle
+from offsite.protocol.bundle import read_bundle, sha256_file
 
 from .fed_job import BUNDLE_DIR, JobError, load_checkpoint, load_state, read_job
 
@@ -78,6 +79,11 @@ def finish_job(job_dir: Path | str, force: bool = False) -> dict[str, Path]:
             task=Path(config.eval_test).name.removesuffix(".jsonl"), adapter=adapter, progress=False,
         )
         report.meta["federated"] = provenance
+        # the job's own tuning, not the TuneConfig() passed above (it tunes nothing here), and what
+        # `offsite report` checks before joining this report with others
+        report.meta.update(tune={"federated": dataclasses.asdict(config.tuning), "rounds": config.rounds,
+                                 "lr_schedule": config.lr_schedule, "final_lr_ratio": config.final_lr_ratio},
+                           bundle_digest=bundle.digest, test_sha256=sha256_file(config.eval_test), model=config.base_model)
         if config.security.dp and state.privacy:
             report.meta["privacy"] = privacy_spent(config, state)
             log.info("job %s: differential privacy spent: epsilon %.4g at delta %g over %d round(s)", job_dir,

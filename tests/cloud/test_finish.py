@@ -71,6 +71,8 @@ def test_finish_plugs_in_the_last_checkpoint_and_scores_it(tmp_path):
     rescored = score_mc(plugged, tokenizer, read_mc_jsonl(test, limit=10), 4)
     assert math.isclose(report["results"]["plug_in"]["accuracy"], rescored.accuracy)
     assert math.isclose(report["results"]["full_zero_shot"]["accuracy"], score_mc(base, tokenizer, read_mc_jsonl(test, limit=10), 4).accuracy)
+    assert report["meta"]["tune"]["federated"]["steps"] == LocalTuning().steps and report["meta"]["tune"]["rounds"] == 2
+    assert report["meta"]["bundle_digest"] == bundle.digest and report["meta"]["model"] == str(tmp_path / "base")
 
     # idempotent: the same checkpoint is not plugged in twice
     stamp = (written["plug_in"] / "model.safetensors").stat().st_mtime_ns

@@ -8,8 +8,9 @@ JSON and the bar chart.
 
 Runs of the same task and preset join when they are the same experiment: the same test rows and
 test file, and the same recipe wherever both runs recorded it (model, bundle, tuning,
-distillation, plug-in gain); runs of other presets get rows of their own. A setting measured by two runs must agree to the row. Anything else is refused with both
-files named, because a table that silently mixes two recipes reads like a result.
+distillation, plug-in gain); runs of other presets, or of other test rows, get rows of their own.
+A setting measured by two runs must agree to the row. Anything else is refused with both files
+named, because a table that silently mixes two recipes reads like a result.
 """
 
 from __future__ import annotations

@@ -99,6 +99,16 @@ def realign(base, emulator, bundle, adapter: dict, train_blocks, heldout_blocks,
     logging.info("re-aligned: held-out KD %.3f -> %.3f", result.heldout_before, result.heldout_after)
 
 
+def linear_answer_loss(model, batch):
+    """Minus the answer tokens' logits, each over its vocabulary's mean: d loss / d logits is
+    ``1/V - onehot`` whatever the model predicts, where cross-entropy's is ``p - onehot``."""
+    from offsite.emulator.score import answer_logits
+
+    logits, targets, _ = answer_logits(model, batch)
+    logits = logits.float()
+    return -(logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.mean(-1)).mean()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="kd-2-10-2")
@@ -126,6 +136,10 @@ def main() -> None:
     parser.add_argument("--realign-steps", type=int, default=20)
     parser.add_argument("--realign-lr", type=float, default=1e-4)
     parser.add_argument("--realign-corpus", default="python-docs", help="public text for the re-alignment")
+    parser.add_argument("--loss", choices=("ce", "linear"), default="ce",
+                        help="ce: cross-entropy on the answer tokens (the method's); linear: minus the answer "
+                        "token's logit over the vocabulary's mean logit, a gradient that does not depend on what "
+                        "the model already predicts (does the emulator's own prior ride along in the CE update?)")
     parser.add_argument("--out", type=Path, default=Path("runs/trajectory.jsonl"))
     args = parser.parse_args()
     if args.quant_noise and not args.quantize:
@@ -139,6 +153,10 @@ def main() -> None:
     if args.train:
         changes["train"] = args.train
     tune = dataclasses.replace(tune, **changes)
+    if args.loss == "linear":
+        import offsite.emulator.tune as tuning
+
+        tuning.answer_loss = linear_answer_loss  # this process only: the tuning loop's objective
     base, tokenizer, _ = load_base()
     emulator_config = EmulatorConfig(SandwichShape.parse(shape), distill_config)
     name = args.recipe
@@ -198,7 +216,7 @@ def main() -> None:
         for gamma in gammas:
             plugged = plug_in(base, {key: real[key] + gamma * (state[key] - shell[key]) for key in real})
             plug = score_mc(plugged, tokenizer, test, 32, progress=False)
-            record = {"recipe": name, "task": args.task, "lr": tune.lr, "seed": tune.seed, "train": tune.train, "schedule": tune.schedule,
+            record = {"recipe": name, "task": args.task, "lr": tune.lr, "seed": tune.seed, "train": tune.train, "schedule": tune.schedule, "loss": args.loss,
                       "step": step, "gamma": gamma, "rows": plug.rows, "emulator_ft": emu.accuracy, "plug_in": plug.accuracy,
                       "picks": {"emulator_ft": picks(emu), "plug_in": picks(plug)},
                       "auc": {"emulator_ft": margin_auc(emu, test), "plug_in": margin_auc(plug, test)},

@@ -83,3 +83,39 @@ def test_knob_rows_join_fidelity_to_results_and_average_over_seeds(tmp_path):
     path.write_text(json.dumps(records[0]) + "\n{not json\n")
     with pytest.raises(SystemExit, match="runs.jsonl:2"):
         read_records([path])
+
+
+def test_the_linear_loss_gradient_does_not_depend_on_what_the_model_predicts(tokenizer):
+    """`trajectory.py --loss linear`: d loss / d answer logits is (1/V - onehot) / n for any model,
+    where cross-entropy's (p - onehot) / n differs between two models on the same batch."""
+    import torch
+
+    from offsite.emulator.data import collate, encode_pair
+    from offsite.emulator.score import answer_loss
+    from tests.conftest import tiny_model
+    from trajectory import linear_answer_loss
+
+    batch = collate([encode_pair(tokenizer, p, c, 64) for p, c in (("Is it so?", " True"), ("Or not", " False no"))],
+                    tokenizer.pad_token_id or 0)
+
+    def logit_grad(model, loss_fn):
+        seen = []
+        head = model.get_output_embeddings()
+        def keep(module, inputs, output):
+            output.retain_grad()
+            seen.append(output)
+
+        handle = head.register_forward_hook(keep)
+        loss_fn(model, batch).backward()
+        handle.remove()
+        return seen[0].grad
+
+    models = [tiny_model("llama", n_blocks=2, seed=seed) for seed in (0, 1)]
+    linear = [logit_grad(m, linear_answer_loss) for m in models]
+    targets = batch.labels[:, 1:][batch.labels[:, 1:] != -100]
+    n, vocab = linear[0].shape
+    expected = (torch.full((n, vocab), 1.0 / vocab) - torch.nn.functional.one_hot(targets, vocab).float()) / n
+    for grad in linear:
+        torch.testing.assert_close(grad, expected)
+    ce = [logit_grad(m, answer_loss) for m in models]
+    assert not torch.allclose(ce[0], ce[1], atol=1e-4)  # cross-entropy's gradient carries each model's predictions

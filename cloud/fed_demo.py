@@ -19,7 +19,6 @@ Everything lands in ``--out`` (default ``runs/demo``): ``owners/`` (the shares),
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import shutil
@@ -64,6 +63,7 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
     from offsite.emulator.data import read_examples, read_mc_jsonl
 
     from .certs import write_deployment_certs
+    from .combine import read_reports
     from .evaluate import EvalConfig, Report, five_setting_eval, write_report
     from .fed_job import BUNDLE_DIR, FedJobConfig, LocalTuning, write_job
     from .federation import LocalFederation, round_summary
@@ -143,14 +143,14 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
     fed_seconds = time.perf_counter() - fed_started
     for line in round_summary(job_dir):
         print(line)
-    federated = json.loads((job_dir / "report" / "report.json").read_text())[0]
+    (federated,) = read_reports(job_dir / "report" / "report.json")  # checked as `offsite report` checks it
 
     test = read_mc_jsonl(test_path, limit=config.test_rows)
     report = Report(task=config.task, test_rows=len(test), train_rows=len(train))
     for setting in ("full_zero_shot", "emulator_zero_shot"):
-        report.results[setting] = federated["results"][setting]
-    report.results["federated_emulator_ft"] = federated["results"]["emulator_ft"]
-    report.results["federated_plug_in"] = federated["results"]["plug_in"]
+        report.results[setting] = federated.results[setting]
+    report.results["federated_emulator_ft"] = federated.results["emulator_ft"]
+    report.results["federated_plug_in"] = federated.results["plug_in"]
     report.meta = {
         "preset": preset.name,
         "owners": config.owners,
@@ -158,7 +158,7 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
         "rounds": config.rounds,
         "local_steps": steps,
         "federated_seconds": round(fed_seconds, 1),
-        "middle_nmse_at_answer": federated["meta"].get("middle_nmse_at_answer"),
+        "middle_nmse_at_answer": federated.meta.get("middle_nmse_at_answer"),
         "plugin_gain": preset.plugin_gain,
     }
     if central_settings:

@@ -363,11 +363,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _finish(args: argparse.Namespace) -> int:
+    from .evaluate import job_report_dir
     from .finish import finish_job
 
     for name, path in finish_job(args.job, force=args.force).items():
         print(f"{name}: {path}")
-    report = args.job / "report" / "report.md"
+    report = job_report_dir(args.job) / "report.md"
     if report.is_file():
         print(report.read_text())
     return 0

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .evaluate import ROWS, Report
+from .evaluate import ROWS, Report, job_report_dir
 
 # meta keys that say what was measured: two pieces of one table must not disagree on any of them
 IDENTITY = ("preset", "model", "bundle_digest", "bundle", "test_sha256", "train_sha256", "tune", "distill", "plugin_gain")
@@ -40,7 +40,7 @@ def report_path(run: Path) -> Path:
     run = Path(run)
     if run.is_file():
         return run
-    for candidate in (run / "report" / "report.json", run / "report.json"):
+    for candidate in (job_report_dir(run) / "report.json", run / "report.json"):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"{run}: no report.json in it or in its report/ folder (is it an `offsite eval` job?)")

@@ -278,6 +278,14 @@ def summary_table(reports: list[Report]) -> str:
     return "\n".join(lines) + "\n"
 
 
+REPORT_DIR = "report"  # where a job directory keeps its report (``offsite eval``, ``finish``, the demo)
+
+
+def job_report_dir(job: Path | str) -> Path:
+    """The folder :func:`write_report` writes a job's report to: ``job/report``."""
+    return Path(job) / REPORT_DIR
+
+
 def write_report(reports: list[Report], out: Path | str, title: str = "Offsite five-setting evaluation") -> dict[str, Path]:
     """``report.md``, ``report.json`` and ``report.png`` (bar chart with ± one s.e.) in ``out``."""
     out = Path(out)

@@ -64,7 +64,7 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
 
     from .certs import write_deployment_certs
     from .combine import read_reports
-    from .evaluate import EvalConfig, Report, five_setting_eval, write_report
+    from .evaluate import EvalConfig, Report, five_setting_eval, job_report_dir, write_report
     from .fed_job import BUNDLE_DIR, FedJobConfig, LocalTuning, write_job
     from .federation import LocalFederation, round_summary
     from .models import load_base
@@ -143,7 +143,7 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
     fed_seconds = time.perf_counter() - fed_started
     for line in round_summary(job_dir):
         print(line)
-    (federated,) = read_reports(job_dir / "report" / "report.json")  # checked as `offsite report` checks it
+    (federated,) = read_reports(job_report_dir(job_dir) / "report.json")  # checked as `offsite report` checks it
 
     test = read_mc_jsonl(test_path, limit=config.test_rows)
     report = Report(task=config.task, test_rows=len(test), train_rows=len(train))
@@ -173,7 +173,7 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
 
             save_update(out / "centralised" / "adapter.safetensors", update, {"mode": "blocks", "lora_alpha": None, "bundle": bundle.digest})
     report.meta["seconds"] = round(time.perf_counter() - started, 1)
-    paths = write_report([report], out / "report", title=f"{preset.name} on {config.task}: federated ({config.owners} owners) and centralised")
+    paths = write_report([report], job_report_dir(out), title=f"{preset.name} on {config.task}: federated ({config.owners} owners) and centralised")
     _stage(total, total, f"results ({report.meta['seconds'] / 60:.1f} min in all)")
     print(report.markdown())
     print(f"report: {paths['md']} (+ .json, .png); federated plug-in model: {job_dir / 'plug_in'}")

@@ -27,7 +27,6 @@ from .fed_job import BUNDLE_DIR, JobError, load_checkpoint, load_state, read_job
 log = logging.getLogger("flwr").getChild("offsite")
 
 PLUG_IN_DIR = "plug_in"
-REPORT_DIR = "report"
 FEDERATED_SETTINGS = ("full_zero_shot", "emulator_zero_shot", "emulator_ft", "plug_in")
 
 
@@ -44,7 +43,7 @@ def finish_job(job_dir: Path | str, force: bool = False) -> dict[str, Path]:
     """Plug in (and evaluate) the job's last global adapter; returns the paths written."""
     from offsite.emulator.data import read_mc_jsonl
 
-    from .evaluate import EvalConfig, five_setting_eval, write_report
+    from .evaluate import EvalConfig, five_setting_eval, job_report_dir, write_report
     from .models import load_base
     from .plugin import plug_in_update, save_plugged
 
@@ -59,7 +58,7 @@ def finish_job(job_dir: Path | str, force: bool = False) -> dict[str, Path]:
     provenance = {"bundle": state.bundle, "round": state.completed_round, "checkpoint_sha256": state.checkpoint_sha256}
     written: dict[str, Path] = {}
     marker = job_dir / PLUG_IN_DIR / "offsite.json"
-    report_file = job_dir / REPORT_DIR / "report.json"
+    report_file = job_report_dir(job_dir) / "report.json"
     if not force and marker.is_file() and json.loads(marker.read_text()) == provenance and (config.eval_test is None or report_file.is_file()):
         log.info("job %s: already finished from round %d", job_dir, state.completed_round)
         return {"plug_in": marker.parent} | ({"report": report_file} if config.eval_test else {})
@@ -88,7 +87,7 @@ def finish_job(job_dir: Path | str, force: bool = False) -> dict[str, Path]:
             report.meta["privacy"] = privacy_spent(config, state)
             log.info("job %s: differential privacy spent: epsilon %.4g at delta %g over %d round(s)", job_dir,
                      report.meta["privacy"]["epsilon"], config.security.dp_delta, report.meta["privacy"]["rounds"])
-        write_report([report], job_dir / REPORT_DIR, title=f"federated job {job_dir.name}: {state.completed_round} rounds")
+        write_report([report], job_report_dir(job_dir), title=f"federated job {job_dir.name}: {state.completed_round} rounds")
         written["report"] = report_file
         for line in report.markdown().splitlines():
             log.info("%s", line)

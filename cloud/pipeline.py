@@ -16,7 +16,7 @@ from offsite.emulator.tune import TuneConfig
 from offsite.protocol.adapter import save_update
 from offsite.protocol.bundle import sha256_file
 
-from .evaluate import SETTINGS, EvalConfig, Report, five_setting_eval, write_report
+from .evaluate import SETTINGS, EvalConfig, Report, five_setting_eval, job_report_dir, write_report
 from .models import load_base
 from .plugin import plug_in_update, save_plugged
 from .prepare import config_for, prepare_bundle
@@ -93,5 +93,5 @@ def run_eval_job(job: EvalJob, progress: bool = True) -> Report:
             plugged = plug_in_update(base, update, bundle.adapter_blocks, lora_alpha, gain)
             save_plugged(plugged, tokenizer, job.out / "plug_in", {"preset": job.preset.name, "bundle": bundle.digest, "plugin_gain": gain})
     report.meta["seconds"] = round(time.perf_counter() - started, 1)
-    write_report([report], job.out / "report", title=f"{job.preset.name} on {job.task}")
+    write_report([report], job_report_dir(job.out), title=f"{job.preset.name} on {job.task}")
     return report

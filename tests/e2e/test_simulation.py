@@ -4,6 +4,7 @@ The final adapter is the num-examples-weighted mean of what the clients sent (re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -37,16 +38,25 @@ def no_leftover_processes():
     killed by PID and fail the test."""
     me = psutil.Process()
     before = {child.pid for child in me.children(recursive=True)}
+
+    def running(child: psutil.Process) -> bool:  # one that exits between listing and reading is gone, not left
+        try:
+            return child.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     yield
     deadline = time.monotonic() + 20
     while True:
-        left = [child for child in me.children(recursive=True) if child.pid not in before and child.status() != psutil.STATUS_ZOMBIE]
+        left = [child for child in me.children(recursive=True) if child.pid not in before and running(child)]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    names = [f"{child.pid} {child.name()}" for child in left]
+    names = []
     for child in left:
-        child.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):  # one that ends while we look has ended
+            names.append(f"{child.pid} {child.name()}")
+            child.kill()
     assert not names, f"processes left running: {names}"
 
 

@@ -16,10 +16,19 @@ from offsite.emulator.tune import TuneConfig
 from .models import DEFAULT_MODEL
 
 
+# The largest plug-in gain accepted. Gains chosen on held-out rows have been 1-3 (experiments/QUALITY.md,
+# "Plug-in gain"); far past that the plugged-in weights stop being a tuned model, and a gain like 1e308
+# overflows them to inf and the served job's every answer to NaN.
+MAX_GAIN = 10.0
+
+
 def check_gain(gain: float) -> float:
-    """A plug-in gain: finite and >= 0 (0 leaves the full model as it was, 1 plugs the update in as tuned)."""
+    """A plug-in gain: finite, >= 0 and <= :data:`MAX_GAIN` (0 leaves the full model as it was, 1
+    plugs the update in as tuned)."""
     if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not math.isfinite(gain) or gain < 0:
         raise ValueError(f"the plug-in gain must be a finite number >= 0, got {gain!r}")
+    if gain > MAX_GAIN:
+        raise ValueError(f"the plug-in gain must be at most {MAX_GAIN:g}, got {gain!r}")
     return float(gain)
 
 

@@ -99,6 +99,13 @@ class KVCache:
                     store.append(grown)
         self.capacity = new
 
+    def clear(self, slot: int) -> None:
+        """Zero a slot: a failed row may have left non-finite keys or values there, and a later row
+        in that slot would read them at its masked positions (0 x NaN is NaN)."""
+        for store in (self.k, self.v):
+            for layer in store:
+                layer[slot].zero_()
+
     def move(self, src: int, dst: int, length: int) -> None:
         for store in (self.k, self.v):
             for layer in store:
@@ -370,6 +377,7 @@ class _Row:
     last: int = -1  # the sampled token not yet in the cache
     generated: int = 0
     generator: torch.Generator | None = None
+    ended: bool = False  # its request has had its last event
 
 
 @dataclass
@@ -442,11 +450,11 @@ class Scheduler:
                     new = self._admit()
                 try:
                     self._step(new)
-                except Exception as error:  # a bug or out of memory: fail this batch, keep serving
+                except Exception:  # a bug outside any one row's forward or sampling: fail what is in flight, keep serving
                     log.exception("decode step failed")
-                    self.stats.errors += 1
                     for row in self._rows + [r for r in new if r not in self._rows]:
-                        row.request.events.put(("error", f"generation failed: {type(error).__name__}: {error}"))
+                        if not row.ended:
+                            self._fail(row, "generation failed (the server logged the cause)")
                     self._rows = []
         with self._cond:
             for request in list(self._pending) + [row.request for row in self._rows]:
@@ -477,9 +485,38 @@ class Scheduler:
 
     def _finish(self, row: _Row, reason: str) -> None:
         row.request.events.put(("done", reason))
+        row.ended = True
         self.stats.finished += 1
         self.stats.cancelled += reason == "cancelled"
         row.slot = -1
+
+    def _fail(self, row: _Row, message: str) -> None:
+        """End one row with an error; the other rows go on."""
+        row.request.events.put(("error", message))
+        row.ended = True
+        self.stats.errors += 1
+        if row.slot >= 0:
+            self.stack.cache.clear(row.slot)
+        row.slot = -1
+
+    def _forward(self, rows: list[_Row], tokens: list[list[int]], starts: list[int]) -> tuple[list[_Row], torch.Tensor | None]:
+        """The rows' next-token logits, batched; when the batch fails, each row runs alone, and
+        only a row that fails alone is failed. Returns the rows that ran and their logits."""
+        try:
+            return rows, self.stack.forward([row.request.job for row in rows], tokens, starts, [row.slot for row in rows])
+        except Exception:
+            if len(rows) == 1:
+                log.exception("the forward pass of one request failed")
+                self._fail(rows[0], "generation failed for this request (the server logged the cause)")
+                return [], None
+            log.warning("a forward pass over %d rows failed; running them one at a time", len(rows))
+        ran, logits = [], []
+        for row, row_tokens, start in zip(rows, tokens, starts):
+            alone, out = self._forward([row], [row_tokens], [start])
+            ran += alone
+            if out is not None:
+                logits.append(out)
+        return ran, torch.cat(logits) if logits else None
 
     def _compact(self) -> None:
         """Keep the active rows in slots ``0..R-1`` (moving rows from the end into freed slots)."""
@@ -504,37 +541,48 @@ class Scheduler:
                 row.slot = first + offset
             self._rows.extend(new)
             started = time.perf_counter()
-            logits = self.stack.forward([row.request.job for row in new], [row.request.prompt for row in new],
-                                        [0] * len(new), [row.slot for row in new])
-            for row in new:
+            ran, logits = self._forward(new, [row.request.prompt for row in new], [0] * len(new))
+            for row in ran:
                 row.pos = len(row.request.prompt)
-            self.stats.prefill_tokens += sum(row.pos for row in new)
+            self.stats.prefill_tokens += sum(row.pos for row in ran)
             self.stats.prefill_seconds += time.perf_counter() - started
-            self._accept(new, logits)
+            self._accept(ran, logits)
             self._compact()
         if not self._rows:
             return
         rows = self._rows
         started = time.perf_counter()
-        logits = self.stack.forward([row.request.job for row in rows], [[row.last] for row in rows],
-                                    [row.pos for row in rows], [row.slot for row in rows])
-        for row in rows:
+        ran, logits = self._forward(rows, [[row.last] for row in rows], [row.pos for row in rows])
+        for row in ran:
             row.pos += 1
         self.stats.decode_seconds += time.perf_counter() - started
         self.stats.steps += 1
-        self.stats.decode_tokens += len(rows)
+        self.stats.decode_tokens += len(ran)
         self.stats.max_rows = max(self.stats.max_rows, len(rows))
         self.stats.max_jobs_in_step = max(self.stats.max_jobs_in_step, len({id(row.request.job) for row in rows}))
         self.stats.histogram[len(rows)] = self.stats.histogram.get(len(rows), 0) + 1
-        self._accept(rows, logits)
+        self._accept(ran, logits)
         self._compact()
 
-    def _accept(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Sample each row's next token, hand it out, and finish the rows that are done."""
+    def _accept(self, rows: list[_Row], logits: torch.Tensor | None) -> None:
+        """Sample each row's next token, hand it out, and finish the rows that are done. A row
+        whose scores are not finite (a broken adapter) or whose sampling fails is failed alone."""
+        if not rows:
+            return
+        finite = torch.isfinite(logits).all(-1).tolist()
         greedy = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
             params = row.request.params
-            token = greedy[i] if params.temperature == 0 else _sample(logits[i], params, row.generator)
+            if not finite[i]:
+                log.warning("request on %s: the model's scores are not finite; failing it", row.request.job.name if row.request.job else "base")
+                self._fail(row, "the model produced non-finite scores for this request (a broken adapter?)")
+                continue
+            try:
+                token = greedy[i] if params.temperature == 0 else _sample(logits[i], params, row.generator)
+            except (RuntimeError, ValueError):
+                log.exception("sampling failed")
+                self._fail(row, "sampling failed for this request (the server logged the cause)")
+                continue
             row.generated += 1
             if row.request.cancelled:
                 self._finish(row, "cancelled")
@@ -548,10 +596,16 @@ class Scheduler:
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    """Sample one token from finite ``logits`` at ``params.temperature`` (> 0) and ``top_p``.
+
+    In float64, and shifted so that the most likely token scores 0 before dividing: every scaled
+    score is <= 0 and the best one is exactly 0, so ``exp`` neither overflows nor sums to 0 at any
+    temperature > 0, down to the smallest float (1e-300 is argmax, as it should be)."""
+    scores = logits.to(torch.float64)
+    weights = torch.exp((scores - scores.max()) / params.temperature)
+    probs = weights / weights.sum()  # the sum is >= 1: the best token's weight is exp(0)
     if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < params.top_p  # always keeps the most likely token
-        sorted_probs = sorted_probs * keep
-        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+        return int(order[torch.multinomial(sorted_probs * keep, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 import shutil
 import tempfile
 import time
@@ -54,7 +55,7 @@ class RegistryError(ValueError):
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME.match(name):
-        raise RegistryError(f"job name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise RegistryError(f"job name {reprlib.repr(name)}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     if name == BASE_MODEL:
         raise RegistryError(f"job name {name!r} is reserved for the bare base model")
     return name
@@ -96,6 +97,14 @@ def _block_index(key: str, n_blocks: int, where: str) -> tuple[int, str]:
     return index, match.group(2)
 
 
+def _finite(tensor: torch.Tensor, where: str, key: str, gain: float) -> torch.Tensor:
+    """``tensor`` (as served: in the base model's dtype, the plug-in gain applied), refused when
+    it holds NaN or inf: every answer of the job would be NaN."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise RegistryError(f"{where}: tensor {key!r} is not finite as served (plug-in gain {gain:g}, dtype {tensor.dtype})")
+    return tensor
+
+
 def served_job(name: str, tensors: dict[str, torch.Tensor], meta: dict, base: nn.Module, where: str = "") -> ServedJob:
     """Check an adapter against ``base`` (every key, shape; whole blocks complete) and cast it to
     the base model's dtype."""
@@ -118,10 +127,10 @@ def served_job(name: str, tensors: dict[str, torch.Tensor], meta: dict, base: nn
         job = ServedJob(name, "blocks", meta=meta)
         for index, params in sorted(grouped.items()):
             own = blocks[index].state_dict()
-            check_like(params, own, RegistryError, f"{where}: adapter block {index}", prefix=f"blocks.{index}.", floating=True)
+            check_like(params, own, RegistryError, f"{where}: adapter block {index}", prefix=f"blocks.{index}.", finite=True)
             if gain != 1.0:  # the recipe's plug-in gain, as `offsite cloud plugin` applies it
                 params = {param: extrapolate(own[param], tensor, gain) for param, tensor in params.items()}
-            job.blocks[index] = {param: tensor.to(dtype).contiguous() for param, tensor in params.items()}
+            job.blocks[index] = {param: _finite(tensor.to(dtype).contiguous(), where, f"blocks.{index}.{param}", gain) for param, tensor in params.items()}
         return job
     if mode == "lora":
         alpha = meta.get("lora_alpha")
@@ -145,7 +154,9 @@ def served_job(name: str, tensors: dict[str, torch.Tensor], meta: dict, base: nn
                         f"a ({out_features}, {in_features}) weight"
                     )
                 scale = gain * float(alpha) / a.shape[0]
-                job.lora.setdefault(index, {})[stem] = (a.to(dtype).contiguous(), b.to(dtype).contiguous(), scale)
+                a = _finite(a.to(dtype).contiguous(), where, f"blocks.{index}.{stem}.lora_A", gain)
+                b = _finite(b.to(dtype).contiguous(), where, f"blocks.{index}.{stem}.lora_B", gain)
+                job.lora.setdefault(index, {})[stem] = (a, b, scale)
         return job
     raise RegistryError(f"{where}: metadata 'mode' must be 'blocks' or 'lora', got {mode!r}")
 

@@ -45,6 +45,12 @@ def register(commands) -> None:
     serve.add_argument("--max-context", type=int, default=2048, help="context limit per request, prompt + completion (default 2048, capped by the model's)")
     serve.add_argument("--max-tokens", type=int, default=256, help="completion length when a request does not say (default 256)")
     serve.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before new ones get 429 (default 256)")
+    serve.add_argument("--max-connections", type=int, default=256, metavar="N",
+                       help="at most N HTTP connections open at once, one thread each (one more is answered 503 and closed), "
+                       "and N gRPC calls in flight (one more gets RESOURCE_EXHAUSTED); default 256")
+    serve.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                       help="close a connection whose client sends nothing for S seconds: an idle keep-alive, a stalled "
+                       "request or body (default 60)")
     serve.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     serve.set_defaults(func=_serve)
@@ -123,6 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
         registry=args.registry, base_name=str(args.model), max_batch=args.max_batch, max_context=args.max_context,
         default_max_tokens=args.max_tokens, max_queue=args.max_queue, api_keys=api_keys(args.api_keys_file),
         admin_token=_secret_file(args.admin_token_file, "OFFSITE_ADMIN_TOKEN"),
+        max_connections=args.max_connections, idle_timeout=args.idle_timeout,
     )
     model, tokenizer, where = load_base(args.model, dtype=getattr(torch, args.dtype))
     for name, path in adds:
@@ -136,7 +143,8 @@ def _serve(args: argparse.Namespace) -> int:
     if servers.grpc:
         print(f"grpc: {servers.grpc_target}", flush=True)
     print(f"admin API: {'on' if config.admin_token else 'off'}; API keys: {len(config.api_keys) or 'off'}; "
-          f"context {service.context_length} tokens, batch {config.max_batch}", flush=True)
+          f"context {service.context_length} tokens, batch {config.max_batch}; at most {config.max_connections} connections, "
+          f"idle ones closed after {config.idle_timeout:g} s", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -11,6 +11,7 @@ import logging
 from concurrent import futures
 
 import grpc
+from google.protobuf.message import DecodeError
 from offsite.protocol._generated import serving_pb2, serving_pb2_grpc
 
 from .service import ClientGone, ServingError, ServingService
@@ -22,6 +23,7 @@ _CODES = {
     404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.ALREADY_EXISTS, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }  # fmt: skip
+_SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
 
 
 def _body(request: serving_pb2.GenerateRequest) -> dict:
@@ -39,6 +41,33 @@ def _body(request: serving_pb2.GenerateRequest) -> dict:
     else:
         body["prompt"] = request.prompt
     return body
+
+
+def _parse(message_type, data: bytes, context: grpc.ServicerContext):
+    """A request's bytes as ``message_type``; bytes that are not one (or a string that is not
+    UTF-8) are the client's error: INVALID_ARGUMENT, not grpcio's INTERNAL."""
+    try:
+        return message_type.FromString(data)
+    except (DecodeError, ValueError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {message_type.DESCRIPTOR.full_name} message")
+
+
+def _handlers(servicer: ServingServicer) -> dict:
+    """The service's methods, each taking its request as bytes and parsing it itself."""
+
+    def unary(method, message_type):
+        return lambda data, context: method(_parse(message_type, data, context), context)
+
+    def stream(data, context):
+        yield from servicer.GenerateStream(_parse(serving_pb2.GenerateRequest, data, context), context)
+
+    return {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            unary(servicer.Generate, serving_pb2.GenerateRequest), response_serializer=serving_pb2.GenerateResponse.SerializeToString),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(stream, response_serializer=serving_pb2.GenerateChunk.SerializeToString),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            unary(servicer.ListModels, serving_pb2.ListModelsRequest), response_serializer=serving_pb2.ListModelsResponse.SerializeToString),
+    }
 
 
 class ServingServicer(serving_pb2_grpc.ServingServicer):
@@ -103,11 +132,21 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
 
 class GrpcServer:
-    """The gRPC service on ``host:port`` (0: a free port), insecure (put TLS in front, or use loopback)."""
+    """The gRPC service on ``host:port`` (0: a free port), insecure (put TLS in front, or use loopback).
+
+    ``workers`` threads run calls; at most ``ServeConfig.max_connections`` calls are in flight (one
+    more is RESOURCE_EXHAUSTED), and a connection idle for ``idle_timeout`` seconds is closed."""
 
     def __init__(self, service: ServingService, host: str = "127.0.0.1", port: int = 50051, workers: int = 64) -> None:
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="offsite-serve-grpc"))
-        serving_pb2_grpc.add_ServingServicer_to_server(ServingServicer(service), self._server)
+        config = service.config
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="offsite-serve-grpc"),
+            maximum_concurrent_rpcs=config.max_connections,
+            options=[("grpc.max_connection_idle_ms", int(config.idle_timeout * 1000))],
+        )
+        handlers = _handlers(ServingServicer(service))
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+        self._server.add_registered_method_handlers(_SERVICE, handlers)
         self.host = host
         self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:

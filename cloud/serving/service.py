@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import queue
+import reprlib
 import tempfile
 import threading
 import time
@@ -40,6 +41,14 @@ log = logging.getLogger(__name__)
 
 MAX_STOP = 4
 MAX_UPLOAD_BYTES = 4 << 30
+UPLOAD_CHUNK = 1 << 20
+# A prompt longer than (context limit x the longest token's characters x this) cannot fit, whatever
+# its tokens: refused before it is tokenised. The factor covers normalisers that compose characters
+# (NFC/NFKC join at most a few code points into one).
+PROMPT_CHARS_SLACK = 4
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel = 3
 UNSUPPORTED = {  # OpenAI parameters this server does not implement: refused unless left at their default
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
     "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
@@ -77,10 +86,14 @@ class ServeConfig:
     api_keys: frozenset[str] = frozenset()
     admin_token: str | None = None
     request_timeout: float = 600.0  # a generation that makes no progress for this long fails
+    max_connections: int = 256  # open HTTP connections (one thread each) and concurrent gRPC calls, each
+    idle_timeout: float = 60.0  # seconds a connection may wait for its client (idle keep-alive, a stalled body)
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.default_max_tokens < 1 or self.max_queue < 1 or self.prefill_tokens < 1:
-            raise ValueError("max_batch, default_max_tokens, max_queue and prefill_tokens must be >= 1")
+        if min(self.max_batch, self.default_max_tokens, self.max_queue, self.prefill_tokens, self.max_connections) < 1:
+            raise ValueError("max_batch, default_max_tokens, max_queue, prefill_tokens and max_connections must be >= 1")
+        if not self.idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be > 0 seconds, got {self.idle_timeout}")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
 
@@ -98,15 +111,20 @@ class Prepared:
     include_usage: bool = False
 
 
+def brief(value) -> str:
+    """``repr(value)`` cut short (an error message echoes what was sent, never megabytes of it)."""
+    return _REPR.repr(value)
+
+
 def _number(body: dict, key: str, low: float, high: float, default: float, low_open: bool = False) -> float:
     value = body.get(key)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ServingError(400, f"'{key}' must be a number, got {value!r}", param=key, code="invalid_type")
+        raise ServingError(400, f"'{key}' must be a number, got {brief(value)}", param=key, code="invalid_type")
     if value < low or value > high or (low_open and value == low):
         bound = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
-        raise ServingError(400, f"'{key}' must be in {bound}, got {value!r}", param=key, code="invalid_value")
+        raise ServingError(400, f"'{key}' must be in {bound}, got {brief(value)}", param=key, code="invalid_value")
     return float(value)
 
 
@@ -115,9 +133,9 @@ def _integer(body: dict, key: str, low: int) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ServingError(400, f"'{key}' must be an integer, got {value!r}", param=key, code="invalid_type")
+        raise ServingError(400, f"'{key}' must be an integer, got {brief(value)}", param=key, code="invalid_type")
     if value < low:
-        raise ServingError(400, f"'{key}' must be >= {low}, got {value}", param=key, code="invalid_value")
+        raise ServingError(400, f"'{key}' must be >= {low}, got {brief(value)}", param=key, code="invalid_value")
     return value
 
 
@@ -131,6 +149,7 @@ class ServingService:
         self.stack = LlamaStack(model, config.max_context, slots=config.max_batch)
         self.scheduler = Scheduler(self.stack, self._eos_ids(), max_queue=config.max_queue, prefill_tokens=config.prefill_tokens)
         self.created = int(time.time())
+        self.max_prompt_chars = self.context_length * _longest_token(tokenizer) * PROMPT_CHARS_SLACK
         self._jobs: dict[str, ServedJob] = {}
         self._lock = threading.Lock()  # guards _jobs
         self._admin = threading.Lock()  # one registration at a time
@@ -182,13 +201,13 @@ class ServingService:
         if name is None or name == "":
             raise ServingError(400, "'model' is required: a job's name or 'base'", param="model", code="missing_required_parameter")
         if not isinstance(name, str):
-            raise ServingError(400, f"'model' must be a string, got {name!r}", param="model", code="invalid_type")
+            raise ServingError(400, f"'model' must be a string, got {brief(name)}", param="model", code="invalid_type")
         if name == BASE_MODEL:
             return None
         with self._lock:
             job = self._jobs.get(name)
         if job is None:
-            raise ServingError(404, f"The model '{name}' does not exist (see /v1/models)", param="model", code="model_not_found")
+            raise ServingError(404, f"The model {brief(name)} does not exist (see /v1/models)", param="model", code="model_not_found")
         return job
 
     # ------------------------------------------------------------ auth
@@ -209,9 +228,9 @@ class ServingService:
 
     # ------------------------------------------------------------ admin
 
-    def register(self, name: str, source: Path | str, replace: bool = False, plugin_gain: float | None = None) -> dict:
-        """Copy a finished job's (or an adapter file's) adapter into the registry and serve it
-        (at ``plugin_gain`` when given, else at the source's own gain)."""
+    def check_registration(self, name, replace: bool = False, plugin_gain=None) -> float | None:
+        """What a registration can be refused for before its adapter is read: the name, the gain,
+        and a name taken without ``replace``. Returns the gain (None: the source's own)."""
         try:
             registry.check_name(name)
         except RegistryError as error:
@@ -221,9 +240,16 @@ class ServingService:
                 plugin_gain = check_gain(plugin_gain)
             except ValueError as error:
                 raise ServingError(400, str(error), param="plugin_gain", code="invalid_value") from None
+        if name in self.jobs() and not replace:
+            raise ServingError(409, f"job {name!r} is already registered (unregister it first, or send replace: true)", param="name", code="model_exists")
+        return plugin_gain
+
+    def register(self, name: str, source: Path | str, replace: bool = False, plugin_gain: float | None = None) -> dict:
+        """Copy a finished job's (or an adapter file's) adapter into the registry and serve it
+        (at ``plugin_gain`` when given, else at the source's own gain)."""
+        plugin_gain = self.check_registration(name, replace, plugin_gain)
         with self._admin:
-            if name in self.jobs() and not replace:
-                raise ServingError(409, f"job {name!r} is already registered (unregister it first, or send replace: true)", param="name", code="model_exists")
+            self.check_registration(name, replace)  # again: another registration may have taken the name
             source = Path(source)
             if not source.exists():
                 raise ServingError(400, f"{source}: no such job directory or adapter file on the server", param="path", code="invalid_value")
@@ -237,13 +263,27 @@ class ServingService:
         log.info("registered %s (%s, blocks %s)", name, job.mode, job.adapter_blocks)
         return self.model_info(name, job)
 
-    def register_bytes(self, name: str, data: bytes, replace: bool = False, plugin_gain: float | None = None) -> dict:
-        """Register an uploaded adapter file (safetensors bytes, protocol.adapter format)."""
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise ServingError(413, f"the adapter is {len(data)} bytes; the limit is {MAX_UPLOAD_BYTES}", code="too_large")
+    def register_upload(self, name: str, read: Callable[[int], bytes], length: int, replace: bool = False,
+                        plugin_gain: float | None = None) -> dict:
+        """Register an adapter file of ``length`` bytes read from ``read`` (an upload): the name,
+        gain and size are checked before a byte is read, and the bytes go to disk as they come."""
+        plugin_gain = self.check_registration(name, replace, plugin_gain)
+        if length > MAX_UPLOAD_BYTES:
+            raise ServingError(413, f"the adapter is {length} bytes; the limit is {MAX_UPLOAD_BYTES}", code="too_large")
         Path(self.config.registry).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=self.config.registry, prefix=".upload-", suffix=".safetensors", delete=False) as handle:
-            handle.write(data)
+            try:
+                left = length
+                while left:
+                    chunk = read(min(left, UPLOAD_CHUNK))
+                    if not chunk:
+                        raise ServingError(400, f"the body ended after {length - left} of {length} bytes", code="incomplete_body")
+                    handle.write(chunk)
+                    left -= len(chunk)
+            except BaseException:
+                handle.close()
+                os.unlink(handle.name)
+                raise
         try:
             return self.register(name, handle.name, replace=replace, plugin_gain=plugin_gain)
         finally:
@@ -272,8 +312,9 @@ class ServingService:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = list(self.tokenizer(prompt).input_ids)
+            ids = self._tokenize(prompt, "prompt", add_special_tokens=True)
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            self._check_length(len(prompt), "prompt")
             vocab = self.stack.embed.shape[0]
             if any(not 0 <= t < vocab for t in prompt):
                 raise ServingError(400, f"'prompt' holds token ids outside 0..{vocab - 1}", param="prompt", code="invalid_value")
@@ -300,7 +341,27 @@ class ServingService:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except (TemplateError, TypeError, ValueError, KeyError) as error:  # e.g. the template's raise_exception
             raise ServingError(400, f"the chat template refused these messages: {error}", param="messages", code="invalid_value") from None
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return self._tokenize(text, "messages", add_special_tokens=False)
+
+    def _tokenize(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
+        """``text``'s token ids; a text that cannot fit the context is refused before it is tokenised."""
+        if len(text) > self.max_prompt_chars:
+            raise ServingError(
+                400, f"This model's maximum context length is {self.context_length} tokens; the prompt is {len(text)} "
+                f"characters, more than that many tokens can hold", param=param, code="context_length_exceeded",
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ServingError(400, f"the {param} is not valid Unicode ({error.reason} at character {error.start})", param=param, code="invalid_value") from None
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+    def _check_length(self, tokens: int, param: str) -> None:
+        if tokens >= self.context_length:
+            raise ServingError(
+                400, f"This model's maximum context length is {self.context_length} tokens; the prompt is {tokens} tokens",
+                param=param, code="context_length_exceeded",
+            )
 
     @staticmethod
     def _messages(messages) -> list[dict]:
@@ -312,7 +373,7 @@ class ServingService:
                 raise ServingError(400, f"messages[{i}] must be an object", param=f"messages[{i}]", code="invalid_type")
             role, content = message.get("role"), message.get("content")
             if role not in ("system", "developer", "user", "assistant"):
-                raise ServingError(400, f"messages[{i}].role must be system, developer, user or assistant, got {role!r}", param=f"messages[{i}].role", code="invalid_value")
+                raise ServingError(400, f"messages[{i}].role must be system, developer, user or assistant, got {brief(role)}", param=f"messages[{i}].role", code="invalid_value")
             if isinstance(content, list):  # [{"type": "text", "text": ...}]
                 if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
                     raise ServingError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content", code="invalid_value")
@@ -335,11 +396,7 @@ class ServingService:
         limit = self.context_length
         if not ids:
             raise ServingError(400, "the prompt is empty", param=prompt_key, code="invalid_value")
-        if len(ids) >= limit:
-            raise ServingError(
-                400, f"This model's maximum context length is {limit} tokens; the prompt is {len(ids)} tokens", param=prompt_key,
-                code="context_length_exceeded",
-            )
+        self._check_length(len(ids), prompt_key)
         n = _integer(body, "n", 1)
         if n not in (None, 1):
             raise ServingError(400, f"'n' must be 1 (one completion per request), got {n}", param="n", code="invalid_value")
@@ -355,14 +412,14 @@ class ServingService:
         top_p = _number(body, "top_p", 0.0, 1.0, 1.0, low_open=True)
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63):
-            raise ServingError(400, f"'seed' must be an integer in [0, 2^63), got {seed!r}", param="seed", code="invalid_value")
+            raise ServingError(400, f"'seed' must be an integer in [0, 2^63), got {brief(seed)}", param="seed", code="invalid_value")
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else (stop if stop is not None else [])
         if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
             raise ServingError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", param="stop", code="invalid_value")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
-            raise ServingError(400, f"'stream' must be true or false, got {stream!r}", param="stream", code="invalid_type")
+            raise ServingError(400, f"'stream' must be true or false, got {brief(stream)}", param="stream", code="invalid_type")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise ServingError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
@@ -380,6 +437,14 @@ class ServingService:
         except ValueError as error:
             raise ServingError(400, str(error), code="context_length_exceeded") from None
         return Generation(request, self.tokenizer, prepared.stop, self.config.request_timeout)
+
+
+def _longest_token(tokenizer) -> int:
+    """The most characters one token of ``tokenizer`` stands for (its longest vocabulary entry)."""
+    try:
+        return max(16, max(len(token) for token in tokenizer.get_vocab()))
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        return 256
 
 
 def _bearer(authorization: str | None) -> str | None:

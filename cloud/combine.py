@@ -79,11 +79,14 @@ def combine(runs: list[Path]) -> list[Report]:
 
 def _join(pieces: list[Piece]) -> Report:
     first = pieces[0]
-    joined = Report(task=first.report.task, test_rows=first.report.test_rows, train_rows=first.report.train_rows)
+    joined = Report(task=first.report.task, test_rows=first.report.test_rows, train_rows=first.report.train_rows,
+                    kind=first.report.kind)
     joined.meta = {"sources": []}
     owner: dict[str, Piece] = {}  # who set each identity key and each setting
     for piece in pieces:
         report = piece.report
+        if report.kind != joined.kind:
+            raise ReportError(f"{report.task}: {first.source} scored {joined.kind.upper()} rows, {piece.source} {report.kind.upper()} rows")
         if report.train_rows != joined.train_rows:
             raise ReportError(f"{report.task}: {first.source} tuned on {joined.train_rows} train rows, {piece.source} on {report.train_rows}")
         for key in IDENTITY:
@@ -98,10 +101,11 @@ def _join(pieces: list[Piece]) -> Report:
             owner.setdefault(key, piece)
         for setting, result in report.results.items():
             if setting in joined.results:
-                if joined.results[setting].get("correct") != result.get("correct"):
+                metric = joined.metric
+                if joined.results[setting].get(metric) != result.get(metric):
                     raise ReportError(
-                        f"{report.task}: {setting} measured twice with different results: "
-                        f"{owner[setting].source} {joined.results[setting]['accuracy']:.3f}, {piece.source} {result['accuracy']:.3f}"
+                        f"{report.task}: {setting} measured twice with different results ({metric}): "
+                        f"{owner[setting].source} {joined.results[setting][metric]:.3f}, {piece.source} {result[metric]:.3f}"
                     )
                 continue
             joined.results[setting] = result

@@ -1,4 +1,4 @@
-"""The five settings of the Offsite-Tuning paper on one multiple-choice test file.
+"""The five settings of the Offsite-Tuning paper on one test file.
 
 1. full zero-shot      the base model as it is
 2. emulator zero-shot  the emulator (from the bundle) as it is
@@ -7,8 +7,14 @@
 5. full FT             the same adapter blocks tuned with the real middle in place
                        (same data, steps and optimiser)
 
-Privacy gap = plug-in - emulator-FT (large is good: the emulator alone is worth less);
-utility gap = full FT - plug-in (small is good: little is lost by tuning offsite).
+A multiple-choice test file is scored by accuracy (lm-eval's ``acc``, with ``acc_norm`` beside it);
+an SFT file (``{"prompt","completion"}``) by the mean negative log-likelihood of the completion
+tokens in nats per token (lower is better), perplexity beside it. The rows decide which.
+
+Privacy gap = how much better the plug-in is than emulator-FT (large is good: the emulator alone is
+worth less); utility gap = how much worse the plug-in is than full FT (small is good); recovery =
+(plug-in - zero-shot) / (full FT - zero-shot), the share of full FT's gain the plug-in keeps. Each is
+stated so that it reads the same way for accuracy (points) and NLL (nats per token).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from torch import nn
 
 from offsite.emulator.data import Example, MCRow
 from offsite.emulator.sandwich import num_blocks, with_layout
-from offsite.emulator.score import MCResult, score_mc
+from offsite.emulator.score import MCResult, SFTResult, score_mc, score_sft
 from offsite.emulator.tune import TuneConfig, pick_device, tune_adapter
 from offsite.protocol.bundle import Bundle, load_emulator
 
@@ -46,6 +52,13 @@ LABELS = {
 # table order: each offsite setting beside its federated twin (a federated job's adapter, scored by
 # ``offsite demo``), full FT last (the paper's order)
 ROWS = ("full_zero_shot", "emulator_zero_shot", "emulator_ft", "federated_emulator_ft", "plug_in", "federated_plug_in", "full_ft")
+# what each kind of test file is scored by: the result field, whether larger is better, the unit of a gap
+METRICS = {
+    "mc": ("accuracy", True, "points"),
+    "sft": ("nll", False, "nats/token"),
+}
+# the fields every result of a kind must carry as numbers
+RESULT_FIELDS = {"mc": ("accuracy", "stderr", "correct"), "sft": ("nll", "stderr", "tokens")}
 
 
 @dataclass(frozen=True)
@@ -68,85 +81,113 @@ class Report:
     train_rows: int
     results: dict[str, dict] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    kind: str = "mc"  # "mc": accuracy; "sft": completion NLL (see METRICS)
+
+    @property
+    def metric(self) -> str:
+        return METRICS[self.kind][0]
+
+    @property
+    def higher_is_better(self) -> bool:
+        return METRICS[self.kind][1]
+
+    def value(self, setting: str) -> float | None:
+        """The setting's score: accuracy (MC) or NLL in nats per token (SFT)."""
+        return self.results.get(setting, {}).get(self.metric)
 
     def accuracy(self, setting: str) -> float | None:
         return self.results.get(setting, {}).get("accuracy")
 
+    def _better_by(self, a: float | None, b: float | None) -> float | None:
+        """How much better ``a`` is than ``b`` in this report's metric (positive: better)."""
+        if a is None or b is None:
+            return None
+        return a - b if self.higher_is_better else b - a
+
     @property
     def privacy_gap(self) -> float | None:
-        plug, emu = self.offsite("plug_in"), self.offsite("emulator_ft")
-        return None if plug is None or emu is None else plug - emu
+        """How much better the plug-in is than emulator-FT."""
+        return self._better_by(self.offsite("plug_in"), self.offsite("emulator_ft"))
 
     @property
     def utility_gap(self) -> float | None:
-        full, plug = self.accuracy("full_ft"), self.offsite("plug_in")
-        return None if full is None or plug is None else full - plug
+        """How much better full FT is than the plug-in."""
+        return self._better_by(self.value("full_ft"), self.offsite("plug_in"))
+
+    @property
+    def recovery(self) -> float | None:
+        """(plug-in - zero-shot) / (full FT - zero-shot): the share of full FT's gain the plug-in keeps."""
+        zs, plug, full = self.value("full_zero_shot"), self.offsite("plug_in"), self.value("full_ft")
+        if zs is None or plug is None or full is None or full == zs:
+            return None
+        return (plug - zs) / (full - zs)
 
     def offsite(self, setting: str) -> float | None:
         """The centralised ``setting`` (emulator_ft, plug_in), or the federated one when only the
         federated job ran (``offsite demo`` by default): the gaps are taken on what was run."""
-        value = self.accuracy(setting)
-        return self.accuracy(f"federated_{setting}") if value is None else value
+        value = self.value(setting)
+        return self.value(f"federated_{setting}") if value is None else value
 
     @property
     def gaps_federated(self) -> bool:
-        return self.accuracy("plug_in") is None and self.accuracy("federated_plug_in") is not None
+        return self.value("plug_in") is None and self.value("federated_plug_in") is not None
 
     def to_dict(self) -> dict:
         return {
             "task": self.task,
+            "kind": self.kind,
             "test_rows": self.test_rows,
             "train_rows": self.train_rows,
             "results": self.results,
             "privacy_gap": self.privacy_gap,
             "utility_gap": self.utility_gap,
+            "recovery": self.recovery,
             "meta": self.meta,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "Report":
-        """The inverse of :meth:`to_dict` (the gaps are recomputed, not read)."""
+        """The inverse of :meth:`to_dict` (the gaps are recomputed, not read). Reports written before
+        SFT scoring carry no ``kind``: they are multiple choice."""
         if not isinstance(data, dict):
             raise TypeError(f"a report is a JSON object, not {type(data).__name__}")
+        kind = data.get("kind", "mc")
+        if kind not in METRICS:
+            raise ValueError(f"unknown kind {kind!r}; known: {', '.join(METRICS)}")
         results = data.get("results", {})
         if not isinstance(results, dict):
             raise TypeError("'results' is not an object")
         for setting, result in results.items():
             if setting not in LABELS:
                 raise ValueError(f"unknown setting {setting!r}; known: {', '.join(LABELS)}")
-            if not isinstance(result, dict) or not all(isinstance(result.get(k), (int, float)) for k in ("accuracy", "stderr", "correct")):
-                raise ValueError(f"{setting}: needs numeric 'accuracy', 'stderr' and 'correct'")
+            needed = RESULT_FIELDS[kind]
+            if not isinstance(result, dict) or not all(isinstance(result.get(k), (int, float)) for k in needed):
+                raise ValueError(f"{setting}: needs numeric {', '.join(repr(k) for k in needed)}")
         meta = data.get("meta", {})
         if not isinstance(meta, dict):
             raise TypeError("'meta' is not an object")
         task, test_rows, train_rows = data["task"], data["test_rows"], data["train_rows"]
         if not isinstance(task, str) or not all(isinstance(n, int) and n >= 0 for n in (test_rows, train_rows)):
             raise ValueError("'task' must be a string and 'test_rows', 'train_rows' counts")
-        return cls(task=task, test_rows=test_rows, train_rows=train_rows, results=dict(results), meta=dict(meta))
+        return cls(task=task, test_rows=test_rows, train_rows=train_rows, results=dict(results), meta=dict(meta), kind=kind)
 
     def markdown(self, label: str | None = None) -> str:
-        lines = [
-            f"### {label or self.task}: {self.test_rows} test rows (one standard error at 0.5 is {50 / self.test_rows ** 0.5:.1f} points)",
-            "",
-            "| setting | accuracy | ± s.e. | correct |",
-            "|---|---|---|---|",
-        ]
-        for setting in ROWS:
-            if setting in self.results:
-                r = self.results[setting]
-                label = LABELS[setting]
-                if setting.endswith("plug_in") and self.meta.get("plugin_gain", 1.0) != 1.0:
-                    label += f" (gain {self.meta['plugin_gain']:g})"
-                lines.append(f"| {label} | {r['accuracy']:.3f} | {r['stderr']:.3f} | {r['correct']}/{self.test_rows} |")
-        lines.append("")
+        lines = [f"### {label or self.task}: {self._size()}", "", *self._table(), ""]
         which = ", federated" if self.gaps_federated else ""
+        unit = METRICS[self.kind][2]
+        # each difference written the way round that makes a positive number good
+        privacy, utility, federated = (("plug-in - emulator-FT", "full FT - plug-in", "federated plug-in - centralised plug-in")
+                                       if self.higher_is_better else
+                                       ("emulator-FT - plug-in", "plug-in - full FT", "centralised plug-in - federated plug-in"))
         if self.privacy_gap is not None:
-            lines.append(f"privacy gap (plug-in - emulator-FT{which}): {100 * self.privacy_gap:+.1f} points")
+            lines.append(f"privacy gap ({privacy}{which}): {self._gap(self.privacy_gap)} {unit}")
         if self.utility_gap is not None:
-            lines.append(f"utility gap (full FT - plug-in{which}): {100 * self.utility_gap:+.1f} points")
-        federated, central = self.accuracy("federated_plug_in"), self.accuracy("plug_in")
-        if federated is not None and central is not None:
-            lines.append(f"federated plug-in - centralised plug-in: {100 * (federated - central):+.1f} points")
+            lines.append(f"utility gap ({utility}{which}): {self._gap(self.utility_gap)} {unit}")
+        if self.recovery is not None:
+            lines.append(f"recovery ((plug-in - zero-shot) / (full FT - zero-shot){which}): {100 * self.recovery:.0f}%")
+        difference = self._better_by(self.value("federated_plug_in"), self.value("plug_in"))
+        if difference is not None:
+            lines.append(f"{federated}: {self._gap(difference)} {unit}")
         if self.meta.get("middle_nmse_at_answer") is not None:
             lines.append(
                 f"emulator vs real middle output at the answer position (normalised MSE, before tuning): "
@@ -154,15 +195,54 @@ class Report:
             )
         return "\n".join(lines) + "\n"
 
+    def _size(self) -> str:
+        if self.kind == "sft":
+            tokens = next((r["tokens"] for r in self.results.values() if "tokens" in r), None)
+            return f"{self.test_rows} test rows" + (f", {tokens} completion tokens" if tokens else "") + " (NLL in nats per token, lower is better)"
+        return f"{self.test_rows} test rows (one standard error at 0.5 is {50 / self.test_rows ** 0.5:.1f} points)"
 
-def _record(report: Report, setting: str, result: MCResult, seconds: float) -> None:
-    report.results[setting] = {
-        "accuracy": result.accuracy,
-        "stderr": result.stderr,
-        "correct": result.correct,
-        "seconds": round(seconds, 1),
-    }
-    log.info("%-20s %.3f (± %.3f, %d rows, %.0f s)", LABELS[setting], result.accuracy, result.stderr, result.rows, seconds)
+    def _gap(self, gap: float) -> str:
+        return f"{100 * gap:+.1f}" if self.kind == "mc" else f"{gap:+.3f}"
+
+    def _table(self) -> list[str]:
+        if self.kind == "sft":
+            lines = ["| setting | NLL (nats/token) | ± s.e. | perplexity |", "|---|---|---|---|"]
+            cells = lambda r: f"{r['nll']:.3f} | {r['stderr']:.3f} | {r.get('ppl', float('nan')):.2f}"  # noqa: E731
+        else:
+            lines = ["| setting | accuracy | ± s.e. | correct | acc_norm |", "|---|---|---|---|---|"]
+            cells = lambda r: (f"{r['accuracy']:.3f} | {r['stderr']:.3f} | {r['correct']}/{self.test_rows} | "  # noqa: E731
+                               + (f"{r['acc_norm']:.3f}" if r.get("acc_norm") is not None else "-"))
+        for setting in ROWS:
+            if setting in self.results:
+                label = LABELS[setting]
+                if setting.endswith("plug_in") and self.meta.get("plugin_gain", 1.0) != 1.0:
+                    label += f" (gain {self.meta['plugin_gain']:g})"
+                lines.append(f"| {label} | {cells(self.results[setting])} |")
+        return lines
+
+
+def result_fields(result: MCResult | SFTResult) -> dict:
+    """What a report keeps of one setting's score."""
+    if isinstance(result, SFTResult):
+        return {"nll": result.nll, "stderr": result.stderr, "ppl": result.perplexity, "tokens": result.tokens}
+    return {"accuracy": result.accuracy, "stderr": result.stderr, "correct": result.correct, "acc_norm": result.acc_norm}
+
+
+def score_rows(model: nn.Module, tokenizer, test: list[MCRow] | list[Example], batch: int = 16, device="cpu",
+               desc: str = "scoring", progress: bool = True) -> MCResult | SFTResult:
+    """Accuracy of MC rows, completion NLL of SFT rows (a test file holds one kind)."""
+    scorer = score_sft if isinstance(test[0], Example) else score_mc
+    return scorer(model, tokenizer, test, batch, device=device, desc=desc, progress=progress)
+
+
+def test_kind(test: list[MCRow] | list[Example]) -> str:
+    return "sft" if isinstance(test[0], Example) else "mc"
+
+
+def _record(report: Report, setting: str, result: MCResult | SFTResult, seconds: float) -> None:
+    report.results[setting] = result_fields(result) | {"seconds": round(seconds, 1)}
+    value = report.results[setting][report.metric]
+    log.info("%-20s %s %.3f (± %.3f, %d rows, %.0f s)", LABELS[setting], report.metric, value, result.stderr, result.rows, seconds)
 
 
 def five_setting_eval(
@@ -170,7 +250,7 @@ def five_setting_eval(
     tokenizer,
     bundle: Bundle,
     train: list[Example],
-    test: list[MCRow],
+    test: list[MCRow] | list[Example],
     tune: TuneConfig,
     config: EvalConfig = EvalConfig(),
     task: str = "task",
@@ -183,7 +263,7 @@ def five_setting_eval(
     instead of tuning on the emulator here.
     """
     device = pick_device(config.device)
-    report = Report(task=task, test_rows=len(test), train_rows=len(train))
+    report = Report(task=task, test_rows=len(test), train_rows=len(train), kind=test_kind(test))
     report.meta = {"tune": dataclasses.asdict(tune), "bundle": bundle.manifest.get("shape"), "device": str(device)}
     shape = bundle.shape
     adapter_blocks = bundle.adapter_blocks
@@ -192,7 +272,7 @@ def five_setting_eval(
     def score(model: nn.Module, setting: str) -> None:
         started = time.perf_counter()
         model.to(device)
-        result = score_mc(model, tokenizer, test, config.score_batch, device=device, desc=LABELS[setting], progress=progress)
+        result = score_rows(model, tokenizer, test, config.score_batch, device=device, desc=LABELS[setting], progress=progress)
         model.to("cpu")
         _record(report, setting, result, time.perf_counter() - started)
 
@@ -266,14 +346,16 @@ def labels(reports: list[Report]) -> list[str]:
 
 
 def summary_table(reports: list[Report]) -> str:
-    """A row per task (and preset), a column per setting any of them measured, then the two gaps."""
+    """A row per task (and preset), a column per setting any of them measured, then the two gaps
+    (points for accuracy, nats per token for NLL; positive is good) and the recovery."""
     settings = [s for s in ROWS if any(s in r.results for r in reports)]
-    header = ["task (test rows)", *(LABELS[s] for s in settings), "privacy gap", "utility gap"]
+    header = ["task (test rows, metric)", *(LABELS[s] for s in settings), "privacy gap", "utility gap", "recovery"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for report, label in zip(reports, labels(reports)):
-        cells = [f"{label} ({report.test_rows})"]
-        cells += [f"{report.accuracy(s):.3f}" if report.accuracy(s) is not None else "-" for s in settings]
-        cells += [f"{100 * gap:+.1f}" if gap is not None else "-" for gap in (report.privacy_gap, report.utility_gap)]
+        cells = [f"{label} ({report.test_rows}, {'acc' if report.kind == 'mc' else 'NLL'})"]
+        cells += [f"{report.value(s):.3f}" if report.value(s) is not None else "-" for s in settings]
+        cells += [report._gap(gap) if gap is not None else "-" for gap in (report.privacy_gap, report.utility_gap)]
+        cells.append(f"{100 * report.recovery:.0f}%" if report.recovery is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -301,25 +383,39 @@ def write_report(reports: list[Report], out: Path | str, title: str = "Offsite f
 
 
 def _plot(reports: list[Report], path: Path, title: str) -> None:
+    """Bars with ± one s.e.: one panel for the accuracy reports, one for the NLL reports."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = [s for s in ROWS if any(s in r.results for r in reports)]
-    width = 0.8 / max(1, len(settings))
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(reports) + 2), 4))
-    for i, setting in enumerate(settings):
-        xs = [j + (i - (len(settings) - 1) / 2) * width for j in range(len(reports))]
-        ys = [r.results.get(setting, {}).get("accuracy", 0.0) for r in reports]
-        es = [r.results.get(setting, {}).get("stderr", 0.0) for r in reports]
-        ax.bar(xs, ys, width, yerr=es, capsize=2, label=LABELS[setting])
-    ax.set_xticks(range(len(reports)))
-    ax.set_xticklabels([f"{label.replace(': ', chr(10))}\n({r.test_rows} rows)" for r, label in zip(reports, labels(reports))])
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncol=min(4, len(settings)), loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    named = list(zip(reports, labels(reports)))
+    panels = [[(r, name) for r, name in named if r.kind == kind] for kind in METRICS]
+    panels = [p for p in panels if p]
+    widths = [max(6, 2.2 * len(p) + 2) for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), 4), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, panel in zip(axes[0], panels):
+        _bars(ax, [r for r, _ in panel], [name for _, name in panel])
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _bars(ax, reports: list[Report], names: list[str]) -> None:
+    settings = [s for s in ROWS if any(s in r.results for r in reports)]
+    width = 0.8 / max(1, len(settings))
+    for i, setting in enumerate(settings):
+        xs = [j + (i - (len(settings) - 1) / 2) * width for j in range(len(reports))]
+        ys = [r.value(setting) or 0.0 for r in reports]
+        es = [r.results.get(setting, {}).get("stderr", 0.0) for r in reports]
+        ax.bar(xs, ys, width, yerr=es, capsize=2, label=LABELS[setting])
+    ax.set_xticks(range(len(reports)))
+    ax.set_xticklabels([f"{label.replace(': ', chr(10))}\n({r.test_rows} rows)" for r, label in zip(reports, names)])
+    if reports[0].kind == "mc":
+        ax.set_ylabel("accuracy (higher is better)")
+        ax.set_ylim(0, 1)
+    else:
+        ax.set_ylabel("completion NLL, nats/token (lower is better)")
+    ax.legend(fontsize=8, ncol=min(4, len(settings)), loc="upper center", bbox_to_anchor=(0.5, -0.18))

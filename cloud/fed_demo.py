@@ -60,7 +60,7 @@ def _stage(number: int, total: int, text: str) -> None:
 
 
 def run_fed_demo(config: FedDemoConfig) -> dict:
-    from offsite.emulator.data import read_examples, read_mc_jsonl
+    from offsite.emulator.data import read_examples, read_test_rows
 
     from .certs import write_deployment_certs
     from .combine import read_reports
@@ -145,8 +145,8 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
         print(line)
     (federated,) = read_reports(job_report_dir(job_dir) / "report.json")  # checked as `offsite report` checks it
 
-    test = read_mc_jsonl(test_path, limit=config.test_rows)
-    report = Report(task=config.task, test_rows=len(test), train_rows=len(train))
+    kind, test = read_test_rows(test_path, limit=config.test_rows)
+    report = Report(task=config.task, test_rows=len(test), train_rows=len(train), kind=kind)
     for setting in ("full_zero_shot", "emulator_zero_shot"):
         report.results[setting] = federated.results[setting]
     report.results["federated_emulator_ft"] = federated.results["emulator_ft"]

@@ -41,7 +41,7 @@ def privacy_spent(config, state) -> dict:
 
 def finish_job(job_dir: Path | str, force: bool = False) -> dict[str, Path]:
     """Plug in (and evaluate) the job's last global adapter; returns the paths written."""
-    from offsite.emulator.data import read_mc_jsonl
+    from offsite.emulator.data import read_test_rows
 
     from .evaluate import EvalConfig, five_setting_eval, job_report_dir, write_report
     from .models import load_base
@@ -71,7 +71,7 @@ def finish_job(job_dir: Path | str, force: bool = False) -> dict[str, Path]:
     written["plug_in"] = save_plugged(plugged, tokenizer, job_dir / PLUG_IN_DIR, provenance)
     del plugged
     if config.eval_test is not None:
-        test = read_mc_jsonl(config.eval_test, limit=config.eval_rows)
+        _, test = read_test_rows(config.eval_test, limit=config.eval_rows)
         report, _ = five_setting_eval(
             base, tokenizer, bundle, [], test, TuneConfig(),
             EvalConfig(settings=FEDERATED_SETTINGS, plugin_gain=config.plugin_gain),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offsite.emulator.corpus import DEFAULT_CORPUS
-from offsite.emulator.data import read_examples, read_mc_jsonl
+from offsite.emulator.data import read_examples, read_test_rows
 from offsite.emulator.tune import TuneConfig
 from offsite.protocol.adapter import save_update
 from offsite.protocol.bundle import sha256_file
@@ -24,16 +24,23 @@ from .presets import Preset
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "bigbench"
+DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
+# the shipped tasks: those the default model has skill on first, then the chance-level BIG-bench record
+DATA_DIRS = (DATA_ROOT / "skill", DATA_ROOT / "bigbench")
+
+
+def known_tasks() -> list[str]:
+    """Names of the shipped tasks, skill tasks first."""
+    return [p.name.removesuffix(".test.jsonl") for d in DATA_DIRS for p in sorted(d.glob("*.test.jsonl"))]
 
 
 def task_files(task: str) -> tuple[Path, Path]:
-    """(train, test) JSONL of a task shipped in ``data/bigbench``."""
-    train, test = DATA_DIR / f"{task}.train.jsonl", DATA_DIR / f"{task}.test.jsonl"
-    if not train.is_file() or not test.is_file():
-        known = sorted(p.name.removesuffix(".test.jsonl") for p in DATA_DIR.glob("*.test.jsonl"))
-        raise FileNotFoundError(f"no task {task!r} in {DATA_DIR} (known: {', '.join(known) or 'none'})")
-    return train, test
+    """(train, test) JSONL of a task shipped in ``data/skill`` or ``data/bigbench``."""
+    for folder in DATA_DIRS:
+        train, test = folder / f"{task}.train.jsonl", folder / f"{task}.test.jsonl"
+        if train.is_file() and test.is_file():
+            return train, test
+    raise FileNotFoundError(f"no task {task!r} in {DATA_ROOT} (known: {', '.join(known_tasks()) or 'none'})")
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ def run_eval_job(job: EvalJob, progress: bool = True) -> Report:
     # the settings and both data files are checked before the model loads and minutes of distillation
     config = EvalConfig(settings=job.settings, plugin_gain=job.preset.plugin_gain)
     train = read_examples(job.train)
-    test = read_mc_jsonl(job.test, limit=job.test_rows)
+    _, test = read_test_rows(job.test, limit=job.test_rows)
     job.out.mkdir(parents=True, exist_ok=True)
     (job.out / "job.json").write_text(
         json.dumps(

@@ -99,6 +99,38 @@ def read_examples(path: Path | str, limit: int | None = None) -> list[Example]:
     return examples
 
 
+def row_kind(row: dict) -> str:
+    """``"mc"`` for a row with ``choices``, ``"sft"`` for one with ``completion``, else ``""``."""
+    return "mc" if "choices" in row else "sft" if "completion" in row else ""
+
+
+def read_test_rows(path: Path | str, limit: int | None = None) -> tuple[str, list[MCRow] | list[Example]]:
+    """A test file's kind and rows: ``("mc", [MCRow])`` scored by accuracy, or ``("sft", [Example])``
+    scored by completion NLL. The kind comes from the rows; a file that mixes both is refused at the
+    first row of the other kind, naming its line and the line that set the kind."""
+    path = Path(path)
+    kind, first, rows = "", 0, []
+    for number, row in _rows(path):
+        this = row_kind(row)
+        if not this:
+            raise DataFormatError(path, number, 'expected {"prompt","choices","answer"} or {"prompt","completion"}')
+        if kind and this != kind:
+            raise DataFormatError(path, number, f"a {this.upper()} row in a file of {kind.upper()} rows (line {first} is "
+                                  f"{kind.upper()}): a test file holds one kind")
+        kind, first = kind or this, first or number
+        if this == "mc":
+            rows.append(_mc_row(path, number, row))
+        elif isinstance(row.get("prompt"), str) and isinstance(row["completion"], str) and row["completion"]:
+            rows.append(Example(row["prompt"], row["completion"]))
+        else:
+            raise DataFormatError(path, number, "'prompt' and 'completion' must be strings, the completion non-empty")
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        raise DataFormatError(path, 0, "no rows")
+    return kind, rows
+
+
 # ---------------------------------------------------------------- encoding
 
 

@@ -1,4 +1,5 @@
-"""Log-likelihood scoring of multiple-choice rows (lm-eval's ``acc``) and the answer-only loss.
+"""Log-likelihood scoring: multiple-choice rows (lm-eval's ``acc`` and ``acc_norm``), SFT rows by
+the negative log-likelihood of their completion tokens, and the answer-only loss.
 
 Both only need the logits at the positions that predict an answer token, so the head (for a
 135M model with a 49k vocabulary, about a third of the forward cost) runs on those alone.
@@ -15,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import get_path, spec_for
-from .data import IGNORE_INDEX, Batch, MCRow, collate, encode_pair, pad_id_of
+from .data import IGNORE_INDEX, Batch, Example, MCRow, collate, encode_pair, pad_id_of
 
 
 def answer_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,6 +48,11 @@ def answer_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:
     return torch.zeros(batch.input_ids.shape[0], device=picked.device).index_add_(0, rows, picked)
 
 
+def binomial_stderr(accuracy: float, rows: int) -> float:
+    """Standard error of an accuracy measured on ``rows`` rows."""
+    return math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / max(rows, 1))
+
+
 @dataclass
 class MCResult:
     accuracy: float
@@ -54,11 +60,22 @@ class MCResult:
     correct: int
     predictions: list[int]
     scores: list[list[float]]  # summed log-likelihood of each choice, row by row
+    norm_predictions: list[int] | None = None  # argmax of log-likelihood / choice length in characters
+    acc_norm: float | None = None  # lm-eval's acc_norm: accuracy of norm_predictions
 
     @property
     def stderr(self) -> float:
         """Binomial standard error of the accuracy."""
-        return math.sqrt(max(self.accuracy * (1 - self.accuracy), 1e-12) / max(self.rows, 1))
+        return binomial_stderr(self.accuracy, self.rows)
+
+
+def normalised_predictions(rows: list[MCRow], scores: list[list[float]]) -> list[int]:
+    """lm-eval's ``acc_norm`` picks: each choice's summed log-likelihood divided by its length in
+    characters (the choice string as scored, leading space included)."""
+    return [
+        max(range(len(row.choices)), key=lambda c: score[c] / max(1, len(row.choices[c])))
+        for row, score in zip(rows, scores)
+    ]
 
 
 @torch.no_grad()
@@ -123,7 +140,65 @@ def score_mc(
     bar.close()
     predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
     correct = sum(int(p == row.answer) for p, row in zip(predictions, rows))
-    return MCResult(correct / len(rows), len(rows), correct, predictions, scores)
+    norm = normalised_predictions(rows, scores)
+    acc_norm = sum(int(p == row.answer) for p, row in zip(norm, rows)) / len(rows)
+    return MCResult(correct / len(rows), len(rows), correct, predictions, scores, norm, acc_norm)
+
+
+@dataclass
+class SFTResult:
+    """Completion negative log-likelihood of SFT rows, in nats per token (lower is better)."""
+
+    nll: float  # summed NLL over all completion tokens / their number
+    rows: int
+    tokens: int
+    row_nll: list[float]  # summed NLL of each row's completion tokens
+    row_tokens: list[int]  # how many completion tokens each row has
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+    @property
+    def stderr(self) -> float:
+        """Standard error of the per-token NLL over rows (a ratio estimator, delta method): the rows
+        are the sampled units and each carries its own number of tokens."""
+        n = self.rows
+        if n < 2:
+            return 0.0
+        mean_tokens = self.tokens / n
+        residuals = sum((s - self.nll * t) ** 2 for s, t in zip(self.row_nll, self.row_tokens))
+        return math.sqrt(residuals / (n * (n - 1))) / mean_tokens
+
+
+@torch.no_grad()
+def score_sft(
+    model: nn.Module,
+    tokenizer,
+    rows: list[Example],
+    batch_size: int = 16,
+    max_length: int = 1024,
+    device: torch.device | str = "cpu",
+    desc: str = "scoring",
+    progress: bool = True,
+) -> SFTResult:
+    """Mean negative log-likelihood of each row's completion tokens given its prompt (the
+    prompt's tokens are context only); rows are batched by length to keep padding small."""
+    model.eval()
+    pad_id = pad_id_of(tokenizer)
+    encoded = [encode_pair(tokenizer, row.prompt, row.completion, max_length) for row in rows]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    row_nll, row_tokens = [0.0] * len(rows), [len(ids) - start for ids, start in encoded]
+    autocast = autocast_for(device)
+    for i in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch", disable=not progress):
+        chunk = order[i : i + batch_size]
+        batch = collate([encoded[r] for r in chunk], pad_id).to(device)
+        with autocast:
+            values = answer_logprobs(model, batch).tolist()
+        for r, value in zip(chunk, values):
+            row_nll[r] = -value
+    tokens = sum(row_tokens)
+    return SFTResult(sum(row_nll) / tokens, len(rows), tokens, row_nll, row_tokens)
 
 
 def autocast_for(device) -> torch.autocast:

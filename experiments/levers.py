@@ -55,6 +55,12 @@ RECIPES: dict[str, tuple[str, DistillConfig, TuneConfig]] = {
     "kd-2-10-2-top-lr3e-4": ("2-10-2", KD, dataclasses.replace(BASE_TUNE, train="top", lr=3e-4)),
     "kd100-2-22-2": ("2-22-2", dataclasses.replace(KD, steps=100), BASE_TUNE),
     "keep-2-26-2": ("2-26-2", DistillConfig(steps=0), BASE_TUNE),  # nothing dropped (with trajectory.py --quantize)
+    # the demo's emulator until session 16 (smollm2-135m/default then): 2-10-2, 60 distillation steps at lr 3e-4
+    "default-2-10-2": ("2-10-2", DistillConfig(steps=60, batch_size=4, seq_len=256, lr=3e-4, warmup_steps=5), BASE_TUNE),
+    "drop-2-18-2": ("2-18-2", DistillConfig(steps=0), BASE_TUNE),
+    "drop-2-14-2": ("2-14-2", DistillConfig(steps=0), BASE_TUNE),
+    "kd-2-18-2": ("2-18-2", KD, BASE_TUNE),
+    "kd-2-22-2": ("2-22-2", KD, BASE_TUNE),
 }
 
 

@@ -1,6 +1,7 @@
 """`offsite report`: pieces of one five-setting table joined, and runs that are not one experiment refused."""
 
 import json
+import math
 
 import pytest
 
@@ -72,7 +73,7 @@ def test_another_preset_gets_its_own_row(tmp_path):
     out = tmp_path / "out"
     assert main(["report", str(a), str(b), "--out", str(out), "--title", "two recipes"]) == 0
     text = (out / "report.md").read_text()
-    assert "| p/x: hyperbaton (200) | 0.490 | 0.650 |" in text and "| p/y: hyperbaton (200) | 0.490 | 0.505 |" in text
+    assert "| p/x: hyperbaton (200, acc) | 0.490 | 0.650 |" in text and "| p/y: hyperbaton (200, acc) | 0.490 | 0.505 |" in text
     assert len(json.loads((out / "report.json").read_text())) == 2 and (out / "report.png").stat().st_size > 1000
 
 
@@ -97,3 +98,35 @@ def test_a_run_without_a_report_is_named(tmp_path, capsys):
     (tmp_path / "job").mkdir()
     assert main(["report", str(tmp_path / "job"), "--out", str(tmp_path / "out")]) == 2
     assert f"{tmp_path / 'job'}: no report.json" in capsys.readouterr().err
+
+
+def _sft_result(nll: float, tokens: int = 4000) -> dict:
+    return {"nll": nll, "stderr": 0.05, "ppl": math.exp(nll), "tokens": tokens}
+
+
+def test_an_sft_report_round_trips_through_offsite_report_with_its_gaps_the_right_way_round(tmp_path):
+    """Lower NLL is better: the plug-in 0.3 nats under emulator-FT is a privacy gap of +0.3, and a
+    piece scoring the other settings joins it."""
+    nll = {"full_zero_shot": 4.3, "emulator_zero_shot": 6.9, "emulator_ft": 5.4, "plug_in": 5.1, "full_ft": 3.6}
+    pieces = [("a", ("emulator_ft", "plug_in")), ("b", ("full_zero_shot", "emulator_zero_shot", "full_ft"))]
+    for name, settings in pieces:
+        report = Report(task="jargon_entries", test_rows=300, train_rows=1788, kind="sft",
+                        results={s: _sft_result(nll[s]) for s in settings}, meta=dict(RECIPE))
+        write_report([report], tmp_path / name / "report")
+    out = tmp_path / "out"
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    (joined,) = [Report.from_dict(r) for r in json.loads((out / "report.json").read_text())]
+    assert joined.kind == "sft" and joined.metric == "nll" and joined.value("plug_in") == 5.1
+    assert math.isclose(joined.privacy_gap, 0.3) and math.isclose(joined.utility_gap, 1.5)
+    assert math.isclose(joined.recovery, (5.1 - 4.3) / (3.6 - 4.3))  # negative: the plug-in is worse than zero-shot
+    text = (out / "report.md").read_text()
+    assert "privacy gap (emulator-FT - plug-in): +0.300 nats/token" in text
+    assert "| plug-in | 5.100 | 0.050 | 164.02 |" in text and "4000 completion tokens" in text
+
+
+def test_an_mc_piece_does_not_join_an_sft_piece(tmp_path):
+    _run(tmp_path, "a", {"plug_in": 130}, task="t")
+    write_report([Report(task="t", test_rows=200, train_rows=800, kind="sft", results={"full_ft": _sft_result(3.0)},
+                         meta=dict(RECIPE))], tmp_path / "b" / "report")
+    with pytest.raises(ReportError, match="scored MC rows, .*b/report/report.json SFT rows"):
+        combine([tmp_path / "a", tmp_path / "b"])

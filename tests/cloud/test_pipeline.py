@@ -182,10 +182,18 @@ def test_presets_are_well_formed():
 
 
 def test_shipped_tasks_exist():
-    for name in ("hyperbaton", "sports_understanding", "vitaminc_fact_verification", "formal_fallacies_syllogisms_negation"):
+    from offsite.cloud.pipeline import known_tasks
+    from offsite.emulator.data import read_test_rows
+
+    names = ["jargon_entries", "wordnet_definitions", "formal_fallacies_syllogisms_negation", "hyperbaton",
+             "sports_understanding", "vitaminc_fact_verification"]
+    assert known_tasks() == names  # the skill tasks first
+    for name in names:
         train, test = task_files(name)
         assert train.stat().st_size > 0 and test.stat().st_size > 0
-    with pytest.raises(FileNotFoundError, match="hyperbaton"):
+    assert read_test_rows(task_files("jargon_entries")[1])[0] == "sft"
+    assert read_test_rows(task_files("wordnet_definitions")[1], limit=5)[0] == "mc"
+    with pytest.raises(FileNotFoundError, match="jargon_entries, wordnet_definitions, .*hyperbaton"):
         task_files("nope")
 
 

@@ -1,7 +1,9 @@
+import json
+
 import pytest
 import torch
 
-from offsite.emulator.data import IGNORE_INDEX, DataFormatError, ExampleStream, collate, encode_pair, read_examples, read_mc_jsonl
+from offsite.emulator.data import IGNORE_INDEX, DataFormatError, ExampleStream, MCRow, collate, encode_pair, read_examples, read_mc_jsonl
 from tests.conftest import write_jsonl
 
 
@@ -64,3 +66,26 @@ def test_stream_visits_every_example_each_epoch(tokenizer):
     stream = ExampleStream(tokenizer, examples, batch_size=5, max_length=32, seed=0)
     seen = sorted(tokenizer.decode(row[row != 0][-1:]) for row in stream.next().input_ids)
     assert seen == [str(i) for i in range(5)]
+
+
+def test_a_test_file_is_mc_or_sft_by_its_rows(tmp_path):
+    from offsite.emulator.data import Example, read_test_rows
+
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"prompt": "p", "choices": [" a", " b"], "answer": 1}) + "\n")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("\n".join(json.dumps({"prompt": f"p{i}", "completion": f" c{i}"}) for i in range(3)) + "\n")
+    assert read_test_rows(mc) == ("mc", [MCRow("p", (" a", " b"), 1)])
+    kind, rows = read_test_rows(sft, limit=2)
+    assert kind == "sft" and rows == [Example("p0", " c0"), Example("p1", " c1")]
+
+
+@pytest.mark.parametrize("first,second", [("mc", "sft"), ("sft", "mc")])
+def test_a_test_file_mixing_mc_and_sft_is_refused_at_the_line(tmp_path, first, second):
+    from offsite.emulator.data import read_test_rows
+
+    rows = {"mc": {"prompt": "p", "choices": [" a", " b"], "answer": 0}, "sft": {"prompt": "p", "completion": " c"}}
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(rows[k]) if k else "" for k in (first, first, "", second, first)) + "\n")
+    with pytest.raises(DataFormatError, match=rf"mixed.jsonl:4: a {second.upper()} row in a file of {first.upper()} rows \(line 1"):
+        read_test_rows(path)

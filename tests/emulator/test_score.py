@@ -44,3 +44,57 @@ def test_shared_prompt_scoring_equals_pairwise_scoring(tokenizer, family):
             with torch.no_grad():
                 assert abs(answer_logprobs(model, batch).item() - score) < 1e-4
     assert result.predictions == [max(range(len(s)), key=s.__getitem__) for s in result.scores]
+
+
+def test_sft_nll_equals_an_independent_cross_entropy_over_the_completion_tokens(tokenizer):
+    """score_sft against the model's own loss on labels that mask the prompt: tokens pooled over rows."""
+    import math
+
+    import torch.nn.functional as F
+
+    from offsite.emulator.data import Example
+    from offsite.emulator.score import score_sft
+
+    model = tiny_model("llama")
+    rows = [Example("Entry: foo\n", " a word that means bar"), Example("Entry: x\n", " y"), Example("Q", " a much longer answer, with commas")]
+    result = score_sft(model, tokenizer, rows, batch_size=2)
+    total, tokens, per_row = 0.0, 0, []
+    for row in rows:
+        context = tokenizer(row.prompt, add_special_tokens=True)["input_ids"]
+        completion = tokenizer(row.completion, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([context + completion])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].float()
+        targets = ids[0, 1:].clone()
+        targets[: len(context) - 1] = -100  # the prompt is context only
+        nll = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
+        total, tokens = total + nll, tokens + len(completion)
+        per_row.append(nll)
+    assert result.tokens == tokens and result.rows == 3
+    assert abs(result.nll - total / tokens) < 1e-4
+    assert all(abs(a - b) < 1e-3 for a, b in zip(result.row_nll, per_row))
+    assert math.isclose(result.perplexity, math.exp(result.nll))
+    assert result.stderr > 0
+
+
+def test_sft_stderr_is_zero_when_every_row_has_the_same_per_token_nll():
+    from offsite.emulator.score import SFTResult
+
+    same = SFTResult(nll=2.0, rows=3, tokens=6, row_nll=[2.0, 4.0, 6.0], row_tokens=[1, 2, 3])
+    assert same.stderr == 0.0
+    spread = SFTResult(nll=2.0, rows=3, tokens=6, row_nll=[1.0, 5.0, 6.0], row_tokens=[1, 2, 3])
+    assert spread.stderr > 0.1
+
+
+def test_acc_norm_divides_by_the_choice_length_and_can_disagree_with_acc(tokenizer):
+    """A row whose long choice has the lower summed log-likelihood but the higher per-character one."""
+    from offsite.emulator.score import normalised_predictions
+
+    rows = [MCRow("Pick:", (" a", " a much longer choice"), 1)]
+    scores = [[-3.0, -10.0]]  # acc picks 0; per character: -1.5 against -0.5, acc_norm picks 1
+    assert normalised_predictions(rows, scores) == [1]
+    model = tiny_model("llama")
+    result = score_mc(model, tokenizer, rows * 2, batch_size=2)
+    expected = [max(range(2), key=lambda c: s[c] / len(rows[0].choices[c])) for s in result.scores]
+    assert result.norm_predictions == expected
+    assert result.acc_norm == sum(p == 1 for p in expected) / 2

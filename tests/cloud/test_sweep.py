@@ -1,0 +1,82 @@
+"""`offsite sweep` and SFT evaluation on a tiny model saved as a local Hugging Face directory."""
+
+import json
+import math
+
+import pytest
+
+from offsite.cli import main
+from offsite.cloud.evaluate import SETTINGS, Report
+from offsite.cloud.pipeline import EvalJob, run_eval_job
+from offsite.cloud.presets import Preset
+from offsite.cloud.sweep import SweepJob, parse_emulator, run_sweep
+from offsite.emulator.distill import DistillConfig
+from offsite.emulator.quantize import Quantize
+from offsite.emulator.sandwich import SandwichShape
+from offsite.emulator.tune import TuneConfig
+from tests.cloud.test_pipeline import task, tiny_dir  # noqa: F401 (fixtures)
+from tests.conftest import write_jsonl
+
+TUNE = TuneConfig(steps=3, batch_size=4, lr=1e-3, device="cpu")
+
+
+@pytest.fixture
+def sft_task(tmp_path):
+    rows = [{"prompt": f"Entry {i}:\n", "completion": f" word {i} means {i % 5} and {i % 3}"} for i in range(30)]
+    write_jsonl(tmp_path / "sft.train.jsonl", rows[:22])
+    write_jsonl(tmp_path / "sft.test.jsonl", rows[22:])
+    return tmp_path / "sft.train.jsonl", tmp_path / "sft.test.jsonl"
+
+
+def test_emulator_specs_parse_onto_the_base_recipe():
+    base = Preset("p", "m", SandwichShape(2, 10, 2), DistillConfig(steps=60, lr=3e-4))
+    e = parse_emulator("2-26-2/kd0/q34g16/gain1.5", base)
+    assert (str(e.shape), e.distill.steps, e.distill.lr, e.quantize, e.plugin_gain) == ("2-26-2", 0, 3e-4, Quantize((3, 4), 16), 1.5)
+    plain = parse_emulator("2-18-2", base)
+    assert (plain.distill.steps, plain.quantize, plain.plugin_gain) == (60, None, 1.0)
+    for bad in ("2-18", "2-18-2/kd", "2-18-2/q9g16", "2-18-2/x", "2-18-2/gain-1"):
+        with pytest.raises(ValueError, match="emulator"):
+            parse_emulator(bad, base)
+
+
+def test_an_sft_eval_job_scores_the_five_settings_by_nll(tmp_path, tiny_dir, sft_task, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
+    train, test = sft_task
+    preset = Preset("tiny", str(tiny_dir), SandwichShape(2, 2, 2), DistillConfig(steps=0))
+    report = run_eval_job(EvalJob(preset=preset, train=train, test=test, out=tmp_path / "job", task="sft", tune=TUNE), progress=False)
+    assert report.kind == "sft" and set(report.results) == set(SETTINGS)
+    for result in report.results.values():
+        assert result["nll"] > 0 and math.isclose(result["ppl"], math.exp(result["nll"])) and result["tokens"] > 8
+    # the privacy gap is emulator-FT's NLL minus the plug-in's: positive when the plug-in is better
+    assert report.privacy_gap == pytest.approx(report.value("emulator_ft") - report.value("plug_in"))
+    saved = json.loads((tmp_path / "job" / "report" / "report.json").read_text())[0]
+    assert saved["kind"] == "sft" and Report.from_dict(saved).to_dict() == saved
+    assert "NLL (nats/token)" in (tmp_path / "job" / "report" / "report.md").read_text()
+
+
+def test_a_sweep_measures_the_baselines_once_and_resumes(tmp_path, tiny_dir, task, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
+    train, test = task
+    base = Preset("tiny", str(tiny_dir), SandwichShape(2, 2, 2), DistillConfig(steps=0))
+    emulators = tuple(parse_emulator(t, base) for t in ("2-2-2", "2-4-2/q2g16", "2-4-2/q2g16/gain2"))
+    job = SweepJob(emulators=emulators, train=train, test=test, out=tmp_path / "sweep", task="even", tune=TUNE, val_rows=8)
+    reports = run_sweep(job, progress=False)
+    assert [r.meta["preset"] for r in reports] == ["2-2-2", "2-4-2/q2g16", "2-4-2/q2g16/gain2"]
+    assert all(set(r.results) == set(SETTINGS) and r.test_rows == 8 and r.train_rows == 22 for r in reports)
+    # one cut (2 + 2): full zero-shot and full FT measured once and shared by every emulator
+    assert len({json.dumps(r.results["full_ft"]) for r in reports}) == 1
+    lines = [json.loads(line) for line in (tmp_path / "sweep" / "sweep.jsonl").read_text().splitlines()]
+    assert [x["what"] for x in lines].count("baselines") == 1 and len(lines) == 4
+    # the gain-2 emulator reused the gain-1 emulator's adapter: the same emulator-FT, another plug-in gain
+    assert reports[2].results["emulator_ft"] == reports[1].results["emulator_ft"]
+    assert len(list((tmp_path / "sweep" / "adapters").iterdir())) == 2
+    assert (tmp_path / "sweep" / "report" / "frontier.png").stat().st_size > 1000
+    again = run_sweep(job, progress=False)  # resumes: nothing measured again
+    assert len((tmp_path / "sweep" / "sweep.jsonl").read_text().splitlines()) == 4
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in reports]
+
+
+def test_sweep_cli_refuses_a_bad_emulator_before_loading_anything(tmp_path, capsys):
+    assert main(["sweep", "2-10-2", "2-10-2/kd", "--out", str(tmp_path / "s")]) == 2
+    assert "emulator '2-10-2/kd'" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -79,7 +79,8 @@ class _Server(ThreadingHTTPServer):
             self._refuse(request)
             return
         try:
-            super().process_request(request, client_address)
+            name = f"offsite-serve-http-{self.server_address[1]}"  # a connection's thread, named for its server
+            threading.Thread(target=self.process_request_thread, args=(request, client_address), name=name, daemon=True).start()
         except BaseException:
             self._slots.release()
             raise

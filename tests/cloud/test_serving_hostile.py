@@ -23,6 +23,7 @@ import torch
 from offsite.cloud.serving import server
 from offsite.cloud.serving.service import ServeConfig, ServingService
 from offsite.protocol._generated import serving_pb2, serving_pb2_grpc
+from offsite.protocol.adapter import save_update
 
 from tests.cloud import hostile
 from tests.cloud.serving_setup import chat_tokenizer, fill_registry, finished_job_dir, four_jobs, perturbed_blocks, tiny_base
@@ -117,9 +118,7 @@ def test_tiny_temperatures_answer_like_greedy_on_both_apis_beside_other_requests
 def test_an_absurd_plugin_gain_is_refused_at_registration(served):
     auth = {"Authorization": f"Bearer {ADMIN}"}
     job_dir = finished_job_dir(served.tmp / "gain-job", perturbed_blocks(served.base, 21))
-    upload = (served.tmp / "gain-job" / "u.safetensors")
-    from offsite.protocol.adapter import save_update
-
+    upload = served.tmp / "gain-job" / "u.safetensors"
     save_update(upload, perturbed_blocks(served.base, 22), {"mode": "blocks"})
     for gain in (1e308, 11, 1e3):
         connection = http.client.HTTPConnection(*served.address, timeout=60)
@@ -202,8 +201,9 @@ def test_malformed_grpc_messages_are_invalid_argument(served):
 # ---------------------------------------------------------------- 4. connections
 
 
-def _handler_threads() -> int:
-    return sum("process_request_thread" in thread.name for thread in threading.enumerate())
+def _handler_threads(port: int) -> int:
+    """The threads the server on ``port`` holds for its connections."""
+    return sum(thread.name == f"offsite-serve-http-{port}" for thread in threading.enumerate())
 
 
 def _small_server(tmp_path, **config) -> server.Servers:
@@ -216,13 +216,12 @@ def test_connections_are_bounded(tmp_path):
     further connection 503 and closes it, without a thread. A freed place is taken again."""
     servers = _small_server(tmp_path, max_connections=4, idle_timeout=300)
     address = (servers.http.host, servers.http.port)
-    before = _handler_threads()
     idle = [socket.create_connection(address, timeout=30) for _ in range(4)]
     try:
         deadline = time.monotonic() + 30
-        while _handler_threads() < before + 4 and time.monotonic() < deadline:
+        while _handler_threads(address[1]) < 4 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert _handler_threads() == before + 4
+        assert _handler_threads(address[1]) == 4
         for _ in range(24):
             with socket.create_connection(address, timeout=30) as extra:
                 raw = b""
@@ -231,7 +230,7 @@ def test_connections_are_bounded(tmp_path):
             [response] = hostile.parse_responses(raw)
             assert response.status == 503 and response.json()["error"]["code"] == "too_many_connections"
             assert hostile.error_body_problems(response.body) == []
-        assert _handler_threads() == before + 4
+        assert _handler_threads(address[1]) == 4
         idle.pop().close()
         deadline, status = time.monotonic() + 30, None
         while status != 200 and time.monotonic() < deadline:

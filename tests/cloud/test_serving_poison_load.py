@@ -22,6 +22,7 @@ import grpc
 import torch
 from offsite.cloud.serving import registry
 from offsite.protocol._generated import serving_pb2, serving_pb2_grpc
+from offsite.protocol.adapter import save_update
 
 from tests.cloud import hostile
 from tests.cloud.serving_setup import chat_tokenizer, fill_registry, four_jobs, perturbed_blocks, tiny_base
@@ -42,8 +43,6 @@ def _start_server(tmp: Path) -> tuple[subprocess.Popen, tuple[str, int], str, Pa
     fill_registry(tmp / "registry", base, four_jobs(base), tmp / "sources")
     # finite weights, so they pass registration, large enough that the MLP overflows float32: every row of this job is NaN
     huge = {key: value * 1e30 if "mlp" in key else value for key, value in perturbed_blocks(base, 5).items()}
-    from offsite.protocol.adapter import save_update
-
     registry.add(tmp / "registry", "poison", save_update(tmp / "poison.safetensors", huge, {"mode": "blocks"}), base=base)
     log = tmp / "server.log"
     command = [

@@ -118,7 +118,9 @@ def _dirichlet_draw(groups: list[list[int]], n: int, alpha: float, rng: np.rando
     for indices in groups:
         shuffled = rng.permutation(indices)
         proportions = rng.dirichlet(np.full(n, alpha))
-        cuts = (np.cumsum(proportions)[:-1] * len(shuffled)).astype(int)
+        # rounded, not floored: flooring sends every row of a small group (a label held by one row, as in
+        # a task whose correct choices are free text) to the last owner
+        cuts = np.round(np.cumsum(proportions)[:-1] * len(shuffled)).astype(int)
         for owner, part in enumerate(np.split(shuffled, cuts)):
             assignment[owner].extend(part.tolist())
     return assignment

@@ -176,3 +176,15 @@ def test_cli_split_errors(tmp_path, mc_file, capsys):
     bad.write_text('{"prompt": "p", "completion": "c"}\n[1, 2]\n')
     assert main(["cloud", "split", "--data", str(bad), "--clients", "1", "--iid", "--out", str(tmp_path / "o")]) == 2
     assert f"{bad}:2: expected a JSON object" in capsys.readouterr().err
+
+
+def test_labels_held_by_one_row_each_are_spread_over_the_owners():
+    """Free-text answers (every row its own label): each row goes to an owner drawn from its label's
+    proportions, so no owner collects them all (flooring the cuts gave the last owner ~90%)."""
+    from offsite.cloud.split import split_dirichlet
+    from offsite.emulator.data import Example
+
+    rows = [Example(f"p{i}", f" answer {i}") for i in range(3000)]
+    shares = split_dirichlet(rows, 3, alpha=0.5, seed=0)
+    assert sum(map(len, shares)) == 3000
+    assert all(700 < len(s) < 1300 for s in shares), [len(s) for s in shares]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .safe_json import JSONRefused, parse_json
+
 MAX_UPDATE_BYTES = 16 << 30
 
 
@@ -35,10 +37,10 @@ def load_update(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
         raise UpdateError(f"{path}: larger than {MAX_UPDATE_BYTES} bytes")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {}).get("offsite", "{}"))
+            meta = parse_json((handle.metadata() or {}).get("offsite", "{}"), finite=False)  # a diverged loss may be NaN
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, json.JSONDecodeError, OSError) as error:
+    except (SafetensorError, JSONRefused, OSError) as error:
         raise UpdateError(f"{path}: not a readable safetensors adapter update ({error})") from None
-    if meta.get("mode") not in ("blocks", "lora"):
+    if not isinstance(meta, dict) or meta.get("mode") not in ("blocks", "lora"):
         raise UpdateError(f"{path}: metadata 'mode' must be 'blocks' or 'lora', got {meta.get('mode')!r}")
     return tensors, meta

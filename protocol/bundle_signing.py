@@ -41,6 +41,7 @@ from .keys import (
     fingerprint,
     write_public_file,
 )
+from .safe_json import JSONRefused, parse_json
 
 SIGNATURE_FORMAT = "offsite-bundle-signature/1"
 SIGNATURE_CONTEXT = b"offsite-bundle-manifest/1\x00"
@@ -91,8 +92,8 @@ def verify_manifest_signature(root: Path | str, key: Ed25519PublicKey | Coordina
         raise BundleError(f"{path}: missing (the bundle is not signed)", BundleReason.UNSIGNED)
     raw = read_limited(path, MAX_SIGNATURE_FILE_BYTES)
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        body = parse_json(raw)
+    except JSONRefused as error:
         raise BundleError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(body, dict) or set(body) != {"format", "key", "signature"} or body["format"] != SIGNATURE_FORMAT:
         raise BundleError(f"{path}: not a {SIGNATURE_FORMAT} object with 'key' and 'signature'")

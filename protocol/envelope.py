@@ -96,6 +96,7 @@ from .keys import (
     b64decode_strict,
     fingerprint,
 )
+from .safe_json import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -185,29 +186,10 @@ def canonical_json(value) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
-def _no_duplicates(pairs):
-    keys = [key for key, _ in pairs]
-    if len(keys) != len(set(keys)):
-        raise ValueError(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})}")
-    return dict(pairs)
-
-
-def _no_floats(text):
-    raise ValueError(f"non-integer number {text}")
-
-
 def strict_json_loads(data: bytes, allow_floats: bool = False):
-    """JSON with duplicate keys, NaN/Infinity (and, unless allowed, any non-integer number) refused."""
-
-    def refuse_constant(name):
-        raise ValueError(f"non-finite number {name}")
-
-    return json.loads(
-        data.decode("utf-8"),
-        object_pairs_hook=_no_duplicates,
-        parse_constant=refuse_constant,
-        **({} if allow_floats else {"parse_float": _no_floats}),
-    )
+    """JSON with duplicate keys, NaN/Infinity, deep nesting, huge integers (and, unless allowed, any
+    non-integer number) refused: :class:`~offsite.protocol.safe_json.JSONRefused`, never another error."""
+    return parse_json(data, integers_only=not allow_floats)
 
 
 # ---------------------------------------------------------------- header and frame
@@ -659,6 +641,8 @@ class UpdateOpener:
         except Rejected as error:
             log.warning("job %s round %d: rejected update from %s: %s", self.job, self.round, where, error)
             raise
+        except Exception as error:  # noqa: BLE001 - hostile bytes end in a refusal, whatever a parser raised
+            raise self._reject(Reason.MALFORMED_FRAME, where, f"unreadable envelope ({type(error).__name__}: {str(error)[:200]})", None) from None
         header = envelope.header
         sender = header.sender
         who = f"sender {sender!r} ({where})"
@@ -710,7 +694,12 @@ class UpdateOpener:
         if position != header.plaintext_bytes or not hmac.compare_digest(digest, header.payload_digest):
             raise self._reject(Reason.DIGEST_MISMATCH, who, "the decrypted payload does not match the header's digest", sender)
 
-        tensors, metadata = self._decode(bytes(plaintext), who, sender)
+        try:
+            tensors, metadata = self._decode(bytes(plaintext), who, sender)
+        except Rejected:
+            raise
+        except Exception as error:  # noqa: BLE001 - as above: a payload that breaks a parser is malformed
+            raise self._reject(Reason.MALFORMED_PAYLOAD, who, f"unreadable payload ({type(error).__name__}: {str(error)[:200]})", sender) from None
         del plaintext
         norms = tensor_norms(tensors, self.reference)  # a NaN or Inf anywhere makes its tensor's norm non-finite
         for key, value in norms.items():

@@ -5,13 +5,14 @@ a finished directory in place of another (:func:`replace_dir`)."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from .safe_json import JSONRefused, parse_json
 
 ErrorFactory = Callable[[str], Exception]
 
@@ -37,8 +38,8 @@ def read_limited(path: Path, limit: int, error: ErrorFactory = ValueError, what:
 def parse_json_object(path: Path, data: bytes, error: ErrorFactory = ValueError, what: str = "file") -> dict:
     """``data`` (read from ``path``) as a JSON object, or ``error(message)`` naming the file."""
     try:
-        value = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        value = parse_json(data)
+    except JSONRefused as problem:
         raise error(f"{path}: {what} is not valid JSON ({problem})") from None
     if not isinstance(value, dict):
         raise error(f"{path}: {what} must be a JSON object")

@@ -161,6 +161,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .safe_json import JSONRefused, parse_json
+
 if TYPE_CHECKING:  # torch is imported where tensors are handled: the key-exchange stages never need it
     import torch
 
@@ -626,9 +628,9 @@ def _decode(data: bytes, kind: str, names: set[str]) -> dict:
     if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_HEADER_BYTES:
         raise SecAggError(f"{kind}: expected at most {MAX_HEADER_BYTES} bytes")
     try:
-        value = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise SecAggError(f"{kind}: not a JSON message") from None
+        value = parse_json(data)
+    except JSONRefused as error:
+        raise SecAggError(f"{kind}: not a JSON message ({error})") from None
     if not isinstance(value, dict) or value.get("kind") != kind:
         got = value.get("kind") if isinstance(value, dict) else type(value).__name__
         raise SecAggError(f"expected a {kind!r} message, got {got!r}")
@@ -918,8 +920,8 @@ def from_content(content, expected: type[M]) -> M:
         raise SecAggError(f"masked input of node {node}: the {SECAGG_VECTOR!r} array is not {length} {dtype.name} values")
     try:
         vector = array.numpy()  # np.load(allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise SecAggError(f"masked input of node {node}: unreadable array ({error})") from None
+    except Exception as error:  # noqa: BLE001 - np.load on received bytes: whatever it raises, the array is unreadable
+        raise SecAggError(f"masked input of node {node}: unreadable array ({type(error).__name__}: {str(error)[:200]})") from None
     if vector.dtype != dtype or vector.shape != (length,):
         raise SecAggError(f"masked input of node {node}: payload is {vector.dtype}{vector.shape}, header says {dtype.name}({length},)")
     return MaskedInput(session, node, np.ascontiguousarray(vector, dtype=dtype))
@@ -1131,9 +1133,9 @@ class SecAggClient:
     @classmethod
     def from_bytes(cls, data: bytes, random_bytes: RandomBytes = os.urandom) -> SecAggClient:
         try:
-            value = json.loads(bytes(data).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise SecAggError("client state: not JSON") from None
+            value = parse_json(data)
+        except JSONRefused as error:
+            raise SecAggError(f"client state: not JSON ({error})") from None
         fields = _fields(value, "client state", {
             "node", "stage", "config", "roster", "channel_private", "mask_private", "self_seed", "group", "clipped", "mask_key_shares", "self_mask_shares",
         })

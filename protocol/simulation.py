@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .safe_json import JSONRefused, parse_json
+
 SIMULATION_ENV = "OFFSITE_SIMULATION"
 
 
@@ -52,8 +54,8 @@ class SimulatedOwners:
     def from_env(cls, text: str) -> SimulatedOwners:
         """Parse :data:`SIMULATION_ENV`'s value; ValueError naming the variable and the bad key."""
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
+            data = parse_json(text)
+        except JSONRefused as error:
             raise ValueError(f"${SIMULATION_ENV} is not valid JSON ({error})") from None
         if not isinstance(data, dict):
             raise ValueError(f"${SIMULATION_ENV} must be a JSON object")  # noqa: TRY004 - a bad value, reported as such

@@ -532,3 +532,49 @@ def test_envelope_travels_in_a_flower_record_in_parts(world):
         with pytest.raises(Rejected) as info:
             envelope_from_record(bad, limit, node=2)
         assert info.value.reason is reason and "node 2" in str(info.value)
+
+
+def safetensors_bytes(header: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header
+
+
+def test_parser_bombs_anywhere_in_an_envelope_are_refused_with_a_reason(world, caplog):
+    """Nesting deeper than the interpreter's recursion limit, integers past its digit limit and
+    floats that overflow, in the header (signed by an enrolled sender, or not signed at all), the
+    safetensors header and the sealed metadata: each one a :class:`Rejected` with its reason and
+    the node named, never a RecursionError or a bare ValueError out of ``open``."""
+    caplog.set_level(logging.WARNING, logger="offsite.protocol.envelope")
+    payload = encode_payload(nudged(world.reference))
+    good = json.loads(split(world.craft(payload))[0])
+    headers = [
+        b"[" * 1000, b"[" * 1500, b"[" * 4096, b"[" * 2000 + b"]" * 2000, b"[" * 65 + b"]" * 65,
+        b'{"a":' * 800, b'{"round":' + b"9" * 4000 + b"}",
+        canonical_json({**good, "round": 10**100}),
+        canonical_json(good).replace(b'"round":4', b'"round":1e999'),
+        canonical_json(good).replace(b'"job":"job-7f3a"', b'"job":"\\udc80"'),  # a lone surrogate
+    ]
+    cases = [(f"signed-header-{i}", world.craft(payload, header=header), Reason.MALFORMED_HEADER) for i, header in enumerate(headers)]
+    cases += [(f"unsigned-header-{i}", frame(header, b"", bytes(64)), Reason.MALFORMED_HEADER) for i, header in enumerate(headers[:7])]
+    entry = b'{"dtype":"F32","shape":[%s],"data_offsets":[0,4]}'
+    plaintexts = [
+        safetensors_bytes(b"[" * 100_000),
+        safetensors_bytes(b'{"a":' * 20_000),
+        safetensors_bytes(b'{"t":' + entry % (b"9" * 5000) + b"}"),
+        safetensors_bytes(b'{"t":' + entry % b"1e999" + b"}"),
+        safetensors_bytes(b'{"t":' + (entry % b"1").replace(b"[0,4]", b"[0," + b"4" * 5000 + b"]") + b"}"),
+    ]
+    from safetensors.torch import save
+
+    for meta in ("[" * 5000, '{"a":' * 3000, '{"train-loss": 1e999}', '{"num-examples": ' + "9" * 5000 + "}", "[" * 65 + "]" * 65):
+        plaintexts.append(save(nudged(world.reference), metadata={"offsite": meta}))
+    cases += [(f"payload-{i}", world.craft(plaintext), Reason.MALFORMED_PAYLOAD) for i, plaintext in enumerate(plaintexts)]
+
+    for name, data, reason in cases:
+        with pytest.raises(Rejected) as caught:
+            world.opener().open(data, node=f"bomb-{name}")
+        assert caught.value.reason is reason, f"{name}: {caught.value}"
+        assert f"bomb-{name}" in str(caught.value)
+    logged = [r.getMessage() for r in caplog.records if "rejected update from" in r.getMessage()]
+    assert len(logged) == len(cases) == 27
+    assert all(any(f"bomb-{name}:" in line or f"bomb-{name})" in line for line in logged) for name, _, _ in cases)
+    assert world.opener().open(world.craft(payload)).sender == "alice"  # the same sender, well-formed: accepted

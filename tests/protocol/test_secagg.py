@@ -464,6 +464,29 @@ def test_every_message_round_trips_through_bytes_and_flower_records():
         MaskedInput.from_bytes(truncated)
 
 
+SECAGG_BOMBS = [
+    b"[" * 1500, b'{"kind":' * 3000, b'{"kind":"x","node":' + b"9" * 5000 + b"}", b'{"kind":"x","clip_range":1e999}',
+    b'{"kind":"x","kind":"y"}', b"[" * 70 + b"]" * 70, b"\xff",
+]
+
+
+@pytest.mark.parametrize("kind", [KeyAdvertisement, KeyRoster, EncryptedShares, ShareBundle, MaskedInput, UnmaskRequest, UnmaskShares, SetupRequest])
+def test_parser_bombs_in_a_stage_message_are_a_secagg_error(kind):
+    """Deep nesting, a 5000-digit integer, an overflowing float, duplicate keys, bad UTF-8: every
+    stage message refuses them as :class:`SecAggError` (what the round records as the node's
+    failure), from bytes and from a Flower record, never a RecursionError or a bare ValueError."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    for bomb in SECAGG_BOMBS:
+        with pytest.raises(SecAggError):
+            kind.from_bytes(bomb) if kind is not MaskedInput else MaskedInput._parse_header(bomb)
+        with pytest.raises(SecAggError):
+            from_content(RecordDict({"secagg": ConfigRecord({"kind": kind.KIND, "body": bomb})}), kind)
+    for bomb in SECAGG_BOMBS:
+        with pytest.raises(SecAggError):
+            SecAggClient.from_bytes(bomb)
+
+
 def test_client_state_round_trips_and_rejects_junk():
     client = SecAggClient(5, seeded(0))
     client.advertise(SetupRequest(SecAggConfig.for_job(SESSION, 4, 3, 1.0), (1, 5, 9)))

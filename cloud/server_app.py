@@ -65,7 +65,7 @@ from offsite.protocol.messages import (
     read_bundle_part,
     secagg_session,
 )
-from offsite.protocol.records import RecordError, state_from_record, state_to_record
+from offsite.protocol.records import state_from_record, state_to_record
 from offsite.protocol.tensors import check_like
 
 from .aggregate import aggregate
@@ -277,11 +277,15 @@ def distribute_bundle(
     replies, _ = exchange(grid, messages, timeout, clock=clock)
     statuses: dict[int, list[str]] = {node: [] for node in nodes}
     for node, reply in replies:
-        if reply.has_error():
-            log.warning("node %d: bundle part refused: %s", node, reply.error.reason)
+        try:
+            if reply.has_error():
+                log.warning("node %d: bundle part refused: %s", node, str(reply.error.reason)[:300])
+                statuses[node].append("error")
+            else:
+                statuses[node].append(str(reply.content.config_records[BUNDLE_STATUS]["status"])[:40])
+        except Exception as error:  # noqa: BLE001 - a malformed status reply: this node has no bundle, the round goes on
+            log.warning("node %d: unreadable bundle status reply (%s: %s)", node, type(error).__name__, str(error)[:200])
             statuses[node].append("error")
-        else:
-            statuses[node].append(str(reply.content.config_records[BUNDLE_STATUS]["status"]))
     ready = set()
     for node, got in statuses.items():
         if any(status in ("installed", "cached") for status in got) and "error" not in got:
@@ -428,6 +432,20 @@ def sort_replies(replies: list[tuple[int, Message]], unanswered: list[int], time
     return answers, result
 
 
+def refuse_reply(outcome: RoundReplies, node: int, error: Exception, prefix: str = "INVALID_UPDATE") -> None:
+    """Record why ``node``'s reply is not used: a refused envelope as ``REJECTED: <reason>: ...``
+    (and its :class:`Reason` in ``rejected``), anything else as ``<prefix>: ...``, an unexpected
+    exception type named. :func:`log_outcome` logs it with the node; the round goes on."""
+    if isinstance(error, Rejected):
+        outcome.failed[node] = f"REJECTED: {error}"
+        outcome.rejected[node] = error.reason.value
+        return
+    known = isinstance(error, (KeyError, ValueError))  # RecordError, SecAggError and the metric checks included
+    outcome.failed[node] = f"{prefix}: {error}" if known else f"{prefix}: {type(error).__name__}: {str(error)[:300]}"
+    if not known:
+        log.debug("node %d: %s reading its reply", node, type(error).__name__, exc_info=error)
+
+
 def log_outcome(round_number: int, outcome: RoundReplies, dropped: list[int]) -> None:
     for node, reason in sorted(outcome.failed.items()):
         sender = f" (sender {outcome.senders[node]!r})" if node in outcome.senders else ""
@@ -511,11 +529,8 @@ def run_round(
                 update, weight, metrics = read_plain_reply(node, reply, global_adapter, dp)
             outcome.updates[node] = (update, weight)
             outcome.metrics[node] = metrics
-        except Rejected as error:
-            outcome.failed[node] = f"REJECTED: {error}"
-            outcome.rejected[node] = error.reason.value
-        except (KeyError, ValueError, RecordError) as error:
-            outcome.failed[node] = f"INVALID_UPDATE: {error}"
+        except Exception as error:  # noqa: BLE001 - one bad reply is refused; it never ends the round
+            refuse_reply(outcome, node, error)
     updates, failed, metrics = outcome.updates, outcome.failed, outcome.metrics
     dropped = sorted(outcome.no_reply)
     log_outcome(round_number, outcome, dropped)
@@ -622,8 +637,8 @@ def run_secagg_round(
         for node, reply in answers:
             try:
                 parsed[node] = from_content(reply.content, kind)
-            except (SecAggError, KeyError) as error:
-                outcome.failed[node] = f"SECAGG: {error}"
+            except Exception as error:  # noqa: BLE001 - one bad reply is refused; it never ends the round
+                refuse_reply(outcome, node, error, "SECAGG")
         return parsed
 
     log.info("round %d: secure aggregation on %d node(s) %s, threshold %d, clip range %g, 2**-%d scale, %d-bit ring",
@@ -653,11 +668,8 @@ def run_secagg_round(
                     opened = open_envelope_reply(node, reply, opener)
                     masked[node] = masked_input_from_tensors(secagg_config.session, node, opened.tensors, secagg_config.bits)
                     outcome.senders[node] = opened.sender
-                except Rejected as error:
-                    outcome.failed[node] = f"REJECTED: {error}"
-                    outcome.rejected[node] = error.reason.value
-                except SecAggError as error:
-                    outcome.failed[node] = f"SECAGG: {error}"
+                except Exception as error:  # noqa: BLE001 - as above
+                    refuse_reply(outcome, node, error, "SECAGG")
         else:
             masked = parse(answers, MaskedInput)
         privacy = spend_privacy(state, config) if sec.dp and masked else None

@@ -5,11 +5,13 @@ Two federations (each a few runs, to keep start-ups few on a small machine):
 
 1. Envelopes. Three enrolled data owners run a job without envelopes, then the same job (same
    bundle, data and seeds) with envelopes, joined by two hostile nodes: one whose identity was
-   never enrolled and one whose enrolment was revoked. The SuperNodes reach the SuperLink
-   through a recording relay, so the test sees every byte they send. Checked: the sealed job's
-   checkpoints equal the plain job's bit for bit; each hostile update is refused every round
-   with its reason in ``state.json`` and the log naming the node, and each checkpoint is the
-   weighted mean of the accepted updates only; 32-byte windows of the updates the coordinator
+   never enrolled and one whose enrolment was revoked, which also runs altered code that from
+   round 2 on sends 1,500 nested ``[`` as its envelope's header (a parser bomb: refused as
+   ``malformed-header`` before the sender is looked up, and the round goes on without it). The
+   SuperNodes reach the SuperLink through a recording relay, so the test sees every byte they
+   send. Checked: the sealed job's checkpoints equal the plain job's bit for bit; each hostile
+   update is refused every round with its reason in ``state.json`` and the log naming the node,
+   and each checkpoint is the weighted mean of the accepted updates only; 32-byte windows of the updates the coordinator
    recorded are found in what the nodes sent in the plain job (the relay does see plaintext
    updates) and in none of it in the sealed job, where the envelopes' magic shows instead.
 2. Secure aggregation. Four nodes (one revoked): a secure-aggregation round with envelopes
@@ -32,13 +34,14 @@ from safetensors import safe_open
 
 from offsite.cloud.aggregate import fedavg
 from offsite.cloud.fed_job import FedJobConfig, LocalTuning, SecurityConfig, checkpoint_path, update_path, write_job
-from offsite.cloud.federation import LocalFederation
+from offsite.cloud.federation import LocalFederation, _spawn, free_port
 from offsite.emulator.sandwich import SandwichShape, build_emulator
 from offsite.protocol.adapter import load_update
 from offsite.protocol.bundle import write_bundle
 from offsite.protocol.bundle_signing import sign_bundle
 from offsite.protocol.dp import PrivacyAccountant
 from offsite.protocol.envelope import MAGIC
+from offsite.protocol.flower_process import supernode_command
 from offsite.protocol.keys import COORDINATOR_PUBLIC, ClientIdentity, CoordinatorKeys, SenderRegistry
 from offsite.protocol.secagg import SecAggConfig, quantisation_error_bound, state_dimension
 from tests.conftest import make_tokenizer, tiny_model
@@ -157,14 +160,57 @@ def node_config(tmp_path, name: str, rows: int, seed: int, keys_dir) -> dict:
     }
 
 
-def start_owners(federation, tmp_path, owners: dict[str, tuple[int, int]], keys_dir, superlink: str | None = None) -> dict[str, int]:
-    """SuperNodes for ``owners`` (name -> (rows, seed)); returns name -> node id."""
+def start_owners(
+    federation, tmp_path, owners: dict[str, tuple[int, int]], keys_dir, superlink: str | None = None, altered: dict[str, str] | None = None
+) -> dict[str, int]:
+    """SuperNodes for ``owners`` (name -> (rows, seed)); returns name -> node id. ``altered``: name
+    -> code that owner's ClientApp processes run first (its ``sitecustomize``): a hostile owner's
+    own change to its software."""
+    altered = altered or {}
     started = {
         name: federation.start_supernode(node_config(tmp_path, name, rows, seed, keys_dir), name=f"supernode-{name}", superlink=superlink, wait=False)
+        if name not in altered else start_altered_owner(federation, tmp_path, name, node_config(tmp_path, name, rows, seed, keys_dir), superlink, altered[name])
         for name, (rows, seed) in owners.items()
     }
     federation.wait_listening(list(started.values()))  # started side by side
     return {name: wait_until(lambda node=node: supernode_ids(node.log_path), 60, f"{node.name}'s id")[0] for name, node in started.items()}
+
+
+def start_altered_owner(federation, tmp_path, name: str, config: dict, superlink: str | None, code: str):
+    """A SuperNode like ``federation.start_supernode``'s whose processes find ``code`` as
+    ``sitecustomize`` on their PYTHONPATH (Flower hands its environment down to each ClientApp)."""
+    directory = tmp_path / f"code-{name}"
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(code)
+    port = free_port()
+    command = supernode_command(superlink or federation.address, config, insecure=True, port=port)
+    node = _spawn(f"supernode-{name}", command, federation.workdir, federation.env | {"PYTHONPATH": str(directory)}, port)
+    federation.supernodes.append(node)  # stopped with the federation
+    return node
+
+
+# From round 2 on, every sealed envelope leaves with its header replaced by 1,500 nested "[" (the
+# same frame, ciphertext and signature): more nesting than json.loads can follow, in a header well
+# under the 4 KiB limit. The coordinator must refuse it with a reason, not crash the round.
+CRAFTED_HEADER_FROM_ROUND_2 = """
+import json
+import sys
+
+if sys.argv and sys.argv[0].endswith("flwr-clientapp"):
+    import offsite.protocol.envelope_wire as wire
+
+    honest = wire.envelope_to_record
+
+    def crafted(envelope, part_bytes=wire.DEFAULT_PART_BYTES):
+        data = bytes(envelope)
+        length = int.from_bytes(data[8:12], "big")
+        if json.loads(data[12 : 12 + length])["round"] < 2:
+            return honest(envelope, part_bytes)
+        header = b"[" * 1500
+        return honest(data[:8] + len(header).to_bytes(4, "big") + header + data[12 + length :], part_bytes)
+
+    wire.envelope_to_record = crafted
+"""
 
 
 def windows(tensors: dict[str, torch.Tensor], count: int = 6) -> list[bytes]:
@@ -199,7 +245,8 @@ def test_envelopes_match_the_plain_job_and_hostile_senders_are_refused(tmp_path)
             assert federation.wait(run, timeout=300) == "finished:completed", federation.logs(run)
             sent_plain = tap.take()
 
-            ids |= start_owners(federation, tmp_path, {"mallory": (4, 7), "trudy": (4, 8)}, keys_dir, superlink=tap.address)
+            ids |= start_owners(federation, tmp_path, {"mallory": (4, 7), "trudy": (4, 8)}, keys_dir, superlink=tap.address,
+                                altered={"trudy": CRAFTED_HEADER_FROM_ROUND_2})
             run = federation.submit({"job-dir": sealed})
             assert federation.wait(run, timeout=400) == "finished:completed", federation.logs(run)
             sent_sealed = tap.take()
@@ -215,11 +262,15 @@ def test_envelopes_match_the_plain_job_and_hostile_senders_are_refused(tmp_path)
     for round_number, record in enumerate(state["history"], 1):
         assert record["replied"] == honest_ids and not record["dropped"], record
         assert record["senders"] == {str(ids[name]): name for name in HONEST}
-        assert record["rejected"] == {str(ids["mallory"]): "unknown-sender", str(ids["trudy"]): "revoked-sender"}
+        trudy = "revoked-sender" if round_number == 1 else "malformed-header"  # round 2: the crafted header
+        assert record["rejected"] == {str(ids["mallory"]): "unknown-sender", str(ids["trudy"]): trudy}
         assert record["failed"][str(ids["mallory"])].startswith(f"REJECTED: unknown-sender: update from node {ids['mallory']} (claims sender 'mallory')")
-        assert record["failed"][str(ids["trudy"])].startswith("REJECTED: revoked-sender: update from sender 'trudy'")
+        assert record["failed"][str(ids["trudy"])].startswith(
+            "REJECTED: revoked-sender: update from sender 'trudy'" if round_number == 1
+            else f"REJECTED: malformed-header: update from node {ids['trudy']}: header is not valid JSON (nested deeper"
+        ), record["failed"]
         assert f"round {round_number}: node {ids['mallory']} failed: REJECTED: unknown-sender" in logs
-        assert f"round {round_number}: node {ids['trudy']} failed: REJECTED: revoked-sender" in logs
+        assert f"round {round_number}: node {ids['trudy']} failed: REJECTED: {trudy}" in logs
         # the aggregate is the weighted mean of the accepted updates only, weights from the sealed metadata
         accepted = sorted(path.name for path in update_path(sealed, round_number, 0).parent.iterdir())
         assert accepted == sorted(f"node-{node}.safetensors" for node in honest_ids)

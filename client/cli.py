@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     train.add_argument("--bundle", required=True, type=Path, help="emulator bundle directory (from `offsite cloud prepare`)")
     train.add_argument("--data", required=True, type=Path, help='JSONL: {"prompt","choices","answer"} or {"prompt","completion"}')
     train.add_argument("--out", required=True, type=Path, help="where to write the update (.safetensors)")
+    train.add_argument("--coordinator-key", type=Path,
+                       help="the coordinator's coordinator.pub.json, pinned out of band: the bundle must be signed by it "
+                       "(without it an edited manifest is caught only by its own consistency checks)")
     add_tune_arguments(train)
     train.set_defaults(func=_train)
 
@@ -57,7 +60,7 @@ def _train(args: argparse.Namespace) -> int:
     from .local import train_local_to_file
 
     config = tune_config_from_args(args, TuneConfig())
-    path = train_local_to_file(args.bundle, args.data, config, args.out)
+    path = train_local_to_file(args.bundle, args.data, config, args.out, coordinator_key=args.coordinator_key)
     print(f"adapter update written to {path}")
     return 0
 

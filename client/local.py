@@ -11,7 +11,9 @@ from offsite.emulator.data import Example, read_examples
 from offsite.emulator.sandwich import load_adapter_state
 from offsite.emulator.tune import TuneConfig, TuneResult, tune_adapter
 from offsite.protocol.adapter import save_update
-from offsite.protocol.bundle import Bundle, load_emulator, load_tokenizer, read_bundle
+from offsite.protocol.bundle import SIGNATURE, Bundle, load_emulator, load_tokenizer, read_bundle
+from offsite.protocol.bundle_signing import read_signed_bundle
+from offsite.protocol.keys import CoordinatorPublicKeys
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,27 @@ def tune_on_bundle(
     )
 
 
-def train_local(bundle_dir: Path | str, data: Path | str, config: TuneConfig, progress: bool = True) -> tuple[TuneResult, dict]:
+def open_local_bundle(bundle_dir: Path | str, coordinator_key: Path | str | None = None) -> Bundle:
+    """The bundle at ``bundle_dir``, verified: with ``coordinator_key`` (the coordinator's
+    ``coordinator.pub.json`` or its directory, pinned out of band, as the daemon's) only if its
+    ``manifest.sig`` verifies with that key, so an edited manifest is refused; without one, its
+    manifest and files are checked (hashes, known keys, the cut) but not who made it."""
+    if coordinator_key is not None:
+        return read_signed_bundle(bundle_dir, CoordinatorPublicKeys.load(coordinator_key))
+    if (Path(bundle_dir) / SIGNATURE).is_file():
+        log.warning("%s is signed but no --coordinator-key was given: its signature is not checked", bundle_dir)
+    return read_bundle(bundle_dir)
+
+
+def train_local(
+    bundle_dir: Path | str, data: Path | str, config: TuneConfig, progress: bool = True, coordinator_key: Path | str | None = None
+) -> tuple[TuneResult, dict]:
     """Tune the adapter of the bundle's emulator on a local data file.
 
     Returns the result and the update's metadata (mode, LoRA alpha, bundle digest, examples).
+    ``coordinator_key``: see :func:`open_local_bundle`.
     """
-    bundle = read_bundle(bundle_dir)
+    bundle = open_local_bundle(bundle_dir, coordinator_key)
     examples = read_examples(data)
     result = tune_on_bundle(bundle, examples, config, progress=progress)
     meta = {
@@ -53,6 +70,8 @@ def train_local(bundle_dir: Path | str, data: Path | str, config: TuneConfig, pr
     return result, meta
 
 
-def train_local_to_file(bundle_dir, data, config: TuneConfig, out: Path | str, progress: bool = True) -> Path:
-    result, meta = train_local(bundle_dir, data, config, progress)
+def train_local_to_file(
+    bundle_dir, data, config: TuneConfig, out: Path | str, progress: bool = True, coordinator_key: Path | str | None = None
+) -> Path:
+    result, meta = train_local(bundle_dir, data, config, progress, coordinator_key)
     return save_update(out, result.adapter, meta)

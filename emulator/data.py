@@ -4,12 +4,13 @@ the answer tokens."""
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from offsite.protocol.safe_json import JSONRefused, parse_json
 
 IGNORE_INDEX = -100
 MAX_LINE_BYTES = 1 << 20
@@ -39,15 +40,22 @@ class Example:
 
 
 def _rows(path: Path):
+    """``(line number, object)`` per non-blank line. A line is read with a bound (never more than
+    ``MAX_LINE_BYTES + 1`` bytes at a time, newline or not), and parsed by the one parser for
+    untrusted JSON: every failure is a :class:`DataFormatError` naming file and line."""
+    if path.exists() and not path.is_file():
+        raise DataFormatError(path, 0, "not a regular file (a directory?): --data takes a JSONL file")
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        number = 0
+        while raw := handle.readline(MAX_LINE_BYTES + 1):
+            number += 1
             if len(raw) > MAX_LINE_BYTES:
                 raise DataFormatError(path, number, f"line longer than {MAX_LINE_BYTES} bytes")
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                row = parse_json(raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw)  # a UTF-8 BOM, as json.loads allowed
+            except JSONRefused as error:
                 raise DataFormatError(path, number, f"not valid JSON ({error})") from None
             if not isinstance(row, dict):
                 raise DataFormatError(path, number, f"expected a JSON object, got {type(row).__name__}")

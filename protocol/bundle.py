@@ -44,6 +44,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_JSON_BYTES = 64 << 20
 MAX_WEIGHTS_BYTES = 64 << 30
+# what a manifest holds (write_bundle's keys); anything else is refused, so nothing rides along unchecked
+REQUIRED_KEYS = frozenset({"format", "family", "shape", "layout", "adapter_blocks", "kept_middle", "model_type", "config", "files"})
+MANIFEST_KEYS = REQUIRED_KEYS | {"packed", "distill", "quantize"}
 
 
 class BundleReason(str, Enum):
@@ -132,6 +135,8 @@ def write_bundle(
     for key in ("family", "shape", "layout", "adapter_blocks", "kept_middle"):
         if key not in info:
             raise ValueError(f"bundle info lacks {key!r}")
+    if set(info) - MANIFEST_KEYS:
+        raise ValueError(f"bundle info keys {sorted(set(info) - MANIFEST_KEYS)} are not manifest keys (read_bundle would refuse them)")
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
@@ -187,17 +192,60 @@ def _read_json(path: Path, limit: int) -> dict:
 
 
 def _check_manifest(root: Path, manifest: dict) -> None:
+    where = root / MANIFEST
     if manifest.get("format") != FORMAT:
-        raise BundleError(f"{root / MANIFEST}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    files = manifest.get("files")
+        raise BundleError(f"{where}: format {str(manifest.get('format'))[:40]!r} is not {FORMAT!r}")
+    unknown, missing = sorted(set(manifest) - MANIFEST_KEYS), sorted(REQUIRED_KEYS - set(manifest))
+    if unknown or missing:
+        raise BundleError(f"{where}: unknown keys {[k[:40] for k in unknown[:5]]}, missing keys {missing} "
+                          f"(a manifest holds {sorted(REQUIRED_KEYS)} and optionally {sorted(MANIFEST_KEYS - REQUIRED_KEYS)})")
+    files = manifest["files"]
     if not isinstance(files, dict) or WEIGHTS not in files:
-        raise BundleError(f"{root / MANIFEST}: 'files' must list {WEIGHTS}")
+        raise BundleError(f"{where}: 'files' must list {WEIGHTS}")
     for key in ("layout", "adapter_blocks", "kept_middle"):
-        value = manifest.get(key)
+        value = manifest[key]
         if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
-            raise BundleError(f"{root / MANIFEST}: {key!r} must be a list of block indices")
-    if not isinstance(manifest.get("config"), dict):
-        raise BundleError(f"{root / MANIFEST}: 'config' must be an object")
+            raise BundleError(f"{where}: {key!r} must be a list of block indices")
+    config = manifest["config"]
+    if not isinstance(config, dict):
+        raise BundleError(f"{where}: 'config' must be an object")
+    if not isinstance(manifest["family"], str) or not isinstance(manifest["model_type"], str):
+        raise BundleError(f"{where}: 'family' and 'model_type' must be strings")
+    if config.get("model_type", manifest["model_type"]) != manifest["model_type"]:
+        raise BundleError(f"{where}: 'model_type' {manifest['model_type'][:40]!r} is not the config's {str(config['model_type'])[:40]!r}")
+    for key in ("packed", "distill", "quantize"):
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise BundleError(f"{where}: {key!r} must be an object")
+    _check_cut(where, manifest)
+
+
+def sandwich_cut(a: int, k: int, b: int, n_blocks: int) -> tuple[list[int], list[int], list[int]]:
+    """``(layout, adapter_blocks, kept_middle)`` of the ``a-k-b`` cut of ``n_blocks`` blocks: the
+    same formula as :class:`offsite.emulator.sandwich.SandwichShape` (kept middle blocks chosen
+    uniformly, first and last kept), restated here so that checking a manifest needs no torch."""
+    middle = n_blocks - a - b
+    kept = [a] if k == 1 else [a + round(i * (middle - 1) / (k - 1)) for i in range(k)]
+    adapter = list(range(a)) + list(range(n_blocks - b, n_blocks))
+    return list(range(a)) + kept + list(range(n_blocks - b, n_blocks)), adapter, kept
+
+
+def _check_cut(where: Path, manifest: dict) -> None:
+    """The manifest's ``layout``, ``adapter_blocks`` and ``kept_middle`` are exactly the cut its
+    ``shape`` names: an edited adapter (a middle block made trainable, a block dropped) is refused.
+    (:func:`load_emulator` then checks that the weights hold ``len(layout)`` blocks.)"""
+    shape = manifest["shape"]
+    names = ("a", "k", "b", "n_blocks")
+    if not isinstance(shape, dict) or set(shape) != set(names) or not all(
+        isinstance(shape[n], int) and not isinstance(shape[n], bool) and shape[n] >= 0 for n in names
+    ):
+        raise BundleError(f"{where}: 'shape' must be an object of integers a, k, b, n_blocks")
+    a, k, b, n = (shape[name] for name in names)
+    if a + b < 1 or k < 1 or n - a - b < k or a + k + b != len(manifest["layout"]):
+        raise BundleError(f"{where}: shape {a}-{k}-{b} of {n} blocks is not a cut of the {len(manifest['layout'])}-block layout")
+    layout, adapter, kept = sandwich_cut(a, k, b, n)
+    for key, expected in (("layout", layout), ("adapter_blocks", adapter), ("kept_middle", kept)):
+        if manifest[key] != expected:
+            raise BundleError(f"{where}: {key!r} {str(manifest[key])[:80]} is not the {a}-{k}-{b} cut of {n} blocks ({expected})")
 
 
 def read_manifest_bytes(root: Path) -> bytes:
@@ -266,6 +314,9 @@ def load_emulator(bundle: Bundle, dtype=None) -> nn.Module:
     if "packed" in bundle.manifest:
         tensors = unpack_state(tensors, bundle.manifest["packed"], str(path), BundleError)
     load_strict(model, tensors, str(path))
+    blocks = getattr(model.config, "num_hidden_layers", None)
+    if blocks != len(bundle.layout):
+        raise BundleError(f"{path}: the weights hold {blocks} blocks, the manifest's cut {len(bundle.layout)} ({bundle.layout})")
     if dtype is not None:
         model.to(dtype)
     return model.eval()

@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import pytest
@@ -5,7 +6,17 @@ import torch
 from safetensors.torch import load_file
 
 from offsite.emulator.sandwich import SandwichShape, build_emulator
-from offsite.protocol.bundle import MANIFEST, WEIGHTS, BundleError, load_emulator, load_tokenizer, read_bundle, write_bundle
+from offsite.protocol.bundle import (
+    MANIFEST,
+    WEIGHTS,
+    BundleError,
+    BundleReason,
+    load_emulator,
+    load_tokenizer,
+    read_bundle,
+    sandwich_cut,
+    write_bundle,
+)
 from tests.conftest import VOCAB, tiny_model
 
 
@@ -105,3 +116,85 @@ def test_weights_file_is_plain_safetensors(tmp_path, tokenizer):
     emulator, bundle = _write(tmp_path, tokenizer)
     tensors = load_file(str(bundle.root / WEIGHTS))
     assert "model.layers.5.mlp.up_proj.weight" in tensors
+
+
+# edits of an unsigned bundle's manifest, each written back as plain JSON (the files' hashes are
+# untouched, so only the manifest's own checks can catch them), and the words the refusal uses
+MANIFEST_EDITS = [
+    (lambda m: m.update(extra=1), "unknown keys \\['extra'\\]"),
+    (lambda m: m.update(adapter_override=[2, 3]), "unknown keys"),
+    (lambda m: m.update(trust_remote_code=True), "unknown keys"),
+    (lambda m: m.pop("model_type"), "missing keys \\['model_type'\\]"),
+    (lambda m: m.pop("shape"), "missing keys \\['shape'\\]"),
+    (lambda m: m.update(adapter_blocks=[0, 1, 2, 6, 7]), "'adapter_blocks' .* is not the 2-2-2 cut"),  # a middle block made trainable
+    (lambda m: m.update(adapter_blocks=[0, 1, 5, 7]), "'adapter_blocks'"),
+    (lambda m: m.update(adapter_blocks=[0, 1]), "'adapter_blocks'"),
+    (lambda m: m.update(adapter_blocks=[]), "'adapter_blocks'"),
+    (lambda m: m.update(adapter_blocks=[7, 6, 1, 0]), "'adapter_blocks'"),
+    (lambda m: m.update(adapter_blocks=[0, 1, 6, 7, 7]), "'adapter_blocks'"),
+    (lambda m: m.update(kept_middle=[3, 4]), "'kept_middle'"),
+    (lambda m: m.update(layout=[0, 1, 3, 4, 6, 7]), "'layout'"),
+    (lambda m: m.update(layout=[0, 1, 2, 5, 6]), "not a cut of the 5-block layout"),
+    (lambda m: m["shape"].update(a=3), "not a cut"),
+    (lambda m: m["shape"].update(a=3, k=1), "is not the 3-1-2 cut of 8 blocks"),  # a plausible shape, not the listed cut
+    (lambda m: m["shape"].update(n_blocks=9), "is not the 2-2-2 cut of 9 blocks"),
+    (lambda m: m["shape"].update(k=10**9), "not a cut"),
+    (lambda m: m["shape"].update(a=-1), "'shape' must be"),
+    (lambda m: m["shape"].update(b=True), "'shape' must be"),
+    (lambda m: m["shape"].update(extra=1), "'shape' must be"),
+    (lambda m: m.update(shape=[2, 2, 2, 8]), "'shape' must be"),
+    (lambda m: m.update(model_type="gpt2"), "'model_type' 'gpt2' is not the config's 'llama'"),
+    (lambda m: m.update(family=None), "'family' and 'model_type' must be strings"),
+    (lambda m: m.update(packed=[1]), "'packed' must be an object"),
+    (lambda m: m.update(distill="x"), "'distill' must be an object"),
+]
+
+
+@pytest.mark.parametrize(("edit", "says"), MANIFEST_EDITS)
+def test_an_edited_manifest_of_an_unsigned_bundle_is_refused(tmp_path, tokenizer, edit, says):
+    """No key to check a signature with: the manifest must still hold only known keys and exactly
+    the cut its shape names, so an edited adapter (or anything riding along) is refused."""
+    _, bundle = _write(tmp_path, tokenizer)
+    manifest = json.loads((bundle.root / MANIFEST).read_text())
+    edit(manifest)
+    (bundle.root / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=says) as caught:
+        read_bundle(bundle.root)
+    assert caught.value.reason is BundleReason.MALFORMED and str(bundle.root / MANIFEST) in str(caught.value)
+
+
+@pytest.mark.parametrize("bomb", [b"[" * 1500, b'{"a":' * 100_000, b'{"format": ' + b"1" * 5000 + b"}", b'{"x": 1e999}', b'{"a":1,"a":2}'])
+def test_a_manifest_that_breaks_the_json_parser_is_refused(tmp_path, tokenizer, bomb):
+    _, bundle = _write(tmp_path, tokenizer)
+    (bundle.root / MANIFEST).write_bytes(bomb)
+    with pytest.raises(BundleError, match="not valid JSON") as caught:
+        read_bundle(bundle.root)
+    assert caught.value.reason is BundleReason.MALFORMED
+
+
+def test_a_consistent_cut_that_the_weights_do_not_hold_is_refused(tmp_path, tokenizer):
+    """Shape, layout, adapter and kept blocks edited together into a 2-1-2 cut: the manifest is
+    consistent, but the weights hold six blocks, not five."""
+    _, bundle = _write(tmp_path, tokenizer)
+    manifest = json.loads((bundle.root / MANIFEST).read_text())
+    manifest.update(shape={"a": 2, "k": 1, "b": 2, "n_blocks": 8}, layout=[0, 1, 2, 6, 7], kept_middle=[2])
+    (bundle.root / MANIFEST).write_text(json.dumps(manifest))
+    edited = read_bundle(bundle.root)
+    with pytest.raises(BundleError, match="the weights hold 6 blocks, the manifest's cut 5"):
+        load_emulator(edited)
+
+
+def test_the_manifest_check_restates_the_sandwich_cut_exactly():
+    for n in range(2, 40):
+        for a, b in itertools.product(range(4), range(4)):
+            for k in range(1, n - a - b + 1) if a + b else ():
+                shape = SandwichShape(a, k, b)
+                assert sandwich_cut(a, k, b, n) == (shape.emulator_layout(n), shape.adapter_blocks(n), shape.kept_middle(n))
+
+
+def test_write_bundle_refuses_info_a_reader_would_refuse(tmp_path, tokenizer):
+    emulator, layout = build_emulator(tiny_model("llama"), SandwichShape(2, 2, 2))
+    info = {"family": "llama", "shape": {"a": 2, "k": 2, "b": 2, "n_blocks": 8}, "layout": layout,
+            "adapter_blocks": [0, 1, 6, 7], "kept_middle": [2, 5], "notes": "x"}
+    with pytest.raises(ValueError, match="'notes'"):
+        write_bundle(tmp_path / "b", emulator, tokenizer, info)

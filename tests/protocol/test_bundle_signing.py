@@ -250,6 +250,41 @@ def test_fuzz_hostile_bundles_are_all_refused(signed, tmp_path):
     }
 
 
+SIGNATURE_BOMBS = [b"[" * 3000, b'{"format":' * 400, b'{"key": ' + b"7" * 4000 + b"}", b'{"signature": 1e999}', b"\xff" * 10]
+
+
+def test_signature_files_and_signed_manifests_that_break_the_parser_are_refused(signed):
+    """A ``manifest.sig`` (at most 4 KiB: 3,000 nested ``[`` fit) or a manifest signed by the
+    coordinator itself that would raise RecursionError or a bare ValueError in ``json.loads``,
+    and signed manifests with unknown keys or an edited cut: all MALFORMED, never a traceback."""
+    keys, _, bundle, _ = signed
+    root, tamper = bundle.root, Tamper(bundle.root)
+    manifest = json.loads(tamper.read(MANIFEST))
+    signed_manifests = [b"[" * 100_000, b'{"files":' * 50_000, b'{"format": ' + b"1" * 5000 + b"}",
+                        json.dumps({**manifest, "extra": 1}).encode(),
+                        json.dumps({**manifest, "adapter_blocks": [0, 1, 2, 6, 7]}).encode(),
+                        json.dumps({**manifest, "kept_middle": [3, 4]}).encode()]
+    refused = 0
+    for bomb in SIGNATURE_BOMBS:
+        tamper.write(SIGNATURE, bomb)
+        with pytest.raises(BundleError, match="not valid JSON") as caught:
+            read_signed_bundle(root, keys.public())
+        assert caught.value.reason is BundleReason.MALFORMED
+        tamper.restore()
+        refused += 1
+    for manifest_bytes in signed_manifests:
+        tamper.write(MANIFEST, manifest_bytes)
+        sign_bundle_unchecked(root, keys)
+        tamper.touched.add(SIGNATURE)
+        with pytest.raises(BundleError) as caught:
+            read_signed_bundle(root, keys.public())
+        assert caught.value.reason is BundleReason.MALFORMED, caught.value
+        tamper.restore()
+        refused += 1
+    assert refused == 11
+    assert read_signed_bundle(root, keys.public()).digest == bundle.digest  # everything was put back
+
+
 def sign_bundle_unchecked(root: Path, keys: CoordinatorKeys) -> None:
     """Sign whatever manifest is there (what a coordinator that signs a bad manifest would do)."""
     import base64

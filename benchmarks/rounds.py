@@ -99,7 +99,7 @@ def rss_mib() -> float:
 
 def child(args: argparse.Namespace) -> None:
     """Run the simulation in this process; write its peak RSS next to the job."""
-    from offsite.cloud.simulate import SimulationConfig, simulate_job
+    from offsite.harness.simulate import SimulationConfig, simulate_job
 
     for module in ("ray", "flwr.simulation.run_simulation", "offsite.cloud.server_app", "offsite.client.client_app"):
         importlib.import_module(module)  # the run's imports, done before the baseline
@@ -250,7 +250,7 @@ def main() -> None:
         child(args)
         return
 
-    from offsite.cloud.split import split_file
+    from offsite.harness.split import split_file
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-rounds-") as scratch:

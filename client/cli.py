@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from offsite.emulator.tune import TuneConfig
-from offsite.options import add_tune_arguments, tune_config_from_args
+from offsite.emulator.options import add_tune_arguments, tune_config_from_args
 
 
 def register(subparsers) -> None:

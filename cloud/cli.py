@@ -1,4 +1,4 @@
-"""``offsite cloud ...`` and ``offsite eval``: the operator's commands."""
+"""``offsite cloud ...`` and ``offsite report``: the operator's commands."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
-from offsite.options import add_tune_arguments, tune_config_from_args
 
 log = logging.getLogger(__name__)
 
 
-def register(subparsers) -> None:
-    from .evaluate import SETTINGS
+def register(subparsers):
+    """``offsite cloud`` and ``offsite report``; returns the ``offsite cloud`` subparsers (the harness adds to them)."""
     from .presets import DEFAULT_PRESET
 
     cloud = subparsers.add_parser("cloud", help="operator: prepare emulator bundles, evaluate, plug in")
@@ -61,12 +60,6 @@ def register(subparsers) -> None:
     run.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="give up following after this many seconds")
     run.set_defaults(func=_run)
 
-    from .simulate import register as register_simulate
-    from .split import register as register_split
-
-    register_split(commands)  # offsite cloud split
-    register_simulate(commands)  # offsite cloud simulate
-
     from .keys_cli import register_key_commands
 
     register_key_commands(commands)  # offsite cloud keys | enroll | revoke | senders | sign-bundle
@@ -81,40 +74,6 @@ def register(subparsers) -> None:
     finish.add_argument("--job", required=True, type=Path, help="job directory with all rounds completed")
     finish.add_argument("--force", action="store_true", help="redo the plug-in and the evaluation")
     finish.set_defaults(func=_finish)
-
-    for parent, name in ((commands, "eval"), (subparsers, "eval")):
-        evaluate = parent.add_parser(
-            name,
-            help="five-setting evaluation: full/emulator zero-shot, emulator-FT, plug-in, full FT",
-            description="Tune the adapter on the emulator, plug it in, and score the five settings of the "
-            "Offsite-Tuning paper on a test file: multiple-choice rows by accuracy (acc, with acc_norm beside it), "
-            "SFT rows ({\"prompt\",\"completion\"}) by the completion's negative log-likelihood in nats per token "
-            "(perplexity beside it). The rows decide which. Writes report.md, report.json and report.png.",
-        )
-        _add_eval_arguments(evaluate, DEFAULT_PRESET, SETTINGS)
-        evaluate.set_defaults(func=_eval)
-
-    for parent, name in ((commands, "sweep"), (subparsers, "sweep")):
-        sweep = parent.add_parser(
-            name,
-            help="the privacy-utility frontier: several emulators on one task, one table and one plot",
-            description="For each emulator: emulator zero-shot, emulator-FT and plug-in; full zero-shot and full FT "
-            "once per adapter cut. Writes OUT/report/report.{md,json,png} and OUT/report/frontier.png (emulator-FT "
-            "against plug-in: points above the diagonal keep a privacy gap). Results are appended to OUT/sweep.jsonl "
-            "as they come, so a second run resumes. Emulators: a preset name, or SHAPE[/kdSTEPS][/qBITSgGROUP][/gainG] "
-            "on top of --preset's recipe, e.g. 2-10-2/kd60 2-22-2/kd0 2-26-2/q2g16 2-26-2/q34g16/gain1.5.",
-        )
-        sweep.add_argument("emulators", nargs="+", metavar="EMULATOR", help="emulators to compare (see above)")
-        _add_task_arguments(sweep)
-        sweep.add_argument("--val-rows", type=int, default=0, metavar="N",
-                           help="score on the train file's last N rows, held out of tuning, instead of the test file "
-                           "(to choose an emulator without looking at the test file)")
-        sweep.add_argument("--preset", default=DEFAULT_PRESET, help=f"recipe the emulators build on (default {DEFAULT_PRESET})")
-        sweep.add_argument("--model", default=None, help="base model (default: the preset's)")
-        sweep.add_argument("--corpus", default=None, help="distillation text: 'python-docs' (default), a .txt or a .jsonl with 'text'")
-        sweep.add_argument("--out", type=Path, required=True, help="sweep directory")
-        add_tune_arguments(sweep)
-        sweep.set_defaults(func=_sweep)
 
     for parent, name in ((commands, "report"), (subparsers, "report")):
         combined = parent.add_parser(
@@ -131,33 +90,10 @@ def register(subparsers) -> None:
         combined.add_argument("--title", default="Offsite five-setting evaluation", help="heading of the report and chart")
         combined.set_defaults(func=_report)
 
-    demo = subparsers.add_parser(
-        "demo",
-        help="federated offsite-tuning end to end on the embedded SmolLM2-135M, with the five-setting table",
-        description="Prepare and distil the default emulator; split a BIG-bench task shipped in data/ among data "
-        "owners (non-IID); run the federated job over a real SuperLink and SuperNodes on loopback (TLS, node "
-        "authentication); plug the federated adapter in; tune the same blocks with the real middle on the same data "
-        "(full FT; --centralised all adds centralised emulator-FT and plug-in); print the five-setting table. The first run converts the model and "
-        "distils (cached for later runs).",
-    )
-    demo.add_argument("--preset", default=DEFAULT_PRESET, help=f"named recipe (default {DEFAULT_PRESET})")
-    demo.add_argument("--task", default="hyperbaton", help="a task shipped in data/skill or data/bigbench (default hyperbaton)")
-    demo.add_argument("--owners", type=int, default=3, help="data owners, one SuperNode each (default 3)")
-    demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split; small is more skewed (default 0.5)")
-    demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3); local steps follow from the preset's budget")
-    demo.add_argument("--test-rows", type=int, default=200, help="score the first N test rows (default 200; 0: all)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the split and of the tuning")
-    demo.add_argument(
-        "--centralised", choices=("full-ft", "all", "none"), default="full-ft",
-        help="what runs centrally on all the training data: full-ft (default: the five-setting table's full FT), "
-        "all (also centralised emulator-FT and plug-in, to compare with the federated ones), none",
-    )
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
-    demo.set_defaults(func=_demo)
-
     from .serve_cli import register as register_serve
 
     register_serve(commands)  # offsite cloud serve
+    return commands
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None:
@@ -229,32 +165,6 @@ def fed_job_config_from_args(args: argparse.Namespace, base_model: str | None = 
         plugin_gain=plugin_gain,
         **security_from_args(args),  # job_id (a fresh uuid4 unless --job-id) and security
     )
-
-
-def _add_task_arguments(parser) -> None:
-    parser.add_argument("--task", default="wordnet_definitions",
-                        help="a task shipped in data/skill or data/bigbench (used when --train/--test are not given; "
-                        "default wordnet_definitions)")
-    parser.add_argument("--train", type=Path, default=None, help="training JSONL (MC or SFT rows)")
-    parser.add_argument("--test", type=Path, default=None, help="test JSONL: MC rows (accuracy) or SFT rows (completion NLL)")
-    parser.add_argument("--test-rows", type=int, default=None, help="score the first N test rows (default: all)")
-
-
-def _task_files_from_args(args) -> tuple[Path, Path, str]:
-    """(train, test, task name) from --task or --train/--test."""
-    from .pipeline import task_files
-
-    train, test = task_files(args.task) if args.train is None or args.test is None else (args.train, args.test)
-    train, test = args.train or train, args.test or test
-    return train, test, args.task if args.test is None else test.stem
-
-
-def _add_eval_arguments(parser, default_preset: str, settings) -> None:
-    _add_recipe_arguments(parser, default_preset)
-    _add_task_arguments(parser)
-    parser.add_argument("--settings", default=",".join(settings), help="comma-separated subset of: " + ", ".join(settings))
-    parser.add_argument("--out", type=Path, required=True, help="job directory")
-    add_tune_arguments(parser)
 
 
 def _preset_from_args(args):
@@ -354,57 +264,10 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
-    from .evaluate import summary_table
-    from .presets import get_preset
-    from .sweep import SweepJob, parse_emulator, run_sweep
-
-    base = get_preset(args.preset)
-    emulators = tuple(parse_emulator(text, base) for text in args.emulators)  # refused before the model loads
-    if len({e.name for e in emulators}) != len(emulators):
-        raise ValueError("an emulator is named twice")
-    if args.val_rows < 0:
-        raise ValueError("--val-rows must be >= 0")
-    train, test, task = _task_files_from_args(args)
-    job = SweepJob(emulators=emulators, train=train, test=test, out=args.out, task=task,
-                   tune=tune_config_from_args(args, base.tune), test_rows=args.test_rows, val_rows=args.val_rows,
-                   model=args.model, corpus=args.corpus or "python-docs")
-    reports = run_sweep(job)
-    print(summary_table(reports))
-    print(f"report: {args.out / 'report' / 'report.md'} (+ .json, .png); frontier: {args.out / 'report' / 'frontier.png'}")
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from .pipeline import EvalJob, run_eval_job
-
-    preset = _preset_from_args(args)
-    train, test, task = _task_files_from_args(args)
-    settings = tuple(s.strip() for s in args.settings.split(",") if s.strip())
-    job = EvalJob(
-        preset=preset,
-        train=train,
-        test=test,
-        out=args.out,
-        task=task,
-        tune=tune_config_from_args(args, preset.tune),
-        test_rows=args.test_rows,
-        settings=settings,
-        model=args.model,
-        corpus=args.corpus or "python-docs",
-    )
-    report = run_eval_job(job)
-    print()
-    print(report.markdown())
-    plugged = f"; plug-in model: {args.out / 'plug_in'}" if (args.out / "plug_in").is_dir() else ""
-    print(f"report: {args.out / 'report' / 'report.md'} (+ .json, .png){plugged}")
-    return 0
-
-
 def _run(args: argparse.Namespace) -> int:
     import re
 
-    from .federation import FederationError, SuperLinkConnection, round_summary, run_job_on_superlink
+    from .superlink import FederationError, SuperLinkConnection, round_summary, run_job_on_superlink
 
     colour = re.compile(r"\x1b\[[0-9;]*m")
     try:
@@ -430,15 +293,4 @@ def _finish(args: argparse.Namespace) -> int:
     report = job_report_dir(args.job) / "report.md"
     if report.is_file():
         print(report.read_text())
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from .fed_demo import demo_config_from_args, run_fed_demo
-    from .presets import get_preset
-
-    if args.owners < 1 or args.rounds < 1 or args.alpha <= 0 or args.test_rows < 0:
-        raise ValueError("--owners and --rounds must be >= 1, --alpha > 0 and --test-rows >= 0")
-    args.test_rows = args.test_rows or None
-    run_fed_demo(demo_config_from_args(args, get_preset(args.preset)))
     return 0

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from offsite.cloud.models import load_base
-from offsite.cloud.pipeline import task_files
+from offsite.harness.pipeline import task_files
 from offsite.cloud.plugin import plug_in_update
 from offsite.cloud.prepare import EmulatorConfig, prepare_bundle
 from offsite.emulator.data import read_examples, read_mc_jsonl

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from offsite.cloud.models import load_base
-from offsite.cloud.pipeline import task_files
+from offsite.harness.pipeline import task_files
 from offsite.cloud.plugin import plug_in_update
 from offsite.emulator.arch import get_path, spec_for
 from offsite.emulator.data import read_examples, read_mc_jsonl

@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 
 from offsite.cloud.models import load_base
-from offsite.cloud.pipeline import task_files
+from offsite.harness.pipeline import task_files
 from offsite.cloud.prepare import EmulatorConfig, prepare_bundle
 from offsite.emulator.data import read_examples, read_mc_jsonl
 from offsite.emulator.corpus import read_corpus, token_blocks

@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     from offsite.client.cli import register as register_client
     from offsite.cloud.cli import register as register_cloud
     from offsite.deploy_cli import register as register_deploy
+    from offsite.harness.cli import register as register_harness
 
     parser = argparse.ArgumentParser(
         prog="offsite",
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"offsite {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    register_cloud(subparsers)
+    register_harness(subparsers, register_cloud(subparsers))
     register_client(subparsers)
     register_deploy(subparsers)
     from offsite.cloud.serve_cli import register_query

@@ -82,13 +82,7 @@ def _node_key(args: argparse.Namespace) -> int:
 def _register(args: argparse.Namespace) -> int:
     import tempfile
 
-    from offsite.cloud.federation import (
-        FederationError,
-        KeyAlreadyRegistered,
-        SuperLinkConnection,
-        SuperLinkControl,
-        wait_for_port,
-    )
+    from offsite.cloud.superlink import FederationError, KeyAlreadyRegistered, SuperLinkConnection, SuperLinkControl, wait_for_port
 
     connection = SuperLinkConnection(args.superlink, root_certificates=args.root_certificates)
     try:

@@ -20,7 +20,7 @@ from offsite.cloud.fed_job import (
     save_state,
     write_job,
 )
-from offsite.cloud.federation import round_summary
+from offsite.cloud.superlink import round_summary
 from offsite.cloud.server_app import client_metrics, make_instruction, spend_privacy, update_weight
 from offsite.protocol.dp import PrivacyAccountant
 from offsite.protocol.messages import TrainInstruction

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from offsite.cloud.models import DEFAULT_MODEL, load_base, resolve_model_dir
-from offsite.cloud.pipeline import EvalJob, run_eval_job, task_files
+from offsite.harness.pipeline import EvalJob, run_eval_job, task_files
 from offsite.cloud.presets import get_preset
 from offsite.emulator.corpus import read_corpus, token_blocks
 from offsite.emulator.distill import DistillConfig, distill, heldout_kd

@@ -34,7 +34,8 @@ from safetensors import safe_open
 
 from offsite.cloud.aggregate import fedavg
 from offsite.cloud.fed_job import FedJobConfig, LocalTuning, SecurityConfig, checkpoint_path, update_path, write_job
-from offsite.cloud.federation import LocalFederation, _spawn, free_port
+from offsite.cloud.superlink import free_port
+from offsite.harness.federation import LocalFederation, _spawn
 from offsite.emulator.sandwich import SandwichShape, build_emulator
 from offsite.protocol.adapter import load_update
 from offsite.protocol.bundle import write_bundle

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from offsite.cloud.fed_job import checkpoint_path, read_job, write_job
-from offsite.cloud.federation import LocalFederation, _children, _descendants, free_port, kill_tree
+from offsite.cloud.superlink import free_port
+from offsite.harness.federation import LocalFederation, _children, _descendants, kill_tree
 from tests.e2e.flower_jobs import data_file, make_job
 
 ROUND_TIMEOUT = 40.0  # the two healthy nodes reply in ~10 s here; a dead one is waited for this long

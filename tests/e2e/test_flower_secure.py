@@ -13,7 +13,8 @@ import sys
 import time
 
 from offsite.cloud.certs import write_deployment_certs, write_node_key
-from offsite.cloud.federation import LocalFederation, SuperLinkConnection, free_port, run_job_on_superlink, wait_for_port
+from offsite.cloud.superlink import SuperLinkConnection, free_port, run_job_on_superlink, wait_for_port
+from offsite.harness.federation import LocalFederation
 from tests.e2e.flower_jobs import NUM_EXAMPLES, assert_rounds_are_weighted_means, data_file, make_job
 
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .presets import Preset
+from offsite.cloud.presets import Preset
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,16 @@ def _stage(number: int, total: int, text: str) -> None:
 def run_fed_demo(config: FedDemoConfig) -> dict:
     from offsite.emulator.data import read_examples, read_test_rows
 
-    from .certs import write_deployment_certs
-    from .combine import read_reports
-    from .evaluate import EvalConfig, Report, five_setting_eval, job_report_dir, write_report
-    from .fed_job import BUNDLE_DIR, FedJobConfig, LocalTuning, write_job
-    from .federation import LocalFederation, round_summary
-    from .models import load_base
-    from .pipeline import task_files
-    from .prepare import config_for, prepare_bundle
-    from .split import format_table, split_file
+    from offsite.cloud.certs import write_deployment_certs
+    from offsite.cloud.combine import read_reports
+    from offsite.cloud.evaluate import EvalConfig, Report, five_setting_eval, job_report_dir, write_report
+    from offsite.cloud.fed_job import BUNDLE_DIR, FedJobConfig, LocalTuning, write_job
+    from offsite.cloud.superlink import round_summary
+    from offsite.harness.federation import LocalFederation
+    from offsite.cloud.models import load_base
+    from offsite.harness.pipeline import task_files
+    from offsite.cloud.prepare import config_for, prepare_bundle
+    from offsite.harness.split import format_table, split_file
 
     started = time.perf_counter()
     out = Path(config.out).resolve()

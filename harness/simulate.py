@@ -42,7 +42,7 @@ from pathlib import Path
 from offsite.protocol.flower_process import FLWR_DISABLE_INSTALL
 from offsite.protocol.simulation import SIMULATION_ENV, SimulatedOwners, partition_file_name
 
-from .fed_job import JobState, load_state, read_job
+from offsite.cloud.fed_job import JobState, load_state, read_job
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def sim_dir(job_dir: Path) -> Path:
 
 def write_partitions(job_dir: Path, data: Path, clients: int, alpha: float | None, seed: int, min_rows: int = 1) -> dict:
     """Split ``data`` among ``clients`` owners into ``JOB/sim/partitions``; return ``split.json``'s content."""
-    from .split import split_file
+    from offsite.harness.split import split_file
 
     return split_file(data, sim_dir(job_dir) / "partitions", clients, alpha, seed, min_rows)
 
@@ -178,7 +178,7 @@ def _run_simulation(job_dir: Path, clients: int, config: SimulationConfig) -> No
 
     from offsite.client.client_app import app as client_app
 
-    from .server_app import app as server_app
+    from offsite.cloud.server_app import app as server_app
 
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={"job-dir": str(job_dir)})
     flower_run_simulation(
@@ -215,7 +215,7 @@ def simulate_job(job_dir: Path, partitions: Path, config: SimulationConfig = Sim
 
 
 def register(commands) -> None:
-    from .split import add_split_arguments
+    from offsite.harness.split import add_split_arguments
 
     simulate = commands.add_parser(
         "simulate",
@@ -239,8 +239,8 @@ def register(commands) -> None:
 def _simulate(args: argparse.Namespace) -> int:
     import sys
 
-    from .federation import round_summary
-    from .split import format_table, split_args_alpha
+    from offsite.cloud.superlink import round_summary
+    from offsite.harness.split import format_table, split_args_alpha
 
     config = SimulationConfig(args.cpus_per_client, args.gpus_per_client, args.max_parallel, args.flower_debug)
     if (args.partitions is None) == (args.data is None):

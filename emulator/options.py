@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from offsite.emulator.lora import LoRASpec
-from offsite.emulator.tune import TuneConfig
+from .lora import LoRASpec
+from .tune import TuneConfig
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:

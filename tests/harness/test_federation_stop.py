@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from offsite.cloud.federation import FlowerProcess, _descendants, stop_processes
+from offsite.harness.federation import FlowerProcess, _descendants, stop_processes
 
 # a parent that starts a child in its own session (as Flower's SuperExec is) and then waits
 PARENT = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True); time.sleep(600)"

@@ -7,14 +7,14 @@ import pytest
 
 from offsite.cli import main
 from offsite.cloud.evaluate import SETTINGS, Report
-from offsite.cloud.pipeline import EvalJob, run_eval_job
+from offsite.harness.pipeline import EvalJob, run_eval_job
 from offsite.cloud.presets import Preset
-from offsite.cloud.sweep import SweepJob, parse_emulator, run_sweep
+from offsite.harness.sweep import SweepJob, parse_emulator, run_sweep
 from offsite.emulator.distill import DistillConfig
 from offsite.emulator.quantize import Quantize
 from offsite.emulator.sandwich import SandwichShape
 from offsite.emulator.tune import TuneConfig
-from tests.cloud.test_pipeline import task, tiny_dir  # noqa: F401 (fixtures)
+from tests.harness.test_pipeline import task, tiny_dir  # noqa: F401 (fixtures)
 from tests.conftest import write_jsonl
 
 TUNE = TuneConfig(steps=3, batch_size=4, lr=1e-3, device="cpu")

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from offsite.cli import main
-from offsite.cloud.split import (
+from offsite.harness.split import (
     SPLIT_FILE,
     SplitError,
     read_rows,
@@ -181,7 +181,7 @@ def test_cli_split_errors(tmp_path, mc_file, capsys):
 def test_labels_held_by_one_row_each_are_spread_over_the_owners():
     """Free-text answers (every row its own label): each row goes to an owner drawn from its label's
     proportions, so no owner collects them all (flooring the cuts gave the last owner ~90%)."""
-    from offsite.cloud.split import split_dirichlet
+    from offsite.harness.split import split_dirichlet
     from offsite.emulator.data import Example
 
     rows = [Example(f"p{i}", f" answer {i}") for i in range(3000)]

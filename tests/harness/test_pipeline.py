@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from offsite.cloud.evaluate import SETTINGS, Report
 from offsite.cloud.models import load_base, publish, resolve_model_dir
-from offsite.cloud.pipeline import EvalJob, run_eval_job, task_files
+from offsite.harness.pipeline import EvalJob, run_eval_job, task_files
 from offsite.cloud.prepare import EmulatorConfig, prepare_bundle
 from offsite.cloud.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 from offsite.emulator.arch import get_path, spec_for
@@ -182,7 +182,7 @@ def test_presets_are_well_formed():
 
 
 def test_shipped_tasks_exist():
-    from offsite.cloud.pipeline import known_tasks
+    from offsite.harness.pipeline import known_tasks
     from offsite.emulator.data import read_test_rows
 
     names = ["jargon_entries", "wordnet_definitions", "formal_fallacies_syllogisms_negation", "hyperbaton",

@@ -10,21 +10,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import offsite.data
 from offsite.emulator.corpus import DEFAULT_CORPUS
 from offsite.emulator.data import read_examples, read_test_rows
 from offsite.emulator.tune import TuneConfig
 from offsite.protocol.adapter import save_update
 from offsite.protocol.bundle import sha256_file
 
-from .evaluate import SETTINGS, EvalConfig, Report, five_setting_eval, job_report_dir, write_report
-from .models import load_base
-from .plugin import plug_in_update, save_plugged
-from .prepare import config_for, prepare_bundle
-from .presets import Preset
+from offsite.cloud.evaluate import SETTINGS, EvalConfig, Report, five_setting_eval, job_report_dir, write_report
+from offsite.cloud.models import load_base
+from offsite.cloud.plugin import plug_in_update, save_plugged
+from offsite.cloud.prepare import config_for, prepare_bundle
+from offsite.cloud.presets import Preset
 
 log = logging.getLogger(__name__)
 
-DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
+DATA_ROOT = Path(offsite.data.__file__).resolve().parent  # package data: the installed wheel carries the tasks
 # the shipped tasks: those the default model has skill on first, then the chance-level BIG-bench record
 DATA_DIRS = (DATA_ROOT / "skill", DATA_ROOT / "bigbench")
 

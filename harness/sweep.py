@@ -34,10 +34,10 @@ from offsite.emulator.tune import TuneConfig
 from offsite.protocol.adapter import load_update, save_update
 from offsite.protocol.bundle import sha256_file
 
-from .evaluate import LABELS, METRICS, EvalConfig, Report, five_setting_eval, write_report
-from .models import load_base
-from .prepare import config_for, prepare_bundle
-from .presets import PRESETS, Preset, check_gain
+from offsite.cloud.evaluate import LABELS, METRICS, EvalConfig, Report, five_setting_eval, write_report
+from offsite.cloud.models import load_base
+from offsite.cloud.prepare import config_for, prepare_bundle
+from offsite.cloud.presets import PRESETS, Preset, check_gain
 
 log = logging.getLogger(__name__)
 

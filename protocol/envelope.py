@@ -1,64 +1,13 @@
-"""Update envelopes: a data owner's adapter update, sealed to the coordinator and signed by the owner.
+"""Update envelopes: a data owner's update, sealed to the coordinator (RFC 9180 HPKE) and signed by
+the owner (Ed25519), so that only the coordinator reads it and accepts it only from an enrolled,
+unrevoked sender, for this job and round, once.
 
-Only the coordinator can read an envelope (the SuperLink and every other hop relay ciphertext),
-and the coordinator accepts it only from an enrolled, unrevoked sender, for this job and round,
-once. The client calls :func:`seal_update`; the coordinator holds an :class:`UpdateOpener`, whose
-:meth:`~UpdateOpener.open` returns the tensors or raises :class:`Rejected` with a
-:class:`Reason` and a message naming the client (and logs that line). It returns only when
-every check below passed, so a rejected update can never reach the aggregate.
-
-Construction
-    - Plaintext: the update as safetensors bytes (``safetensors.torch.save``), with an optional
-      small JSON object (e.g. ``num-examples``, ``train-loss``) in the safetensors metadata
-      under ``"offsite"``: it is encrypted and authenticated with the tensors.
-    - Encryption: RFC 9180 HPKE, base mode, DHKEM(X25519, HKDF-SHA256) + HKDF-SHA256 +
-      AES-256-GCM (:mod:`offsite.protocol.hpke`), ``info = b"offsite-envelope/1"``, to the
-      coordinator's X25519 key. The plaintext is sealed as consecutive HPKE messages of
-      ``chunk_bytes`` (sequence numbers 0, 1, ...; the last one may be shorter; an empty
-      plaintext is one empty message) and the associated data of every message is the exact
-      header bytes. Reordered, dropped or added chunks fail: the header fixes the length.
-    - Payload digest: ``HMAC-SHA256(K, plaintext)`` with ``K = Export("offsite-envelope/1
-      payload digest", 32)`` from the HPKE context, i.e. a digest of the *plaintext* that only
-      the two ends can compute. A plain SHA-256 of the plaintext in a cleartext header would let
-      any relay confirm a guessed update; a digest of the ciphertext cannot be inside the
-      associated data that produces that ciphertext.
-    - Signature: Ed25519 by the sender's identity key over
-      ``b"offsite-envelope/1 signature\\0" || u32(len(header)) || header || SHA-256(ciphertext)``:
-      the header and (through its hash) every ciphertext byte. The header holds the HPKE
-      encapsulated key, so the ciphertext is also bound to the one ephemeral key only the sender
-      knows: another enrolled client can neither re-sign it as its own (the header it would have
-      to change is the associated data) nor produce a ciphertext under it.
-
-Header (canonical JSON: sorted keys, no spaces, ASCII; exactly these fields, integers only)
-    ``format`` ("offsite-envelope/1"), ``suite``, ``job``, ``round``, ``sender``, ``recipient``
-    (fingerprint of the coordinator's X25519 key), ``message_id`` (128 random bits, hex),
-    ``timestamp_ms`` (sender's clock, Unix milliseconds), ``enc`` (HPKE encapsulated key,
-    base64), ``plaintext_bytes``, ``chunk_bytes``, ``payload_digest`` (hex).
-
-Wire format
-    ``b"OFSTENV1" || u32 big-endian header length || header || ciphertext || signature (64)``,
-    where the ciphertext is ``plaintext_bytes + 16 * chunks`` bytes. The whole length is checked
-    against the job's limit before anything is parsed, the header length against 4 KiB, and the
-    total against what the header implies (truncation or extension is a framing error).
-
-Checks, in this order (first failure wins; :class:`Reason` names each)
-    envelope size; framing; header (strict JSON schema, canonical bytes; unknown format/suite);
-    declared payload size; total length; sender registered; sender not revoked; signature;
-    job; recipient; round (stale/future); timestamp (older than ``max_age_s`` or more than
-    ``max_clock_skew_s`` ahead of the coordinator's clock); replayed (sender, message id); a
-    second update from the same sender this round; decryption; payload digest; safetensors
-    framing and metadata; tensor keys, then shapes, then dtypes (exactly the reference
-    adapter's); finite values (floating tensors); update norm. The buffer handed to
-    :meth:`UpdateOpener.open` must not change while it runs (it is read in place).
-
-Not hidden from the relay: who sent an update for which job and round, when, and its size.
-
-Update norm
-    The L2 norm of ``update - reference`` over all floating tensors (per tensor in float32, or
-    float64 where float32 overflows; squared norms summed in float64), where ``reference`` is
-    the global adapter the round started from: the size of the step the client took, which is
-    what a clipping bound limits. Non-floating tensors are held to keys, shapes and dtypes
-    only. ``UpdatePolicy.max_update_norm = None`` disables the check.
+The client calls :func:`seal_update`; the coordinator holds an :class:`UpdateOpener`, whose
+:meth:`~UpdateOpener.open` returns the tensors or raises :class:`Rejected` with a :class:`Reason`
+and a message naming the client, so a refused update never reaches the aggregate. The buffer
+handed to :meth:`~UpdateOpener.open` is read in place: it must not change while it runs.
+Construction, header, wire format, the order of the checks and the threat model are in
+``docs/security.md`` ("Update envelopes").
 """
 
 from __future__ import annotations
@@ -636,32 +585,74 @@ class UpdateOpener:
         ``node``: where it came from (e.g. the Flower node id), for the log line and message.
         """
         where = f"node {node}" if node is not None else "unknown node"
+        envelope = self._parse(data, where)
+        header = envelope.header
+        sender = header.sender
+        who = f"sender {sender!r} ({where})"
+        self._check_sender(envelope, where, who)
+        now_ms = self._check_header(header, who)
+        plaintext = self._decrypt(envelope, who)
         try:
-            envelope = parse_envelope(data, self.max_payload_bytes, where)
+            tensors, metadata = self._decode(bytes(plaintext), who, sender)
+        except Rejected:
+            raise
+        except Exception as error:  # noqa: BLE001 - a payload that breaks a parser is malformed, whatever it raised
+            reason = f"unreadable payload ({type(error).__name__}: {str(error)[:200]})"
+            raise self._reject(Reason.MALFORMED_PAYLOAD, who, reason, sender) from None
+        del plaintext
+        norm = self._check_norm(tensors, who, sender)
+
+        self.replay.add(sender, header.message_id, header.timestamp_ms)
+        self.replay.prune(now_ms - int((self.policy.max_age_s + self.policy.max_clock_skew_s) * 1000) - 1000)
+        self.accepted[sender] = header.message_id
+        log.info(
+            "job %s round %d: accepted update %s from %s (norm %.4g)",
+            self.job, self.round, header.message_id, who, norm,
+        )
+        return OpenedUpdate(sender, header.round, header.message_id, header.timestamp_ms, tensors, metadata, norm)
+
+    def _parse(self, data: bytes, where: str) -> Envelope:
+        """:func:`parse_envelope` with this job's size limit; whatever it raises is a logged :class:`Rejected`."""
+        try:
+            return parse_envelope(data, self.max_payload_bytes, where)
         except Rejected as error:
             log.warning("job %s round %d: rejected update from %s: %s", self.job, self.round, where, error)
             raise
         except Exception as error:  # noqa: BLE001 - hostile bytes end in a refusal, whatever a parser raised
-            raise self._reject(Reason.MALFORMED_FRAME, where, f"unreadable envelope ({type(error).__name__}: {str(error)[:200]})", None) from None
-        header = envelope.header
-        sender = header.sender
-        who = f"sender {sender!r} ({where})"
+            raise self._reject(
+                Reason.MALFORMED_FRAME, where, f"unreadable envelope ({type(error).__name__}: {str(error)[:200]})", None
+            ) from None
 
+    def _check_sender(self, envelope: Envelope, where: str, who: str) -> None:
+        """The sender is enrolled, not revoked, and signed this envelope with its registered key."""
+        sender = envelope.header.sender
         entry = self.registry.lookup(sender)
         if entry is None:
-            raise self._reject(Reason.UNKNOWN_SENDER, f"{where} (claims sender {sender!r})", "sender is not enrolled in this job's registry", sender)
+            raise self._reject(
+                Reason.UNKNOWN_SENDER, f"{where} (claims sender {sender!r})",
+                "sender is not enrolled in this job's registry", sender,
+            )
         if entry.revoked:
             raise self._reject(Reason.REVOKED_SENDER, who, "sender's enrolment is revoked", sender)
         try:
             entry.public_key.verify(envelope.signature, signed_message(envelope.header_bytes, envelope.ciphertext))
         except InvalidSignature:
             raise self._reject(
-                Reason.BAD_SIGNATURE, f"{where} (claims sender {sender!r})", f"signature does not verify with the key registered for {sender!r} ({entry.fingerprint})", sender
+                Reason.BAD_SIGNATURE, f"{where} (claims sender {sender!r})",
+                f"signature does not verify with the key registered for {sender!r} ({entry.fingerprint})", sender,
             ) from None
+
+    def _check_header(self, header: EnvelopeHeader, who: str) -> int:
+        """Job, recipient, round, timestamp window, replay and one update per sender; returns the
+        coordinator's clock (Unix milliseconds) at the check."""
+        sender = header.sender
         if header.job != self.job:
             raise self._reject(Reason.WRONG_JOB, who, f"job {header.job!r}, this is job {self.job!r}", sender)
         if header.recipient != self.recipient:
-            raise self._reject(Reason.WRONG_RECIPIENT, who, f"sealed to key {header.recipient}, this coordinator's is {self.recipient}", sender)
+            raise self._reject(
+                Reason.WRONG_RECIPIENT, who,
+                f"sealed to key {header.recipient}, this coordinator's is {self.recipient}", sender,
+            )
         if header.round < self.round:
             raise self._reject(Reason.STALE_ROUND, who, f"round {header.round}, the current round is {self.round}", sender)
         if header.round > self.round:
@@ -671,14 +662,21 @@ class UpdateOpener:
         if age_s > self.policy.max_age_s or -age_s > self.policy.max_clock_skew_s:
             raise self._reject(
                 Reason.TIMESTAMP, who,
-                f"timestamp is {age_s:+.1f}s from the coordinator's clock (window: {self.policy.max_age_s:g}s old to {self.policy.max_clock_skew_s:g}s ahead)",
+                f"timestamp is {age_s:+.1f}s from the coordinator's clock "
+                f"(window: {self.policy.max_age_s:g}s old to {self.policy.max_clock_skew_s:g}s ahead)",
                 sender,
             )
         if self.replay.seen(sender, header.message_id):
             raise self._reject(Reason.REPLAYED, who, f"message {header.message_id} was already accepted", sender)
         if sender in self.accepted:
-            raise self._reject(Reason.DUPLICATE_SENDER, who, f"already sent update {self.accepted[sender]} this round", sender)
+            raise self._reject(
+                Reason.DUPLICATE_SENDER, who, f"already sent update {self.accepted[sender]} this round", sender
+            )
+        return now_ms
 
+    def _decrypt(self, envelope: Envelope, who: str) -> bytearray:
+        """The plaintext, chunk by chunk into one buffer, checked against the header's keyed digest."""
+        header = envelope.header
         plaintext = bytearray(header.plaintext_bytes)
         try:
             context = hpke.setup_base_recipient(b64decode_strict(header.enc, "enc"), self.private_key, HPKE_INFO)
@@ -689,18 +687,16 @@ class UpdateOpener:
                 context.open_into(envelope.header_bytes, piece, target[position : position + len(piece) - hpke.N_T])
                 position += len(piece) - hpke.N_T
         except (hpke.HPKEError, ValueError) as error:
-            raise self._reject(Reason.DECRYPTION_FAILED, who, str(error), sender) from None
+            raise self._reject(Reason.DECRYPTION_FAILED, who, str(error), header.sender) from None
         digest = hmac.new(context.export(DIGEST_CONTEXT, 32), plaintext, hashlib.sha256).hexdigest()
         if position != header.plaintext_bytes or not hmac.compare_digest(digest, header.payload_digest):
-            raise self._reject(Reason.DIGEST_MISMATCH, who, "the decrypted payload does not match the header's digest", sender)
+            raise self._reject(
+                Reason.DIGEST_MISMATCH, who, "the decrypted payload does not match the header's digest", header.sender
+            )
+        return plaintext
 
-        try:
-            tensors, metadata = self._decode(bytes(plaintext), who, sender)
-        except Rejected:
-            raise
-        except Exception as error:  # noqa: BLE001 - as above: a payload that breaks a parser is malformed
-            raise self._reject(Reason.MALFORMED_PAYLOAD, who, f"unreadable payload ({type(error).__name__}: {str(error)[:200]})", sender) from None
-        del plaintext
+    def _check_norm(self, tensors: Mapping[str, torch.Tensor], who: str, sender: str) -> float:
+        """Every floating tensor finite and the update norm within the job's bound; returns the norm."""
         norms = tensor_norms(tensors, self.reference)  # a NaN or Inf anywhere makes its tensor's norm non-finite
         for key, value in norms.items():
             if not math.isfinite(value):
@@ -708,13 +704,10 @@ class UpdateOpener:
         norm = math.sqrt(sum(value * value for value in norms.values()))
         bound = self.policy.max_update_norm
         if bound is not None and norm > bound:
-            raise self._reject(Reason.NORM_EXCEEDED, who, f"update norm {norm:.6g} is over the job's bound {bound:g}", sender)
-
-        self.replay.add(sender, header.message_id, header.timestamp_ms)
-        self.replay.prune(now_ms - int((self.policy.max_age_s + self.policy.max_clock_skew_s) * 1000) - 1000)
-        self.accepted[sender] = header.message_id
-        log.info("job %s round %d: accepted update %s from %s (norm %.4g)", self.job, self.round, header.message_id, who, norm)
-        return OpenedUpdate(sender, header.round, header.message_id, header.timestamp_ms, tensors, metadata, norm)
+            raise self._reject(
+                Reason.NORM_EXCEEDED, who, f"update norm {norm:.6g} is over the job's bound {bound:g}", sender
+            )
+        return norm
 
     def _decode(self, plaintext: bytes, who: str, sender: str) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors import SafetensorError

@@ -23,9 +23,10 @@ def register(commands) -> None:
         "serve",
         help="serve the base model and every registered job's adapter (OpenAI-compatible HTTP + gRPC)",
         description="Load the base model once and the adapters of finished jobs from a registry directory; serve them "
-        "side by side, batching requests for different jobs into shared forward passes. HTTP: /v1/completions, "
-        "/v1/chat/completions, /v1/models (model 'base' is the bare base model) and the admin API under /admin/models; "
-        "gRPC: protocol/serving.proto. Base models of the llama family only (llama, mistral, qwen2, qwen3).",
+        "side by side, batching requests for different jobs into shared forward passes. HTTP (OpenAI-compatible, "
+        "docs at /docs): /v1/completions, /v1/chat/completions, /v1/models (model 'base' is the bare base model), "
+        "/metrics, /health (liveness), /ready (readiness) and the admin API under /admin/models; gRPC: "
+        "protocol/serving.proto and grpc.health.v1. Base models of the llama family only (llama, mistral, qwen2, qwen3).",
     )
     serve.add_argument("--registry", required=True, type=Path, help="registry directory: REGISTRY/<job>/{adapter.safetensors,meta.json} (created if missing)")
     serve.add_argument("--model", default=DEFAULT_MODEL, help=f"base model: {DEFAULT_MODEL}, a local HF directory or a .gguf file (default {DEFAULT_MODEL})")
@@ -51,6 +52,11 @@ def register(commands) -> None:
     serve.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
                        help="close a connection whose client sends nothing for S seconds: an idle keep-alive, a stalled "
                        "request or body (default 60)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                       help="on SIGTERM/SIGINT: stop taking requests, give running ones S seconds to finish (default 30)")
+    serve.add_argument("--certfile", type=Path, help="PEM certificate (chain): serve HTTPS and gRPC over TLS (with --keyfile)")
+    serve.add_argument("--keyfile", type=Path, help="PEM private key of --certfile")
+    serve.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
     serve.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     serve.set_defaults(func=_serve)
@@ -76,6 +82,9 @@ def register_query(subparsers) -> None:
     query.add_argument("--seed", type=int, default=None)
     query.add_argument("--list", action="store_true", help="list the served models and exit")
     query.add_argument("--api-key", default=None, help="inference API key (default $OFFSITE_API_KEY)")
+    query.add_argument("--cafile", type=Path, default=None,
+                       help="CA certificate to trust for an https:// --url or a TLS --grpc server (default: the system's for https, "
+                       "plain gRPC without it)")
     query.set_defaults(func=_query)
 
 
@@ -108,6 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .models import load_base
     from .presets import check_gain
     from .serving import registry, server
+    from .serving.http_server import TlsFiles
     from .serving.service import ServeConfig, ServingService
 
     if args.threads:
@@ -118,6 +128,9 @@ def _serve(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise ValueError(f"--add {item!r}: use NAME=PATH")
         adds.append((registry.check_name(name), Path(path)))
+    if (args.certfile is None) != (args.keyfile is None):
+        raise ValueError("--certfile and --keyfile go together")
+    tls = TlsFiles(args.certfile, args.keyfile) if args.certfile else None
     if args.plugin_gain is not None:
         try:
             check_gain(args.plugin_gain)  # before the base model loads
@@ -129,19 +142,21 @@ def _serve(args: argparse.Namespace) -> int:
         registry=args.registry, base_name=str(args.model), max_batch=args.max_batch, max_context=args.max_context,
         default_max_tokens=args.max_tokens, max_queue=args.max_queue, api_keys=api_keys(args.api_keys_file),
         admin_token=_secret_file(args.admin_token_file, "OFFSITE_ADMIN_TOKEN"),
-        max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections, idle_timeout=args.idle_timeout, shutdown_timeout=args.shutdown_timeout,
     )
     model, tokenizer, where = load_base(args.model, dtype=getattr(torch, args.dtype))
     for name, path in adds:
         registry.add(args.registry, name, path, base=model, replace=args.replace, plugin_gain=args.plugin_gain)
         print(f"registered {name} from {path}")
     service = ServingService(model, tokenizer, config)
-    servers = server.start(service, args.host, args.port, None if args.grpc_port < 0 else args.grpc_port)
+    servers = server.start(service, args.host, args.port, None if args.grpc_port < 0 else args.grpc_port, tls=tls,
+                           access_log=not args.no_access_log)
     jobs = service.jobs()
     print(f"serving {where} as 'base' and {len(jobs)} job(s): {', '.join(sorted(jobs)) or '-'}", flush=True)
-    print(f"http: {servers.http_url}  (OpenAI API: {servers.http_url}/v1)", flush=True)
+    print(f"http: {servers.http_url}  (OpenAI API: {servers.http_url}/v1, docs: {servers.http_url}/docs, "
+          f"metrics: {servers.http_url}/metrics)", flush=True)
     if servers.grpc:
-        print(f"grpc: {servers.grpc_target}", flush=True)
+        print(f"grpc: {servers.grpc_target}{' (TLS)' if tls else ''}", flush=True)
     print(f"admin API: {'on' if config.admin_token else 'off'}; API keys: {len(config.api_keys) or 'off'}; "
           f"context {service.context_length} tokens, batch {config.max_batch}; at most {config.max_connections} connections, "
           f"idle ones closed after {config.idle_timeout:g} s", flush=True)
@@ -149,8 +164,9 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    print("stopping", flush=True)
+    print(f"stopping: running requests get {config.shutdown_timeout:g} s to finish", flush=True)
     servers.stop()
+    print("stopped", flush=True)
     return 0
 
 
@@ -161,7 +177,7 @@ def _query(args: argparse.Namespace) -> int:
     from .serving.client import GrpcClient, HttpClient, Query, QueryError
 
     api_key = args.api_key or os.environ.get("OFFSITE_API_KEY")
-    client = GrpcClient(args.grpc, api_key) if args.grpc else HttpClient(args.url, api_key)
+    client = GrpcClient(args.grpc, api_key, cafile=args.cafile) if args.grpc else HttpClient(args.url, api_key, cafile=args.cafile)
     try:
         if args.list:
             for model in client.models():

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 
@@ -45,16 +47,18 @@ class Query:
 class HttpClient:
     """The OpenAI-compatible HTTP API at ``url`` (``http://host:port``)."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0, cafile: Path | str | None = None) -> None:
         parts = urlsplit(url if "://" in url else "http://" + url)
         if parts.scheme not in ("http", "https"):
             raise QueryError(f"{url}: the URL must start with http:// or https://")
         self.scheme, self.host, self.port = parts.scheme, parts.hostname or "127.0.0.1", parts.port
         self.api_key, self.timeout = api_key, timeout
+        self.context = ssl.create_default_context(cafile=str(cafile) if cafile else None) if self.scheme == "https" else None
 
     def _connection(self) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        return cls(self.host, self.port, timeout=self.timeout)
+        if self.scheme == "https":
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
     def _request(self, method: str, path: str, body: dict | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         headers = {"Content-Type": "application/json"}
@@ -108,14 +112,18 @@ def _error_message(status: int, data: bytes) -> str:
 
 
 class GrpcClient:
-    """The gRPC service at ``target`` (``host:port``), insecure channel."""
+    """The gRPC service at ``target`` (``host:port``): over TLS trusting ``cafile`` when given,
+    else a plain channel."""
 
-    def __init__(self, target: str, api_key: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(self, target: str, api_key: str | None = None, timeout: float = 600.0, cafile: Path | str | None = None) -> None:
         import grpc
         from offsite.protocol._generated import serving_pb2_grpc
 
         self._grpc = grpc
-        self.channel = grpc.insecure_channel(target)
+        if cafile:
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(Path(cafile).read_bytes()))
+        else:
+            self.channel = grpc.insecure_channel(target)
         self.stub = serving_pb2_grpc.ServingStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.timeout = timeout

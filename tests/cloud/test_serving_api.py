@@ -79,7 +79,7 @@ def sse(served: Served, path: str, body: dict) -> tuple[list[dict], bool]:
     connection = http.client.HTTPConnection(*served.host_port, timeout=60)
     connection.request("POST", path, body=json.dumps(body | {"stream": True}), headers={"Content-Type": "application/json"})
     response = connection.getresponse()
-    assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+    assert response.status == 200 and response.getheader("Content-Type").split(";")[0] == "text/event-stream"
     events, done = [], False
     for line in response:
         if line.startswith(b"data: "):
@@ -180,11 +180,15 @@ def test_bad_input_gets_openai_errors(served):
     _assert_error(call(served, "POST", "/v1/completions", ok | {"max_tokens": "4"}), 400, "max_tokens", "invalid_type")
     _assert_error(call(served, "POST", "/v1/completions", ok | {"temperature": 3}), 400, "temperature")
     _assert_error(call(served, "POST", "/v1/completions", ok | {"top_p": 0}), 400, "top_p")
-    _assert_error(call(served, "POST", "/v1/completions", ok | {"n": 2}), 400, "n")
+    _assert_error(call(served, "POST", "/v1/completions", ok | {"n": 0}), 400, "n")
+    _assert_error(call(served, "POST", "/v1/completions", ok | {"n": 500}), 400, "n")
     _assert_error(call(served, "POST", "/v1/completions", ok | {"stop": ["a", "b", "c", "d", "e"]}), 400, "stop")
-    _assert_error(call(served, "POST", "/v1/completions", ok | {"logprobs": 3}), 400, "logprobs", "unsupported_parameter")
+    _assert_error(call(served, "POST", "/v1/completions", ok | {"logprobs": 21}), 400, "logprobs", "invalid_value")
+    _assert_error(call(served, "POST", "/v1/completions", ok | {"logit_bias": {"5": 1}}), 400, "logit_bias", "unsupported_parameter")
+    _assert_error(call(served, "POST", "/v1/completions", ok | {"echo": "yes"}), 400, "echo", "invalid_type")
     _assert_error(call(served, "POST", "/v1/completions", ok | {"stream": "yes"}), 400, "stream")
-    _assert_error(call(served, "POST", "/v1/completions", ok | {"prompt": ["a", "b"]}), 400, "prompt")
+    _assert_error(call(served, "POST", "/v1/completions", ok | {"prompt": ["a", [1]]}), 400, "prompt")
+    _assert_error(call(served, "POST", "/v1/completions", ok | {"prompt": [5, 100]}), 400, "prompt", "invalid_value")
     _assert_error(call(served, "POST", "/v1/completions", {"prompt": "x"}), 400, "model")
     _assert_error(call(served, "POST", "/v1/chat/completions", {"model": "alpha", "messages": []}), 400, "messages")
     _assert_error(call(served, "POST", "/v1/chat/completions", {"model": "alpha", "messages": [{"role": "robot", "content": "x"}]}), 400, "messages[0].role")

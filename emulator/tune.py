@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,6 +26,10 @@ from .score import answer_loss, autocast_for
 
 log = logging.getLogger(__name__)
 
+SCHEDULES = ("cosine", "constant")
+MODES = ("blocks", "lora")
+TRAINED = ("both", "bottom", "top")
+
 
 def pick_device(requested: str = "auto") -> torch.device:
     """``auto`` picks cuda > mps > cpu; anything else is taken as given."""
@@ -39,31 +44,41 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    steps: int = 120
-    batch_size: int = 16
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    schedule: Literal["cosine", "constant"] = "cosine"
+    """One adapter tuning run. A federated job nests one (``FedJobConfig.tuning``) and sends it to the
+    data owners with each round's learning rate and seed set."""
+
+    steps: int = field(default=120, metadata={"help": "optimiser steps"})
+    batch_size: int = field(default=16, metadata={"help": "examples per step"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (after the warm-up steps)"})
+    warmup_steps: int = field(default=10, metadata={"help": "steps of linear warm-up to lr"})
+    schedule: Literal["cosine", "constant"] = field(default="cosine", metadata={"help": "lr after the warm-up"})
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 256
-    mode: Literal["blocks", "lora"] = "blocks"
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient to this L2 norm (0: no clipping)"})
+    max_length: int = field(default=256, metadata={"help": "tokens per example, prompt and answer"})
+    mode: Literal["blocks", "lora"] = field(default="blocks", metadata={"help": "whole adapter blocks or LoRA"})
     lora: LoRASpec = field(default_factory=LoRASpec)
-    train: Literal["both", "bottom", "top"] = "both"  # which adapter blocks train
-    prox: float = 0.0  # weight of the proximal term (mu/2)*||theta - theta_0||^2, summed over tensors
-    middle_drop: float = 0.0  # stochastic depth: each step skips each non-adapter block with this probability
-    seed: int = 0
-    device: str = "auto"
+    train: Literal["both", "bottom", "top"] = field(default="both", metadata={"help": "which adapter blocks train"})
+    prox: float = field(default=0.0, metadata={"help": "weight mu of the proximal term (mu/2)*||theta-theta_0||^2"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order and the LoRA init"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"})
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.prox < 0:
-            raise ValueError(f"prox must be >= 0, got {self.prox}")
-        if not 0.0 <= self.middle_drop < 1.0:
-            raise ValueError(f"middle_drop must be in [0, 1), got {self.middle_drop}")
+            raise ValueError(f"steps and batch_size must be >= 1 (got {self.steps}, {self.batch_size})")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.max_length < 2:
+            raise ValueError(
+                f"warmup_steps must be >= 0 and max_length >= 2 (got {self.warmup_steps}, {self.max_length})"
+            )
+        if not (self.prox >= 0 and self.weight_decay >= 0 and self.max_grad_norm >= 0):
+            raise ValueError(
+                "prox, weight_decay and max_grad_norm must be >= 0 "
+                f"(got {self.prox}, {self.weight_decay}, {self.max_grad_norm})"
+            )
+        for name, choices in (("schedule", SCHEDULES), ("mode", MODES), ("train", TRAINED)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
 
     def blocks_to_train(self, adapter_blocks: list[int], a: int) -> list[int]:
         bottom = [i for i in adapter_blocks if i < a]
@@ -137,6 +152,7 @@ def tune_adapter(
     progress: bool = True,
     desc: str = "tuning",
     on_step: Callable[[int, nn.Module], None] | None = None,
+    middle_drop: float = 0.0,
 ) -> TuneResult:
     """Tune ``model``'s adapter in place on ``examples`` and return the adapter state.
 
@@ -145,20 +161,18 @@ def tune_adapter(
     In "blocks" mode the result holds every adapter block (trained or not); in "lora" mode
     it holds the LoRA factors of the trained blocks. ``on_step(step, model)`` runs after each
     optimiser step (1-based), e.g. to evaluate along the way; it must leave the model as it found it.
+    ``middle_drop``: stochastic depth, each step skips each non-adapter block with this
+    probability (an experiment's lever, see ``experiments/levers.py``; 0 runs every block).
     """
-    import time
-
+    if not 0.0 <= middle_drop < 1.0:
+        raise ValueError(f"middle_drop must be in [0, 1), got {middle_drop}")
     device = pick_device(config.device)
-    trained = config.blocks_to_train(adapter_blocks, a)
-    if config.mode == "lora":
-        attach_lora(model, layout, trained, config.lora, seed=config.seed)
-    model.to(device)
-    params = trainable_parameters(model, layout, trained, config.mode)
+    params = _trainable(model, layout, config.blocks_to_train(adapter_blocks, a), config, device)
     anchors = [p.detach().clone() for p in params] if config.prox > 0 else None
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     stream = ExampleStream(tokenizer, examples, config.batch_size, config.max_length, seed=config.seed)
     autocast = autocast_for(device)
-    depth = StochasticDepth(layout, adapter_blocks, config.middle_drop, config.seed)
+    depth = StochasticDepth(layout, adapter_blocks, middle_drop, config.seed)
     model.train()
     losses, tokens, started = [], 0, time.perf_counter()
     bar = tqdm(range(config.steps), desc=desc, disable=not progress, unit="step")
@@ -168,25 +182,42 @@ def tune_adapter(
         batch = stream.next().to(device)
         with autocast, only_positions(model, depth.sample()):
             loss = answer_loss(model, batch)
-        total = loss
-        if anchors is not None:
-            total = total + 0.5 * config.prox * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, anchors))
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
+        _optimiser_step(loss, params, anchors, optimizer, config)
         losses.append(loss.item())
         tokens += batch.num_tokens
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
         if on_step is not None:
             on_step(step + 1, model)
+    state = _tuned_state(model, layout, adapter_blocks, config.mode)
+    return TuneResult(state, losses, tokens, time.perf_counter() - started, config.mode)
+
+
+def _trainable(
+    model: nn.Module, layout: list[int], trained: list[int], config: TuneConfig, device: torch.device
+) -> list[nn.Parameter]:
+    """Attach LoRA (in "lora" mode), move the model to ``device``, and unfreeze what trains."""
+    if config.mode == "lora":
+        attach_lora(model, layout, trained, config.lora, seed=config.seed)
+    model.to(device)
+    return trainable_parameters(model, layout, trained, config.mode)
+
+
+def _optimiser_step(loss: torch.Tensor, params, anchors, optimizer, config: TuneConfig) -> None:
+    """One step on ``loss`` plus the proximal term ``(mu/2) * sum ||p - p0||^2`` (with ``anchors``)."""
+    total = loss
+    if anchors is not None:
+        total = total + 0.5 * config.prox * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, anchors))
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if config.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+
+
+def _tuned_state(model: nn.Module, layout: list[int], adapter_blocks: list[int], mode: str) -> dict[str, torch.Tensor]:
+    """Freeze the model again and return its adapter (whole blocks, or LoRA factors) on the CPU."""
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    if config.mode == "lora":
-        state = lora_state_dict(model, layout)
-    else:
-        state = adapter_state_dict(model, layout, adapter_blocks)
-    state = {key: tensor.cpu() for key, tensor in state.items()}
-    return TuneResult(state, losses, tokens, time.perf_counter() - started, config.mode)
+    state = lora_state_dict(model, layout) if mode == "lora" else adapter_state_dict(model, layout, adapter_blocks)
+    return {key: tensor.cpu() for key, tensor in state.items()}

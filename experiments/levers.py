@@ -46,9 +46,9 @@ RECIPES: dict[str, tuple[str, DistillConfig, TuneConfig]] = {
     "kd-2-14-2-top": ("2-14-2", KD, dataclasses.replace(BASE_TUNE, train="top")),
     "drop-2-18-2-top": ("2-18-2", DistillConfig(steps=0), dataclasses.replace(BASE_TUNE, train="top")),
     "kd-1-10-3-top": ("1-10-3", KD, dataclasses.replace(BASE_TUNE, train="top")),
-    "drop-2-22-2-mdrop": ("2-22-2", DistillConfig(steps=0), dataclasses.replace(BASE_TUNE, middle_drop=0.25)),
-    "kd-2-10-2-mdrop": ("2-10-2", KD, dataclasses.replace(BASE_TUNE, middle_drop=0.25)),
-    "drop-2-26-2-mdrop": ("2-26-2", DistillConfig(steps=0), dataclasses.replace(BASE_TUNE, middle_drop=0.25)),
+    "drop-2-22-2-mdrop": ("2-22-2", DistillConfig(steps=0), BASE_TUNE),  # with MIDDLE_DROP
+    "kd-2-10-2-mdrop": ("2-10-2", KD, BASE_TUNE),
+    "drop-2-26-2-mdrop": ("2-26-2", DistillConfig(steps=0), BASE_TUNE),
     "kl-2-10-2": ("2-10-2", dataclasses.replace(KD, kl_weight=1.0), BASE_TUNE),
     "kl-2-10-2-top": ("2-10-2", dataclasses.replace(KD, kl_weight=1.0), dataclasses.replace(BASE_TUNE, train="top")),
     "kl-2-14-2": ("2-14-2", dataclasses.replace(KD, kl_weight=1.0), BASE_TUNE),
@@ -62,6 +62,9 @@ RECIPES: dict[str, tuple[str, DistillConfig, TuneConfig]] = {
     "kd-2-18-2": ("2-18-2", KD, BASE_TUNE),
     "kd-2-22-2": ("2-22-2", KD, BASE_TUNE),
 }
+
+# stochastic depth over the emulator's middle while tuning (tune_adapter's middle_drop), per recipe
+MIDDLE_DROP = {"drop-2-22-2-mdrop": 0.25, "kd-2-10-2-mdrop": 0.25, "drop-2-26-2-mdrop": 0.25}
 
 
 def picks(result) -> list[int]:
@@ -113,7 +116,8 @@ def main() -> None:
             bundle = prepare_bundle(base, tokenizer, EmulatorConfig(SandwichShape.parse(shape), distill_config), Path("runs/bundles") / name)
             emulator = load_emulator(bundle)
             emu_zs = score_mc(emulator, tokenizer, test, 32)
-            result = tune_adapter(emulator, tokenizer, bundle.layout, bundle.adapter_blocks, train, tune, a=bundle.shape["a"])
+            result = tune_adapter(emulator, tokenizer, bundle.layout, bundle.adapter_blocks, train, tune,
+                                  a=bundle.shape["a"], middle_drop=MIDDLE_DROP.get(name, 0.0))
             emu = score_mc(emulator, tokenizer, test, 32)
             alpha = tune.lora.alpha if tune.mode == "lora" else None
             plugged = plug_in_update(base, result.adapter, bundle.adapter_blocks, alpha)

@@ -82,10 +82,20 @@ def test_device_choice():
     assert pick_device("auto").type in {"cpu", "cuda", "mps"}
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(lr=0.0), dict(prox=-1.0)])
-def test_bad_configs_are_rejected(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [(dict(steps=0), "steps"), (dict(lr=0.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(prox=-1.0), "prox"),
+     (dict(warmup_steps=-1), "warmup_steps"), (dict(max_length=1), "max_length"), (dict(schedule="linear"), "schedule"),
+     (dict(mode="full"), "mode"), (dict(train="middle"), "train")],
+)
+def test_bad_configs_are_rejected(bad, named):
+    with pytest.raises(ValueError, match=named):
         TuneConfig(**bad)
+
+
+def test_middle_drop_is_a_probability():
+    with pytest.raises(ValueError, match="middle_drop"):
+        tune_adapter(None, None, [0], [0], EXAMPLES, TuneConfig(), a=1, middle_drop=1.0)
 
 
 def test_stochastic_depth_keeps_the_adapter_and_varies_the_middle():
@@ -101,8 +111,8 @@ def test_stochastic_depth_keeps_the_adapter_and_varies_the_middle():
 
 def test_middle_drop_tunes_and_restores_the_model(tokenizer):
     emulator, layout, adapter_blocks = _setup()
-    config = TuneConfig(steps=4, batch_size=4, lr=1e-3, middle_drop=0.5, device="cpu")
-    tune_adapter(emulator, tokenizer, layout, adapter_blocks, EXAMPLES, config, a=2, progress=False)
+    config = TuneConfig(steps=4, batch_size=4, lr=1e-3, device="cpu")
+    tune_adapter(emulator, tokenizer, layout, adapter_blocks, EXAMPLES, config, a=2, progress=False, middle_drop=0.5)
     assert len(emulator.model.layers) == len(layout) and emulator.config.num_hidden_layers == len(layout)
 
 

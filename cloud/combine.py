@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from offsite.protocol.safe_json import JSONRefused, parse_json
+
 from .evaluate import ROWS, Report, job_report_dir
 
 # meta keys that say what was measured: two pieces of one table must not disagree on any of them
@@ -49,8 +51,8 @@ def report_path(run: Path) -> Path:
 def read_reports(path: Path) -> list[Report]:
     """The reports in one ``report.json`` (a list of them, as :func:`write_report` writes)."""
     try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as error:
+        data = parse_json(Path(path).read_bytes(), finite=False)  # a diverged run may record NaN
+    except JSONRefused as error:
         raise ReportError(f"{path}: not JSON ({error})") from None
     if not isinstance(data, list):
         raise ReportError(f"{path}: expected a list of reports, found {type(data).__name__}")

@@ -79,6 +79,8 @@ def test_another_preset_gets_its_own_row(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not JSON"),
+    ("[" * 100_000, "not JSON"),                 # nesting past the recursion limit
+    ('[{"task": 1' + "0" * 5000 + "}]", "not JSON"),  # an integer literal past Python's 4,300 digits
     ('{"task": "x"}', "expected a list of reports"),
     ('[{"task": "x", "test_rows": 10, "train_rows": 5, "results": {"best_setting": {}}}]', "report 0: unknown setting 'best_setting'"),
     ('[{"task": "x", "test_rows": 10, "train_rows": 5, "results": {"plug_in": {"accuracy": "high"}}}]', "report 0: plug_in: needs numeric"),

@@ -78,6 +78,69 @@ def normalised_predictions(rows: list[MCRow], scores: list[list[float]]) -> list
     ]
 
 
+@dataclass
+class _MCPlan:
+    """How each row of a multiple-choice file is scored: rows whose choices are all one token
+    share one forward pass of their prompt; every other (row, choice) pair is scored whole."""
+
+    prompts: list[list[int]]  # shared-prompt rows: the prompt's ids (empty for the others)
+    choice_ids: list[list[int]]  # shared-prompt rows: each choice's single token
+    single: dict[int, list[int]]  # prompt length -> shared-prompt rows
+    pairs: list[tuple[int, int, tuple[list[int], int]]]  # (row, choice, encoded) scored whole
+
+
+def _plan_mc(tokenizer, rows: list[MCRow], max_length: int) -> _MCPlan:
+    plan = _MCPlan([], [], {}, [])
+    for r, row in enumerate(rows):
+        encoded = [encode_pair(tokenizer, row.prompt, choice, max_length) for choice in row.choices]
+        heads = [ids[start:] for ids, start in encoded]
+        shared = all(len(h) == 1 for h in heads) and len({tuple(ids[:start]) for ids, start in encoded}) == 1
+        ids, start = encoded[0]
+        plan.prompts.append(ids[:start] if shared else [])
+        plan.choice_ids.append([h[0] for h in heads] if shared else [])
+        if shared:
+            plan.single.setdefault(start, []).append(r)
+        else:
+            plan.pairs.extend((r, c, e) for c, e in enumerate(encoded))
+    return plan
+
+
+def _summed_logprobs(model: nn.Module, encoded: list[tuple[list[int], int]], batch_size: int, pad_id: int,
+                     device, bar) -> list[float]:
+    """Summed log-probability of each sequence's answer tokens, in the order given; batched by
+    length so that padding stays small."""
+    values = [0.0] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    autocast = autocast_for(device)
+    for i in range(0, len(order), batch_size):
+        chunk = order[i : i + batch_size]
+        batch = collate([encoded[j] for j in chunk], pad_id).to(device)
+        with autocast:
+            for j, value in zip(chunk, answer_logprobs(model, batch).tolist()):
+                values[j] = value
+        bar.update()
+    return values
+
+
+def _shared_prompt_scores(model: nn.Module, plan: _MCPlan, batch_size: int, device, bar) -> dict[int, list[float]]:
+    """Each shared-prompt row's choice log-probabilities from one pass over its prompt (no padding:
+    the rows of a batch have prompts of one length)."""
+    spec = spec_for(model)
+    backbone, head = get_path(model, spec.backbone), get_path(model, spec.head)
+    scores = {}
+    for _, group in sorted(plan.single.items()):
+        for i in range(0, len(group), batch_size):
+            chunk = group[i : i + batch_size]
+            ids = torch.tensor([plan.prompts[r] for r in chunk], device=device)  # (B, L)
+            with autocast_for(device):
+                hidden = backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
+                logprobs = torch.log_softmax(head(hidden[:, -1]).float(), -1)  # (B, V)
+            for b, r in enumerate(chunk):
+                scores[r] = logprobs[b, plan.choice_ids[r]].tolist()
+            bar.update()
+    return scores
+
+
 @torch.no_grad()
 def score_mc(
     model: nn.Module,
@@ -96,48 +159,15 @@ def score_mc(
     prompt+choice sequence. Both give the same log-likelihoods as scoring every pair alone.
     """
     model.eval()
-    pad_id = pad_id_of(tokenizer)
-    scores = [[0.0] * len(row.choices) for row in rows]
-    single: dict[int, list[int]] = {}  # prompt length -> rows whose choices all are single tokens
-    pairs: list[tuple[int, int, tuple[list[int], int]]] = []  # (row, choice, encoded) scored whole
-    prompts: list[list[int]] = []
-    choice_ids: list[list[int]] = []
-    for r, row in enumerate(rows):
-        encoded = [encode_pair(tokenizer, row.prompt, choice, max_length) for choice in row.choices]
-        heads = [ids[start:] for ids, start in encoded]
-        if all(len(h) == 1 for h in heads) and len({tuple(ids[:start]) for ids, start in encoded}) == 1:
-            ids, start = encoded[0]
-            prompts.append(ids[:start])
-            choice_ids.append([h[0] for h in heads])
-            single.setdefault(start, []).append(r)
-        else:
-            prompts.append([])
-            choice_ids.append([])
-            pairs.extend((r, c, e) for c, e in enumerate(encoded))
-    spec = spec_for(model)
-    backbone, head = get_path(model, spec.backbone), get_path(model, spec.head)
-    autocast = autocast_for(device)
-    chunks = [group[i : i + batch_size] for _, group in sorted(single.items()) for i in range(0, len(group), batch_size)]
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][2][0]))
-    pair_chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    bar = tqdm(total=len(chunks) + len(pair_chunks), desc=desc, leave=False, unit="batch", disable=not progress)
-    for chunk in chunks:
-        ids = torch.tensor([prompts[r] for r in chunk], device=device)  # (B, L), no padding
-        with autocast:
-            hidden = backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
-            logprobs = torch.log_softmax(head(hidden[:, -1]).float(), -1)  # (B, V)
-        for b, r in enumerate(chunk):
-            scores[r] = logprobs[b, choice_ids[r]].tolist()
-        bar.update()
-    for chunk in pair_chunks:
-        batch = collate([pairs[i][2] for i in chunk], pad_id).to(device)
-        with autocast:
-            values = answer_logprobs(model, batch).tolist()
-        for i, value in zip(chunk, values):
-            r, c, _ = pairs[i]
+    plan = _plan_mc(tokenizer, rows, max_length)
+    batches = sum(-(-len(g) // batch_size) for g in plan.single.values()) + -(-len(plan.pairs) // batch_size)
+    with tqdm(total=batches, desc=desc, leave=False, unit="batch", disable=not progress) as bar:
+        scores = [[0.0] * len(row.choices) for row in rows]
+        for r, values in _shared_prompt_scores(model, plan, batch_size, device, bar).items():
+            scores[r] = values
+        whole = _summed_logprobs(model, [e for _, _, e in plan.pairs], batch_size, pad_id_of(tokenizer), device, bar)
+        for (r, c, _), value in zip(plan.pairs, whole):
             scores[r][c] = value
-        bar.update()
-    bar.close()
     predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
     correct = sum(int(p == row.answer) for p, row in zip(predictions, rows))
     norm = normalised_predictions(rows, scores)
@@ -185,18 +215,10 @@ def score_sft(
     """Mean negative log-likelihood of each row's completion tokens given its prompt (the
     prompt's tokens are context only); rows are batched by length to keep padding small."""
     model.eval()
-    pad_id = pad_id_of(tokenizer)
     encoded = [encode_pair(tokenizer, row.prompt, row.completion, max_length) for row in rows]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    row_nll, row_tokens = [0.0] * len(rows), [len(ids) - start for ids, start in encoded]
-    autocast = autocast_for(device)
-    for i in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch", disable=not progress):
-        chunk = order[i : i + batch_size]
-        batch = collate([encoded[r] for r in chunk], pad_id).to(device)
-        with autocast:
-            values = answer_logprobs(model, batch).tolist()
-        for r, value in zip(chunk, values):
-            row_nll[r] = -value
+    row_tokens = [len(ids) - start for ids, start in encoded]
+    with tqdm(total=-(-len(rows) // batch_size), desc=desc, leave=False, unit="batch", disable=not progress) as bar:
+        row_nll = [-value for value in _summed_logprobs(model, encoded, batch_size, pad_id_of(tokenizer), device, bar)]
     tokens = sum(row_tokens)
     return SFTResult(sum(row_nll) / tokens, len(rows), tokens, row_nll, row_tokens)
 

@@ -245,6 +245,36 @@ def _record(report: Report, setting: str, result: MCResult | SFTResult, seconds:
     log.info("%-20s %s %.3f (± %.3f, %d rows, %.0f s)", LABELS[setting], report.metric, value, result.stderr, result.rows, seconds)
 
 
+@dataclass
+class _Run:
+    """One evaluation's fixed inputs: what each setting is scored on and how."""
+
+    base: nn.Module
+    tokenizer: object
+    bundle: Bundle
+    train: list[Example]
+    test: list[MCRow] | list[Example]
+    tune: TuneConfig
+    config: EvalConfig
+    report: Report
+    device: torch.device
+    progress: bool
+
+    def score(self, model: nn.Module, setting: str) -> None:
+        started = time.perf_counter()
+        model.to(self.device)
+        result = score_rows(model, self.tokenizer, self.test, self.config.score_batch, device=self.device,
+                            desc=LABELS[setting], progress=self.progress)
+        model.to("cpu")
+        _record(self.report, setting, result, time.perf_counter() - started)
+
+    def tune_on(self, model: nn.Module, layout: list[int], desc: str, key: str) -> dict[str, torch.Tensor]:
+        result = tune_adapter(model, self.tokenizer, layout, self.bundle.adapter_blocks, self.train, self.tune,
+                              a=self.bundle.shape["a"], progress=self.progress, desc=desc)
+        self.report.meta[key] = {"seconds": round(result.seconds, 1), "tokens": result.tokens, "final_loss": _tail(result.losses)}
+        return result.adapter
+
+
 def five_setting_eval(
     base: nn.Module,
     tokenizer,
@@ -265,52 +295,42 @@ def five_setting_eval(
     device = pick_device(config.device)
     report = Report(task=task, test_rows=len(test), train_rows=len(train), kind=test_kind(test))
     report.meta = {"tune": dataclasses.asdict(tune), "bundle": bundle.manifest.get("shape"), "device": str(device)}
-    shape = bundle.shape
-    adapter_blocks = bundle.adapter_blocks
-    lora_alpha = tune.lora.alpha if tune.mode == "lora" else None
-
-    def score(model: nn.Module, setting: str) -> None:
-        started = time.perf_counter()
-        model.to(device)
-        result = score_rows(model, tokenizer, test, config.score_batch, device=device, desc=LABELS[setting], progress=progress)
-        model.to("cpu")
-        _record(report, setting, result, time.perf_counter() - started)
-
-    if "full_zero_shot" in config.settings:
-        score(base, "full_zero_shot")
-
+    run = _Run(base, tokenizer, bundle, train, test, tune, config, report, device, progress)
+    settings = set(config.settings)
+    if "full_zero_shot" in settings:
+        run.score(base, "full_zero_shot")
     update = adapter
-    needs_update = {"emulator_ft", "plug_in"} & set(config.settings)  # zero-shot and full FT alone tune nothing here
-    needs_emulator = {"emulator_zero_shot", "emulator_ft"} & set(config.settings) or (update is None and "plug_in" in config.settings)
-    if needs_emulator:
-        emulator = load_emulator(bundle)
-        if "emulator_zero_shot" in config.settings:
-            score(emulator, "emulator_zero_shot")
-        report.meta["middle_nmse_at_answer"] = _middle_gap(base, emulator, tokenizer, bundle, test)
-        if update is None and needs_update:
-            result = tune_adapter(emulator, tokenizer, bundle.layout, adapter_blocks, train, tune, a=shape["a"], progress=progress, desc="tuning on the emulator")
-            update = result.adapter
-            report.meta["emulator_tuning"] = {"seconds": round(result.seconds, 1), "tokens": result.tokens, "final_loss": _tail(result.losses)}
-        elif update is not None and "emulator_ft" in config.settings:
-            _load_update(emulator, bundle.layout, update, tune)
-        if "emulator_ft" in config.settings:
-            score(emulator, "emulator_ft")
-        del emulator
-
-    if "plug_in" in config.settings:
-        plugged = plug_in_update(base, update, adapter_blocks, lora_alpha, config.plugin_gain)
+    if {"emulator_zero_shot", "emulator_ft"} & settings or (update is None and "plug_in" in settings):
+        update = _emulator_settings(run, update)
+    if "plug_in" in settings:
+        lora_alpha = tune.lora.alpha if tune.mode == "lora" else None
+        plugged = plug_in_update(base, update, bundle.adapter_blocks, lora_alpha, config.plugin_gain)
         report.meta["plugin_gain"] = config.plugin_gain
-        score(plugged, "plug_in")
+        run.score(plugged, "plug_in")
         del plugged
-
-    if "full_ft" in config.settings:
+    if "full_ft" in settings:
         n = num_blocks(base)
         full = with_layout(base, list(range(n)))  # a copy: the base stays untouched
-        result = tune_adapter(full, tokenizer, list(range(n)), adapter_blocks, train, tune, a=shape["a"], progress=progress, desc="tuning with the real middle")
-        report.meta["full_tuning"] = {"seconds": round(result.seconds, 1), "tokens": result.tokens, "final_loss": _tail(result.losses)}
-        score(full, "full_ft")
+        run.tune_on(full, list(range(n)), "tuning with the real middle", "full_tuning")
+        run.score(full, "full_ft")
         del full
     return report, update
+
+
+def _emulator_settings(run: _Run, update: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """Emulator zero-shot, then the adapter tuned on it (unless one is given), then emulator-FT."""
+    settings = set(run.config.settings)
+    emulator = load_emulator(run.bundle)
+    if "emulator_zero_shot" in settings:
+        run.score(emulator, "emulator_zero_shot")
+    run.report.meta["middle_nmse_at_answer"] = _middle_gap(run.base, emulator, run.tokenizer, run.bundle, run.test)
+    if update is None and {"emulator_ft", "plug_in"} & settings:  # zero-shot alone tunes nothing
+        update = run.tune_on(emulator, run.bundle.layout, "tuning on the emulator", "emulator_tuning")
+    elif update is not None and "emulator_ft" in settings:
+        _load_update(emulator, run.bundle.layout, update, run.tune)
+    if "emulator_ft" in settings:
+        run.score(emulator, "emulator_ft")
+    return update
 
 
 def _middle_gap(base: nn.Module, emulator: nn.Module, tokenizer, bundle: Bundle, test: list[MCRow], rows: int = 32) -> float:

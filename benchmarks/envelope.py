@@ -13,7 +13,7 @@ encryption, Ed25519 signature: the client's cost), the coordinator's framing + s
 norm: the coordinator's cost). The client's training time for one round is measured, not
 assumed: a few real AdamW steps of the SmolLM2 2-10-2 emulator (random init) with whole adapter
 blocks trainable, batch 8 x 256 tokens, times the job's default steps per round
-(``LocalTuning().steps``). The 1B-class round is that time scaled by the ratio of training
+(``FEDERATED_TUNING.steps``). The 1B-class round is that time scaled by the ratio of training
 FLOPs per token (stated in the output), not measured.
 
     python benchmarks/envelope.py [--runs 5] [--train-steps 2] [--device cpu]
@@ -150,9 +150,9 @@ def main() -> None:
 
     from transformers import LlamaConfig
 
-    from offsite.cloud.fed_job import LocalTuning
+    from offsite.cloud.fed_job import FEDERATED_TUNING
 
-    round_steps = LocalTuning().steps
+    round_steps = FEDERATED_TUNING.steps
     configs = {name: LlamaConfig(**values, max_position_embeddings=2048) for name, values in SHAPES.items()}
     small = configs["SmolLM2-135M"]
     print(f"measuring {args.train_steps} training step(s) of SmolLM2-135M 2-10-2 on {args.device} ...", flush=True)
@@ -174,7 +174,7 @@ def main() -> None:
     print()
     print(f"client training: SmolLM2-135M 2-10-2, whole adapter blocks, AdamW, batch {args.batch} x {args.seq} tokens on "
           f"{args.device} ({threads} threads): {step_seconds:.2f} s/step (median of {args.train_steps}), "
-          f"x {round_steps} steps per round (LocalTuning().steps) = {round_seconds['SmolLM2-135M']:.1f} s per round")
+          f"x {round_steps} steps per round (FEDERATED_TUNING.steps) = {round_seconds['SmolLM2-135M']:.1f} s per round")
     ratio = training_flops_per_token(configs["Llama-3.2-1B-like"], args.seq) / training_flops_per_token(small, args.seq)
     print(f"1B-class round: not measured; SmolLM2's round x {ratio:.1f} (training FLOPs per token of its 2-10-2 emulator "
           f"over SmolLM2's) = {round_seconds['Llama-3.2-1B-like']:.0f} s")

@@ -34,6 +34,7 @@ starting Ray and sending the bundle to every client.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -70,7 +71,7 @@ def make_job(job_dir: Path, args: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from offsite.cloud.fed_job import FedJobConfig, LocalTuning, write_job
+    from offsite.cloud.fed_job import FEDERATED_TUNING, FedJobConfig, write_job
     from offsite.emulator.sandwich import SandwichShape, build_emulator
     from offsite.protocol.bundle import write_bundle
 
@@ -84,7 +85,7 @@ def make_job(job_dir: Path, args: argparse.Namespace) -> None:
         {"family": "llama", "shape": {"a": 1, "k": 2, "b": 1, "n_blocks": blocks}, "layout": layout,
          "adapter_blocks": shape.adapter_blocks(blocks), "kept_middle": shape.kept_middle(blocks)},
     )
-    tuning = LocalTuning(steps=args.local_steps, batch_size=8, lr=1e-3, max_length=64)
+    tuning = dataclasses.replace(FEDERATED_TUNING, steps=args.local_steps, batch_size=8, lr=1e-3, max_length=64)
     write_job(job_dir, FedJobConfig(rounds=args.rounds, min_nodes=args.clients, min_replies=args.clients, round_timeout=3600,
                                     node_wait_timeout=120, bundle_timeout=3600, tuning=tuning))
 
@@ -133,7 +134,7 @@ def message_bytes(job_dir: Path, state: dict) -> dict[str, int]:
     from offsite.protocol.adapter import load_update
     from offsite.protocol.bundle import read_bundle
     from offsite.protocol.messages import (
-        ADAPTER, BUNDLE_PART, BUNDLE_STATUS, CONFIG, METRICS, TRAIN, TrainInstruction, bundle_part_to_content,
+        ADAPTER, BUNDLE_PART, BUNDLE_STATUS, CONFIG, METRICS, TRAIN, bundle_part_to_content,
         plan_bundle_parts, read_bundle_part,
     )
     from offsite.protocol.records import state_to_record
@@ -148,9 +149,7 @@ def message_bytes(job_dir: Path, state: dict) -> dict[str, int]:
     job, bundle = read_job(job_dir), read_bundle(job_dir / "bundle")
     adapter, _ = load_update(job_dir / state["checkpoint"])
     tuning = job.tuning
-    instruction = TrainInstruction(round=1, bundle_digest=bundle.digest, lr=tuning.lr, steps=tuning.steps, batch_size=tuning.batch_size,
-                                   warmup_steps=tuning.warmup_steps, schedule=tuning.schedule, max_length=tuning.max_length,
-                                   max_grad_norm=tuning.max_grad_norm, seed=tuning.seed + 1)
+    instruction = job.instruction(1, bundle.digest)
     train = sent(RecordDict({ADAPTER: state_to_record(adapter), CONFIG: instruction.to_record()}), TRAIN)
     metrics = {"num-examples": 50, "train-loss": 1.0, "train-loss-first": 1.0, "steps": tuning.steps, "tokens": 1000,
                "seconds": 1.0, "client-seconds": 1.0}

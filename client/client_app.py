@@ -33,6 +33,7 @@ reason naming the bad thing, so one data owner's broken file never takes the job
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -216,7 +217,6 @@ def train_round(instruction: TrainInstruction, global_adapter: dict, settings: N
     import torch
 
     from offsite.emulator.data import read_examples
-    from offsite.emulator.tune import TuneConfig
 
     from .local import tune_on_bundle
 
@@ -226,18 +226,7 @@ def train_round(instruction: TrainInstruction, global_adapter: dict, settings: N
     if bundle is None:
         raise BundleMissingError(f"bundle {instruction.bundle_digest[:12]} is not in the cache at {settings.cache_dir}")
     examples = read_examples(settings.data_path, limit=settings.max_examples)
-    config = TuneConfig(
-        steps=instruction.steps,
-        batch_size=instruction.batch_size,
-        lr=instruction.lr,
-        warmup_steps=instruction.warmup_steps,
-        schedule=instruction.schedule,
-        max_length=instruction.max_length,
-        max_grad_norm=instruction.max_grad_norm,
-        mode="blocks",
-        seed=instruction.seed,
-        device=settings.device,
-    )
+    config = dataclasses.replace(instruction.tuning, device=settings.device)  # the device is this node's choice
     result = tune_on_bundle(bundle, examples, config, start=global_adapter, progress=False)
     tail = result.losses[-10:]
     metrics = {
@@ -280,7 +269,7 @@ def update_reply(
     ``secagg`` at stage ``shared`` and this round's ``share_bundle``), or the adapter in the
     global adapter's dtypes, sealed in an envelope (``identity``, ``coordinator``) or plain.
     """
-    from offsite.protocol.dp import DPConfig, privatize_update, update_delta
+    from offsite.protocol.dp import privatize_update, update_delta
     from offsite.protocol.envelope import seal_update
     from offsite.protocol.envelope_wire import ENVELOPE, envelope_to_record
     from offsite.protocol.records import state_to_record
@@ -288,13 +277,13 @@ def update_reply(
     if instruction.envelope and (identity is None or coordinator is None):
         raise NodeConfigError("the job seals updates in envelopes: this node needs 'identity-dir' and 'coordinator-key'")
     private = None
-    if instruction.dp:
-        config = DPConfig(instruction.dp_clip_norm, instruction.dp_noise_multiplier, instruction.dp_mode, instruction.dp_min_clients)
+    if instruction.dp is not None:
+        config = instruction.dp
         private = privatize_update(tuned, global_adapter, config, seed=noise_seed)
         log.info("round %d: DP: update norm %.4g %s to %g, noise std %.4g", instruction.round, private.norm,
                  "clipped" if private.clipped else "within", config.clip_norm, private.noise_std)
         metrics = {key: value for key, value in metrics.items() if key in TIMING_METRICS}
-    info = {"job": instruction.job_id, "round": instruction.round, "dp": instruction.dp}
+    info = {"job": instruction.job_id, "round": instruction.round, "dp": instruction.dp is not None}
 
     if instruction.secagg:
         from offsite.protocol.secagg import masked_input_tensors, to_content
@@ -302,7 +291,7 @@ def update_reply(
         if secagg is None or share_bundle is None:
             raise SecAggStateError(f"round {instruction.round}: secure aggregation without this node's session state or share bundle")
         delta = private.delta if private is not None else update_delta(tuned, global_adapter)
-        weight = 1 if instruction.dp else int(metrics["num-examples"])
+        weight = 1 if instruction.dp is not None else int(metrics["num-examples"])
         masked = secagg.masked_input(share_bundle, delta, weight)
         if secagg.clipped:
             log.warning("round %d: %d value(s) of the delta clipped to the secure-aggregation range %g",
@@ -447,6 +436,7 @@ def train(message: Message, context: Context) -> Message:
     """Receive the global adapter and the round's instruction; reply with the update in the
     form the instruction's modes ask for (see :func:`update_reply`)."""
     from offsite.emulator.data import DataFormatError
+    from offsite.emulator.tune import TuneConfig
     from offsite.protocol.envelope import SealError
     from offsite.protocol.records import RecordError, state_from_record
     from offsite.protocol.secagg import SecAggError, ShareBundle, from_content
@@ -459,7 +449,7 @@ def train(message: Message, context: Context) -> Message:
     try:
         if CONFIG not in message.content.config_records or ADAPTER not in message.content.array_records:
             raise WireError(f"train message lacks the {CONFIG!r} config record or the {ADAPTER!r} array record")
-        instruction = TrainInstruction.from_record(message.content.config_records[CONFIG])
+        instruction = TrainInstruction.from_record(message.content.config_records[CONFIG], TuneConfig)
         global_adapter = state_from_record(message.content.array_records[ADAPTER])
     except (WireError, RecordError) as error:
         return _error_reply(message, ErrorCode.BAD_MESSAGE, str(error))

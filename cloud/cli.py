@@ -5,20 +5,48 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 from pathlib import Path
 
+from offsite.emulator.quantize import Quantize
+from offsite.emulator.sandwich import SandwichShape
+from offsite.protocol.adapter import load_update
+from offsite.protocol.bundle import read_bundle
+
+from .aggregate import AGGREGATORS
+from .combine import combine
+from .evaluate import job_report_dir, summary_table, write_report
+from .fed_job import BUNDLE_DIR, FEDERATED_TUNING, JOB_FILE, FedJobConfig, read_job, write_job
+from .finish import finish_job
+from .keys_cli import register_key_commands
+from .models import load_base
+from .plugin import plug_in_update, save_plugged
+from .prepare import config_for, prepare_bundle
+from .presets import DEFAULT_PRESET, check_gain, get_preset
+from .security_cli import add_security_arguments, security_from_args, security_summary, sign_prepared_bundle
+from .serve_cli import register as register_serve
+from .superlink import FederationError, SuperLinkConnection, round_summary, run_job_on_superlink
 
 log = logging.getLogger(__name__)
 
 
 def register(subparsers):
     """``offsite cloud`` and ``offsite report``; returns the ``offsite cloud`` subparsers (the harness adds to them)."""
-    from .presets import DEFAULT_PRESET
-
     cloud = subparsers.add_parser("cloud", help="operator: prepare emulator bundles, evaluate, plug in")
     commands = cloud.add_subparsers(dest="cloud_command", required=True, metavar="COMMAND")
+    _register_prepare(commands)
+    _register_plugin(commands)
+    _register_run(commands)
+    register_key_commands(commands)  # offsite cloud keys | enroll | revoke | senders | sign-bundle
+    _register_finish(commands)
+    for parent, name in ((commands, "report"), (subparsers, "report")):
+        _register_report(parent, name)
+    register_serve(commands)  # offsite cloud serve
+    return commands
 
+
+def _register_prepare(commands) -> None:
     prepare = commands.add_parser(
         "prepare",
         help="build a federated job: its emulator bundle (layer drop + distillation) and job.json",
@@ -27,10 +55,13 @@ def register(subparsers):
         "Distilled bundles are cached: the same recipe twice costs seconds.",
     )
     _add_recipe_arguments(prepare, DEFAULT_PRESET)
-    prepare.add_argument("--out", required=True, type=Path, help="job directory: OUT/job.json (the federated job) and OUT/bundle")
+    prepare.add_argument("--out", required=True, type=Path,
+                         help="job directory: OUT/job.json (the federated job) and OUT/bundle")
     _add_fed_job_arguments(prepare)
     prepare.set_defaults(func=_prepare)
 
+
+def _register_plugin(commands) -> None:
     plugin = commands.add_parser(
         "plugin",
         help="plug a tuned adapter into the full model and save a Hugging Face model directory",
@@ -46,6 +77,8 @@ def register(subparsers):
                         "adapter is JOB/checkpoints/round-N.safetensors, else the preset's)")
     plugin.set_defaults(func=_plugin)
 
+
+def _register_run(commands) -> None:
     run = commands.add_parser(
         "run",
         help="run a federated job on a SuperLink (flwr run) and follow its rounds",
@@ -55,15 +88,14 @@ def register(subparsers):
     )
     run.add_argument("--job", required=True, type=Path, help="job directory with job.json and bundle/")
     run.add_argument("--superlink", required=True, help="the SuperLink's address, HOST:PORT")
-    run.add_argument("--root-certificates", type=Path, help="CA certificate that signed the SuperLink's TLS certificate")
+    run.add_argument("--root-certificates", type=Path,
+                     help="CA certificate that signed the SuperLink's TLS certificate")
     run.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS: loopback tests only")
     run.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="give up following after this many seconds")
     run.set_defaults(func=_run)
 
-    from .keys_cli import register_key_commands
 
-    register_key_commands(commands)  # offsite cloud keys | enroll | revoke | senders | sign-bundle
-
+def _register_finish(commands) -> None:
     finish = commands.add_parser(
         "finish",
         help="plug a finished job's last global adapter into the full model (and evaluate it)",
@@ -75,78 +107,83 @@ def register(subparsers):
     finish.add_argument("--force", action="store_true", help="redo the plug-in and the evaluation")
     finish.set_defaults(func=_finish)
 
-    for parent, name in ((commands, "report"), (subparsers, "report")):
-        combined = parent.add_parser(
-            name,
-            help="one table from several evaluation runs (pieces of one table, or one run per task)",
-            description="Read the report.json of each run (an `offsite eval` job directory, a federated job's, or "
-            "the file itself), join the runs that measured the same task with the same recipe and test file "
-            "(e.g. `--settings` run in two jobs), and write report.md (a summary row per task, then each "
-            "task's table), report.json and report.png. Runs that disagree on the recipe, the test file or a "
-            "setting's result are refused, naming both.",
-        )
-        combined.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="job directory or report.json")
-        combined.add_argument("--out", type=Path, required=True, help="where to write report.{md,json,png}")
-        combined.add_argument("--title", default="Offsite five-setting evaluation", help="heading of the report and chart")
-        combined.set_defaults(func=_report)
 
-    from .serve_cli import register as register_serve
-
-    register_serve(commands)  # offsite cloud serve
-    return commands
+def _register_report(parent, name: str) -> None:
+    combined = parent.add_parser(
+        name,
+        help="one table from several evaluation runs (pieces of one table, or one run per task)",
+        description="Read the report.json of each run (an `offsite eval` job directory, a federated job's, or "
+        "the file itself), join the runs that measured the same task with the same recipe and test file "
+        "(e.g. `--settings` run in two jobs), and write report.md (a summary row per task, then each "
+        "task's table), report.json and report.png. Runs that disagree on the recipe, the test file or a "
+        "setting's result are refused, naming both.",
+    )
+    combined.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="job directory or report.json")
+    combined.add_argument("--out", type=Path, required=True, help="where to write report.{md,json,png}")
+    combined.add_argument("--title", default="Offsite five-setting evaluation", help="heading of the report and chart")
+    combined.set_defaults(func=_report)
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None:
-    parser.add_argument("--preset", default=default_preset, help=f"named recipe (`offsite presets`; default {default_preset})")
-    parser.add_argument("--model", default=None, help="base model: smollm2-135m, a local HF directory, a .gguf file or a hub id")
-    parser.add_argument("--shape", default=None, help="a-k-b: adapter blocks at the bottom, kept middle blocks, adapter blocks at the top")
+    parser.add_argument("--preset", default=default_preset,
+                        help=f"named recipe (`offsite presets`; default {default_preset})")
+    parser.add_argument("--model", default=None,
+                        help="base model: smollm2-135m, a local HF directory, a .gguf file or a hub id")
+    parser.add_argument("--shape", default=None,
+                        help="a-k-b: adapter blocks at the bottom, kept middle blocks, adapter blocks at the top")
     parser.add_argument("--distill-steps", type=int, default=None, help="distillation steps (0: plain layer drop)")
-    parser.add_argument("--corpus", default=None, help="distillation text: 'python-docs' (default), a .txt or a .jsonl with 'text'")
+    parser.add_argument("--corpus", default=None,
+                        help="distillation text: 'python-docs' (default), a .txt or a .jsonl with 'text'")
     parser.add_argument("--quantize", default=None, metavar="BITS",
-                        help="round the kept middle blocks' weights to BITS bits; a comma list is cycled over the blocks "
+                        help="round the kept middle blocks' weights to BITS bits; a comma list is cycled over the "
+                        "blocks "
                         "(3,4: 3 and 4 in turn); 'none' turns off a preset's")
-    parser.add_argument("--quant-group", type=int, default=None, help="input columns per quantisation scale and offset (default 64)")
+    parser.add_argument("--quant-group", type=int, default=None,
+                        help="input columns per quantisation scale and offset (default 64)")
     parser.add_argument("--plugin-gain", type=float, default=None, metavar="G",
-                        help="plug in the full model's adapter blocks + G x what tuning changed (default: the preset's; 1 = as tuned)")
+                        help="plug in the full model's adapter blocks + G x what tuning changed "
+                        "(default: the preset's; 1 = as tuned)")
 
 
 def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
-    """The federated job's settings (job.json); defaults are :class:`FedJobConfig`'s and :class:`LocalTuning`'s."""
-    from .aggregate import AGGREGATORS
-    from .fed_job import FedJobConfig, LocalTuning
-
-    job, tuning = FedJobConfig(), LocalTuning()
+    """The federated job's settings (job.json); defaults are :class:`FedJobConfig`'s (its ``tuning``:
+    :data:`FEDERATED_TUNING`)."""
+    job, tuning = FedJobConfig(), FEDERATED_TUNING
     group = parser.add_argument_group("federated job (written to OUT/job.json for `offsite cloud run`)")
     group.add_argument("--rounds", type=int, default=job.rounds, help=f"federated rounds (default {job.rounds})")
-    group.add_argument("--min-nodes", type=int, default=job.min_nodes, help=f"connected SuperNodes to wait for before each round (default {job.min_nodes})")
-    group.add_argument("--min-replies", type=int, default=job.min_replies, help=f"successful replies needed to complete a round (default {job.min_replies})")
-    group.add_argument("--round-timeout", type=float, default=job.round_timeout, help=f"seconds to wait for the train replies of a round (default {job.round_timeout:g})")
-    group.add_argument("--local-steps", type=int, default=tuning.steps, help=f"optimiser steps per data owner per round (default {tuning.steps})")
-    group.add_argument("--local-lr", type=float, default=tuning.lr, help=f"data owners' learning rate (default {tuning.lr:g})")
-    group.add_argument("--local-batch-size", type=int, default=tuning.batch_size, help=f"examples per local step (default {tuning.batch_size})")
-    group.add_argument("--aggregator", choices=AGGREGATORS, default=job.aggregator, help=f"how updates are combined (default {job.aggregator})")
+    group.add_argument("--min-nodes", type=int, default=job.min_nodes,
+                       help=f"connected SuperNodes to wait for before each round (default {job.min_nodes})")
+    group.add_argument("--min-replies", type=int, default=job.min_replies,
+                       help=f"successful replies needed to complete a round (default {job.min_replies})")
+    group.add_argument("--round-timeout", type=float, default=job.round_timeout,
+                       help=f"seconds to wait for the train replies of a round (default {job.round_timeout:g})")
+    group.add_argument("--local-steps", type=int, default=tuning.steps,
+                       help=f"optimiser steps per data owner per round (default {tuning.steps})")
+    group.add_argument("--local-lr", type=float, default=tuning.lr,
+                       help=f"data owners' learning rate (default {tuning.lr:g})")
+    group.add_argument("--local-batch-size", type=int, default=tuning.batch_size,
+                       help=f"examples per local step (default {tuning.batch_size})")
+    group.add_argument("--aggregator", choices=AGGREGATORS, default=job.aggregator,
+                       help=f"how updates are combined (default {job.aggregator})")
     group.add_argument("--lr-schedule", choices=("constant", "cosine"), default=job.lr_schedule,
-                       help=f"the data owners' lr across rounds (cosine: down to {job.final_lr_ratio:g} x --local-lr by the last round)")
+                       help=f"the data owners' lr across rounds (cosine: down to {job.final_lr_ratio:g} x --local-lr "
+                       "by the last round)")
     group.add_argument("--eval-test", type=Path, default=None,
-                       help="multiple-choice JSONL the coordinator scores after the last round (plug-in report under OUT/report)")
+                       help="multiple-choice JSONL the coordinator scores after the last round (plug-in report under "
+                       "OUT/report)")
     group.add_argument("--eval-rows", type=int, default=None, help="score only the first N rows of --eval-test")
-    group.add_argument("--no-plug-in", action="store_true", help="end the job with the last checkpoint: no plug-in, no evaluation")
-    from .security_cli import add_security_arguments
-
+    group.add_argument("--no-plug-in", action="store_true",
+                       help="end the job with the last checkpoint: no plug-in, no evaluation")
     add_security_arguments(parser)  # --job-id, --keys, --registry, --envelopes, --secure-aggregation, --dp-*, ...
 
 
 def fed_job_config_from_args(args: argparse.Namespace, base_model: str | None = None, plugin_gain: float = 1.0):
     """The :class:`FedJobConfig` that ``cloud prepare``'s federated-job options describe (validated)."""
-    from .fed_job import FedJobConfig, LocalTuning
-    from .security_cli import security_from_args
-
-    if args.local_steps < 1 or args.local_batch_size < 1 or args.local_lr <= 0:
-        raise ValueError(
-            f"--local-steps and --local-batch-size must be >= 1 and --local-lr > 0 "
-            f"(got {args.local_steps}, {args.local_batch_size}, {args.local_lr})"
-        )
-    tuning = dataclasses.replace(LocalTuning(), steps=args.local_steps, lr=args.local_lr, batch_size=args.local_batch_size)
+    try:
+        given = {"steps": args.local_steps, "lr": args.local_lr, "batch_size": args.local_batch_size}
+        tuning = dataclasses.replace(FEDERATED_TUNING, **given)
+    except ValueError as error:  # TuneConfig's own check, named by the options that set it
+        raise ValueError(f"--local-steps, --local-lr, --local-batch-size: {error}") from None
     if args.eval_test is not None and args.no_plug_in:
         raise ValueError("--eval-test scores the plug-in: it cannot go with --no-plug-in")
     if args.eval_test is not None and not args.eval_test.is_file():
@@ -168,11 +205,6 @@ def fed_job_config_from_args(args: argparse.Namespace, base_model: str | None = 
 
 
 def _preset_from_args(args):
-    from offsite.emulator.quantize import Quantize
-    from offsite.emulator.sandwich import SandwichShape
-
-    from .presets import check_gain, get_preset
-
     preset = get_preset(args.preset)
     distill = preset.distill
     if args.distill_steps is not None:
@@ -190,13 +222,9 @@ def _preset_from_args(args):
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from .fed_job import BUNDLE_DIR, write_job
-    from .models import load_base
-    from .prepare import config_for, prepare_bundle
-    from .security_cli import security_summary, sign_prepared_bundle
-
     preset = _preset_from_args(args)
-    job = fed_job_config_from_args(args, args.model or preset.base, preset.plugin_gain)  # a contradiction fails here, before any distillation
+    # a contradiction fails here, before any distillation
+    job = fed_job_config_from_args(args, args.model or preset.base, preset.plugin_gain)
     base, tokenizer, where = load_base(args.model or preset.base)
     bundle = prepare_bundle(base, tokenizer, config_for(preset, args.corpus), args.out / BUNDLE_DIR)
     signature = sign_prepared_bundle(job, bundle.root)  # with --keys: manifest.sig, which the data owners verify
@@ -208,8 +236,9 @@ def _prepare(args: argparse.Namespace) -> int:
           f"layout {bundle.layout}{quantised})")
     print(
         f"job: {job_file}  ({job.rounds} round(s), min_nodes {job.min_nodes}, min_replies {job.min_replies}, "
-        f"round timeout {job.round_timeout:g}s, {job.aggregator}, local {job.tuning.steps} step(s) x {job.tuning.batch_size} "
-        f"at lr {job.tuning.lr:g}); run it with: offsite cloud run --job {args.out} --superlink HOST:PORT"
+        f"round timeout {job.round_timeout:g}s, {job.aggregator}, local {job.tuning.steps} step(s) x "
+        f"{job.tuning.batch_size} at lr {job.tuning.lr:g}); "
+        f"run it with: offsite cloud run --job {args.out} --superlink HOST:PORT"
     )
     print(security_summary(job) + (f"; bundle signed: {signature}" if signature else ""))
     if "heldout_reduction" in distilled:
@@ -221,13 +250,6 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _plugin(args: argparse.Namespace) -> int:
-    from offsite.protocol.adapter import load_update
-    from offsite.protocol.bundle import read_bundle
-
-    from .models import load_base
-    from .plugin import plug_in_update, save_plugged
-    from .presets import check_gain, get_preset
-
     preset = get_preset(args.preset)
     bundle = read_bundle(args.bundle)
     update, meta = load_update(args.adapter)
@@ -236,8 +258,10 @@ def _plugin(args: argparse.Namespace) -> int:
         gain = _checkpoint_job_gain(args.adapter)
     gain = check_gain(preset.plugin_gain if gain is None else gain)
     base, tokenizer, _ = load_base(args.model or preset.base)
-    plugged = plug_in_update(base, update, bundle.adapter_blocks, meta.get("lora_alpha") if meta["mode"] == "lora" else None, gain)
-    out = save_plugged(plugged, tokenizer, args.out, {"bundle": bundle.digest, "adapter": str(args.adapter), "plugin_gain": gain})
+    alpha = meta.get("lora_alpha") if meta["mode"] == "lora" else None
+    plugged = plug_in_update(base, update, bundle.adapter_blocks, alpha, gain)
+    provenance = {"bundle": bundle.digest, "adapter": str(args.adapter), "plugin_gain": gain}
+    out = save_plugged(plugged, tokenizer, args.out, provenance)
     print(f"plugged-in model written to {out}")
     return 0
 
@@ -245,8 +269,6 @@ def _plugin(args: argparse.Namespace) -> int:
 def _checkpoint_job_gain(adapter: Path) -> float | None:
     """The plug-in gain of the federated job whose checkpoint ``adapter`` is
     (``JOB/checkpoints/round-N.safetensors`` next to ``JOB/job.json``), else None."""
-    from .fed_job import JOB_FILE, read_job
-
     checkpoints = Path(adapter).resolve().parent
     if checkpoints.name != "checkpoints" or not (checkpoints.parent / JOB_FILE).is_file():
         return None
@@ -254,9 +276,6 @@ def _checkpoint_job_gain(adapter: Path) -> float | None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .combine import combine
-    from .evaluate import summary_table, write_report
-
     reports = combine(args.runs)
     written = write_report(reports, args.out, title=args.title)
     print(summary_table(reports))
@@ -265,13 +284,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import re
-
-    from .superlink import FederationError, SuperLinkConnection, round_summary, run_job_on_superlink
-
     colour = re.compile(r"\x1b\[[0-9;]*m")
     try:
-        connection = SuperLinkConnection(args.superlink, root_certificates=args.root_certificates, insecure=args.insecure)
+        connection = SuperLinkConnection(
+            args.superlink, root_certificates=args.root_certificates, insecure=args.insecure
+        )
         run_id, status = run_job_on_superlink(
             args.job, connection, on_line=lambda line: print(colour.sub("", line), flush=True), timeout=args.timeout
         )
@@ -285,9 +302,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _finish(args: argparse.Namespace) -> int:
-    from .evaluate import job_report_dir
-    from .finish import finish_job
-
     for name, path in finish_job(args.job, force=args.force).items():
         print(f"{name}: {path}")
     report = job_report_dir(args.job) / "report.md"

@@ -29,10 +29,13 @@ from typing import Literal
 
 import torch
 
+from offsite.emulator.tune import TuneConfig
 from offsite.protocol.adapter import load_update, save_update
 from offsite.protocol.bundle import sha256_file
-from offsite.protocol.dp import DPConfig
+from offsite.protocol.config_record import config_from_dict
+from offsite.protocol.dp_config import DPConfig
 from offsite.protocol.ids import DP_MODES, JOB_ID
+from offsite.protocol.messages import TrainInstruction
 
 from .aggregate import AGGREGATORS
 from .presets import check_gain
@@ -47,18 +50,9 @@ class JobError(ValueError):
     """A job directory, its job.json or its state.json is unusable; the message names the file."""
 
 
-@dataclass(frozen=True)
-class LocalTuning:
-    """What each data owner runs per round (sent in every train message)."""
-
-    steps: int = field(default=10, metadata={"help": "optimizer steps per client per round"})
-    batch_size: int = 8
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "constant"] = "constant"
-    max_length: int = 256
-    max_grad_norm: float = 1.0
-    seed: int = 0  # the round number is added, so rounds draw different batches
+# What each data owner runs per round unless the job says otherwise (job.json's "tuning"); the
+# job sends it with every round's learning rate (lr_schedule) and seed (tuning.seed + round).
+FEDERATED_TUNING = TuneConfig(steps=10, batch_size=8, warmup_steps=0, schedule="constant")
 
 
 @dataclass(frozen=True)
@@ -97,6 +91,66 @@ class SecurityConfig:
     dp_mode: Literal["local", "distributed"] = "local"
     dp_delta: float = 1e-5
 
+    def __post_init__(self) -> None:
+        """The contradictions among these settings; those with the rest of the job are FedJobConfig's."""
+        if self.envelopes and (self.keys_dir is None or self.registry is None):
+            raise JobError(
+                "envelopes need the coordinator's keys (security.keys_dir, --keys) and the sender registry "
+                "(security.registry, --registry)"
+            )
+        if self.max_update_norm is not None and not (math.isfinite(self.max_update_norm) and self.max_update_norm > 0):
+            raise JobError(f"max_update_norm must be a finite number > 0, got {self.max_update_norm}")
+        if (self.max_update_norm is not None or self.max_payload_bytes is not None) and not self.envelopes:
+            raise JobError(
+                "max_update_norm and max_payload_bytes are checked when envelopes are opened: turn envelopes on"
+            )
+        if self.max_payload_bytes is not None and self.max_payload_bytes < 1024:
+            raise JobError(f"max_payload_bytes must be >= 1024, got {self.max_payload_bytes}")
+        if self.dp_mode not in DP_MODES:
+            raise JobError(f"dp_mode must be one of {DP_MODES}, got {self.dp_mode!r}")
+        if self.secure_aggregation:
+            self._check_secure_aggregation()
+        if self.dp:
+            self._check_dp()
+
+    def _check_secure_aggregation(self) -> None:
+        if not (math.isfinite(self.secagg_clip_range) and self.secagg_clip_range > 0):
+            raise JobError(f"secagg_clip_range must be a finite number > 0, got {self.secagg_clip_range}")
+        if self.secagg_ring_bits not in (32, 64):
+            raise JobError(f"secagg_ring_bits must be 32 or 64, got {self.secagg_ring_bits}")
+        if self.secagg_threshold < 2:
+            raise JobError(
+                f"secagg_threshold must be >= 2 (one client's sum is its update), got {self.secagg_threshold}"
+            )
+        if not 1 <= self.secagg_max_weight <= 1 << 40:
+            raise JobError(f"secagg_max_weight must be in [1, 2**40], got {self.secagg_max_weight}")
+
+    def _check_dp(self) -> None:
+        """The job's use of the DP mechanism; the mechanism's own settings are :class:`DPConfig`'s to check."""
+        if self.dp_mode == "distributed" and not self.secure_aggregation:
+            raise JobError("dp_mode 'distributed' adds noise only the sum has enough of: it needs secure aggregation")
+        noise = self.dp_noise_multiplier
+        if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise > 0):
+            raise JobError(
+                f"dp_noise_multiplier must be a finite number > 0 (for clipping alone use max_update_norm), got {noise}"
+            )
+        if not 0 < self.dp_delta < 1:
+            raise JobError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        try:
+            self.dp_config(1)
+        except ValueError as error:
+            raise JobError(f"DP settings: {error}") from None
+        if self.max_update_norm is not None and self.max_update_norm < self.dp_clip_norm:
+            raise JobError(
+                f"max_update_norm {self.max_update_norm:g} < dp_clip_norm {self.dp_clip_norm:g}: clipped updates "
+                "(plus their noise) would be refused"
+            )
+        if self.secure_aggregation and self.secagg_clip_range < self.dp_clip_norm:
+            raise JobError(
+                f"secagg_clip_range {self.secagg_clip_range:g} < dp_clip_norm {self.dp_clip_norm:g}: "
+                "a clipped update's coordinates may reach the clip norm"
+            )
+
     @property
     def dp(self) -> bool:
         return self.dp_clip_norm is not None
@@ -105,7 +159,8 @@ class SecurityConfig:
         """The clients' DP mechanism (``min_clients``: the updates a completed round's sum holds)."""
         if self.dp_clip_norm is None:
             return None
-        return DPConfig(self.dp_clip_norm, self.dp_noise_multiplier, self.dp_mode, min_replies if self.dp_mode == "distributed" else 1)
+        min_clients = min_replies if self.dp_mode == "distributed" else 1
+        return DPConfig(self.dp_clip_norm, self.dp_noise_multiplier, self.dp_mode, min_clients)
 
 
 @dataclass(frozen=True)
@@ -120,9 +175,12 @@ class FedJobConfig:
     aggregator: Literal["fedavg", "trimmed-mean", "median"] = "fedavg"
     trim_fraction: float = 0.1
     record_updates: bool = field(default=False, metadata={"help": "keep every client's update under updates/"})
-    tuning: LocalTuning = field(default_factory=LocalTuning)
+    tuning: TuneConfig = field(
+        default=FEDERATED_TUNING, metadata={"help": "each data owner's local tuning per round (whole adapter blocks)"}
+    )
     lr_schedule: Literal["constant", "cosine"] = field(
-        default="constant", metadata={"help": "the clients' lr across rounds: constant, or cosine from tuning.lr to final_lr_ratio * tuning.lr"}
+        default="constant",
+        metadata={"help": "the clients' lr across rounds: constant, or cosine down to final_lr_ratio * tuning.lr"},
     )
     final_lr_ratio: float = 0.1
     # After the last round (see offsite.cloud.finish): plug the global adapter into this base model
@@ -130,7 +188,7 @@ class FedJobConfig:
     base_model: str | None = None
     eval_test: str | None = None
     eval_rows: int | None = None
-    plugin_gain: float = field(default=1.0, metadata={"help": "plug in real + gain * (global adapter - real) (the recipe's)"})
+    plugin_gain: float = field(default=1.0, metadata={"help": "plug in real + gain * (global adapter - real)"})
     # Binds every envelope and secure-aggregation session to this job (uuid4 hex from `offsite
     # cloud prepare`); needed by envelopes and secure aggregation.
     job_id: str | None = None
@@ -138,7 +196,10 @@ class FedJobConfig:
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.min_nodes < 1 or self.min_replies < 1:
-            raise JobError(f"rounds, min_nodes and min_replies must be >= 1 (got {self.rounds}, {self.min_nodes}, {self.min_replies})")
+            raise JobError(
+                "rounds, min_nodes and min_replies must be >= 1 "
+                f"(got {self.rounds}, {self.min_nodes}, {self.min_replies})"
+            )
         if self.min_replies > self.min_nodes:
             raise JobError(f"min_replies {self.min_replies} > min_nodes {self.min_nodes}: a round could never complete")
         if min(self.round_timeout, self.node_wait_timeout, self.bundle_timeout) <= 0:
@@ -148,7 +209,10 @@ class FedJobConfig:
         if self.bundle_part_bytes < 1:
             raise JobError("bundle_part_bytes must be >= 1")
         if self.lr_schedule not in ("constant", "cosine") or not 0 < self.final_lr_ratio <= 1:
-            raise JobError(f"lr_schedule must be 'constant' or 'cosine' and 0 < final_lr_ratio <= 1 (got {self.lr_schedule!r}, {self.final_lr_ratio})")
+            raise JobError(
+                "lr_schedule must be 'constant' or 'cosine' and 0 < final_lr_ratio <= 1 "
+                f"(got {self.lr_schedule!r}, {self.final_lr_ratio})"
+            )
         if self.eval_test is not None and self.base_model is None:
             raise JobError("eval_test needs base_model: the evaluation scores the plugged-in full model")
         if self.eval_rows is not None and self.eval_rows < 1:
@@ -157,68 +221,46 @@ class FedJobConfig:
             check_gain(self.plugin_gain)
         except ValueError as error:
             raise JobError(str(error)) from None
+        self._check_tuning()
         self._check_security()
+
+    def _check_tuning(self) -> None:
+        """What a federated round can carry of a :class:`TuneConfig` (which checks itself)."""
+        if self.tuning.mode != "blocks":
+            raise JobError(f"tuning.mode {self.tuning.mode!r}: federated rounds average whole adapter blocks")
+        if self.tuning.device != "auto":
+            raise JobError(f"tuning.device {self.tuning.device!r}: each data owner picks its own (node config)")
 
     def _check_security(self) -> None:
         """Contradictions between the security settings and the rest of the job."""
         sec = self.security
         if self.job_id is not None and (not isinstance(self.job_id, str) or not JOB_ID.match(self.job_id)):
-            raise JobError(f"job_id {self.job_id!r}: use 1-128 of A-Z a-z 0-9 . _ : - (starting with a letter or digit)")
+            raise JobError(
+                f"job_id {self.job_id!r}: use 1-128 of A-Z a-z 0-9 . _ : - (starting with a letter or digit)"
+            )
         if (sec.envelopes or sec.secure_aggregation) and self.job_id is None:
-            raise JobError("envelopes and secure aggregation bind every update to the job: set job_id (offsite cloud prepare makes one)")
-        if sec.envelopes and (sec.keys_dir is None or sec.registry is None):
-            raise JobError("envelopes need the coordinator's keys (security.keys_dir, --keys) and the sender registry (security.registry, --registry)")
-        if sec.max_update_norm is not None and not (math.isfinite(sec.max_update_norm) and sec.max_update_norm > 0):
-            raise JobError(f"max_update_norm must be a finite number > 0, got {sec.max_update_norm}")
-        if (sec.max_update_norm is not None or sec.max_payload_bytes is not None) and not sec.envelopes:
-            raise JobError("max_update_norm and max_payload_bytes are checked when envelopes are opened: turn envelopes on")
-        if sec.max_payload_bytes is not None and sec.max_payload_bytes < 1024:
-            raise JobError(f"max_payload_bytes must be >= 1024, got {sec.max_payload_bytes}")
-        if sec.secure_aggregation:
-            if self.aggregator != "fedavg":
-                raise JobError(f"secure aggregation computes a weighted sum: aggregator must be 'fedavg', not {self.aggregator!r}")
-            if self.record_updates:
-                raise JobError("record_updates contradicts secure aggregation: the coordinator never holds an individual update")
-            if not (math.isfinite(sec.secagg_clip_range) and sec.secagg_clip_range > 0):
-                raise JobError(f"secagg_clip_range must be a finite number > 0, got {sec.secagg_clip_range}")
-            if sec.secagg_ring_bits not in (32, 64):
-                raise JobError(f"secagg_ring_bits must be 32 or 64, got {sec.secagg_ring_bits}")
-            if sec.secagg_threshold < 2:
-                raise JobError(f"secagg_threshold must be >= 2 (one client's sum is its update), got {sec.secagg_threshold}")
-            if self.min_replies < sec.secagg_threshold:
-                raise JobError(
-                    f"min_replies {self.min_replies} < secagg_threshold {sec.secagg_threshold}: a round needs at least "
-                    "the threshold's clients to unmask the sum"
-                )
-            if not 1 <= sec.secagg_max_weight <= 1 << 40:
-                raise JobError(f"secagg_max_weight must be in [1, 2**40], got {sec.secagg_max_weight}")
-        if sec.dp:
-            if sec.dp_mode not in DP_MODES:
-                raise JobError(f"dp_mode must be one of {DP_MODES}, got {sec.dp_mode!r}")
-            if sec.dp_mode == "distributed" and not sec.secure_aggregation:
-                raise JobError("dp_mode 'distributed' adds noise only the sum has enough of: it needs secure aggregation")
-            if not (isinstance(sec.dp_noise_multiplier, (int, float)) and math.isfinite(sec.dp_noise_multiplier) and sec.dp_noise_multiplier > 0):
-                raise JobError(f"dp_noise_multiplier must be a finite number > 0 (for clipping alone use max_update_norm), got {sec.dp_noise_multiplier}")
-            if not 0 < sec.dp_delta < 1:
-                raise JobError(f"dp_delta must be in (0, 1), got {sec.dp_delta}")
-            if self.aggregator != "fedavg":
-                raise JobError(f"DP accounting holds for the mean of the clipped updates: aggregator must be 'fedavg', not {self.aggregator!r}")
-            if sec.max_update_norm is not None and sec.max_update_norm < sec.dp_clip_norm:
-                raise JobError(
-                    f"max_update_norm {sec.max_update_norm:g} < dp_clip_norm {sec.dp_clip_norm:g}: clipped updates "
-                    "(plus their noise) would be refused"
-                )
-            if sec.secure_aggregation and sec.secagg_clip_range < sec.dp_clip_norm:
-                raise JobError(
-                    f"secagg_clip_range {sec.secagg_clip_range:g} < dp_clip_norm {sec.dp_clip_norm:g}: a clipped update's "
-                    "coordinates may reach the clip norm"
-                )
-            try:
-                sec.dp_config(self.min_replies)
-            except ValueError as error:
-                raise JobError(f"DP settings: {error}") from None
-        elif sec.dp_clip_norm is None and sec.dp_mode not in DP_MODES:
-            raise JobError(f"dp_mode must be one of {DP_MODES}, got {sec.dp_mode!r}")
+            raise JobError(
+                "envelopes and secure aggregation bind every update to the job: "
+                "set job_id (offsite cloud prepare makes one)"
+            )
+        if sec.secure_aggregation and self.aggregator != "fedavg":
+            raise JobError(
+                f"secure aggregation computes a weighted sum: aggregator must be 'fedavg', not {self.aggregator!r}"
+            )
+        if sec.secure_aggregation and self.record_updates:
+            raise JobError(
+                "record_updates contradicts secure aggregation: the coordinator never holds an individual update"
+            )
+        if sec.secure_aggregation and self.min_replies < sec.secagg_threshold:
+            raise JobError(
+                f"min_replies {self.min_replies} < secagg_threshold {sec.secagg_threshold}: a round needs at least "
+                "the threshold's clients to unmask the sum"
+            )
+        if sec.dp and self.aggregator != "fedavg":
+            raise JobError(
+                "DP accounting holds for the mean of the clipped updates: aggregator must be 'fedavg', "
+                f"not {self.aggregator!r}"
+            )
 
     def round_lr(self, round_number: int) -> float:
         """The clients' learning rate in round ``round_number`` (1-based)."""
@@ -228,31 +270,36 @@ class FedJobConfig:
         floor = self.final_lr_ratio * self.tuning.lr
         return floor + (self.tuning.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
+    def round_tuning(self, round_number: int) -> TuneConfig:
+        """The data owners' tuning in round ``round_number``: the round's lr, seed ``tuning.seed + round``
+        (so rounds draw different batches)."""
+        return dataclasses.replace(self.tuning, lr=self.round_lr(round_number), seed=self.tuning.seed + round_number)
+
+    def instruction(self, round_number: int, bundle_digest: str) -> TrainInstruction[TuneConfig]:
+        """What every data owner is told in round ``round_number``."""
+        sec = self.security
+        return TrainInstruction(
+            round=round_number,
+            bundle_digest=bundle_digest,
+            tuning=self.round_tuning(round_number),
+            job_id=self.job_id or "",
+            envelope=sec.envelopes,
+            secagg=sec.secure_aggregation,
+            dp=sec.dp_config(self.min_replies),
+        )
+
     def to_json(self) -> dict:
         return {"kind": "federated", **dataclasses.asdict(self)}
 
     @classmethod
-    def from_json(cls, data: dict, where: str = JOB_FILE) -> "FedJobConfig":
-        data = dict(data)
-        if data.pop("kind", None) != "federated":
+    def from_json(cls, data: dict, where: str = JOB_FILE) -> FedJobConfig:
+        """A job.json's settings; a missing one takes its default (in ``tuning``: ``FEDERATED_TUNING``'s),
+        so a job.json written before a setting existed still reads."""
+        if not isinstance(data, dict) or data.get("kind") != "federated":
             raise JobError(f"{where}: 'kind' must be 'federated'")
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(data) - known:
-            raise JobError(f"{where}: unknown settings {sorted(set(data) - known)}")
-        tuning = data.pop("tuning", {})
-        tuning_known = {f.name for f in dataclasses.fields(LocalTuning)}
-        if not isinstance(tuning, dict) or set(tuning) - tuning_known:
-            raise JobError(f"{where}: unknown tuning settings {sorted(set(tuning) - tuning_known) if isinstance(tuning, dict) else tuning}")
-        security = data.pop("security", {})
-        security_known = {f.name for f in dataclasses.fields(SecurityConfig)}
-        if not isinstance(security, dict) or set(security) - security_known:
-            unknown = sorted(set(security) - security_known) if isinstance(security, dict) else security
-            raise JobError(f"{where}: unknown security settings {unknown}")
         try:
-            return cls(**data, tuning=LocalTuning(**tuning), security=SecurityConfig(**security))
-        except TypeError as error:
-            raise JobError(f"{where}: {error}") from None
-        except JobError as error:
+            return config_from_dict(cls, {key: value for key, value in data.items() if key != "kind"})
+        except ValueError as error:  # JobError, a bad or unknown setting, a nested config's refusal
             raise JobError(f"{where}: {error}") from None
 
 
@@ -313,7 +360,9 @@ class JobState:
     privacy: dict = field(default_factory=dict)  # with DP: PrivacyAccountant.to_json() after the last completed round
 
 
-def save_checkpoint(job_dir: Path, state: JobState, round_number: int, adapter: dict[str, torch.Tensor], record: dict | None) -> JobState:
+def save_checkpoint(
+    job_dir: Path, state: JobState, round_number: int, adapter: dict[str, torch.Tensor], record: dict | None
+) -> JobState:
     """Write round ``round_number``'s global adapter, then the state file pointing at it; the
     record gets ``checkpoint_seconds`` (writing and hashing the adapter)."""
     started = time.perf_counter()
@@ -360,9 +409,12 @@ def load_checkpoint(job_dir: Path, state: JobState) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def record_client_update(job_dir: Path, round_number: int, node_id: int, adapter: dict[str, torch.Tensor], num_examples: int, bundle: str) -> Path:
+def record_client_update(
+    job_dir: Path, round_number: int, node_id: int, adapter: dict[str, torch.Tensor], num_examples: int, bundle: str
+) -> Path:
     return save_update(
         update_path(job_dir, round_number, node_id),
         adapter,
-        {"mode": "blocks", "lora_alpha": None, "bundle": bundle, "round": round_number, "node": node_id, "num_examples": num_examples},
+        {"mode": "blocks", "lora_alpha": None, "bundle": bundle, "round": round_number, "node": node_id,
+         "num_examples": num_examples},
     )

@@ -379,30 +379,6 @@ def spend_privacy(state: JobState, config: FedJobConfig) -> dict:
     }
 
 
-def make_instruction(config: FedJobConfig, bundle: Bundle, round_number: int) -> TrainInstruction:
-    tuning, sec = config.tuning, config.security
-    dp = sec.dp_config(config.min_replies)
-    return TrainInstruction(
-        round=round_number,
-        bundle_digest=bundle.digest,
-        lr=config.round_lr(round_number),
-        steps=tuning.steps,
-        batch_size=tuning.batch_size,
-        warmup_steps=tuning.warmup_steps,
-        schedule=tuning.schedule,
-        max_length=tuning.max_length,
-        max_grad_norm=tuning.max_grad_norm,
-        seed=tuning.seed + round_number,
-        job_id=config.job_id or "",
-        envelope=sec.envelopes,
-        secagg=sec.secure_aggregation,
-        dp_clip_norm=dp.clip_norm if dp else 0.0,
-        dp_noise_multiplier=dp.noise_multiplier if dp else 0.0,
-        dp_mode=dp.mode if dp else "local",
-        dp_min_clients=dp.min_clients if dp else 1,
-    )
-
-
 @dataclass
 class RoundReplies:
     """What a round's replies came to: usable updates, failures (node -> reason), no-replies."""
@@ -506,7 +482,7 @@ def run_round(
     installed = distribute_bundle(grid, bundle, fresh, config.bundle_part_bytes, config.bundle_timeout, clock)
     state.nodes_with_bundle = sorted(set(state.nodes_with_bundle) | installed)
     ready = [node for node in nodes if node in state.nodes_with_bundle]
-    instruction = make_instruction(config, bundle, round_number)
+    instruction = config.instruction(round_number, bundle.digest)
     if config.security.secure_aggregation:
         return run_secagg_round(grid, config, state, round_number, global_adapter, instruction, nodes, ready, security, started, clock)
     content = RecordDict({ADAPTER: state_to_record(global_adapter), CONFIG: instruction.to_record()})
@@ -548,7 +524,7 @@ def run_round(
     losses = {str(n): metrics[n]["train-loss"] for n in ordered if "train-loss" in metrics[n]}
     weights = {str(n): updates[n][1] for n in ordered}
     history = round_history(
-        round_number, instruction.lr, nodes, ready, ordered, failed, outcome, dropped, started, clock, aggregate_seconds,
+        round_number, instruction.tuning.lr, nodes, ready, ordered, failed, outcome, dropped, started, clock, aggregate_seconds,
         config.security.envelopes, privacy,
         num_examples=weights,
         train_loss=losses,
@@ -695,7 +671,7 @@ def run_secagg_round(
     new_global = {key: (tensor.detach().to("cpu", torch.float64) + delta[key]).to(tensor.dtype) for key, tensor in global_adapter.items()}
     aggregate_seconds += time.perf_counter() - unmasking
     history = round_history(
-        round_number, instruction.lr, nodes, ready, survivors, outcome.failed, outcome, dropped, started, clock, aggregate_seconds,
+        round_number, instruction.tuning.lr, nodes, ready, survivors, outcome.failed, outcome, dropped, started, clock, aggregate_seconds,
         sec.envelopes, privacy,
         num_examples={},  # never seen: the weights are inside the masked sum
         train_loss={},

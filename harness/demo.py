@@ -65,7 +65,7 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
     from offsite.cloud.certs import write_deployment_certs
     from offsite.cloud.combine import read_reports
     from offsite.cloud.evaluate import EvalConfig, Report, five_setting_eval, job_report_dir, write_report
-    from offsite.cloud.fed_job import BUNDLE_DIR, FedJobConfig, LocalTuning, write_job
+    from offsite.cloud.fed_job import BUNDLE_DIR, FEDERATED_TUNING, FedJobConfig, write_job
     from offsite.cloud.superlink import round_summary
     from offsite.harness.federation import LocalFederation
     from offsite.cloud.models import load_base
@@ -110,7 +110,8 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
         round_timeout=config.round_timeout,
         bundle_timeout=config.round_timeout,
         bundle_part_bytes=128 << 20,
-        tuning=LocalTuning(steps=steps, batch_size=tune.batch_size, lr=tune.lr, max_length=tune.max_length, seed=config.seed),
+        tuning=dataclasses.replace(FEDERATED_TUNING, steps=steps, batch_size=tune.batch_size, lr=tune.lr,
+                                   max_length=tune.max_length, seed=config.seed),
         lr_schedule="cosine",
         base_model=preset.base,
         eval_test=str(test_path),

@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ids import DP_MODES
+from .dp_config import DPConfig, DPError  # the settings, torch-free (they travel in train instructions)
 from .tensors import check_like
 
 CONVERSIONS = ("balle2020", "classic")
@@ -80,47 +80,7 @@ DEFAULT_ORDERS: tuple[float, ...] = (
 )
 
 
-class DPError(ValueError):
-    """Bad DP settings or updates; the message names the setting or the tensor."""
-
-
 # ---------------------------------------------------------------- the mechanism
-
-
-@dataclass(frozen=True)
-class DPConfig:
-    """``clip_norm``: ``C``; ``noise_multiplier``: ``z``; ``mode``: ``local`` or ``distributed``;
-    ``min_clients``: ``m``, the number of updates the sum is guaranteed to contain
-    (``distributed`` only)."""
-
-    clip_norm: float
-    noise_multiplier: float
-    mode: str = "local"
-    min_clients: int = 1
-
-    def __post_init__(self) -> None:
-        if isinstance(self.clip_norm, bool) or not isinstance(self.clip_norm, (int, float)) or not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
-            raise DPError(f"clip_norm must be a finite number > 0, got {self.clip_norm!r}")
-        if isinstance(self.noise_multiplier, bool) or not isinstance(self.noise_multiplier, (int, float)) or not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise DPError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}")
-        if self.mode not in DP_MODES:
-            raise DPError(f"mode must be one of {DP_MODES}, got {self.mode!r}")
-        if isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int) or self.min_clients < 1:
-            raise DPError(f"min_clients must be an integer >= 1, got {self.min_clients!r}")
-        if self.mode == "local" and self.min_clients != 1:
-            raise DPError("min_clients applies to the distributed mode only")
-
-    @property
-    def noise_std(self) -> float:
-        """The standard deviation each client adds per coordinate: ``z C`` (local) or
-        ``z C / sqrt(m)`` (distributed)."""
-        std = self.noise_multiplier * self.clip_norm
-        return std if self.mode == "local" else std / math.sqrt(self.min_clients)
-
-    @property
-    def aggregate_std(self) -> float:
-        """The noise standard deviation in the sum of ``m`` honest updates (local: of one update)."""
-        return self.noise_std * math.sqrt(self.min_clients)
 
 
 def update_delta(tuned: Mapping[str, torch.Tensor], global_adapter: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

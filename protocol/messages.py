@@ -13,7 +13,8 @@ Two conversations:
 
 ``train`` (server -> client, every round)
     ``{"adapter": ArrayRecord, "config": ConfigRecord}``: the global adapter and the round's
-    :class:`TrainInstruction` (which names the bundle by digest, and the job's security modes).
+    :class:`TrainInstruction` (which names the bundle by digest, carries the round's tuning config,
+    and the job's security modes).
     The reply, or a Flower ``Error`` with one of :class:`ErrorCode` and a reason naming the bad
     thing (file and line for a malformed data file), depends on the modes:
 
@@ -37,16 +38,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import re
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path, PurePosixPath
+from typing import Generic, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from .ids import DP_MODES, JOB_ID
+from .config_record import config_from_record, config_to_record
+from .dp_config import DPConfig
+from .ids import JOB_ID
 
 TRAIN = "train"
 BUNDLE_PART = "query.bundle_part"
@@ -83,87 +86,62 @@ class WireError(ValueError):
 # ---------------------------------------------------------------- train
 
 
+TuningT = TypeVar("TuningT")
+
+
 @dataclass(frozen=True)
-class TrainInstruction:
-    """One round's settings for a client's local tuning run."""
+class TrainInstruction(Generic[TuningT]):
+    """One round's instruction to a data owner: the bundle to tune (by digest), how to tune it, and
+    the job's security modes.
+
+    ``tuning`` is the round's :class:`offsite.emulator.tune.TuneConfig` (the job's, with the round's
+    learning rate and seed): protocol carries it without importing the tuning stack, so a reader
+    names its class (``from_record(record, TuneConfig)``) and the config checks itself. ``dp``:
+    the mechanism each data owner applies to its delta (None: no DP), checked by :class:`DPConfig`.
+    """
 
     round: int
     bundle_digest: str
-    lr: float = 1e-4
-    steps: int = 10
-    batch_size: int = 8
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    max_length: int = 256
-    max_grad_norm: float = 1.0
-    mode: str = "blocks"
-    seed: int = 0
-    # security modes (see the module docstring); "" / False / 0.0: off
-    job_id: str = ""
+    tuning: TuningT
+    job_id: str = ""  # binds envelopes and secure-aggregation sessions to the job; "" without them
     envelope: bool = False
     secagg: bool = False
-    dp_clip_norm: float = 0.0  # > 0: clip the delta to this L2 norm and add Gaussian noise
-    dp_noise_multiplier: float = 0.0
-    dp_mode: str = "local"
-    dp_min_clients: int = 1
+    dp: DPConfig | None = None
 
     def __post_init__(self) -> None:
         if not DIGEST.match(self.bundle_digest):
-            raise WireError(f"bundle-digest {self.bundle_digest!r} is not a sha256 hex digest")
+            raise WireError(f"bundle_digest {self.bundle_digest!r} is not a sha256 hex digest")
         if self.job_id and not JOB_ID.match(self.job_id):
-            raise WireError(f"job-id {self.job_id[:140]!r} is not a job id")
+            raise WireError(f"job_id {self.job_id[:140]!r} is not a job id")
         if (self.envelope or self.secagg) and not self.job_id:
-            raise WireError("envelope and secagg need a job-id")
-        if not (math.isfinite(self.dp_clip_norm) and math.isfinite(self.dp_noise_multiplier)) or self.dp_clip_norm < 0 or self.dp_noise_multiplier < 0:
-            raise WireError(f"dp-clip-norm {self.dp_clip_norm} and dp-noise-multiplier {self.dp_noise_multiplier} must be finite and >= 0")
-        if self.dp_clip_norm == 0 and self.dp_noise_multiplier != 0:
-            raise WireError("dp-noise-multiplier without dp-clip-norm")
-        if self.dp_mode not in DP_MODES or self.dp_min_clients < 1 or (self.dp_mode == "local" and self.dp_min_clients != 1):
-            raise WireError(f"dp-mode {self.dp_mode!r} with dp-min-clients {self.dp_min_clients}: expected local (1) or distributed (>= 1)")
-        if self.dp_mode == "distributed" and self.dp_clip_norm > 0 and not self.secagg:
-            raise WireError("dp-mode 'distributed' needs secagg")
-        if self.round < 1 or self.steps < 1 or self.batch_size < 1 or self.max_length < 2 or self.warmup_steps < 0:
-            raise WireError(f"instruction out of range: {self}")
-        if not self.lr > 0:
-            raise WireError(f"lr must be > 0, got {self.lr}")
-        if self.schedule not in ("cosine", "constant"):
-            raise WireError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.mode != "blocks":
-            raise WireError(f"mode {self.mode!r}: federated runs support whole adapter blocks ('blocks') only so far")
+            raise WireError("envelope and secagg need a job_id")
+        if self.round < 1:
+            raise WireError(f"round must be >= 1, got {self.round}")
+        if not dataclasses.is_dataclass(self.tuning):
+            raise WireError(f"tuning must be a config dataclass, got {type(self.tuning).__name__}")
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord({field.name.replace("_", "-"): getattr(self, field.name) for field in dataclasses.fields(self)})
+        return config_to_record(self)
 
     @classmethod
-    def from_record(cls, record: ConfigRecord) -> "TrainInstruction":
-        values = {}
-        for field in dataclasses.fields(cls):
-            key = field.name.replace("_", "-")
-            if key not in record:
-                if field.default is dataclasses.MISSING:
-                    raise WireError(f"config record lacks {key!r}")
-                continue
-            value = record[key]
-            want = {"int": int, "float": (int, float), "str": str, "bool": bool}[field.type]
-            if isinstance(value, bool) != (field.type == "bool") or not isinstance(value, want):
-                raise WireError(f"config {key!r}: expected {field.type}, got {type(value).__name__}")
-            values[field.name] = float(value) if field.type == "float" else value
-        unknown = set(record) - {f.name.replace("_", "-") for f in dataclasses.fields(cls)}
-        if unknown:
-            raise WireError(f"config record has unknown keys {sorted(unknown)}")
-        return cls(**values)
-
-    @property
-    def dp(self) -> bool:
-        return self.dp_clip_norm > 0
+    def from_record(cls, record: ConfigRecord, tuning: type[TuningT]) -> TrainInstruction[TuningT]:
+        """The instruction :meth:`to_record` wrote, its ``tuning`` read as a ``tuning`` instance."""
+        try:
+            return config_from_record(cls, record, nested={"tuning": tuning})
+        except WireError:
+            raise
+        except ValueError as error:  # a bad key or value, or a config's own refusal (DPError, the tuning's)
+            raise WireError(f"train instruction: {error}") from None
 
 
 def secagg_session(job_id: str, round_number: int) -> bytes:
     """The secure-aggregation session of one round of one job (32 bytes): both sides derive it,
     so no session (keys, shares, masks) can be carried over to another round or job."""
-    if not JOB_ID.match(job_id) or isinstance(round_number, bool) or not isinstance(round_number, int) or round_number < 1:
+    bad_round = isinstance(round_number, bool) or not isinstance(round_number, int) or round_number < 1
+    if not JOB_ID.match(job_id) or bad_round:
         raise WireError(f"secure aggregation session: bad job id {job_id[:140]!r} or round {round_number!r}")
-    return hashlib.sha256(b"offsite-secagg-session/1\0" + job_id.encode() + b"\0" + round_number.to_bytes(8, "big")).digest()
+    session = b"offsite-secagg-session/1\0" + job_id.encode() + b"\0" + round_number.to_bytes(8, "big")
+    return hashlib.sha256(session).digest()
 
 
 # ---------------------------------------------------------------- bundle parts

@@ -11,7 +11,9 @@ from flwr.app import Context, Message, RecordDict
 
 from offsite.client.bundle_cache import BundleCache
 from offsite.client.client_app import receive_bundle_part, train
+from offsite.emulator.lora import LoRASpec
 from offsite.emulator.sandwich import SandwichShape, adapter_state_dict, build_emulator
+from offsite.emulator.tune import TuneConfig
 from offsite.protocol.bundle import BundleError, read_bundle, write_bundle
 from offsite.protocol.messages import (
     ErrorCode,
@@ -90,14 +92,21 @@ def test_part_paths_cannot_escape(bundle):
 
 
 def test_train_instruction_round_trip_and_rejection():
-    instruction = TrainInstruction(round=2, bundle_digest="a" * 64, lr=0.01, steps=3)
-    assert TrainInstruction.from_record(instruction.to_record()) == instruction
+    tuning = TuneConfig(steps=3, lr=0.01, lora=LoRASpec(targets=("q_proj", "v_proj")))
+    instruction = TrainInstruction(round=2, bundle_digest="a" * 64, tuning=tuning)
+    assert TrainInstruction.from_record(instruction.to_record(), TuneConfig) == instruction
     record = instruction.to_record()
-    record["steps"] = "3"
-    with pytest.raises(WireError, match="'steps'"):
-        TrainInstruction.from_record(record)
-    with pytest.raises(WireError, match="lora"):
-        TrainInstruction(round=1, bundle_digest="a" * 64, mode="lora")
+    record["tuning.steps"] = "3"
+    with pytest.raises(WireError, match="'tuning.steps': expected int"):
+        TrainInstruction.from_record(record, TuneConfig)
+    record = instruction.to_record()
+    record["tuning.steps"] = 0  # the tuning config's own check, on arrival
+    with pytest.raises(WireError, match="tuning: steps and batch_size must be >= 1"):
+        TrainInstruction.from_record(record, TuneConfig)
+    record = instruction.to_record()
+    record["tuning.lr_typo"] = 0.1
+    with pytest.raises(WireError, match=r"unknown tuning settings \['lr_typo'\]"):
+        TrainInstruction.from_record(record, TuneConfig)
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +144,8 @@ def test_malformed_data_gives_an_error_reply_naming_file_and_line(tmp_path, bund
 
     model = load_emulator(emulator)
     adapter = adapter_state_dict(model, emulator.layout, emulator.adapter_blocks)
-    content = RecordDict({"adapter": state_to_record(adapter), "config": TrainInstruction(round=1, bundle_digest=bundle.digest, steps=1).to_record()})
+    instruction = TrainInstruction(round=1, bundle_digest=bundle.digest, tuning=TuneConfig(steps=1))
+    content = RecordDict({"adapter": state_to_record(adapter), "config": instruction.to_record()})
     context = make_context({"data-path": str(data), "cache-dir": str(cache_dir)})
     reply = train(make_message(content, "train"), context)
     assert reply.has_error()

@@ -15,6 +15,7 @@ from offsite.client.bundle_cache import BundleCache
 from offsite.client.client_app import NodeSettings, receive_bundle_part, secagg_stage, train, train_round, update_reply
 from offsite.cloud.secagg_server import SecAggServer
 from offsite.emulator.sandwich import adapter_state_dict
+from offsite.emulator.tune import TuneConfig
 from offsite.protocol.bundle import SIGNATURE, BundleError, BundleReason, load_emulator, read_bundle
 from offsite.protocol.bundle_signing import sign_bundle
 from offsite.protocol.dp import DPConfig, privatize_update, update_delta
@@ -66,8 +67,11 @@ def world(tmp_path, bundle):  # noqa: F811 - the fixture imported above
     )
 
 
+TUNING = TuneConfig(steps=2, batch_size=2, lr=1e-2, max_length=32, seed=3, warmup_steps=0, schedule="constant")
+
+
 def instruction(world, **modes) -> TrainInstruction:
-    return TrainInstruction(round=1, bundle_digest=world.bundle.digest, steps=2, batch_size=2, lr=1e-2, max_length=32, seed=3, job_id=JOB, **modes)
+    return TrainInstruction(round=1, bundle_digest=world.bundle.digest, tuning=TUNING, job_id=JOB, **modes)
 
 
 def opener(world, reference=None, replay=None) -> UpdateOpener:
@@ -105,7 +109,7 @@ def test_envelope_reply_carries_only_the_sealed_update_and_matches_the_plain_one
 
 def test_dp_reply_is_clipped_and_noised_and_carries_no_data_dependent_metric(world):
     settings = NodeSettings.from_node_config(world.node_config)
-    dp_instruction = instruction(world, envelope=True, dp_clip_norm=1e-3, dp_noise_multiplier=0.5)
+    dp_instruction = instruction(world, envelope=True, dp=DPConfig(1e-3, 0.5))
     tuned, metrics = train_round(dp_instruction, world.global_adapter, settings)
     norm = math.sqrt(sum(float(t.pow(2).sum()) for t in update_delta(tuned, world.global_adapter).values()))
     assert norm > 1e-3  # the clip bites
@@ -261,28 +265,32 @@ def test_a_secure_aggregation_round_through_the_handlers(world, tmp_path):
 
 
 def test_train_instruction_modes_round_trip_and_stay_strict():
-    modes = TrainInstruction(round=3, bundle_digest="b" * 64, job_id="j-1", envelope=True, secagg=True,
-                             dp_clip_norm=0.5, dp_noise_multiplier=1.2, dp_mode="distributed", dp_min_clients=3)
-    assert TrainInstruction.from_record(modes.to_record()) == modes and modes.dp
+    modes = TrainInstruction(round=3, bundle_digest="b" * 64, tuning=TUNING, job_id="j-1", envelope=True, secagg=True,
+                             dp=DPConfig(0.5, 1.2, "distributed", 3))
+    assert TrainInstruction.from_record(modes.to_record(), TuneConfig) == modes
     record = modes.to_record()
+    assert (record["dp.clip_norm"], record["dp.min_clients"]) == (0.5, 3)
     record["envelope"] = 1
     with pytest.raises(WireError, match="'envelope': expected bool"):
-        TrainInstruction.from_record(record)
+        TrainInstruction.from_record(record, TuneConfig)
     record = modes.to_record()
     record["round"] = True
     with pytest.raises(WireError, match="'round': expected int"):
-        TrainInstruction.from_record(record)
-    for bad, match in (
-        (dict(envelope=True), "need a job-id"),
-        (dict(job_id="../x"), "not a job id"),
-        (dict(job_id="j", dp_clip_norm=0.5, dp_noise_multiplier=1.0, dp_mode="distributed", dp_min_clients=2), "needs secagg"),
-        (dict(dp_noise_multiplier=1.0), "without dp-clip-norm"),
-        (dict(dp_clip_norm=float("nan")), "finite"),
-        (dict(dp_clip_norm=0.5, dp_mode="local", dp_min_clients=2), "dp-mode"),
-    ):
+        TrainInstruction.from_record(record, TuneConfig)
+    record = modes.to_record()
+    record["dp.noise_multiplier"] = float("nan")  # DPConfig's check, the one place DP settings are checked
+    with pytest.raises(WireError, match="dp: noise_multiplier must be a finite number"):
+        TrainInstruction.from_record(record, TuneConfig)
+    record = modes.to_record()
+    record["dp.mode"] = "local"
+    with pytest.raises(WireError, match="min_clients applies to the distributed mode only"):
+        TrainInstruction.from_record(record, TuneConfig)
+    for bad, match in ((dict(envelope=True), "need a job_id"), (dict(job_id="../x"), "not a job id")):
         with pytest.raises(WireError, match=match):
-            TrainInstruction(round=1, bundle_digest="b" * 64, **bad)
-    assert TrainInstruction(round=1, bundle_digest="b" * 64).to_record()["envelope"] is False
+            TrainInstruction(round=1, bundle_digest="b" * 64, tuning=TUNING, **bad)
+    plain = TrainInstruction(round=1, bundle_digest="b" * 64, tuning=TUNING)
+    assert plain.to_record()["envelope"] is False and not any(key.startswith("dp.") for key in plain.to_record())
+    assert TrainInstruction.from_record(plain.to_record(), TuneConfig).dp is None
 
 
 def test_client_start_hands_the_identity_and_the_pinned_key_to_the_node_config(tmp_path):

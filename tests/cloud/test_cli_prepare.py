@@ -10,7 +10,7 @@ import re
 import pytest
 
 from offsite.cli import main
-from offsite.cloud.fed_job import FedJobConfig, JobError, LocalTuning, read_job, write_job
+from offsite.cloud.fed_job import FEDERATED_TUNING, FedJobConfig, JobError, read_job, write_job
 from offsite.cloud.presets import get_preset
 from offsite.protocol.bundle import read_bundle
 from tests.conftest import make_tokenizer, tiny_model
@@ -40,7 +40,7 @@ def test_prepare_writes_job_json_with_the_given_settings(model_dir, tmp_path, ca
     assert code == 0
     expected = FedJobConfig(
         rounds=4, min_nodes=3, min_replies=2, round_timeout=45.0, aggregator="trimmed-mean",
-        tuning=LocalTuning(steps=3, lr=0.002, batch_size=4),
+        tuning=dataclasses.replace(FEDERATED_TUNING, steps=3, lr=0.002, batch_size=4),
     )
     job = read_job(out)
     assert re.fullmatch(r"[0-9a-f]{32}", job.job_id)  # a fresh uuid4 per prepared job
@@ -130,5 +130,5 @@ def test_job_json_keeps_the_plugin_gain_and_refuses_a_bad_one(tmp_path):
     data = json.loads((tmp_path / "job.json").read_text())
     for bad in (-0.5, "2", None):
         (tmp_path / "job.json").write_text(json.dumps({**data, "plugin_gain": bad}))
-        with pytest.raises(JobError, match=r"job\.json.*plug-in gain"):
+        with pytest.raises(JobError, match=r"job\.json.*(plug-in gain|'plugin_gain': expected float)"):
             read_job(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from offsite.cloud.fed_job import FedJobConfig, JobError, JobState, LocalTuning, save_checkpoint, write_job
+from offsite.cloud.fed_job import FEDERATED_TUNING, FedJobConfig, JobError, JobState, save_checkpoint, write_job
 from offsite.cloud.finish import finish_job
 from offsite.emulator.data import read_mc_jsonl
 from offsite.emulator.sandwich import SandwichShape, adapter_state_dict, build_emulator
@@ -37,7 +38,7 @@ def make_finished_job(tmp_path, rounds: int = 2, completed: int = 2, eval_rows: 
     )
     test = tmp_path / "test.jsonl"
     write_jsonl(test, [{"prompt": f"q{i} ", "choices": ["a", "b", "c"], "answer": i % 3} for i in range(12)])
-    write_job(job_dir, FedJobConfig(rounds=rounds, tuning=LocalTuning(), base_model=str(base_dir), eval_test=str(test),
+    write_job(job_dir, FedJobConfig(rounds=rounds, base_model=str(base_dir), eval_test=str(test),
                                     eval_rows=eval_rows, plugin_gain=plugin_gain))
     state = JobState(bundle=read_bundle(job_dir / "bundle").digest)
     adapter = adapter_state_dict(emulator, layout, adapter_blocks)
@@ -71,7 +72,7 @@ def test_finish_plugs_in_the_last_checkpoint_and_scores_it(tmp_path):
     rescored = score_mc(plugged, tokenizer, read_mc_jsonl(test, limit=10), 4)
     assert math.isclose(report["results"]["plug_in"]["accuracy"], rescored.accuracy)
     assert math.isclose(report["results"]["full_zero_shot"]["accuracy"], score_mc(base, tokenizer, read_mc_jsonl(test, limit=10), 4).accuracy)
-    assert report["meta"]["tune"]["federated"]["steps"] == LocalTuning().steps and report["meta"]["tune"]["rounds"] == 2
+    assert report["meta"]["tune"]["federated"]["steps"] == FEDERATED_TUNING.steps and report["meta"]["tune"]["rounds"] == 2
     assert report["meta"]["bundle_digest"] == bundle.digest and report["meta"]["model"] == str(tmp_path / "base")
 
     # idempotent: the same checkpoint is not plugged in twice
@@ -123,9 +124,10 @@ def test_finish_refuses_an_unfinished_job(tmp_path):
 
 
 def test_round_lr_schedule():
-    constant = FedJobConfig(rounds=4, tuning=LocalTuning(lr=1e-3))
+    constant = FedJobConfig(rounds=4, tuning=dataclasses.replace(FEDERATED_TUNING, lr=1e-3))
     assert [constant.round_lr(r) for r in range(1, 5)] == [1e-3] * 4
-    cosine = FedJobConfig(rounds=5, tuning=LocalTuning(lr=1e-3), lr_schedule="cosine", final_lr_ratio=0.1)
+    cosine = FedJobConfig(rounds=5, tuning=dataclasses.replace(FEDERATED_TUNING, lr=1e-3), lr_schedule="cosine",
+                          final_lr_ratio=0.1)
     lrs = [cosine.round_lr(r) for r in range(1, 6)]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
     assert lrs[2] == pytest.approx(5.5e-4)  # halfway: the mean of the two ends

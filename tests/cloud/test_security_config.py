@@ -11,6 +11,7 @@ import math
 import pytest
 
 from offsite.cloud.fed_job import (
+    FEDERATED_TUNING,
     FedJobConfig,
     JobError,
     JobState,
@@ -21,8 +22,9 @@ from offsite.cloud.fed_job import (
     write_job,
 )
 from offsite.cloud.superlink import round_summary
-from offsite.cloud.server_app import client_metrics, make_instruction, spend_privacy, update_weight
-from offsite.protocol.dp import PrivacyAccountant
+from offsite.cloud.server_app import client_metrics, spend_privacy, update_weight
+from offsite.emulator.tune import TuneConfig
+from offsite.protocol.dp import DPConfig, PrivacyAccountant
 from offsite.protocol.messages import TrainInstruction
 
 KEYS = dict(keys_dir="/keys", registry="/senders.json")
@@ -81,18 +83,50 @@ def test_contradictions_are_refused_naming_the_setting(config, match):
 
 
 def test_the_instruction_carries_the_job_id_and_modes(tmp_path):
-    bundle = type("B", (), {"digest": "c" * 64})()
-    plain = make_instruction(FedJobConfig(), bundle, 2)
-    assert (plain.job_id, plain.envelope, plain.secagg, plain.dp) == ("", False, False, False)
+    plain = FedJobConfig().instruction(2, "c" * 64)
+    assert (plain.job_id, plain.envelope, plain.secagg, plain.dp) == ("", False, False, None)
     config = dataclasses.replace(
-        job(envelopes=True, secure_aggregation=True, dp_clip_norm=0.2, dp_noise_multiplier=1.5, dp_mode="distributed", **KEYS), min_replies=3
+        job(envelopes=True, secure_aggregation=True, dp_clip_norm=0.2, dp_noise_multiplier=1.5, dp_mode="distributed", **KEYS),
+        min_replies=3,
     )
-    sent = make_instruction(config, bundle, 2)
-    assert TrainInstruction.from_record(sent.to_record()) == sent
-    assert (sent.job_id, sent.envelope, sent.secagg, sent.dp_clip_norm, sent.dp_noise_multiplier) == ("job-1", True, True, 0.2, 1.5)
-    assert sent.dp_mode == "distributed" and sent.dp_min_clients == 3  # the sum of a completed round holds >= min_replies updates
-    local = make_instruction(job(dp_clip_norm=0.2), bundle, 1)
-    assert local.dp_mode == "local" and local.dp_min_clients == 1
+    sent = config.instruction(2, "c" * 64)
+    assert TrainInstruction.from_record(sent.to_record(), TuneConfig) == sent
+    assert (sent.job_id, sent.envelope, sent.secagg) == ("job-1", True, True)
+    # the sum of a completed round holds >= min_replies updates
+    assert sent.dp == DPConfig(0.2, 1.5, "distributed", 3)
+    local = job(dp_clip_norm=0.2).instruction(1, "c" * 64)
+    assert local.dp == DPConfig(0.2, 1.0, "local", 1)
+
+
+def test_the_round_s_tuning_is_the_job_s_with_the_round_s_lr_and_seed():
+    tuning = dataclasses.replace(FEDERATED_TUNING, lr=1e-3, seed=5, prox=0.1, train="top")
+    config = FedJobConfig(rounds=3, tuning=tuning, lr_schedule="cosine", final_lr_ratio=0.5)
+    for round_number in (1, 2, 3):
+        sent = config.instruction(round_number, "c" * 64).tuning
+        assert sent == dataclasses.replace(tuning, lr=config.round_lr(round_number), seed=5 + round_number)
+    assert config.instruction(3, "c" * 64).tuning.lr == pytest.approx(5e-4)
+    with pytest.raises(JobError, match="tuning.mode 'lora'"):
+        FedJobConfig(tuning=dataclasses.replace(FEDERATED_TUNING, mode="lora"))
+    with pytest.raises(JobError, match="tuning.device"):
+        FedJobConfig(tuning=dataclasses.replace(FEDERATED_TUNING, device="cuda"))
+
+
+def test_a_job_json_of_the_old_tuning_section_reads_with_the_same_settings(tmp_path):
+    """job.json files written with LocalTuning's eight fields (before TuneConfig was nested) read as
+    the same tuning: the fields TuneConfig adds take FEDERATED_TUNING's values."""
+    old_tuning = {"steps": 3, "batch_size": 4, "lr": 0.002, "warmup_steps": 0, "schedule": "constant", "max_length": 64,
+                  "max_grad_norm": 1.0, "seed": 7}
+    data = FedJobConfig().to_json() | {"tuning": old_tuning}
+    (tmp_path / "job.json").write_text(json.dumps(data))
+    assert read_job(tmp_path).tuning == dataclasses.replace(FEDERATED_TUNING, **old_tuning)
+    (tmp_path / "job.json").write_text(json.dumps(data | {"tuning": {"lr": 0.01}}))
+    assert read_job(tmp_path).tuning == dataclasses.replace(FEDERATED_TUNING, lr=0.01)  # not TuneConfig()'s 120 steps
+    (tmp_path / "job.json").write_text(json.dumps(data | {"tuning": {"steps": 0}}))
+    with pytest.raises(JobError, match="job.json: tuning: steps and batch_size must be >= 1"):
+        read_job(tmp_path)
+    (tmp_path / "job.json").write_text(json.dumps(data | {"tuning": {"middle_drop": 0.25}}))
+    with pytest.raises(JobError, match=r"unknown tuning settings \['middle_drop'\]"):
+        read_job(tmp_path)
 
 
 def test_privacy_is_charged_per_round_and_persisted_with_the_state(tmp_path):

@@ -5,12 +5,13 @@ with node authentication, ``test_flower_envelopes`` with signed bundles and seal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
 
 from offsite.cloud.aggregate import fedavg
-from offsite.cloud.fed_job import FedJobConfig, LocalTuning, checkpoint_path, update_path, write_job
+from offsite.cloud.fed_job import FEDERATED_TUNING, FedJobConfig, checkpoint_path, update_path, write_job
 from offsite.emulator.sandwich import SandwichShape, build_emulator
 from offsite.protocol.adapter import load_update
 from offsite.protocol.bundle import write_bundle
@@ -32,7 +33,7 @@ def make_job(tmp_path, rounds: int = 2):
         {"family": "llama", "shape": {"a": 1, "k": 2, "b": 1, "n_blocks": n}, "layout": layout,
          "adapter_blocks": shape.adapter_blocks(n), "kept_middle": shape.kept_middle(n)},
     )
-    tuning = LocalTuning(steps=2, batch_size=2, lr=1e-2, max_length=32)
+    tuning = dataclasses.replace(FEDERATED_TUNING, steps=2, batch_size=2, lr=1e-2, max_length=32)
     write_job(job_dir, FedJobConfig(rounds=rounds, min_nodes=3, min_replies=3, round_timeout=90, node_wait_timeout=60,
                                     bundle_timeout=60, bundle_part_bytes=1 << 20, record_updates=True, tuning=tuning))
     return job_dir

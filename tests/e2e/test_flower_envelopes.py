@@ -24,6 +24,7 @@ Two federations (each a few runs, to keep start-ups few on a small machine):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
@@ -33,7 +34,7 @@ import torch
 from safetensors import safe_open
 
 from offsite.cloud.aggregate import fedavg
-from offsite.cloud.fed_job import FedJobConfig, LocalTuning, SecurityConfig, checkpoint_path, update_path, write_job
+from offsite.cloud.fed_job import FEDERATED_TUNING, FedJobConfig, SecurityConfig, checkpoint_path, update_path, write_job
 from offsite.cloud.superlink import free_port
 from offsite.harness.federation import LocalFederation, _spawn
 from offsite.emulator.sandwich import SandwichShape, build_emulator
@@ -50,7 +51,7 @@ from tests.e2e.test_flower_faults import supernode_ids, wait_until
 from tests.e2e.flower_jobs import NUM_EXAMPLES, assert_rounds_are_weighted_means, data_file, data_rows
 
 HONEST = ("alice", "bob", "carol")
-TUNING = LocalTuning(steps=2, batch_size=2, lr=1e-2, max_length=32)
+TUNING = dataclasses.replace(FEDERATED_TUNING, steps=2, batch_size=2, lr=1e-2, max_length=32)
 WINDOW = 32  # bytes of a float32 update tensor looked for on the wire
 
 

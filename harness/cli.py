@@ -22,52 +22,61 @@ def register(subparsers, commands) -> None:
     """``subparsers``: the top level's; ``commands``: those of ``offsite cloud``."""
     register_split(commands)  # offsite cloud split
     register_simulate(commands)  # offsite cloud simulate
+    for parent in (commands, subparsers):  # offsite eval | sweep, and the same under offsite cloud
+        _register_eval(parent)
+        _register_sweep(parent)
+    _register_demo(subparsers)
 
-    for parent, name in ((commands, "eval"), (subparsers, "eval")):
-        evaluate = parent.add_parser(
-            name,
-            help="five-setting evaluation: full/emulator zero-shot, emulator-FT, plug-in, full FT",
-            description="Tune the adapter on the emulator, plug it in, and score the five settings of the "
-            "Offsite-Tuning paper on a test file: multiple-choice rows by accuracy (acc, with acc_norm beside it), "
-            "SFT rows ({\"prompt\",\"completion\"}) by the completion's negative log-likelihood in nats per token "
-            "(perplexity beside it). The rows decide which. Writes report.md, report.json and report.png.",
-        )
-        _add_eval_arguments(evaluate, DEFAULT_PRESET, SETTINGS)
-        evaluate.set_defaults(func=_eval)
 
-    for parent, name in ((commands, "sweep"), (subparsers, "sweep")):
-        sweep = parent.add_parser(
-            name,
-            help="the privacy-utility frontier: several emulators on one task, one table and one plot",
-            description="For each emulator: emulator zero-shot, emulator-FT and plug-in; full zero-shot and full FT "
-            "once per adapter cut. Writes OUT/report/report.{md,json,png} and OUT/report/frontier.png (emulator-FT "
-            "against plug-in: points above the diagonal keep a privacy gap). Results are appended to OUT/sweep.jsonl "
-            "as they come, so a second run resumes. Emulators: a preset name, or SHAPE[/kdSTEPS][/qBITSgGROUP][/gainG] "
-            "on top of --preset's recipe, e.g. 2-10-2/kd60 2-22-2/kd0 2-26-2/q2g16 2-26-2/q34g16/gain1.5.",
-        )
-        sweep.add_argument("emulators", nargs="+", metavar="EMULATOR", help="emulators to compare (see above)")
-        _add_task_arguments(sweep)
-        sweep.add_argument("--val-rows", type=int, default=0, metavar="N",
-                           help="score on the train file's last N rows, held out of tuning, instead of the test file "
-                           "(to choose an emulator without looking at the test file)")
-        sweep.add_argument("--preset", default=DEFAULT_PRESET, help=f"recipe the emulators build on (default {DEFAULT_PRESET})")
-        sweep.add_argument("--model", default=None, help="base model (default: the preset's)")
-        sweep.add_argument("--corpus", default=None, help="distillation text: 'python-docs' (default), a .txt or a .jsonl with 'text'")
-        sweep.add_argument("--out", type=Path, required=True, help="sweep directory")
-        add_tune_arguments(sweep)
-        sweep.set_defaults(func=_sweep)
+def _register_eval(parent) -> None:
+    evaluate = parent.add_parser(
+        "eval",
+        help="five-setting evaluation: full/emulator zero-shot, emulator-FT, plug-in, full FT",
+        description="Tune the adapter on the emulator, plug it in, and score the five settings of the "
+        "Offsite-Tuning paper on a test file: multiple-choice rows by accuracy (acc, with acc_norm beside it), "
+        "SFT rows ({\"prompt\",\"completion\"}) by the completion's negative log-likelihood in nats per token "
+        "(perplexity beside it). The rows decide which. Writes report.md, report.json and report.png.",
+    )
+    _add_eval_arguments(evaluate, DEFAULT_PRESET, SETTINGS)
+    evaluate.set_defaults(func=_eval)
 
+
+def _register_sweep(parent) -> None:
+    sweep = parent.add_parser(
+        "sweep",
+        help="the privacy-utility frontier: several emulators on one task, one table and one plot",
+        description="For each emulator: emulator zero-shot, emulator-FT and plug-in; full zero-shot and full FT "
+        "once per adapter cut. Writes OUT/report/report.{md,json,png} and OUT/report/frontier.png (emulator-FT "
+        "against plug-in: points above the diagonal keep a privacy gap). Results are appended to OUT/sweep.jsonl "
+        "as they come, so a second run resumes. Emulators: a preset name, or SHAPE[/kdSTEPS][/qBITSgGROUP][/gainG] "
+        "on top of --preset's recipe, e.g. 2-10-2/kd60 2-22-2/kd0 2-26-2/q2g16 2-26-2/q34g16/gain1.5.",
+    )
+    sweep.add_argument("emulators", nargs="+", metavar="EMULATOR", help="emulators to compare (see above)")
+    _add_task_arguments(sweep)
+    sweep.add_argument("--val-rows", type=int, default=0, metavar="N",
+                       help="score on the train file's last N rows, held out of tuning, instead of the test file "
+                       "(to choose an emulator without looking at the test file)")
+    sweep.add_argument("--preset", default=DEFAULT_PRESET, help=f"recipe the emulators build on (default {DEFAULT_PRESET})")
+    sweep.add_argument("--model", default=None, help="base model (default: the preset's)")
+    sweep.add_argument("--corpus", default=None, help="distillation text: 'python-docs' (default), a .txt or a .jsonl with 'text'")
+    sweep.add_argument("--out", type=Path, required=True, help="sweep directory")
+    add_tune_arguments(sweep)
+    sweep.set_defaults(func=_sweep)
+
+
+def _register_demo(subparsers) -> None:
     demo = subparsers.add_parser(
         "demo",
         help="federated offsite-tuning end to end on the embedded SmolLM2-135M, with the five-setting table",
-        description="Prepare and distil the default emulator; split a BIG-bench task shipped in data/ among data "
+        description="Prepare the default emulator; split a task shipped in data/ (default: wordnet_definitions, one the model has skill on) among data "
         "owners (non-IID); run the federated job over a real SuperLink and SuperNodes on loopback (TLS, node "
         "authentication); plug the federated adapter in; tune the same blocks with the real middle on the same data "
         "(full FT; --centralised all adds centralised emulator-FT and plug-in); print the five-setting table. The first run converts the model and "
         "distils (cached for later runs).",
     )
     demo.add_argument("--preset", default=DEFAULT_PRESET, help=f"named recipe (default {DEFAULT_PRESET})")
-    demo.add_argument("--task", default="hyperbaton", help="a task shipped in data/skill or data/bigbench (default hyperbaton)")
+    demo.add_argument("--task", default="wordnet_definitions",
+                      help="a task shipped in data/skill or data/bigbench (default wordnet_definitions)")
     demo.add_argument("--owners", type=int, default=3, help="data owners, one SuperNode each (default 3)")
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split; small is more skewed (default 0.5)")
     demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3); local steps follow from the preset's budget")

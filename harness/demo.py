@@ -26,7 +26,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from offsite.cloud.certs import write_deployment_certs
+from offsite.cloud.combine import read_reports
+from offsite.cloud.evaluate import EvalConfig, Report, five_setting_eval, job_report_dir, write_report
+from offsite.cloud.fed_job import BUNDLE_DIR, FedJobConfig, LocalTuning, write_job
+from offsite.cloud.models import load_base
+from offsite.cloud.prepare import config_for, prepare_bundle
 from offsite.cloud.presets import Preset
+from offsite.cloud.superlink import round_summary
+from offsite.emulator.data import read_examples, read_test_rows
+from offsite.protocol.adapter import save_update
+
+from .federation import LocalFederation
+from .pipeline import task_files
+from .split import format_table, split_file
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +52,7 @@ CENTRALISED = {"full-ft": ("full_ft",), "all": ("emulator_ft", "plug_in", "full_
 class FedDemoConfig:
     preset: Preset
     out: Path
-    task: str = "hyperbaton"
+    task: str = "wordnet_definitions"
     owners: int = 3
     alpha: float = 0.5  # Dirichlet concentration of the label split: small is more skewed
     rounds: int = 3
@@ -60,28 +73,14 @@ def _stage(number: int, total: int, text: str) -> None:
 
 
 def run_fed_demo(config: FedDemoConfig) -> dict:
-    from offsite.emulator.data import read_examples, read_test_rows
-
-    from offsite.cloud.certs import write_deployment_certs
-    from offsite.cloud.combine import read_reports
-    from offsite.cloud.evaluate import EvalConfig, Report, five_setting_eval, job_report_dir, write_report
-    from offsite.cloud.fed_job import BUNDLE_DIR, FEDERATED_TUNING, FedJobConfig, write_job
-    from offsite.cloud.superlink import round_summary
-    from offsite.harness.federation import LocalFederation
-    from offsite.cloud.models import load_base
-    from offsite.harness.pipeline import task_files
-    from offsite.cloud.prepare import config_for, prepare_bundle
-    from offsite.harness.split import format_table, split_file
-
+    if config.centralised not in CENTRALISED:
+        raise ValueError(f"centralised must be one of {', '.join(CENTRALISED)}, got {config.centralised!r}")
     started = time.perf_counter()
     out = Path(config.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    preset, tune = config.preset, config.preset.tune
+    preset = config.preset
     train_path, test_path = task_files(config.task)
-    if config.centralised not in CENTRALISED:
-        raise ValueError(f"centralised must be one of {', '.join(CENTRALISED)}, got {config.centralised!r}")
-    central_settings = CENTRALISED[config.centralised]
-    total = 5 if central_settings else 4
+    total = 5 if CENTRALISED[config.centralised] else 4
 
     _stage(1, total, f"base model {preset.base}")
     base, tokenizer, where = load_base(preset.base)
@@ -94,31 +93,57 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
     bundle = prepare_bundle(base, tokenizer, config_for(preset), job_dir / BUNDLE_DIR)
     distill = bundle.manifest.get("distill", {})
     if "heldout_reduction" in distill:
-        print(f"held-out KD {distill['heldout_kd_before']:.3f} -> {distill['heldout_kd_after']:.3f} ({100 * distill['heldout_reduction']:.0f}% lower than layer drop)")
-
+        print(f"held-out KD {distill['heldout_kd_before']:.3f} -> {distill['heldout_kd_after']:.3f} "
+              f"({100 * distill['heldout_reduction']:.0f}% lower than layer drop)")
     train = read_examples(train_path)
-    summary = split_file(train_path, out / "owners", config.owners, config.alpha, config.seed, min_rows=tune.batch_size)
-    share_paths = [out / "owners" / owner["file"] for owner in summary["owners"]]
-    print(f"{len(train)} training rows split among {config.owners} owners, Dirichlet alpha {config.alpha} over the labels:")
-    print(format_table(summary))
+    share_paths = _split_among_owners(config, train_path, out / "owners", len(train))
+    write_job(job_dir, _job_config(config, test_path))
 
-    steps = config.local_steps
-    job = FedJobConfig(
+    federated, fed_seconds = _federate(config, out, job_dir, share_paths, total)
+    kind, test = read_test_rows(test_path, limit=config.test_rows)
+    report = _demo_report(config, federated, len(test), len(train), kind, fed_seconds)
+    if CENTRALISED[config.centralised]:
+        _centralised(config, report, base, tokenizer, bundle, train, test, out, total)
+    report.meta["seconds"] = round(time.perf_counter() - started, 1)
+    paths = write_report([report], job_report_dir(out),
+                         title=f"{preset.name} on {config.task}: federated ({config.owners} owners) and centralised")
+    _stage(total, total, f"results ({report.meta['seconds'] / 60:.1f} min in all)")
+    print(report.markdown())
+    print(f"report: {paths['md']} (+ .json, .png); federated plug-in model: {job_dir / 'plug_in'}")
+    return report.to_dict()
+
+
+def _split_among_owners(config: FedDemoConfig, train_path: Path, owners_dir: Path, rows: int) -> list[Path]:
+    tune = config.preset.tune
+    summary = split_file(train_path, owners_dir, config.owners, config.alpha, config.seed, min_rows=tune.batch_size)
+    print(f"{rows} training rows split among {config.owners} owners, Dirichlet alpha {config.alpha} over the labels:")
+    print(format_table(summary))
+    return [owners_dir / owner["file"] for owner in summary["owners"]]
+
+
+def _job_config(config: FedDemoConfig, test_path: Path) -> FedJobConfig:
+    """The federated job: as many training examples as the preset's centralised budget."""
+    preset, tune = config.preset, config.preset.tune
+    return FedJobConfig(
         rounds=config.rounds,
         min_nodes=config.owners,
         min_replies=max(1, config.owners - 1),
         round_timeout=config.round_timeout,
         bundle_timeout=config.round_timeout,
         bundle_part_bytes=128 << 20,
-        tuning=dataclasses.replace(FEDERATED_TUNING, steps=steps, batch_size=tune.batch_size, lr=tune.lr,
-                                   max_length=tune.max_length, seed=config.seed),
+        tuning=LocalTuning(steps=config.local_steps, batch_size=tune.batch_size, lr=tune.lr, max_length=tune.max_length, seed=config.seed),
         lr_schedule="cosine",
         base_model=preset.base,
         eval_test=str(test_path),
         eval_rows=config.test_rows,
         plugin_gain=preset.plugin_gain,
     )
-    write_job(job_dir, job)
+
+
+def _federate(config: FedDemoConfig, out: Path, job_dir: Path, share_paths: list[Path], total: int):
+    """Run the job on a SuperLink and one SuperNode per owner on loopback; the job's own report
+    (read as ``offsite report`` reads it) and the seconds the federation took."""
+    tune, steps = config.preset.tune, config.local_steps
     _stage(
         3, total,
         f"federated: {config.rounds} rounds x {config.owners} owners x {steps} local steps x {tune.batch_size} "
@@ -129,7 +154,7 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
     if federation_dir.exists():
         shutil.rmtree(federation_dir)
     certs = write_deployment_certs(federation_dir / "certs", nodes=config.owners, hosts=("127.0.0.1", "localhost"))
-    fed_started = time.perf_counter()
+    started = time.perf_counter()
     with LocalFederation(federation_dir, certs=certs) as federation:
         federation.start_superlink()
         for index, path in enumerate(share_paths):
@@ -142,44 +167,44 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
         status = federation.follow(run_id, _print_server_line, timeout=config.round_timeout * (config.rounds + 2))
     if status != "finished:completed":
         raise RuntimeError(f"federated run {run_id} ended {status}; logs in {federation_dir / 'logs'}")
-    fed_seconds = time.perf_counter() - fed_started
+    seconds = time.perf_counter() - started
     for line in round_summary(job_dir):
         print(line)
     (federated,) = read_reports(job_report_dir(job_dir) / "report.json")  # checked as `offsite report` checks it
+    return federated, seconds
 
-    kind, test = read_test_rows(test_path, limit=config.test_rows)
-    report = Report(task=config.task, test_rows=len(test), train_rows=len(train), kind=kind)
+
+def _demo_report(config: FedDemoConfig, federated: Report, test_rows: int, train_rows: int, kind: str,
+                 fed_seconds: float) -> Report:
+    report = Report(task=config.task, test_rows=test_rows, train_rows=train_rows, kind=kind)
     for setting in ("full_zero_shot", "emulator_zero_shot"):
         report.results[setting] = federated.results[setting]
     report.results["federated_emulator_ft"] = federated.results["emulator_ft"]
     report.results["federated_plug_in"] = federated.results["plug_in"]
     report.meta = {
-        "preset": preset.name,
+        "preset": config.preset.name,
         "owners": config.owners,
         "alpha": config.alpha,
         "rounds": config.rounds,
-        "local_steps": steps,
+        "local_steps": config.local_steps,
         "federated_seconds": round(fed_seconds, 1),
         "middle_nmse_at_answer": federated.meta.get("middle_nmse_at_answer"),
-        "plugin_gain": preset.plugin_gain,
+        "plugin_gain": config.preset.plugin_gain,
     }
-    if central_settings:
-        names = {"emulator_ft": "emulator-FT", "plug_in": "plug-in", "full_ft": "full FT (the same blocks tuned with the real middle)"}
-        _stage(4, total, f"centralised on the same {len(train)} training rows: {', '.join(names[s] for s in central_settings)}")
-        central, update = five_setting_eval(base, tokenizer, bundle, train, test, tune, EvalConfig(settings=central_settings, plugin_gain=preset.plugin_gain),
-                                             task=config.task)
-        report.results.update(central.results)
-        report.meta["centralised"] = {k: central.meta[k] for k in ("emulator_tuning", "full_tuning") if k in central.meta}
-        if update is not None:
-            from offsite.protocol.adapter import save_update
+    return report
 
-            save_update(out / "centralised" / "adapter.safetensors", update, {"mode": "blocks", "lora_alpha": None, "bundle": bundle.digest})
-    report.meta["seconds"] = round(time.perf_counter() - started, 1)
-    paths = write_report([report], job_report_dir(out), title=f"{preset.name} on {config.task}: federated ({config.owners} owners) and centralised")
-    _stage(total, total, f"results ({report.meta['seconds'] / 60:.1f} min in all)")
-    print(report.markdown())
-    print(f"report: {paths['md']} (+ .json, .png); federated plug-in model: {job_dir / 'plug_in'}")
-    return report.to_dict()
+
+def _centralised(config: FedDemoConfig, report: Report, base, tokenizer, bundle, train, test, out: Path, total: int) -> None:
+    """Full FT (and with ``--centralised all`` centralised emulator-FT and plug-in) on all the training data."""
+    preset, settings = config.preset, CENTRALISED[config.centralised]
+    names = {"emulator_ft": "emulator-FT", "plug_in": "plug-in", "full_ft": "full FT (the same blocks tuned with the real middle)"}
+    _stage(4, total, f"centralised on the same {len(train)} training rows: {', '.join(names[s] for s in settings)}")
+    central, update = five_setting_eval(base, tokenizer, bundle, train, test, preset.tune,
+                                        EvalConfig(settings=settings, plugin_gain=preset.plugin_gain), task=config.task)
+    report.results.update(central.results)
+    report.meta["centralised"] = {k: central.meta[k] for k in ("emulator_tuning", "full_tuning") if k in central.meta}
+    if update is not None:
+        save_update(out / "centralised" / "adapter.safetensors", update, {"mode": "blocks", "lora_alpha": None, "bundle": bundle.digest})
 
 
 def _print_server_line(line: str) -> None:

@@ -128,40 +128,20 @@ def write_bundle(
     The bundle is assembled in a sibling temporary directory and renamed into place, so a
     crash never leaves a half-written bundle behind.
     """
-    from safetensors.torch import load_file, save_file, save_model
+    from safetensors.torch import save_model
 
-    from .packed import find_grid, pack_state
-
-    for key in ("family", "shape", "layout", "adapter_blocks", "kept_middle"):
-        if key not in info:
-            raise ValueError(f"bundle info lacks {key!r}")
-    if set(info) - MANIFEST_KEYS:
-        raise ValueError(f"bundle info keys {sorted(set(info) - MANIFEST_KEYS)} are not manifest keys (read_bundle would refuse them)")
+    _check_info(info)
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
         save_model(emulator, str(staging / WEIGHTS))  # safetensors drops tied duplicates; packing starts from that
         if packed or grids:
-            tensors = load_file(str(staging / WEIGHTS))
-            packed = dict(packed or {})
-            if grids:
-                found = {name: find_grid(tensor) for name, tensor in tensors.items() if name not in packed}
-                packed.update((name, grid) for name, grid in found.items() if grid is not None)
-            if packed:
-                tensors, entry = pack_state(tensors, packed)
-                save_file(tensors, str(staging / WEIGHTS))
+            entry = _pack_weights(staging / WEIGHTS, packed, grids)
+            if entry is not None:
                 info = {**info, "packed": entry}
-        with tempfile.TemporaryDirectory() as scratch:
-            tokenizer.save_pretrained(scratch)
-            (staging / TOKENIZER_DIR).mkdir()
-            for name in TOKENIZER_FILES:
-                if (Path(scratch) / name).exists():
-                    shutil.copy(Path(scratch) / name, staging / TOKENIZER_DIR / name)
-        files = {}
-        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-            rel = path.relative_to(staging).as_posix()
-            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        _save_tokenizer(tokenizer, staging / TOKENIZER_DIR)
+        files = _list_files(staging)
         manifest = {
             "format": FORMAT,
             **info,
@@ -175,6 +155,54 @@ def write_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Bundle(root, manifest)
+
+
+def _check_info(info: dict) -> None:
+    """ValueError unless ``info`` holds the cut's keys and only manifest keys."""
+    for key in ("family", "shape", "layout", "adapter_blocks", "kept_middle"):
+        if key not in info:
+            raise ValueError(f"bundle info lacks {key!r}")
+    extra = sorted(set(info) - MANIFEST_KEYS)
+    if extra:
+        raise ValueError(f"bundle info keys {extra} are not manifest keys (read_bundle would refuse them)")
+
+
+def _pack_weights(path: Path, packed: dict | None, grids: bool) -> dict | None:
+    """Rewrite the weights file at ``path`` with ``packed`` (and, with ``grids``, every other weight
+    found on a grid) bit-packed; the manifest's ``packed`` entry, or None where nothing is packed."""
+    from safetensors.torch import load_file, save_file
+
+    from .packed import find_grid, pack_state
+
+    tensors = load_file(str(path))
+    packed = dict(packed or {})
+    if grids:
+        found = {name: find_grid(tensor) for name, tensor in tensors.items() if name not in packed}
+        packed.update((name, grid) for name, grid in found.items() if grid is not None)
+    if not packed:
+        return None
+    tensors, entry = pack_state(tensors, packed)
+    save_file(tensors, str(path))
+    return entry
+
+
+def _save_tokenizer(tokenizer, directory: Path) -> None:
+    """The tokenizer's files named in :data:`TOKENIZER_FILES` (those ``save_pretrained`` writes), in ``directory``."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        directory.mkdir()
+        for name in TOKENIZER_FILES:
+            if (Path(scratch) / name).exists():
+                shutil.copy(Path(scratch) / name, directory / name)
+
+
+def _list_files(staging: Path) -> dict:
+    """sha256 and size of every file under ``staging``, by relative POSIX path, sorted."""
+    listed = {}
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        rel = path.relative_to(staging).as_posix()
+        listed[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return listed
 
 
 def read_limited(path: Path, limit: int) -> bytes:

@@ -29,7 +29,7 @@ from pathlib import Path
 from offsite.cloud.certs import write_deployment_certs
 from offsite.cloud.combine import read_reports
 from offsite.cloud.evaluate import EvalConfig, Report, five_setting_eval, job_report_dir, write_report
-from offsite.cloud.fed_job import BUNDLE_DIR, FedJobConfig, LocalTuning, write_job
+from offsite.cloud.fed_job import BUNDLE_DIR, FEDERATED_TUNING, FedJobConfig, write_job
 from offsite.cloud.models import load_base
 from offsite.cloud.prepare import config_for, prepare_bundle
 from offsite.cloud.presets import Preset
@@ -131,7 +131,8 @@ def _job_config(config: FedDemoConfig, test_path: Path) -> FedJobConfig:
         round_timeout=config.round_timeout,
         bundle_timeout=config.round_timeout,
         bundle_part_bytes=128 << 20,
-        tuning=LocalTuning(steps=config.local_steps, batch_size=tune.batch_size, lr=tune.lr, max_length=tune.max_length, seed=config.seed),
+        tuning=dataclasses.replace(FEDERATED_TUNING, steps=config.local_steps, batch_size=tune.batch_size, lr=tune.lr,
+                                   max_length=tune.max_length, seed=config.seed),
         lr_schedule="cosine",
         base_model=preset.base,
         eval_test=str(test_path),

@@ -13,7 +13,7 @@ simulation engine) in a child process. Nothing is downloaded.
 
 What is measured:
 
-- time, from the round records in ``state.json`` (see ``offsite.cloud.server_app.run_round``):
+- time, from the round records in ``state.json`` (see ``offsite.cloud.federate.round.RoundRecord``):
   the coordinator's own work (the round minus the time spent waiting for nodes and replies:
   bundle reading and sending, building and pushing the train messages, decoding, checking and
   aggregating the updates; plus writing the checkpoint) beside the clients' own timings (the
@@ -102,7 +102,7 @@ def child(args: argparse.Namespace) -> None:
     """Run the simulation in this process; write its peak RSS next to the job."""
     from offsite.harness.simulate import SimulationConfig, simulate_job
 
-    for module in ("ray", "flwr.simulation.run_simulation", "offsite.cloud.server_app", "offsite.client.client_app"):
+    for module in ("ray", "flwr.simulation.run_simulation", "offsite.cloud.federate.app", "offsite.client.client_app"):
         importlib.import_module(module)  # the run's imports, done before the baseline
     before = rss_mib()
     started = time.perf_counter()

@@ -1,6 +1,6 @@
 """``offsite cloud simulate``: a federated job's rounds on Flower's simulation engine, many virtual data owners on one host.
 
-The apps are the deployment's own: :data:`offsite.cloud.server_app.app` drives the rounds and
+The apps are the deployment's own: :data:`offsite.cloud.federate.app.app` drives the rounds and
 :data:`offsite.client.client_app.app` trains, each virtual owner on its share of a task file. They
 run under ``flwr.simulation`` with the Ray backend: every ClientApp call runs in one of a pool of
 Ray actors (``max_parallel`` of them, ``cpus_per_client`` CPUs each), the ServerApp in a thread
@@ -178,7 +178,7 @@ def _run_simulation(job_dir: Path, clients: int, config: SimulationConfig) -> No
 
     from offsite.client.client_app import app as client_app
 
-    from offsite.cloud.server_app import app as server_app
+    from offsite.cloud.federate.app import app as server_app
 
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={"job-dir": str(job_dir)})
     flower_run_simulation(

@@ -15,7 +15,7 @@ raise :class:`~offsite.protocol.secagg.SecAggAbort`: the round has to be redone.
     bundles = server.collect_shares({node: EncryptedShares})     # ShareBundle per node of U2
     requests = server.collect_masked({node: MaskedInput})        # UnmaskRequest per node of U3
     result = server.collect_unmask({node: UnmaskShares})         # SecAggResult
-    new_adapter = result.mean_state(global_adapter)
+    new_adapter = add_mean(global_adapter, result)               # global + weighted mean delta
 
 What the coordinator holds for one client: its two public keys, its ciphertexts (AES-GCM under
 keys it cannot derive), a commitment to its self-mask seed, its masked vector (uniform on the
@@ -29,6 +29,7 @@ import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -84,7 +85,9 @@ class SecAggResult:
         return unflatten_state(self.mean(), like)
 
 
-def reconstruct(owner: int, what: str, shares: Mapping[int, Share], threshold: int, check: Callable[[bytes], bool]) -> bytes:
+def reconstruct(
+    owner: int, what: str, shares: Mapping[int, Share], threshold: int, check: Callable[[bytes], bool]
+) -> bytes:
     """The secret of ``owner`` from ``{holder: share}``, the first ``t``-subset (in holder
     order) whose interpolation passes ``check``; at most :data:`MAX_SUBSETS` subsets are tried."""
     if len(shares) < threshold:
@@ -129,7 +132,9 @@ class SecAggServer:
     def _enough(self, nodes: Sequence[int], what: str) -> None:
         if len(nodes) < self.config.threshold:
             self.stage = "aborted"
-            raise SecAggAbort(f"{len(nodes)} node(s) {what}, threshold {self.config.threshold} (failures: {self.failures})")
+            raise SecAggAbort(
+                f"{len(nodes)} node(s) {what}, threshold {self.config.threshold} (failures: {self.failures})"
+            )
 
     def _replies(self, replies: Mapping[int, object], expected: type, allowed: Sequence[int]):
         """``(node, reply)`` for each well-typed reply from an allowed node claiming to be itself."""
@@ -170,7 +175,8 @@ class SecAggServer:
         nodes = tuple(sorted(accepted))
         self._enough(nodes, "advertised keys")
         self.roster = KeyRoster(
-            self.config.session, nodes, tuple(accepted[n].channel_key for n in nodes), tuple(accepted[n].mask_key for n in nodes)
+            self.config.session, nodes, tuple(accepted[n].channel_key for n in nodes),
+            tuple(accepted[n].mask_key for n in nodes),
         )
         self.stage = "shares"
         return {node: self.roster for node in nodes}
@@ -211,7 +217,8 @@ class SecAggServer:
         survivors = []
         for node, reply in self._replies(replies, MaskedInput, group):
             if reply.vector.dtype != dtype or reply.vector.shape != (length,):
-                self._fail(node, f"masked input is {reply.vector.dtype}{reply.vector.shape}, expected {dtype.name}({length},)")
+                got = f"{reply.vector.dtype}{reply.vector.shape}"
+                self._fail(node, f"masked input is {got}, expected {dtype.name}({length},)")
                 continue
             np.add(total, reply.vector, out=total)  # wraps mod 2**k
             survivors.append(node)
@@ -228,12 +235,40 @@ class SecAggServer:
         """Reconstruct the survivors' self-mask seeds and the dropped nodes' mask keys from the
         shares of at least ``t`` survivors, strip every mask that does not cancel, decode."""
         self._expect("unmask")
-        config, roster = self.config, self.roster
+        seed_shares, key_shares = self._unmask_shares(replies)
+        config, total = self.config, self.total
+        for owner in self.survivors:
+            seed = reconstruct(owner, "self-mask seed", seed_shares[owner], config.threshold,
+                               partial(self._is_committed_seed, owner))
+            apply_mask(total, self_mask_seed(seed, config.session, owner), -1)
+        for owner in self.dropped:
+            private = reconstruct(owner, "mask key", key_shares[owner], config.threshold,
+                                  partial(self._is_advertised_key, owner))
+            for survivor in self.survivors:
+                seed = pairwise_seed(private, self._mask_key(survivor), config.session, owner, survivor)
+                apply_mask(total, seed, -1 if survivor < owner else +1)  # undo what the survivor added
+        signed = from_ring(total, config.bits)
+        self.total = None
+        self.stage = "done"
+        return SecAggResult(
+            weighted_sum=np.ldexp(signed[:-1].astype(np.float64), -config.scale_bits),
+            total_weight=int(signed[-1]),
+            survivors=self.survivors,
+            dropped=self.dropped,
+            error_bound=config.error_bound(len(self.invited)),
+        )
+
+    def _unmask_shares(self, replies: Mapping[int, UnmaskShares]) -> tuple[dict, dict]:
+        """``{owner: {holder: share}}`` of the survivors' self-mask seeds and of the dropped nodes' mask
+        keys, from the survivors whose replies are whole and at their own share point."""
+        roster = self.roster
         seed_shares: dict[int, dict[int, Share]] = {owner: {} for owner in self.survivors}
         key_shares: dict[int, dict[int, Share]] = {owner: {} for owner in self.dropped}
         responders = []
         for node, reply in self._replies(replies, UnmaskShares, self.survivors):
-            if [owner for owner, _ in reply.self_mask_shares] != list(self.survivors) or [owner for owner, _ in reply.mask_key_shares] != list(self.dropped):
+            seed_owners = [owner for owner, _ in reply.self_mask_shares]
+            key_owners = [owner for owner, _ in reply.mask_key_shares]
+            if seed_owners != list(self.survivors) or key_owners != list(self.dropped):
                 self._fail(node, "revealed shares for other nodes than asked")
                 continue
             try:
@@ -251,27 +286,22 @@ class SecAggServer:
                 key_shares[owner][node] = share
             responders.append(node)
         self._enough(responders, "sent their shares")
+        return seed_shares, key_shares
 
-        total = self.total
-        for owner in self.survivors:
-            commitment = self.commitments[owner]
-            seed = reconstruct(owner, "self-mask seed", seed_shares[owner], config.threshold,
-                               lambda secret, owner=owner, commitment=commitment: self_mask_commitment(secret, config.session, owner) == commitment)
-            apply_mask(total, self_mask_seed(seed, config.session, owner), -1)
-        for owner in self.dropped:
-            advertised = roster.mask_keys[roster.position(owner) - 1]
-            private = reconstruct(owner, "mask key", key_shares[owner], config.threshold,
-                                  lambda secret, advertised=advertised: public_key(secret) == advertised)
-            for survivor in self.survivors:
-                seed = pairwise_seed(private, roster.mask_keys[roster.position(survivor) - 1], config.session, owner, survivor)
-                apply_mask(total, seed, -1 if survivor < owner else +1)  # undo what the survivor added
-        signed = from_ring(total, config.bits)
-        self.total = None
-        self.stage = "done"
-        return SecAggResult(
-            weighted_sum=np.ldexp(signed[:-1].astype(np.float64), -config.scale_bits),
-            total_weight=int(signed[-1]),
-            survivors=self.survivors,
-            dropped=self.dropped,
-            error_bound=config.error_bound(len(self.invited)),
-        )
+    def _mask_key(self, node: int) -> bytes:
+        """The mask public key ``node`` advertised in stage 0."""
+        return self.roster.mask_keys[self.roster.position(node) - 1]
+
+    def _is_committed_seed(self, owner: int, secret: bytes) -> bool:
+        return self_mask_commitment(secret, self.config.session, owner) == self.commitments[owner]
+
+    def _is_advertised_key(self, owner: int, secret: bytes) -> bool:
+        return public_key(secret) == self._mask_key(owner)
+
+
+def add_mean(global_adapter: Mapping[str, torch.Tensor], result: SecAggResult) -> dict[str, torch.Tensor]:
+    """``global + mean delta`` per tensor: added in float64, cast back to each tensor's dtype."""
+    like = {key: torch.empty(tensor.shape, dtype=torch.float64) for key, tensor in global_adapter.items()}
+    delta = result.mean_state(like)
+    return {key: (tensor.detach().to("cpu", torch.float64) + delta[key]).to(tensor.dtype)
+            for key, tensor in global_adapter.items()}

@@ -13,7 +13,7 @@ from flwr.app import RecordDict
 
 from offsite.client.bundle_cache import BundleCache
 from offsite.client.client_app import NodeSettings, receive_bundle_part, secagg_stage, train, train_round, update_reply
-from offsite.cloud.secagg_server import SecAggServer
+from offsite.cloud.federate.secagg_server import SecAggServer
 from offsite.emulator.sandwich import adapter_state_dict
 from offsite.emulator.tune import TuneConfig
 from offsite.protocol.bundle import SIGNATURE, BundleError, BundleReason, load_emulator, read_bundle

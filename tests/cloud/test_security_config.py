@@ -22,7 +22,8 @@ from offsite.cloud.fed_job import (
     write_job,
 )
 from offsite.cloud.superlink import round_summary
-from offsite.cloud.server_app import client_metrics, spend_privacy, update_weight
+from offsite.cloud.federate.channels import client_metrics, update_weight
+from offsite.cloud.federate.strategy import spend_privacy
 from offsite.emulator.tune import TuneConfig
 from offsite.protocol.dp import DPConfig, PrivacyAccountant
 from offsite.protocol.messages import TrainInstruction

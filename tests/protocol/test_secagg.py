@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from offsite.cloud.aggregate import fedavg
-from offsite.cloud.secagg_server import SecAggResult, SecAggServer, reconstruct
+from offsite.cloud.federate.secagg_server import SecAggResult, SecAggServer, reconstruct
 from offsite.protocol.secagg import (
     PRIME,
     EncryptedShares,

@@ -11,7 +11,8 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode as FlowerErrorCode
 
-from offsite.cloud.server_app import NO_REPLY_CODES, RoundReplies, error_text, log_outcome, read_envelope_reply, refuse_reply
+from offsite.cloud.federate.channels import read_envelope_reply
+from offsite.cloud.federate.round import NO_REPLY_CODES, RoundReplies, error_text
 from offsite.protocol.envelope import Reason, Rejected, UpdateOpener, seal_update
 from offsite.protocol.envelope_wire import ENVELOPE, envelope_to_record
 from offsite.protocol.keys import ClientIdentity, CoordinatorKeys, SenderRegistry
@@ -69,8 +70,8 @@ def test_a_parser_bomb_header_is_a_refusal_with_a_reason(header):
     with pytest.raises(Rejected) as caught:
         read_envelope_reply(7, reply, opener, dp=False)
     assert caught.value.reason is Reason.MALFORMED_HEADER and "node 7" in str(caught.value)
-    outcome = RoundReplies({}, {}, {}, {}, {}, {})
-    refuse_reply(outcome, 7, caught.value)
+    outcome = RoundReplies()
+    outcome.refuse(7, caught.value)
     assert outcome.rejected == {7: "malformed-header"} and outcome.failed[7].startswith("REJECTED: malformed-header: update from node 7")
     good, opener = sealed_reply()
     tensors, weight, metrics, sender = read_envelope_reply(8, good, opener, dp=False)
@@ -81,11 +82,11 @@ def test_any_exception_from_one_reply_is_that_reply_s_failure(caplog):
     """Whatever reading a reply raises (a parser's RecursionError, a bug's TypeError) is recorded
     against that node, named in the log, and leaves the others' updates where they were."""
     caplog.set_level(logging.DEBUG, logger="flwr.offsite")
-    outcome = RoundReplies({3: ({}, 1.0)}, {}, {}, {}, {}, {})
-    refuse_reply(outcome, 4, RecursionError("maximum recursion depth exceeded"))
-    refuse_reply(outcome, 5, ValueError("node 5: metric 'num-examples' is 'x', not a finite number"))
-    refuse_reply(outcome, 6, KeyError("adapter"))
-    refuse_reply(outcome, 9, SecAggError("masked input of node 9: unreadable array"), "SECAGG")
+    outcome = RoundReplies(updates={3: ({}, 1.0)})
+    outcome.refuse(4, RecursionError("maximum recursion depth exceeded"))
+    outcome.refuse(5, ValueError("node 5: metric 'num-examples' is 'x', not a finite number"))
+    outcome.refuse(6, KeyError("adapter"))
+    outcome.refuse(9, SecAggError("masked input of node 9: unreadable array"), "SECAGG")
     assert outcome.failed == {
         4: "INVALID_UPDATE: RecursionError: maximum recursion depth exceeded",
         5: "INVALID_UPDATE: node 5: metric 'num-examples' is 'x', not a finite number",
@@ -93,5 +94,5 @@ def test_any_exception_from_one_reply_is_that_reply_s_failure(caplog):
         9: "SECAGG: masked input of node 9: unreadable array",
     }
     assert outcome.updates == {3: ({}, 1.0)} and outcome.rejected == {}
-    log_outcome(2, outcome, [])
+    outcome.log(2, [])
     assert "round 2: node 4 failed: INVALID_UPDATE: RecursionError" in caplog.text

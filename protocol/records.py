@@ -1,5 +1,6 @@
 """State dicts <-> Flower ``ArrayRecord``: the symmetric pair ``state_to_record`` /
-``state_from_record``.
+``state_from_record`` (config dataclasses <-> ``ConfigRecord``: :mod:`offsite.protocol.config_record`,
+torch-free).
 
 Flower's own ``ArrayRecord.from_torch_state_dict`` goes through ``tensor.numpy()``, which has no
 bfloat16. So:
@@ -53,15 +54,18 @@ def tensor_from_array(key: str, array: Array) -> torch.Tensor:
         dtype, view = RAW_DTYPES[array.dtype]
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(view).itemsize
         if len(array.data) != expected:
-            raise RecordError(f"tensor {key!r}: {len(array.data)} bytes for shape {shape} of {array.dtype} (expected {expected})")
+            raise RecordError(
+                f"tensor {key!r}: {len(array.data)} bytes for shape {shape} of {array.dtype} (expected {expected})"
+            )
         words = np.frombuffer(array.data, dtype=view).astype(np.int16).reshape(shape)
         return torch.from_numpy(words.copy()).view(dtype)
     if array.stype != NUMPY_STYPE:
         raise RecordError(f"tensor {key!r}: unknown serialisation {array.stype!r}")
     try:
         values = array.numpy()  # np.load(allow_pickle=False)
-    except Exception as error:  # noqa: BLE001 - np.load on received bytes: whatever it raises, the payload is unreadable
-        raise RecordError(f"tensor {key!r}: not a readable .npy payload ({type(error).__name__}: {str(error)[:200]})") from None
+    except Exception as error:  # noqa: BLE001 - np.load on received bytes: whatever it raises, the payload is bad
+        detail = f"{type(error).__name__}: {str(error)[:200]}"
+        raise RecordError(f"tensor {key!r}: not a readable .npy payload ({detail})") from None
     if values.dtype.kind not in NUMPY_KINDS:
         raise RecordError(f"tensor {key!r}: dtype {values.dtype} is not a numeric dtype")
     if tuple(values.shape) != shape or str(values.dtype) != array.dtype:

@@ -3,11 +3,12 @@ malformed data file answered by an error reply naming file and line."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import random
 
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from offsite.client.bundle_cache import BundleCache
 from offsite.client.client_app import receive_bundle_part, train
@@ -160,6 +161,15 @@ def test_malformed_data_gives_an_error_reply_naming_file_and_line(tmp_path, bund
     reply = train(make_message(content, "train"), context)
     assert reply.has_error() and reply.error.code == ErrorCode.BUNDLE_MISSING
 
+    # an instruction that does not decode, and a secure-aggregation round this node holds no session of
+    broken = RecordDict({"adapter": content["adapter"], "config": ConfigRecord(dict(instruction.to_record(), round="1"))})
+    reply = train(make_message(broken, "train"), make_context({"data-path": str(data), "cache-dir": str(cache_dir)}))
+    assert reply.error.code == ErrorCode.BAD_MESSAGE and "'round': expected int" in reply.error.reason
+    secure = dataclasses.replace(instruction, job_id="job-1", secagg=True)
+    content = RecordDict({"adapter": content["adapter"], "config": secure.to_record()})
+    reply = train(make_message(content, "train"), make_context({"data-path": str(data), "cache-dir": str(cache_dir)}))
+    assert reply.error.code == ErrorCode.SECAGG, reply.error.reason
+
 
 def test_bundle_part_handler_replies_with_status(tmp_path, bundle):
     (part,) = all_parts(bundle, 1 << 20)
@@ -173,7 +183,7 @@ def test_bundle_part_handler_replies_with_status(tmp_path, bundle):
 
 LIGHT_MESSAGES = r"""
 import inspect, sys
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from offsite.client.client_app import receive_bundle_part
 from offsite.protocol.bundle import read_bundle
 from offsite.protocol.messages import bundle_part_to_content, plan_bundle_parts, read_bundle_part

@@ -12,7 +12,10 @@ import torch
 from flwr.app import RecordDict
 
 from offsite.client.bundle_cache import BundleCache
-from offsite.client.client_app import NodeSettings, receive_bundle_part, secagg_stage, train, train_round, update_reply
+from offsite.client.channels import EnvelopeChannel, PlainChannel, Sealer, TunedUpdate
+from offsite.client.client_app import receive_bundle_part, secagg_stage, train
+from offsite.client.settings import NodeSettings
+from offsite.client.training import train_round
 from offsite.cloud.federate.secagg_server import SecAggServer
 from offsite.emulator.sandwich import adapter_state_dict
 from offsite.emulator.tune import TuneConfig
@@ -83,9 +86,9 @@ def test_envelope_reply_carries_only_the_sealed_update_and_matches_the_plain_one
     sealed_instruction = instruction(world, envelope=True)
     tuned, metrics = train_round(sealed_instruction, world.global_adapter, settings)
     metrics["client-seconds"] = 1.5
-    content, sent, info = update_reply(
-        sealed_instruction, world.global_adapter, tuned, metrics, identity=settings.identity(), coordinator=settings.coordinator()
-    )
+    channel = EnvelopeChannel(Sealer(settings.identity(), settings.coordinator()))
+    reply = channel.reply(TunedUpdate.of(sealed_instruction, world.global_adapter, tuned, metrics))
+    content, sent, info = reply.content, reply.tensors, reply.info
     assert info["mode"] == "envelope"
     assert set(content.array_records) == {ENVELOPE} and not content.config_records
     assert dict(content.metric_records[METRICS]) == {"client-seconds": 1.5}  # the rest is sealed
@@ -101,7 +104,7 @@ def test_envelope_reply_carries_only_the_sealed_update_and_matches_the_plain_one
         assert torch.equal(opened.tensors[key], sent[key]) and torch.equal(sent[key], tuned[key].to(reference.dtype))
 
     # the plain reply carries exactly the same tensors, in the clear
-    plain, _, _ = update_reply(instruction(world), world.global_adapter, tuned, metrics)
+    plain = PlainChannel().reply(TunedUpdate.of(instruction(world), world.global_adapter, tuned, metrics)).content
     plain_update = state_from_record(plain.array_records[ADAPTER])
     assert all(torch.equal(plain_update[key], opened.tensors[key]) for key in plain_update)
     assert dict(plain.metric_records[METRICS])["num-examples"] == 5
@@ -113,10 +116,10 @@ def test_dp_reply_is_clipped_and_noised_and_carries_no_data_dependent_metric(wor
     tuned, metrics = train_round(dp_instruction, world.global_adapter, settings)
     norm = math.sqrt(sum(float(t.pow(2).sum()) for t in update_delta(tuned, world.global_adapter).values()))
     assert norm > 1e-3  # the clip bites
-    content, sent, info = update_reply(
-        dp_instruction, world.global_adapter, tuned, dict(metrics, **{"client-seconds": 2.0}),
-        identity=settings.identity(), coordinator=settings.coordinator(), noise_seed=11,
-    )
+    channel = EnvelopeChannel(Sealer(settings.identity(), settings.coordinator()))
+    update = TunedUpdate.of(dp_instruction, world.global_adapter, tuned, dict(metrics, **{"client-seconds": 2.0}), noise_seed=11)
+    reply = channel.reply(update)
+    content, sent, info = reply.content, reply.tensors, reply.info
     expected = privatize_update(tuned, world.global_adapter, DPConfig(1e-3, 0.5), seed=11).adapter(world.global_adapter)
     coordinator = opener(world)
     opened = coordinator.open(envelope_from_record(content.array_records[ENVELOPE], max_envelope_bytes(coordinator.max_payload_bytes)))
@@ -125,7 +128,7 @@ def test_dp_reply_is_clipped_and_noised_and_carries_no_data_dependent_metric(wor
     assert info["dp"] is True
 
     # without a seed the noise is fresh every time
-    again, _, _ = update_reply(dp_instruction, world.global_adapter, tuned, metrics, identity=settings.identity(), coordinator=settings.coordinator())
+    again = channel.reply(TunedUpdate.of(dp_instruction, world.global_adapter, tuned, metrics)).content
     other = opener(world, replay=ReplayCache()).open(envelope_from_record(again.array_records[ENVELOPE], 1 << 30))
     assert any(not torch.equal(other.tensors[key], opened.tensors[key]) for key in expected)
 
@@ -241,7 +244,7 @@ def test_a_secure_aggregation_round_through_the_handlers(world, tmp_path):
     requests = server.collect_masked(masked)
     result = server.collect_unmask({node: from_content(ask(node, query(requests[node])), UnmaskShares) for node in nodes})
 
-    from offsite.client.client_app import SECAGG_STATE
+    from offsite.client.secagg_session import SECAGG_STATE
     from safetensors import safe_open
 
     assert all(SECAGG_STATE not in contexts[node].state.config_records for node in nodes)  # the session is over: secrets gone

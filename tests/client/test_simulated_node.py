@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from offsite.client.client_app import NodeConfigError, NodeSettings
+from offsite.client.settings import NodeConfigError, NodeSettings
 from offsite.protocol.simulation import SIMULATION_ENV, SimulatedOwners
 
 

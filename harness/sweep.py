@@ -108,8 +108,11 @@ def run_sweep(job: SweepJob, progress: bool = True) -> list[Report]:
             records[cut, "baselines"] = _measure(job, identity | {"cut": cut, "what": "baselines"}, base, tokenizer,
                                                  preset, train, test, BASELINES, progress)
         if (preset.name, "emulator") not in records:
-            records[preset.name, "emulator"] = _measure(job, identity | {"emulator": preset.name, "what": "emulator"},
-                                                        base, tokenizer, preset, train, test, EMULATOR_SETTINGS, progress)
+            sibling = _same_emulator(records, preset.name)  # the same emulator and adapter at another gain
+            settings = ("plug_in",) if sibling else EMULATOR_SETTINGS
+            record = _measure(job, identity | {"emulator": preset.name, "what": "emulator"}, base, tokenizer, preset,
+                              train, test, settings, progress, shared=sibling["results"] if sibling else {})
+            records[preset.name, "emulator"] = record
         report = Report(task=job.task, test_rows=len(test), train_rows=len(train), kind=kind)
         for record in (records[cut, "baselines"], records[preset.name, "emulator"]):
             report.results.update(record["results"])
@@ -122,11 +125,27 @@ def run_sweep(job: SweepJob, progress: bool = True) -> list[Report]:
     return reports
 
 
-def _measure(job: SweepJob, key: dict, base, tokenizer, preset: Preset, train, test, settings, progress) -> dict:
+def _adapter_name(emulator: str) -> str:
+    """Emulators that differ only in the plug-in gain share one tuned adapter."""
+    return emulator.split("/gain")[0]
+
+
+def _same_emulator(records: dict, name: str) -> dict | None:
+    """An emulator record measured with the same emulator and adapter (another gain), if any."""
+    for (other, what), record in records.items():
+        if what == "emulator" and other != name and _adapter_name(other) == _adapter_name(name):
+            return record
+    return None
+
+
+def _measure(job: SweepJob, key: dict, base, tokenizer, preset: Preset, train, test, settings, progress,
+             shared: dict | None = None) -> dict:
+    """Score ``settings`` and append the record; ``shared``: results of another gain's record that hold
+    here too (emulator zero-shot and emulator-FT do not depend on the gain)."""
     bundle = prepare_bundle(base, tokenizer, config_for(preset, job.corpus), job.out / "bundles" / _slug(preset.name), progress=progress)
-    adapter_file = job.out / "adapters" / f"{_slug(preset.name.split('/gain')[0])}.safetensors"
+    adapter_file = job.out / "adapters" / f"{_slug(_adapter_name(preset.name))}.safetensors"
     adapter = None
-    if "emulator_ft" in settings and adapter_file.is_file():
+    if {"emulator_ft", "plug_in"} & set(settings) and adapter_file.is_file():
         adapter, meta = load_update(adapter_file)
         if meta.get("bundle") != bundle.digest:
             adapter = None
@@ -137,7 +156,7 @@ def _measure(job: SweepJob, key: dict, base, tokenizer, preset: Preset, train, t
         alpha = job.tune.lora.alpha if job.tune.mode == "lora" else None
         save_update(adapter_file, update, {"mode": job.tune.mode, "lora_alpha": alpha, "bundle": bundle.digest})
     meta = {k: report.meta[k] for k in ("middle_nmse_at_answer", "emulator_tuning", "full_tuning") if k in report.meta}
-    record = key | {"results": report.results, "meta": meta | {"bundle_digest": bundle.digest}}
+    record = key | {"results": {**(shared or {}), **report.results}, "meta": meta | {"bundle_digest": bundle.digest}}
     with open(job.out / "sweep.jsonl", "a") as handle:
         handle.write(json.dumps(record) + "\n")
     return record

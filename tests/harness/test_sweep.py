@@ -9,7 +9,7 @@ from offsite.cli import main
 from offsite.cloud.evaluate import SETTINGS, Report
 from offsite.harness.pipeline import EvalJob, run_eval_job
 from offsite.cloud.presets import Preset
-from offsite.harness.sweep import SweepJob, parse_emulator, run_sweep
+from offsite.harness.sweep import EMULATOR_SETTINGS, SweepJob, parse_emulator, run_sweep
 from offsite.emulator.distill import DistillConfig
 from offsite.emulator.quantize import Quantize
 from offsite.emulator.sandwich import SandwichShape
@@ -67,6 +67,7 @@ def test_a_sweep_measures_the_baselines_once_and_resumes(tmp_path, tiny_dir, tas
     assert len({json.dumps(r.results["full_ft"]) for r in reports}) == 1
     lines = [json.loads(line) for line in (tmp_path / "sweep" / "sweep.jsonl").read_text().splitlines()]
     assert [x["what"] for x in lines].count("baselines") == 1 and len(lines) == 4
+    assert set(lines[3]["results"]) == set(EMULATOR_SETTINGS)  # the gain-2 emulator scored its plug-in only, the rest shared
     # the gain-2 emulator reused the gain-1 emulator's adapter: the same emulator-FT, another plug-in gain
     assert reports[2].results["emulator_ft"] == reports[1].results["emulator_ft"]
     assert len(list((tmp_path / "sweep" / "adapters").iterdir())) == 2

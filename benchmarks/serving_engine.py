@@ -19,8 +19,8 @@ multi-job, ...) and prints their ratio. A last run lets requests for K=8 jobs ar
 (Poisson) times while others decode, and prints p50/p99 latency and time to first token. Same engine code in every row, so only the batching differs; greedy tokens of the
 multi-job run are compared with the one-after-another run's.
 
-    .venv/bin/python benchmarks/serving.py                   # a few minutes on 2 CPU cores
-    .venv/bin/python benchmarks/serving.py --jobs 1,4,8 --batch 16 --new-tokens 32 --threads 1
+    .venv/bin/python benchmarks/serving.py engine             # a few minutes on 2 CPU cores
+    .venv/bin/python benchmarks/serving.py engine --jobs 1,4,8 --batch 16 --new-tokens 32 --threads 1
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import json
 import queue
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -114,8 +115,35 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@dataclass
+class Setup:
+    """What every part of the run shares: the base, the prompts, the K jobs and their adapters."""
+
+    args: argparse.Namespace
+    base: torch.nn.Module
+    ks: list[int]
+    adapter_blocks: list[int]
+    prompts: list[list[int]]
+    adapters: list[tuple[dict, float | None]]
+    jobs: list
+    params: SamplingParams
+    context: int
+    rows: list[dict] = field(default_factory=list)
+
+    def row(self, setting: str, k: int, result: dict, matches: str = "") -> dict:
+        self.rows.append({
+            "setting": setting, "K": k, "requests": len(result["latency"]), "generated": result["generated"],
+            "decode_tok_s": result["decode_tokens"] / result["decode_seconds"], "end_to_end_tok_s": result["generated"] / result["wall"],
+            "p50_s": percentile(result["latency"], 50), "p99_s": percentile(result["latency"], 99), "same_tokens": matches,
+        })  # fmt: skip
+        r = self.rows[-1]
+        print(f"  {setting:18s} K={k}: decode {r['decode_tok_s']:7.1f} tok/s, end-to-end {r['end_to_end_tok_s']:7.1f} tok/s, "
+              f"latency p50 {r['p50_s']:.2f} s p99 {r['p99_s']:.2f} s {matches}", flush=True)
+        return r
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="serving.py engine", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--jobs", default="1,4,8", help="comma-separated K values")
     parser.add_argument("--batch", type=int, default=16, help="requests per batch, spread evenly over the K jobs")
@@ -128,110 +156,110 @@ def main() -> None:
     parser.add_argument("--step-repeats", type=int, default=7, help="interleaved decode steps per setting for the step-time ratio")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared 2-core machine runs faster with 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser.parse_args(argv)
+
+
+def setup(args: argparse.Namespace) -> Setup:
     ks = [int(k) for k in args.jobs.split(",")]
     adapter_blocks = [int(i) for i in args.adapter_blocks.split(",")]
-    started = time.perf_counter()
-
     base, _, where = load_base(args.model)
     rng = random.Random(0)
     vocab = base.config.vocab_size
     prompts = [[rng.randrange(100, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.batch)]
     adapters = random_adapters(base, max(ks), args.mode, adapter_blocks)
     jobs = [served_job(f"job{j}", t, {"mode": "lora" if a else "blocks", "lora_alpha": a}, base) for j, (t, a) in enumerate(adapters)]
-    params = SamplingParams(max_tokens=args.new_tokens, temperature=0)
-    context = args.prompt_tokens + args.new_tokens + 8
     print(f"{where}: {len(blocks_of(base))} blocks; {args.mode} adapters at blocks {adapter_blocks}; batch {args.batch} x "
           f"({args.prompt_tokens} prompt + {args.new_tokens} new tokens), greedy; torch threads {args.threads}", flush=True)
+    return Setup(args, base, ks, adapter_blocks, prompts, adapters, jobs, SamplingParams(max_tokens=args.new_tokens, temperature=0),
+                 args.prompt_tokens + args.new_tokens + 8)
 
-    shared = Scheduler(LlamaStack(base, max_context=context, slots=args.batch), eos_ids=set())
-    run(shared, [Request(None, prompts[0], SamplingParams(max_tokens=4, temperature=0)) for _ in range(2)])  # warm-up
-    rows = []
 
-    def row(setting: str, k: int, result: dict, matches: str = "") -> None:
-        rows.append({
-            "setting": setting, "K": k, "requests": len(result["latency"]), "generated": result["generated"],
-            "decode_tok_s": result["decode_tokens"] / result["decode_seconds"], "end_to_end_tok_s": result["generated"] / result["wall"],
-            "p50_s": percentile(result["latency"], 50), "p99_s": percentile(result["latency"], 99), "same_tokens": matches,
-        })  # fmt: skip
-        r = rows[-1]
-        print(f"  {setting:18s} K={k}: decode {r['decode_tok_s']:7.1f} tok/s, end-to-end {r['end_to_end_tok_s']:7.1f} tok/s, "
-              f"latency p50 {r['p50_s']:.2f} s p99 {r['p99_s']:.2f} s {matches}", flush=True)
+def one_after_another(run_: Setup, k: int, owner: list[int], merged_done: bool) -> tuple[dict, bool]:
+    """Each job's plugged-in model serves its own rows, job after job (and, once, a single merged
+    job serves the whole batch: the "merged x1" row)."""
+    batch, params = run_.args.batch, run_.params
+    sequential = {"tokens": [None] * batch, "latency": [0.0] * batch, "wall": 0.0, "generated": 0, "decode_tokens": 0, "decode_seconds": 0.0}
+    for j in range(k):
+        mine = [i for i in range(batch) if owner[i] == j]
+        merged = plug_in_update(run_.base, run_.adapters[j][0], run_.adapter_blocks, run_.adapters[j][1])
+        alone = Scheduler(LlamaStack(merged, max_context=run_.context, slots=len(mine)), eos_ids=set())
+        result = run(alone, [Request(None, run_.prompts[i], params) for i in mine])
+        alone.close()
+        for n, i in enumerate(mine):
+            sequential["tokens"][i] = result["tokens"][n]
+            sequential["latency"][i] = sequential["wall"] + result["latency"][n]  # it waited for the jobs before it
+        for key in ("wall", "generated", "decode_tokens", "decode_seconds"):
+            sequential[key] += result[key]
+        if j == 0 and not merged_done:
+            whole = Scheduler(LlamaStack(merged, max_context=run_.context, slots=batch), eos_ids=set())
+            run_.row("merged x1", 1, run(whole, [Request(None, p, params) for p in run_.prompts]))
+            whole.close()
+            merged_done = True
+        del merged
+    return sequential, merged_done
 
+
+def compare_batching(run_: Setup, shared: Scheduler) -> None:
     merged_done = False
-    for k in ks:
-        owner = [j % k for j in range(args.batch)]
-        multi = run(shared, [Request(jobs[owner[i]], prompts[i], params) for i in range(args.batch)])
-        row("multi-job", k, multi)
-        multi_row = rows[-1]
-        sequential = {"tokens": [None] * args.batch, "latency": [0.0] * args.batch, "wall": 0.0, "generated": 0, "decode_tokens": 0, "decode_seconds": 0.0}
-        for j in range(k):
-            mine = [i for i in range(args.batch) if owner[i] == j]
-            merged = plug_in_update(base, adapters[j][0], adapter_blocks, adapters[j][1])
-            alone = Scheduler(LlamaStack(merged, max_context=context, slots=len(mine)), eos_ids=set())
-            result = run(alone, [Request(None, prompts[i], params) for i in mine])
-            alone.close()
-            for n, i in enumerate(mine):
-                sequential["tokens"][i] = result["tokens"][n]
-                sequential["latency"][i] = sequential["wall"] + result["latency"][n]  # it waited for the jobs before it
-            for key in ("wall", "generated", "decode_tokens", "decode_seconds"):
-                sequential[key] += result[key]
-            if j == 0 and not merged_done:
-                whole = Scheduler(LlamaStack(merged, max_context=context, slots=args.batch), eos_ids=set())
-                row("merged x1", 1, run(whole, [Request(None, p, params) for p in prompts]))
-                whole.close()
-                merged_done = True
-            del merged
+    for k in run_.ks:
+        owner = [j % k for j in range(run_.args.batch)]
+        multi = run(shared, [Request(run_.jobs[owner[i]], run_.prompts[i], run_.params) for i in range(run_.args.batch)])
+        multi_row = run_.row("multi-job", k, multi)
+        sequential, merged_done = one_after_another(run_, k, owner, merged_done)
         same = sum(a == b for a, b in zip(multi["tokens"], sequential["tokens"]))
-        multi_row["same_tokens"] = f"{same}/{args.batch}"
-        row("one after another", k, sequential)
-        print(f"    greedy tokens identical to the one-after-another run for {same}/{args.batch} requests", flush=True)
+        multi_row["same_tokens"] = f"{same}/{run_.args.batch}"
+        run_.row("one after another", k, sequential)
+        print(f"    greedy tokens identical to the one-after-another run for {same}/{run_.args.batch} requests", flush=True)
 
-    # Wall-clock rates above drift with whatever else the machine runs; decode steps timed in turn
-    # (multi-job, merged, multi-job, ...) on the same rows see the same conditions.
-    merged_model = plug_in_update(base, adapters[0][0], adapter_blocks, adapters[0][1])
-    multi_stack = LlamaStack(base, max_context=context, slots=args.batch)
-    merged_stack = LlamaStack(merged_model, max_context=context, slots=args.batch)
-    slots = list(range(args.batch))
+
+def step_times(run_: Setup) -> None:
+    """Wall-clock rates drift with whatever else the machine runs; decode steps timed in turn
+    (multi-job, merged, multi-job, ...) on the same rows see the same conditions."""
+    args, batch = run_.args, run_.args.batch
+    merged_model = plug_in_update(run_.base, run_.adapters[0][0], run_.adapter_blocks, run_.adapters[0][1])
+    multi_stack = LlamaStack(run_.base, max_context=run_.context, slots=batch)
+    merged_stack = LlamaStack(merged_model, max_context=run_.context, slots=batch)
+    slots = list(range(batch))
     times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
-        merged_stack.forward([None] * args.batch, prompts, [0] * args.batch, slots)
-        for k in ks:
-            multi_stack.forward([jobs[i % k] for i in slots], prompts, [0] * args.batch, slots)
+        merged_stack.forward([None] * batch, run_.prompts, [0] * batch, slots)
+        for k in run_.ks:
+            multi_stack.forward([run_.jobs[i % k] for i in slots], run_.prompts, [0] * batch, slots)
         for _ in range(args.step_repeats):
-            for k in ks:
-                for name, stack, batch_jobs in (("multi", multi_stack, [jobs[i % k] for i in slots]), ("merged", merged_stack, [None] * args.batch)):
+            for k in run_.ks:
+                for name, stack, batch_jobs in (("multi", multi_stack, [run_.jobs[i % k] for i in slots]), ("merged", merged_stack, [None] * batch)):
                     t0 = time.perf_counter()
-                    stack.forward(batch_jobs, [[5]] * args.batch, [args.prompt_tokens] * args.batch, slots)
+                    stack.forward(batch_jobs, [[5]] * batch, [args.prompt_tokens] * batch, slots)
                     times.setdefault((name, k), []).append(time.perf_counter() - t0)
-    del multi_stack, merged_stack, merged_model
-    print(f"  decode step of {args.batch} rows, interleaved with a single merged job's (median of {args.step_repeats}):", flush=True)
-    for k in ks:
+    print(f"  decode step of {batch} rows, interleaved with a single merged job's (median of {args.step_repeats}):", flush=True)
+    for k in run_.ks:
         multi, merged = percentile(times[("multi", k)], 50), percentile(times[("merged", k)], 50)
         print(f"    K={k}: {1e3 * multi:.0f} ms vs {1e3 * merged:.0f} ms merged: {multi / merged:.2f}x the time", flush=True)
-        rows.append({"setting": "step time vs merged", "K": k, "multi_ms": 1e3 * multi, "merged_ms": 1e3 * merged, "ratio": multi / merged})
+        run_.rows.append({"setting": "step time vs merged", "K": k, "multi_ms": 1e3 * multi, "merged_ms": 1e3 * merged, "ratio": multi / merged})
 
-    if args.arrivals:
-        k = max(ks)
-        arrival_rng = random.Random(1)
-        times, t = [], 0.0
-        for _ in range(args.arrivals):
-            t += arrival_rng.expovariate(args.rate)
-            times.append(t)
-        requests = [Request(jobs[i % k], prompts[i % args.batch], SamplingParams(max_tokens=arrival_rng.randint(8, 2 * args.new_tokens), temperature=0))
-                    for i in range(args.arrivals)]
-        result = run(shared, requests, arrivals=times)
-        ttft = result["ttft"]
-        print(f"  poisson arrivals   K={k}: {args.arrivals} requests at {args.rate:g}/s, {result['generated']} tokens in {result['wall']:.1f} s; "
-              f"latency p50 {percentile(result['latency'], 50):.2f} s p99 {percentile(result['latency'], 99):.2f} s; "
-              f"time to first token p50 {percentile(ttft, 50):.2f} s p99 {percentile(ttft, 99):.2f} s; "
-              f"most rows in a step {shared.stats.max_rows}", flush=True)
-        rows.append({"setting": "poisson arrivals", "K": k, "requests": args.arrivals, "rate": args.rate, "generated": result["generated"],
-                     "p50_s": percentile(result["latency"], 50), "p99_s": percentile(result["latency"], 99),
-                     "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99)})
-    shared.close()
 
+def poisson(run_: Setup, shared: Scheduler) -> None:
+    """Requests for the most jobs arriving at random (Poisson) times while others decode."""
+    args, k = run_.args, max(run_.ks)
+    arrival_rng = random.Random(1)
+    times, t = [], 0.0
+    for _ in range(args.arrivals):
+        t += arrival_rng.expovariate(args.rate)
+        times.append(t)
+    requests = [Request(run_.jobs[i % k], run_.prompts[i % args.batch], SamplingParams(max_tokens=arrival_rng.randint(8, 2 * args.new_tokens), temperature=0))
+                for i in range(args.arrivals)]
+    result = run(shared, requests, arrivals=times)
+    ttft = result["ttft"]
+    print(f"  poisson arrivals   K={k}: {args.arrivals} requests at {args.rate:g}/s, {result['generated']} tokens in {result['wall']:.1f} s; "
+          f"latency p50 {percentile(result['latency'], 50):.2f} s p99 {percentile(result['latency'], 99):.2f} s; "
+          f"time to first token p50 {percentile(ttft, 50):.2f} s p99 {percentile(ttft, 99):.2f} s; "
+          f"most rows in a step {shared.stats.max_rows}", flush=True)
+    run_.rows.append({"setting": "poisson arrivals", "K": k, "requests": args.arrivals, "rate": args.rate, "generated": result["generated"],
+                      "p50_s": percentile(result["latency"], 50), "p99_s": percentile(result["latency"], 99),
+                      "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99)})
+
+
+def print_table(rows: list[dict], ks: list[int]) -> None:
     print()
     print("| setting | K | decode tok/s | end-to-end tok/s | latency p50 (s) | latency p99 (s) |")
     print("|---|---|---|---|---|---|")
@@ -246,9 +274,24 @@ def main() -> None:
         if merged:
             line += f", {speedups[k] / merged:.2f}x a single merged job"
         print(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    run_ = setup(args)
+    shared = Scheduler(LlamaStack(run_.base, max_context=run_.context, slots=args.batch), eos_ids=set())
+    run(shared, [Request(None, run_.prompts[0], SamplingParams(max_tokens=4, temperature=0)) for _ in range(2)])  # warm-up
+    compare_batching(run_, shared)
+    step_times(run_)
+    if args.arrivals:
+        poisson(run_, shared)
+    shared.close()
+    print_table(run_.rows, run_.ks)
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps(run_.rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -160,6 +161,37 @@ class Generation:
             piece = self.feed(kind, value)
             if piece is not None:
                 yield piece
+
+
+class LoopWaker:
+    """Wakes an event loop's waiting requests from the scheduler's thread, with one call into the
+    loop per burst of events (a decode step hands out a token to every row at once) instead of
+    one per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._marked: list[asyncio.Event] = []
+        self._scheduled = False
+
+    def listener(self, wake: asyncio.Event) -> Callable[[], None]:
+        """What a request calls after each of its events (from the scheduler's thread)."""
+
+        def notify() -> None:
+            with self._lock:
+                self._marked.append(wake)
+                if self._scheduled:
+                    return
+                self._scheduled = True
+            self._loop.call_soon_threadsafe(self._fire)
+
+        return notify
+
+    def _fire(self) -> None:
+        with self._lock:
+            marked, self._marked, self._scheduled = self._marked, [], False
+        for wake in marked:
+            wake.set()
 
 
 async def follow(generations: list[Generation], wake: asyncio.Event, alive: Callable[[], Awaitable[bool]] | None = None,

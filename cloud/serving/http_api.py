@@ -40,7 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from .generation import ClientGone, follow
+from .generation import ClientGone, LoopWaker, follow
 from .metrics import CONTENT_TYPE
 from .openai_types import (
     ChatCompletionRequest,
@@ -193,6 +193,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def _add_inference(app: FastAPI, service: ServingService) -> None:
     texts = TokenTexts(service.tokenizer)
+    wakers: dict[asyncio.AbstractEventLoop, LoopWaker] = {}  # one per event loop serving the app (uvicorn: one)
 
     async def prepare(request: Request, method: Callable[[dict], Prepared]) -> Prepared:
         service.check_api_key(request.headers.get("authorization"))
@@ -207,7 +208,8 @@ def _add_inference(app: FastAPI, service: ServingService) -> None:
 
     async def answer(request: Request, prepared: Prepared) -> Response:
         loop, wake = asyncio.get_running_loop(), asyncio.Event()
-        generations = service.start(prepared, lambda: wake.is_set() or loop.call_soon_threadsafe(wake.set))
+        waker = wakers.get(loop) or wakers.setdefault(loop, LoopWaker(loop))
+        generations = service.start(prepared, waker.listener(wake))
         reply = Reply(prepared, generations, texts)
         if prepared.stream:
             return StreamingResponse(_stream(reply, wake), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -56,6 +56,9 @@ class ServeConfig:
     max_connections: int = 256  # open HTTP connections and concurrent gRPC calls, each
     idle_timeout: float = 60.0  # seconds a connection may wait for its client (idle keep-alive, a stalled request or body)
     shutdown_timeout: float = 30.0  # on stop, seconds running requests get to finish
+    # log-probabilities one request may ask for (tokens scored x (alternatives + 1), every choice): each
+    # costs a few dozen bytes of memory and of the answer; lm-eval with 256 full 2048-token contexts needs 2^20
+    max_logprob_entries: int = 1 << 20
 
     def __post_init__(self) -> None:
         if min(self.max_batch, self.default_max_tokens, self.max_queue, self.prefill_tokens, self.max_connections) < 1:
@@ -290,6 +293,8 @@ class ServingService:
         prompts = [self._tokenize(p, "prompt", add_special_tokens=True) for p in texts] if texts else [self._token_ids(p) for p in request.prompt]
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         params = self._params(request, prompts, "prompt", "max_tokens", request.max_tokens, request.logprobs, prompt_logprobs)
+        scored = request.n * sum((len(p) if request.echo else 0) + params.max_tokens for p in prompts)
+        self._check_logprob_budget(scored, request.logprobs, "logprobs")
         return Prepared(request.model, job, prompts, params, request.n, request.stop, request.stream, request.include_usage,
                         request.echo, request.logprobs, chat=False, prompt_texts=texts)
 
@@ -303,6 +308,7 @@ class ServingService:
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         key, limit = request.completion_limit
         params = self._params(request, [ids], "messages", key, limit, logprobs, None)
+        self._check_logprob_budget(request.n * params.max_tokens, logprobs, "top_logprobs")
         return Prepared(request.model, job, [ids], params, request.n, request.stop, request.stream, request.include_usage,
                         False, logprobs, chat=True)
 
@@ -360,6 +366,15 @@ class ServingService:
             )
         return SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, seed=request.seed,
                               logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+    def _check_logprob_budget(self, tokens: int, alternatives: int | None, param: str) -> None:
+        """Refuse a request whose log-probabilities (``tokens`` scored, ``alternatives`` each) are
+        more than ``max_logprob_entries``, before any work."""
+        limit = self.config.max_logprob_entries
+        if alternatives is not None and tokens * (alternatives + 1) > limit:
+            raise ServingError(400, f"this request asks for {tokens * (alternatives + 1)} log-probabilities (tokens x (alternatives + 1) "
+                               f"over every choice); the limit is {limit}: ask for fewer tokens, choices or alternatives",
+                               param=param, code="invalid_value")
 
     def start(self, prepared: Prepared, listener: Callable[[], None] | None = None) -> list[Generation]:
         """Queue every choice of ``prepared`` (all or none); one Generation each, in choice order.

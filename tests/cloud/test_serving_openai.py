@@ -43,7 +43,7 @@ def served(tmp_path_factory):
     jobs = four_jobs(base)
     fill_registry(tmp / "registry", base, jobs, tmp / "sources")
     config = ServeConfig(registry=tmp / "registry", base_name="tiny-llama", max_batch=16, max_context=128, default_max_tokens=16,
-                         api_keys=frozenset({KEY}), admin_token=ADMIN)
+                         api_keys=frozenset({KEY}), admin_token=ADMIN, max_logprob_entries=1 << 16)
     servers = server.start(ServingService(base, chat_tokenizer(), config), "127.0.0.1", 0, None)
     client = openai.OpenAI(base_url=servers.http_url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     yield Served(servers, client, servers.service.tokenizer, base, {job.name: job.plugged(base) for job in jobs} | {"base": base}, tmp)
@@ -207,6 +207,9 @@ def test_errors_come_as_the_clients_exceptions(served):
         with pytest.raises(openai.BadRequestError) as caught:
             served.client.completions.create(**({"model": "alpha", "prompt": "x", "max_tokens": 2} | bad))
         assert caught.value.body["param"] == next(iter(bad)), caught.value.body
+    with pytest.raises(openai.BadRequestError) as caught:  # more log-probabilities than the server's limit, refused before any work
+        served.client.completions.create(model="alpha", prompt=[[5] * 100] * 100, echo=True, logprobs=20, max_tokens=20)
+    assert caught.value.body["param"] == "logprobs" and "the limit is 65536" in caught.value.body["message"]
     keyless = openai.OpenAI(base_url=served.servers.http_url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         keyless.models.list()

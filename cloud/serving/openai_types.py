@@ -19,8 +19,12 @@ from pydantic_core import PydanticCustomError
 from .logprobs import MAX_TOP_LOGPROBS
 
 MAX_JSON_DEPTH = 32  # an OpenAI request nests about 5 levels (messages -> content parts)
+# Arrays and objects in a body, counted as brackets before parsing (Python's parser takes seconds to
+# build a million small lists): a batch of MAX_PROMPTS token-id prompts needs 4097.
+MAX_JSON_CONTAINERS = 1 << 17
 MAX_STOP = 4
 MAX_N = 128
+MAX_PROMPTS = 4096  # prompts in one request, checked before they are (a refused batch costs no scan of its items)
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 60
 _REPR.maxlevel = 3
@@ -67,9 +71,12 @@ def _prompts(value: Any) -> list[str] | list[list[int]]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and value:
-        if all(isinstance(item, str) for item in value) or all(token_ids(item) for item in value):
-            return value
-        if token_ids(value):
+        if isinstance(value[0], (str, list)):  # a batch
+            if len(value) > MAX_PROMPTS:
+                raise PydanticCustomError("invalid_value", f"'prompt' holds {len(value)} prompts; at most {MAX_PROMPTS} go in one request")
+            if all(isinstance(item, str) for item in value) or all(token_ids(item) for item in value):
+                return value
+        elif token_ids(value):
             return [value]
     raise PydanticCustomError("invalid_type", "'prompt' must be a string, a list of strings, a non-empty list of token ids, or a list of such lists")
 
@@ -257,6 +264,9 @@ def validate(model: type[BaseModel], body: Any, unsupported: dict | None = None)
 def parse_json(raw: bytes) -> dict:
     """A request body: one JSON object, at most :data:`MAX_JSON_DEPTH` levels deep. Every way it
     can be wrong is a ServingError (400) that says how, in words of its own."""
+    containers = raw.count(b"[") + raw.count(b"{")  # an upper bound: brackets inside strings count too
+    if containers > MAX_JSON_CONTAINERS:
+        raise ServingError(400, f"the body holds more than {MAX_JSON_CONTAINERS} arrays and objects", code="invalid_json")
     try:
         body = json.loads(raw) if raw else None
     except json.JSONDecodeError as error:

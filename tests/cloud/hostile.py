@@ -163,6 +163,9 @@ def bad_bodies(context_chars: int) -> list[tuple[str, bytes, int, str]]:
         ("7 MB message", json.dumps({"model": "base", "messages": [{"role": "user", "content": "ab " * ((7 << 20) // 3)}]}).encode(), 400, "context_length_exceeded"),
         ("2 million token ids", json.dumps({"model": "base", "prompt": [5] * 2_000_000, "max_tokens": 1}).encode(), 400, "context_length_exceeded"),
         ("a 1 MB model name", json.dumps({"model": "m" * (1 << 20), "prompt": "x"}).encode(), 404, "model_not_found"),
+        ("a million prompts", json.dumps({"model": "base", "prompt": ["x"] * 1_000_000, "max_tokens": 1}).encode(), 400, "invalid_value"),
+        ("n of a million", json.dumps({"model": "base", "prompt": "x", "n": 1_000_000, "max_tokens": 1}).encode(), 400, "invalid_value"),
+        ("a million token-id prompts", json.dumps({"model": "base", "prompt": [[5]] * 1_000_000, "max_tokens": 1}).encode(), 400, "invalid_json"),
     ]
 
 

@@ -122,6 +122,19 @@ def test_liveness_readiness_and_grpc_health(served):
     assert _get(served, "/health")[0] == 200  # draining is not dead: liveness stays up
 
 
+def test_openapi_docs_describe_the_request_bodies(served):
+    status, body = _get(served, "/openapi.json")
+    spec = json.loads(body)
+    assert status == 200 and {"/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics", "/health", "/ready",
+                              "/v1/load_lora_adapter", "/admin/models/{name}"} <= set(spec["paths"])
+    completion = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"prompt", "echo", "logprobs", "n", "stream"} <= set(completion["properties"]) and completion["required"] == ["model", "prompt"]
+    chat = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert chat["properties"]["messages"]["items"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant"]
+    status, page = _get(served, "/docs")
+    assert status == 200 and b"swagger" in page.lower()
+
+
 def test_a_graceful_stop_finishes_the_running_request(served):
     """A stream is half read when the server is told to stop: new connections are refused at once,
     and the stream still ends, whole, with [DONE]."""

@@ -113,8 +113,11 @@ def lm_eval(url: str, model: str, rows_file: Path, out: Path, args) -> tuple[flo
     name = f"offsite_{args.task}_{args.rows}"
     (tasks / f"{name}.yaml").write_text(TASK_YAML.format(name=name, rows=rows_file.resolve()))
     tokenizer = resolve_model_dir(model)
+    # add_bos_token: offsite eval encodes each prompt with the tokenizer's special tokens (lm-eval's HF
+    # convention for the context); SmolLM2's tokenizer prepends <|im_start|> then, and local-completions
+    # only does so with add_bos_token=True (without it every log-likelihood differs: 0.19 nats on average)
     model_args = (f"model=job,base_url={url}/v1/completions,tokenizer={tokenizer},tokenizer_backend=huggingface,"
-                  f"tokenized_requests=True,num_concurrent=1,max_retries=1,timeout=600")
+                  f"tokenized_requests=True,add_bos_token=True,num_concurrent=1,max_retries=1,timeout=600")
     results = out / "lm_eval"
     run(["lm_eval", "--model", "local-completions", "--model_args", model_args, "--tasks", name, "--include_path", str(tasks),
          "--batch_size", str(args.batch_size), "--output_path", str(results), "--log_samples"], out / "lm-eval.log",

@@ -123,6 +123,16 @@ class _GuardedProtocol(HttpToolsProtocol):
             cycle.message_event.set()
         return True
 
+    def shutdown(self) -> None:
+        """The server stops: an idle connection whose answers are all sent is dropped at once (a
+        TLS client that never answers the close would otherwise hold the stop for its whole
+        timeout); one with a request running is closed after it (uvicorn's own)."""
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and self.transport.get_write_buffer_size() == 0:
+            self.transport.abort()
+        else:
+            super().shutdown()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self._eof and not self.pipeline and not self.transport.is_closing():

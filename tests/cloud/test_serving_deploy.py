@@ -88,10 +88,10 @@ def test_the_probes_answer_over_https(tmp_path):
         paths = _probes()
         assert set(paths) == {"/health", "/ready"}
         for path in paths:  # no API key: probes carry none
-            with urllib.request.urlopen(f"https://localhost:{servers.http.port}{path}", context=context, timeout=30) as response:
+            with urllib.request.urlopen(f"https://127.0.0.1:{servers.http.port}{path}", context=context, timeout=30) as response:
                 assert response.status == 200
         with pytest.raises(urllib.error.HTTPError) as caught:  # while /v1 asks for a key
-            urllib.request.urlopen(f"https://localhost:{servers.http.port}/v1/models", context=context, timeout=30)
+            urllib.request.urlopen(f"https://127.0.0.1:{servers.http.port}/v1/models", context=context, timeout=30)
         assert caught.value.code == 401
     finally:
         servers.stop()

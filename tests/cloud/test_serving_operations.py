@@ -68,25 +68,32 @@ def test_metrics_parse_and_add_up_to_the_requests_sent(served):
     client.models.list()
     assert _get(served, "/v1/nowhere")[0] == 404
     client.close()
-    sent = {("/v1/completions", "alpha", "200"): 3, ("/v1/chat/completions", "beta", "200"): 2, ("/v1/completions", "", "404"): 1,
-            ("/v1/completions", "", "400"): 1, ("/v1/models", "", "200"): 1, ("other", "", "404"): 1}
+    with grpc.insecure_channel(served.grpc_target) as channel:
+        stub = serving_pb2_grpc.ServingStub(channel)
+        usages.append(stub.Generate(serving_pb2.GenerateRequest(model="alpha", prompt="g", max_tokens=3, temperature=0), timeout=30).usage)
+        with pytest.raises(grpc.RpcError):
+            stub.Generate(serving_pb2.GenerateRequest(model="nope", prompt="g"), timeout=30)
+    sent = {("http", "/v1/completions", "alpha", "200"): 3, ("http", "/v1/chat/completions", "beta", "200"): 2,
+            ("http", "/v1/completions", "", "404"): 1, ("http", "/v1/completions", "", "400"): 1, ("http", "/v1/models", "", "200"): 1,
+            ("http", "other", "", "404"): 1, ("grpc", "Generate", "alpha", "OK"): 1, ("grpc", "Generate", "", "NOT_FOUND"): 1}
     deadline = time.monotonic() + 30  # a stream's request is counted as its task ends, just after the client read [DONE]
     while True:
         metrics = _scrape(served)
-        counted = {(labels["endpoint"], labels["model"], labels["status"]): value for labels, value, name in metrics["offsite_serving_requests"]
-                   if name.endswith("_total") and labels["endpoint"] != "/metrics"}
+        counted = {(labels["api"], labels["endpoint"], labels["model"], labels["status"]): value
+                   for labels, value, name in metrics["offsite_serving_requests"] if name.endswith("_total") and labels["endpoint"] != "/metrics"}
         if counted == sent or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert counted == sent
     tokens = {name: {labels["model"]: value for labels, value, sample in metrics[name] if sample.endswith("_total")}
               for name in ("offsite_serving_prompt_tokens", "offsite_serving_generation_tokens")}
-    assert tokens["offsite_serving_prompt_tokens"] == {"alpha": sum(u.prompt_tokens for u in usages[:3]), "beta": sum(u.prompt_tokens for u in usages[3:])}
-    assert tokens["offsite_serving_generation_tokens"] == {"alpha": sum(u.completion_tokens for u in usages[:3]),
-                                                            "beta": sum(u.completion_tokens for u in usages[3:])}
+    alpha, beta = usages[:3] + usages[5:], usages[3:5]
+    assert tokens["offsite_serving_prompt_tokens"] == {"alpha": sum(u.prompt_tokens for u in alpha), "beta": sum(u.prompt_tokens for u in beta)}
+    assert tokens["offsite_serving_generation_tokens"] == {"alpha": sum(u.completion_tokens for u in alpha),
+                                                            "beta": sum(u.completion_tokens for u in beta)}
     for name in ("offsite_serving_time_to_first_token_seconds", "offsite_serving_request_latency_seconds"):
         counts = {labels["model"]: value for labels, value, sample in metrics[name] if sample.endswith("_count")}
-        assert counts == {"alpha": 3, "beta": 2}, name
+        assert counts == {"alpha": 4, "beta": 2}, name
     batch = {labels.get("le"): value for labels, value, sample in metrics["offsite_serving_batch_size"] if sample.endswith("_bucket")}
     assert batch["+Inf"] == served.service.scheduler.snapshot().steps > 0
     assert {name for name in metrics} >= {"offsite_serving_queue_depth", "offsite_serving_running_requests", "offsite_serving_kv_cache_bytes",

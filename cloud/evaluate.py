@@ -196,10 +196,11 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def _size(self) -> str:
+        rows = f"{self.test_rows} {'held-out train' if self.meta.get('val_rows') else 'test'} rows"
         if self.kind == "sft":
             tokens = next((r["tokens"] for r in self.results.values() if "tokens" in r), None)
-            return f"{self.test_rows} test rows" + (f", {tokens} completion tokens" if tokens else "") + " (NLL in nats per token, lower is better)"
-        return f"{self.test_rows} test rows (one standard error at 0.5 is {50 / self.test_rows ** 0.5:.1f} points)"
+            return rows + (f", {tokens} completion tokens" if tokens else "") + " (NLL in nats per token, lower is better)"
+        return f"{rows} (one standard error at 0.5 is {50 / self.test_rows ** 0.5:.1f} points)"
 
     def _gap(self, gap: float) -> str:
         return f"{100 * gap:+.1f}" if self.kind == "mc" else f"{gap:+.3f}"

@@ -57,7 +57,7 @@ FEDERATED_TUNING = TuneConfig(steps=10, batch_size=8, warmup_steps=0, schedule="
 
 @dataclass(frozen=True)
 class SecurityConfig:
-    """What protects the updates of a job (all off by default; see README "Security").
+    """What protects the updates of a job (all off by default; see docs/security.md).
 
     Envelopes: each client seals its update to the coordinator's X25519 key and signs it with its
     enrolled Ed25519 identity (:mod:`offsite.protocol.envelope`); the coordinator opens it with

@@ -16,7 +16,7 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     from .fed_job import SecurityConfig
 
     sec = SecurityConfig()
-    group = parser.add_argument_group("security (job.json 'security'; README: Security)")
+    group = parser.add_argument_group("security (job.json 'security'; docs/security.md)")
     group.add_argument("--job-id", default=None, help="the job's id, bound into every envelope and secure-aggregation session (default: a fresh uuid4)")
     group.add_argument("--keys", type=Path, default=None,
                        help="the coordinator's key directory (`offsite cloud keys --out DIR`): signs the bundle (manifest.sig) and opens envelopes")

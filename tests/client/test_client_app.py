@@ -6,16 +6,19 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import random
+import subprocess
+import sys
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from offsite.client.bundle_cache import BundleCache
 from offsite.client.client_app import receive_bundle_part, train
 from offsite.emulator.lora import LoRASpec
 from offsite.emulator.sandwich import SandwichShape, adapter_state_dict, build_emulator
 from offsite.emulator.tune import TuneConfig
-from offsite.protocol.bundle import BundleError, read_bundle, write_bundle
+from offsite.protocol.bundle import BundleError, load_emulator, read_bundle, write_bundle
 from offsite.protocol.messages import (
     ErrorCode,
     TrainInstruction,
@@ -45,7 +48,10 @@ def all_parts(bundle, part_bytes):
     files = {name: meta["bytes"] for name, meta in bundle.manifest["files"].items()}
     files["manifest.json"] = (bundle.root / "manifest.json").stat().st_size
     plan = plan_bundle_parts(files, part_bytes)
-    return [bundle_part_from_content(bundle_part_to_content(read_bundle_part(bundle.root, bundle.digest, plan, i))) for i in range(len(plan))]
+    return [
+        bundle_part_from_content(bundle_part_to_content(read_bundle_part(bundle.root, bundle.digest, plan, i)))
+        for i in range(len(plan))
+    ]
 
 
 def test_plan_covers_every_byte_once():
@@ -75,7 +81,8 @@ def test_tampered_part_is_refused_and_discarded(tmp_path, bundle):
     first = parts[0]
     segment = first.segments[0]
     flipped = bytes([segment.data[0] ^ 1]) + segment.data[1:]
-    parts[0] = type(first)(first.digest, first.index, first.count, (type(segment)(segment.path, segment.offset, flipped),) + first.segments[1:])
+    tampered = (type(segment)(segment.path, segment.offset, flipped),) + first.segments[1:]
+    parts[0] = type(first)(first.digest, first.index, first.count, tampered)
     cache = BundleCache(tmp_path / "cache")
     for part in parts[:-1]:
         cache.receive(part)
@@ -113,8 +120,6 @@ def test_train_instruction_round_trip_and_rejection():
 @pytest.fixture(autouse=True)
 def task_identity(monkeypatch):
     """Messages made outside a Flower process need the identity Flower's runtime would set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     for name in ("_run_id", "_node_id", "_task_id"):
         if hasattr(TaskIdentity, name):
             monkeypatch.setattr(TaskIdentity, name, 1)
@@ -141,8 +146,6 @@ def test_malformed_data_gives_an_error_reply_naming_file_and_line(tmp_path, bund
     with open(data, "a") as handle:
         handle.write("{not json\n")
     emulator = read_bundle(cache_dir / "bundles" / bundle.digest)
-    from offsite.protocol.bundle import load_emulator
-
     model = load_emulator(emulator)
     adapter = adapter_state_dict(model, emulator.layout, emulator.adapter_blocks)
     instruction = TrainInstruction(round=1, bundle_digest=bundle.digest, tuning=TuneConfig(steps=1))
@@ -162,7 +165,8 @@ def test_malformed_data_gives_an_error_reply_naming_file_and_line(tmp_path, bund
     assert reply.has_error() and reply.error.code == ErrorCode.BUNDLE_MISSING
 
     # an instruction that does not decode, and a secure-aggregation round this node holds no session of
-    broken = RecordDict({"adapter": content["adapter"], "config": ConfigRecord(dict(instruction.to_record(), round="1"))})
+    bad_record = ConfigRecord(dict(instruction.to_record(), round="1"))
+    broken = RecordDict({"adapter": content["adapter"], "config": bad_record})
     reply = train(make_message(broken, "train"), make_context({"data-path": str(data), "cache-dir": str(cache_dir)}))
     assert reply.error.code == ErrorCode.BAD_MESSAGE and "'round': expected int" in reply.error.reason
     secure = dataclasses.replace(instruction, job_id="job-1", secagg=True)
@@ -183,7 +187,7 @@ def test_bundle_part_handler_replies_with_status(tmp_path, bundle):
 
 LIGHT_MESSAGES = r"""
 import inspect, sys
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from offsite.client.client_app import receive_bundle_part
 from offsite.protocol.bundle import read_bundle
 from offsite.protocol.messages import bundle_part_to_content, plan_bundle_parts, read_bundle_part
@@ -197,12 +201,14 @@ bundle = read_bundle(sys.argv[1])
 files = {name: meta["bytes"] for name, meta in bundle.manifest["files"].items()}
 files["manifest.json"] = (bundle.root / "manifest.json").stat().st_size
 plan = plan_bundle_parts(files, 4096)
-values = {"run_id": 1, "node_id": 7, "node_config": {"data-path": "unused", "cache-dir": sys.argv[2]}, "state": RecordDict(), "run_config": {}}
+node_config = {"data-path": "unused", "cache-dir": sys.argv[2]}
+values = {"run_id": 1, "node_id": 7, "node_config": node_config, "state": RecordDict(), "run_config": {}}
 context = Context(**{k: v for k, v in values.items() if k in inspect.signature(Context).parameters})
 statuses = []
 for index in range(len(plan)):
     content = bundle_part_to_content(read_bundle_part(bundle.root, bundle.digest, plan, index))
-    reply = receive_bundle_part(Message(content, dst_node_id=7, message_type="query.bundle_part", group_id="1"), context)
+    message = Message(content, dst_node_id=7, message_type="query.bundle_part", group_id="1")
+    reply = receive_bundle_part(message, context)
     assert not reply.has_error(), reply.error.reason
     statuses.append(reply.content.config_records["bundle-status"]["status"])
 assert statuses[-1] == "installed" and len(statuses) > 1, statuses
@@ -210,7 +216,8 @@ assert statuses[-1] == "installed" and len(statuses) > 1, statuses
 config = SecAggConfig.for_job(b"s" * 32, 10, 3, 1.0)
 clients = {node: SecAggClient(node) for node in (1, 2, 3)}
 adverts = {node: client.advertise(SetupRequest(config, (1, 2, 3))) for node, client in clients.items()}
-roster = KeyRoster(config.session, (1, 2, 3), tuple(a.channel_key for a in adverts.values()), tuple(a.mask_key for a in adverts.values()))
+channel_keys, mask_keys = tuple(a.channel_key for a in adverts.values()), tuple(a.mask_key for a in adverts.values())
+roster = KeyRoster(config.session, (1, 2, 3), channel_keys, mask_keys)
 shares = [client.share_keys(roster) for client in clients.values()]
 assert len(shares) == 3
 print("torch imported" if "torch" in sys.modules else "torch-free")
@@ -220,9 +227,6 @@ print("torch imported" if "torch" in sys.modules else "torch-free")
 def test_bundle_parts_and_key_exchange_run_without_importing_torch(tmp_path, bundle):
     """Flower starts a fresh ClientApp process for every message; the ones that only carry bundle
     parts or secure-aggregation keys must not pay torch's import (seconds each on a small node)."""
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-c", LIGHT_MESSAGES, str(bundle.root), str(tmp_path / "cache")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

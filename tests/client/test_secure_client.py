@@ -5,15 +5,20 @@ secure-aggregation round through the ClientApp's handlers (session state in ``co
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 import math
 
 import pytest
 import torch
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
+from safetensors import safe_open
 
 from offsite.client.bundle_cache import BundleCache
 from offsite.client.channels import EnvelopeChannel, PlainChannel, Sealer, TunedUpdate
 from offsite.client.client_app import receive_bundle_part, secagg_stage, train
+from offsite.client.daemon import DaemonConfig
+from offsite.client.secagg_session import SECAGG_STATE
 from offsite.client.settings import NodeSettings
 from offsite.client.training import train_round
 from offsite.cloud.federate.secagg_server import SecAggServer
@@ -25,7 +30,20 @@ from offsite.protocol.dp import DPConfig, privatize_update, update_delta
 from offsite.protocol.envelope import ReplayCache, UpdateOpener, max_envelope_bytes
 from offsite.protocol.envelope_wire import ENVELOPE, envelope_from_record
 from offsite.protocol.keys import COORDINATOR_PUBLIC, ClientIdentity, CoordinatorKeys, SenderRegistry
-from offsite.protocol.messages import ADAPTER, CONFIG, METRICS, SECAGG_ROUND, ErrorCode, TrainInstruction, WireError, secagg_session
+from offsite.protocol.messages import (
+    ADAPTER,
+    CONFIG,
+    METRICS,
+    SECAGG_ROUND,
+    ErrorCode,
+    TrainInstruction,
+    WireError,
+    bundle_part_from_content,
+    bundle_part_to_content,
+    plan_bundle_parts,
+    read_bundle_part,
+    secagg_session,
+)
 from offsite.protocol.records import state_from_record, state_to_record
 from offsite.protocol.secagg import (
     EncryptedShares,
@@ -38,7 +56,13 @@ from offsite.protocol.secagg import (
     state_dimension,
     to_content,
 )
-from tests.client.test_client_app import all_parts, bundle, make_context, make_message, task_identity  # noqa: F401 - fixtures
+from tests.client.test_client_app import (  # noqa: F401 - fixtures
+    all_parts,
+    bundle,
+    make_context,
+    make_message,
+    task_identity,
+)
 from tests.conftest import write_jsonl
 
 JOB = "unit-job"
@@ -65,7 +89,8 @@ def world(tmp_path, bundle):  # noqa: F811 - the fixture imported above
         "data-path": str(data), "cache-dir": str(tmp_path / "cache"), "threads": 1,
         "identity-dir": str(tmp_path / "alice"), "coordinator-key": str(tmp_path / "coordinator" / COORDINATOR_PUBLIC),
     }
-    return dataclasses.make_dataclass("World", ["keys", "identity", "registry", "bundle", "global_adapter", "node_config", "tmp"])(
+    fields = ["keys", "identity", "registry", "bundle", "global_adapter", "node_config", "tmp"]
+    return dataclasses.make_dataclass("World", fields)(
         keys, identity, registry, bundle, global_adapter, node_config, tmp_path
     )
 
@@ -117,12 +142,14 @@ def test_dp_reply_is_clipped_and_noised_and_carries_no_data_dependent_metric(wor
     norm = math.sqrt(sum(float(t.pow(2).sum()) for t in update_delta(tuned, world.global_adapter).values()))
     assert norm > 1e-3  # the clip bites
     channel = EnvelopeChannel(Sealer(settings.identity(), settings.coordinator()))
-    update = TunedUpdate.of(dp_instruction, world.global_adapter, tuned, dict(metrics, **{"client-seconds": 2.0}), noise_seed=11)
+    timed = dict(metrics, **{"client-seconds": 2.0})
+    update = TunedUpdate.of(dp_instruction, world.global_adapter, tuned, timed, noise_seed=11)
     reply = channel.reply(update)
     content, sent, info = reply.content, reply.tensors, reply.info
     expected = privatize_update(tuned, world.global_adapter, DPConfig(1e-3, 0.5), seed=11).adapter(world.global_adapter)
     coordinator = opener(world)
-    opened = coordinator.open(envelope_from_record(content.array_records[ENVELOPE], max_envelope_bytes(coordinator.max_payload_bytes)))
+    limit = max_envelope_bytes(coordinator.max_payload_bytes)
+    opened = coordinator.open(envelope_from_record(content.array_records[ENVELOPE], limit))
     assert all(torch.equal(opened.tensors[key], expected[key]) for key in expected)
     assert set(opened.metadata) <= {"seconds"}  # no example count, no loss: functions of the data outside the mechanism
     assert info["dp"] is True
@@ -134,11 +161,13 @@ def test_dp_reply_is_clipped_and_noised_and_carries_no_data_dependent_metric(wor
 
 
 def test_envelope_instruction_without_identity_or_key_is_a_node_config_error(world):
-    content = RecordDict({ADAPTER: state_to_record(world.global_adapter), CONFIG: instruction(world, envelope=True).to_record()})
+    sealed = instruction(world, envelope=True)
+    content = RecordDict({ADAPTER: state_to_record(world.global_adapter), CONFIG: sealed.to_record()})
     for missing, named in (("identity-dir", "identity-dir"), ("coordinator-key", "coordinator-key")):
         config = {key: value for key, value in world.node_config.items() if key != missing}
         reply = train(make_message(content, "train"), make_context(config))
-        assert reply.has_error() and reply.error.code == ErrorCode.NODE_CONFIG and named in reply.error.reason, reply.error.reason
+        assert reply.has_error() and reply.error.code == ErrorCode.NODE_CONFIG, reply.error.reason
+        assert named in reply.error.reason, reply.error.reason
     broken = dict(world.node_config, **{"identity-dir": str(world.tmp / "nobody")})
     reply = train(make_message(content, "train"), make_context(broken))
     assert reply.error.code == ErrorCode.NODE_CONFIG and "identity-dir" in reply.error.reason
@@ -146,10 +175,13 @@ def test_envelope_instruction_without_identity_or_key_is_a_node_config_error(wor
     # the train handler, with everything in place: only the envelope leaves
     reply = train(make_message(content, "train"), make_context(world.node_config))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    assert set(reply.content.array_records) == {ENVELOPE} and set(reply.content.metric_records[METRICS]) == {"client-seconds"}
+    assert set(reply.content.array_records) == {ENVELOPE}
+    assert set(reply.content.metric_records[METRICS]) == {"client-seconds"}
 
 
-def test_a_pinned_key_refuses_unsigned_and_foreign_bundles_and_replaces_an_unsigned_copy(tmp_path, bundle):  # noqa: F811
+def test_a_pinned_key_refuses_unsigned_and_foreign_bundles_and_replaces_an_unsigned_copy(
+    tmp_path, bundle  # noqa: F811
+):
     keys, other = CoordinatorKeys.generate(), CoordinatorKeys.generate()
     parts = all_parts(bundle, 1 << 20)
     with pytest.raises(BundleError) as refused:
@@ -178,9 +210,8 @@ def test_a_pinned_key_refuses_unsigned_and_foreign_bundles_and_replaces_an_unsig
 
     # the bundle-part handler builds its cache with the pinned key from the node config
     keys.save(tmp_path / "coordinator")
-    context = make_context({"data-path": "unused", "cache-dir": str(tmp_path / "d"), "coordinator-key": str(tmp_path / "coordinator")})
-    from offsite.protocol.messages import bundle_part_to_content
-
+    pinned = {"coordinator-key": str(tmp_path / "coordinator")}
+    context = make_context({"data-path": "unused", "cache-dir": str(tmp_path / "d"), **pinned})
     (whole,) = all_parts(bundle, 1 << 24)  # no manifest.sig among the parts
     reply = receive_bundle_part(make_message(bundle_part_to_content(whole), "query.bundle_part"), context)
     assert reply.has_error() and reply.error.code == ErrorCode.BUNDLE_INVALID and "not signed" in reply.error.reason
@@ -188,18 +219,17 @@ def test_a_pinned_key_refuses_unsigned_and_foreign_bundles_and_replaces_an_unsig
 
 def all_parts_with_signature(bundle):  # noqa: F811
     """The bundle's parts as the ServerApp sends them: manifest.sig included."""
-    from offsite.protocol.messages import bundle_part_from_content, bundle_part_to_content, plan_bundle_parts, read_bundle_part
-
     files = {name: meta["bytes"] for name, meta in bundle.manifest["files"].items()}
     files["manifest.json"] = (bundle.root / "manifest.json").stat().st_size
     files[SIGNATURE] = (bundle.root / SIGNATURE).stat().st_size
     plan = plan_bundle_parts(files, 1 << 20)
-    return [bundle_part_from_content(bundle_part_to_content(read_bundle_part(bundle.root, bundle.digest, plan, i))) for i in range(len(plan))]
+    return [
+        bundle_part_from_content(bundle_part_to_content(read_bundle_part(bundle.root, bundle.digest, plan, i)))
+        for i in range(len(plan))
+    ]
 
 
 def query(message, job: str = JOB, round_number: int = 1) -> RecordDict:
-    from flwr.app import ConfigRecord
-
     content = to_content(message)
     content[SECAGG_ROUND] = ConfigRecord({"job-id": job, "round": round_number})
     return content
@@ -209,10 +239,6 @@ def test_a_secure_aggregation_round_through_the_handlers(world, tmp_path):
     """Three owners (node ids 11, 12, 13) with their own data, contexts and audit copies: stages 0,
     1 and 3 through ``secagg_stage``, stage 2 through ``train``; the unmasked mean is FedAvg of
     the deltas they sent, within the quantisation bound."""
-    import inspect
-
-    from flwr.app import Context
-
     nodes = (11, 12, 13)
     contexts = {}
     for node, rows in zip(nodes, (3, 5, 8), strict=True):
@@ -232,27 +258,26 @@ def test_a_secure_aggregation_round_through_the_handlers(world, tmp_path):
     server = SecAggServer(config)
     setup = server.start(nodes)
     rosters = server.collect_keys({node: from_content(ask(node, query(setup)), KeyAdvertisement) for node in nodes})
-    bundles = server.collect_shares({node: from_content(ask(node, query(rosters[node])), EncryptedShares) for node in nodes})
+    shares = {node: from_content(ask(node, query(rosters[node])), EncryptedShares) for node in nodes}
+    bundles = server.collect_shares(shares)
     train_instruction = instruction(world, secagg=True)
     masked = {}
     for node in nodes:
         content = to_content(bundles[node])
         content[ADAPTER], content[CONFIG] = state_to_record(world.global_adapter), train_instruction.to_record()
         reply = ask(node, content, train, "train")
-        assert set(reply.array_records) == {"secagg-vector"} and set(reply.metric_records[METRICS]) == {"client-seconds"}
+        assert set(reply.array_records) == {"secagg-vector"}
+        assert set(reply.metric_records[METRICS]) == {"client-seconds"}
         masked[node] = from_content(reply, MaskedInput)
     requests = server.collect_masked(masked)
-    result = server.collect_unmask({node: from_content(ask(node, query(requests[node])), UnmaskShares) for node in nodes})
+    unmask = {node: from_content(ask(node, query(requests[node])), UnmaskShares) for node in nodes}
+    result = server.collect_unmask(unmask)
 
-    from offsite.client.secagg_session import SECAGG_STATE
-    from safetensors import safe_open
-
-    assert all(SECAGG_STATE not in contexts[node].state.config_records for node in nodes)  # the session is over: secrets gone
+    # the session is over: secrets gone
+    assert all(SECAGG_STATE not in contexts[node].state.config_records for node in nodes)
     sent, weights = [], []
     for node in nodes:
         with safe_open(str(tmp_path / f"audit-{node}" / f"{JOB}-round-0001.safetensors"), framework="pt") as handle:
-            import json
-
             sent.append(flatten_state({key: handle.get_tensor(key) for key in handle.keys()}))
             weights.append(json.loads(handle.metadata()["offsite"])["weight"])
     assert weights == [3, 5, 8] and result.total_weight == 16
@@ -264,7 +289,8 @@ def test_a_secure_aggregation_round_through_the_handlers(world, tmp_path):
     reply = secagg_stage(make_message(query(setup, round_number=2), "query.secagg"), contexts[11])
     assert reply.has_error() and reply.error.code == ErrorCode.SECAGG and "session" in reply.error.reason
     reply = secagg_stage(make_message(query(rosters[11]), "query.secagg"), contexts[11])
-    assert reply.has_error() and reply.error.code == ErrorCode.SECAGG and "no secure-aggregation session state" in reply.error.reason
+    assert reply.has_error() and reply.error.code == ErrorCode.SECAGG
+    assert "no secure-aggregation session state" in reply.error.reason
 
 
 def test_train_instruction_modes_round_trip_and_stay_strict():
@@ -297,18 +323,19 @@ def test_train_instruction_modes_round_trip_and_stay_strict():
 
 
 def test_client_start_hands_the_identity_and_the_pinned_key_to_the_node_config(tmp_path):
-    from offsite.client.daemon import DaemonConfig
-
     data = tmp_path / "mine.jsonl"
     write_jsonl(data, [{"prompt": "a", "completion": "b"}])
     ClientIdentity.generate("alice").save(tmp_path / "me")
     CoordinatorKeys.generate().save(tmp_path / "coordinator")
     pinned = tmp_path / "coordinator" / COORDINATOR_PUBLIC
-    config = DaemonConfig("127.0.0.1:9092", data, insecure=True, identity_dir=tmp_path / "me", coordinator_key=pinned, audit_dir=tmp_path / "sent")
+    config = DaemonConfig("127.0.0.1:9092", data, insecure=True, identity_dir=tmp_path / "me", coordinator_key=pinned,
+                          audit_dir=tmp_path / "sent")
     node_config = config.command()[config.command().index("--node-config") + 1]
-    assert f"identity-dir='{(tmp_path / 'me').resolve()}'" in node_config and f"coordinator-key='{pinned.resolve()}'" in node_config
-    settings = NodeSettings.from_node_config(config.node_config() | {"data-path": str(data), "identity-dir": str(tmp_path / "me"),
-                                                                     "coordinator-key": str(pinned), "audit-dir": str(tmp_path / "sent")})
+    assert f"identity-dir='{(tmp_path / 'me').resolve()}'" in node_config
+    assert f"coordinator-key='{pinned.resolve()}'" in node_config
+    given = {"data-path": str(data), "identity-dir": str(tmp_path / "me"), "coordinator-key": str(pinned),
+             "audit-dir": str(tmp_path / "sent")}
+    settings = NodeSettings.from_node_config(config.node_config() | given)
     assert settings.identity().sender_id == "alice" and settings.coordinator() is not None
     with pytest.raises(FileNotFoundError, match="--identity"):
         DaemonConfig("127.0.0.1:9092", data, insecure=True, identity_dir=tmp_path / "nobody")

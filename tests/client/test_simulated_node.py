@@ -37,9 +37,11 @@ def test_a_deployed_node_config_is_read_as_before(tmp_path):
 @pytest.mark.parametrize(
     ("node_config", "environ", "message"),
     [
-        ({"partition-id": 0, "num-partitions": 4}, {}, r"without \$OFFSITE_SIMULATION: run simulations with `offsite cloud simulate`"),
+        ({"partition-id": 0, "num-partitions": 4}, {},
+         r"without \$OFFSITE_SIMULATION: run simulations with `offsite cloud simulate`"),
         ({"partition-id": 0, "num-partitions": 4}, {SIMULATION_ENV: "{not json"}, "not valid JSON"),
-        ({"partition-id": 0, "num-partitions": 4}, {SIMULATION_ENV: '{"partitions": "/p"}'}, "'cache-dir' must be a non-empty string"),
+        ({"partition-id": 0, "num-partitions": 4}, {SIMULATION_ENV: '{"partitions": "/p"}'},
+         "'cache-dir' must be a non-empty string"),
         ({"partition-id": 0, "num-partitions": 5}, None, "runs 5 virtual nodes, .* describes 4 partitions"),
         ({"partition-id": 4, "num-partitions": 4}, None, "partition-id 4 is out of range"),
         ({"partition-id": "0", "num-partitions": 4}, None, "'partition-id' must be an integer"),
@@ -52,6 +54,7 @@ def test_a_virtual_node_without_a_usable_simulation_description_is_refused(tmp_p
 
 def test_the_description_round_trips_and_checks_its_values(tmp_path):
     owners = SimulatedOwners(tmp_path / "p", 3, tmp_path / "c", "auto", None)
-    assert SimulatedOwners.from_env(owners.to_env()) == SimulatedOwners((tmp_path / "p").resolve(), 3, (tmp_path / "c").resolve(), "auto", None)
+    expected = SimulatedOwners((tmp_path / "p").resolve(), 3, (tmp_path / "c").resolve(), "auto", None)
+    assert SimulatedOwners.from_env(owners.to_env()) == expected
     with pytest.raises(ValueError, match="'num-partitions' must be an integer >= 1"):
         SimulatedOwners.from_env('{"partitions": "/p", "cache-dir": "/c", "device": "cpu", "num-partitions": 0}')

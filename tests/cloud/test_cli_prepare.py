@@ -10,9 +10,11 @@ import re
 import pytest
 
 from offsite.cli import main
-from offsite.cloud.fed_job import FEDERATED_TUNING, FedJobConfig, JobError, read_job, write_job
+from offsite.cloud.fed_job import FEDERATED_TUNING, FedJobConfig, JobError, SecurityConfig, read_job, write_job
 from offsite.cloud.presets import get_preset
 from offsite.protocol.bundle import read_bundle
+from offsite.protocol.bundle_signing import read_signed_bundle
+from offsite.protocol.keys import CoordinatorKeys
 from tests.conftest import make_tokenizer, tiny_model
 
 
@@ -27,7 +29,8 @@ def model_dir(tmp_path, monkeypatch):
 
 
 def prepare(model_dir, out, *options: str) -> int:
-    return main(["cloud", "prepare", "--model", str(model_dir), "--shape", "1-2-1", "--distill-steps", "0", "--out", str(out), *options])
+    recipe = ["--model", str(model_dir), "--shape", "1-2-1", "--distill-steps", "0"]
+    return main(["cloud", "prepare", *recipe, "--out", str(out), *options])
 
 
 def test_prepare_writes_job_json_with_the_given_settings(model_dir, tmp_path, capsys):
@@ -51,8 +54,11 @@ def test_prepare_writes_job_json_with_the_given_settings(model_dir, tmp_path, ca
     printed = capsys.readouterr().out
     assert f"offsite cloud run --job {out}" in printed
     size = sum(entry["bytes"] for entry in bundle.manifest["files"].values())  # what Bundle.size sums
-    assert bundle.size == size == sum(path.stat().st_size for path in (out / "bundle").rglob("*") if path.is_file() and path.name != "manifest.json")
-    assert f"bundle: {out / 'bundle'}  ({size / 1e6:.0f} MB, 0 weights packed; shape " in printed  # a random model: no grids
+    files = [path for path in (out / "bundle").rglob("*") if path.is_file() and path.name != "manifest.json"]
+    on_disk = sum(path.stat().st_size for path in files)
+    assert bundle.size == size == on_disk
+    # a random model: no grids
+    assert f"bundle: {out / 'bundle'}  ({size / 1e6:.0f} MB, 0 weights packed; shape " in printed
 
 
 def test_prepare_without_job_options_writes_the_default_job(model_dir, tmp_path):
@@ -88,29 +94,30 @@ def test_contradictory_job_settings_stop_before_anything_is_written(model_dir, t
 
 
 def test_prepare_with_keys_signs_the_bundle_and_writes_the_security_settings(model_dir, tmp_path, capsys):
-    from offsite.cloud.fed_job import SecurityConfig
-    from offsite.protocol.bundle_signing import read_signed_bundle
-    from offsite.protocol.keys import CoordinatorKeys
-
     keys = CoordinatorKeys.generate()
     keys.save(tmp_path / "keys")
     out = tmp_path / "job"
     code = prepare(
-        model_dir, out, "--min-nodes", "3", "--min-replies", "3", "--keys", str(tmp_path / "keys"), "--registry", str(tmp_path / "senders.json"),
+        model_dir, out, "--min-nodes", "3", "--min-replies", "3", "--keys", str(tmp_path / "keys"),
+        "--registry", str(tmp_path / "senders.json"),
         "--envelopes", "--max-update-norm", "5", "--secure-aggregation", "--secagg-clip-range", "0.5",
-        "--dp-clip", "0.1", "--dp-noise", "1.2", "--dp-mode", "distributed", "--dp-delta", "1e-6", "--job-id", "trial-7",
+        "--dp-clip", "0.1", "--dp-noise", "1.2", "--dp-mode", "distributed", "--dp-delta", "1e-6",
+        "--job-id", "trial-7",
     )
     assert code == 0
     job = read_job(out)
     assert job.job_id == "trial-7"
     assert job.security == SecurityConfig(
-        envelopes=True, keys_dir=str((tmp_path / "keys").resolve()), registry=str((tmp_path / "senders.json").resolve()),
+        envelopes=True, keys_dir=str((tmp_path / "keys").resolve()),
+        registry=str((tmp_path / "senders.json").resolve()),
         max_update_norm=5.0, secure_aggregation=True, secagg_clip_range=0.5, dp_clip_norm=0.1, dp_noise_multiplier=1.2,
         dp_mode="distributed", dp_delta=1e-6,
     )
-    assert read_signed_bundle(out / "bundle", keys.public()).digest == read_bundle(out / "bundle").digest  # manifest.sig verifies
+    # manifest.sig verifies
+    assert read_signed_bundle(out / "bundle", keys.public()).digest == read_bundle(out / "bundle").digest
     printed = capsys.readouterr().out
-    assert "security: job id trial-7, envelopes" in printed and "not there yet" in printed and "bundle signed" in printed
+    assert "security: job id trial-7, envelopes" in printed and "not there yet" in printed
+    assert "bundle signed" in printed
 
 
 def test_contradictory_security_options_stop_before_anything_is_written(model_dir, tmp_path, capsys):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode as FlowerErrorCode
+from flwr.supercore.task_identity import TaskIdentity
 
 from offsite.cloud.federate.channels import read_envelope_reply
 from offsite.cloud.federate.round import NO_REPLY_CODES, RoundReplies, error_text
@@ -31,7 +32,8 @@ def test_superlink_written_errors_mean_no_reply():
         FlowerErrorCode.MESSAGE_UNAVAILABLE, FlowerErrorCode.REPLY_MESSAGE_UNAVAILABLE, FlowerErrorCode.NODE_UNAVAILABLE
     }
     assert not set(NO_REPLY_CODES) & {int(code) for code in ErrorCode}
-    assert error_text(FlowerErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable") == "NODE_UNAVAILABLE: Error: Node Unavailable"
+    named = error_text(FlowerErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable")
+    assert named == "NODE_UNAVAILABLE: Error: Node Unavailable"
     assert error_text(FlowerErrorCode.CLIENT_APP_CRASHED, "killed") == "flower-8: killed"
 
 
@@ -41,8 +43,6 @@ def test_superlink_written_errors_mean_no_reply():
 @pytest.fixture(autouse=True)
 def task_identity(monkeypatch):
     """Messages made outside a Flower process need the identity Flower's runtime would set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     for name in ("_run_id", "_node_id", "_task_id"):
         if hasattr(TaskIdentity, name):
             monkeypatch.setattr(TaskIdentity, name, 1)
@@ -56,12 +56,15 @@ def sealed_reply(header: bytes | None = None) -> tuple[Message, UpdateOpener]:
     registry.register("alice", alice.public_key)
     reference = {"blocks.0.w": torch.zeros(4, 3), "blocks.5.w": torch.ones(2)}
     update = {key: tensor + 0.01 for key, tensor in reference.items()}
-    data = bytes(seal_update(update, job="job-1", round=1, identity=alice, recipient=keys.public(), metadata={"num-examples": 3}))
+    sealed = seal_update(update, job="job-1", round=1, identity=alice, recipient=keys.public(),
+                         metadata={"num-examples": 3})
+    data = bytes(sealed)
     if header is not None:
         length = int.from_bytes(data[8:12], "big")
         data = data[:8] + len(header).to_bytes(4, "big") + header + data[12 + length :]
     content = RecordDict({ENVELOPE: envelope_to_record(data), METRICS: MetricRecord({"client-seconds": 1.0})})
-    return Message(content, dst_node_id=7, message_type="train", group_id="1"), UpdateOpener(keys, registry, "job-1", 1, reference)
+    opener = UpdateOpener(keys, registry, "job-1", 1, reference)
+    return Message(content, dst_node_id=7, message_type="train", group_id="1"), opener
 
 
 @pytest.mark.parametrize("header", [b"[" * 1500, b"[" * 4096, b'{"a":' * 800, b'{"round":' + b"9" * 4000 + b"}"])
@@ -72,7 +75,8 @@ def test_a_parser_bomb_header_is_a_refusal_with_a_reason(header):
     assert caught.value.reason is Reason.MALFORMED_HEADER and "node 7" in str(caught.value)
     outcome = RoundReplies()
     outcome.refuse(7, caught.value)
-    assert outcome.rejected == {7: "malformed-header"} and outcome.failed[7].startswith("REJECTED: malformed-header: update from node 7")
+    assert outcome.rejected == {7: "malformed-header"}
+    assert outcome.failed[7].startswith("REJECTED: malformed-header: update from node 7")
     good, opener = sealed_reply()
     tensors, weight, metrics, sender = read_envelope_reply(8, good, opener, dp=False)
     assert sender == "alice" and weight == 3.0 and set(tensors) == {"blocks.0.w", "blocks.5.w"}

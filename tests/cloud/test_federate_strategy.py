@@ -13,16 +13,25 @@ import json
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from offsite.client.client_app import app as client_app
 from offsite.cloud.federate.app import open_channel, run_job
 from offsite.cloud.federate.channels import EnvelopeChannel, PlainChannel
 from offsite.cloud.federate.round import RoundFailed
 from offsite.cloud.federate.secagg_channel import SecAggChannel
-from offsite.cloud.fed_job import FEDERATED_TUNING, FedJobConfig, SecurityConfig, checkpoint_path, update_path, write_job
+from offsite.cloud.fed_job import (
+    FEDERATED_TUNING,
+    FedJobConfig,
+    SecurityConfig,
+    checkpoint_path,
+    update_path,
+    write_job,
+)
 from offsite.emulator.sandwich import SandwichShape, build_emulator
 from offsite.protocol.adapter import load_update
 from offsite.protocol.bundle import write_bundle
+from offsite.protocol.keys import CoordinatorKeys, SenderRegistry
 from offsite.protocol.messages import ADAPTER, BUNDLE_PART, BUNDLE_STATUS, METRICS, TRAIN, ErrorCode
 from offsite.protocol.records import state_from_record, state_to_record
 from tests.conftest import make_tokenizer, tiny_model, write_jsonl
@@ -33,8 +42,6 @@ TUNING = dataclasses.replace(FEDERATED_TUNING, steps=2, batch_size=2, lr=1e-2, m
 @pytest.fixture(autouse=True)
 def task_identity(monkeypatch):
     """Messages made outside a Flower process need the identity Flower's runtime would set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     for name in ("_run_id", "_node_id", "_task_id"):
         if hasattr(TaskIdentity, name):
             monkeypatch.setattr(TaskIdentity, name, 1)
@@ -74,7 +81,8 @@ def tiny_job(tmp_path, **settings):
         {"family": "llama", "shape": {"a": 1, "k": 1, "b": 1, "n_blocks": 4}, "layout": layout,
          "adapter_blocks": shape.adapter_blocks(4), "kept_middle": shape.kept_middle(4)},
     )
-    config = {"rounds": 1, "round_timeout": 0.2, "node_wait_timeout": 5, "bundle_timeout": 5, "tuning": TUNING} | settings
+    config = {"rounds": 1, "round_timeout": 0.2, "node_wait_timeout": 5, "bundle_timeout": 5, "tuning": TUNING}
+    config |= settings
     write_job(job_dir, FedJobConfig(**config))
     return job_dir
 
@@ -122,7 +130,8 @@ def test_a_round_is_the_weighted_mean_of_the_usable_replies_and_names_the_rest(t
     assert record["mean_train_loss"] == pytest.approx((2 * 1.1 + 6 * 1.3) / 8)
     assert "secagg" not in record and "senders" not in record and "privacy" not in record
     assert state.nodes_with_bundle == [1, 2, 3, 4, 5]  # node 6 lost its bundle: sent again next round
-    assert sorted(path.name for path in update_path(job_dir, 1, 1).parent.iterdir()) == ["node-1.safetensors", "node-2.safetensors"]
+    recorded = sorted(path.name for path in update_path(job_dir, 1, 1).parent.iterdir())
+    assert recorded == ["node-1.safetensors", "node-2.safetensors"]
 
 
 def test_a_failed_dp_round_keeps_the_privacy_it_spent(tmp_path):
@@ -140,8 +149,6 @@ def test_the_job_s_security_picks_the_channel(tmp_path):
     assert type(open_channel(job_dir, FedJobConfig())) is PlainChannel
     secure = FedJobConfig(min_nodes=2, min_replies=2, job_id="j", security=SecurityConfig(secure_aggregation=True))
     assert type(open_channel(job_dir, secure)) is SecAggChannel and not open_channel(job_dir, secure).sealed
-    from offsite.protocol.keys import CoordinatorKeys, SenderRegistry
-
     CoordinatorKeys.generate().save(tmp_path / "keys")
     SenderRegistry().save(tmp_path / "senders.json")
     sealed = FedJobConfig(job_id="j", security=SecurityConfig(envelopes=True, keys_dir=str(tmp_path / "keys"),
@@ -185,8 +192,9 @@ def test_secure_aggregation_recovers_a_dropout_and_aborts_below_the_threshold(tm
 
     # two of three silent from the key exchange on: fewer than the threshold's nodes advertise keys
     job_dir = tiny_job(tmp_path / "abort", min_nodes=3, min_replies=2, job_id="sa-job", security=security)
-    grid = FakeGrid([1, 2, 3], real_owners(tmp_path / "abort", [1, 2, 3], lambda node, kind: node > 1 and kind != BUNDLE_PART))
-    with pytest.raises(RoundFailed, match="round 1: secure aggregation aborted: 1 node.s. advertised keys, threshold 2"):
+    owners = real_owners(tmp_path / "abort", [1, 2, 3], lambda node, kind: node > 1 and kind != BUNDLE_PART)
+    grid = FakeGrid([1, 2, 3], owners)
+    with pytest.raises(RoundFailed, match="round 1: secure aggregation aborted: 1 node.s. advertised keys"):
         run_job(grid, job_dir)
     assert json.loads((job_dir / "state.json").read_text())["completed_round"] == 0
 

@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from offsite.cloud.fed_job import (
     FEDERATED_TUNING,
@@ -24,6 +25,7 @@ from offsite.cloud.fed_job import (
 from offsite.cloud.superlink import round_summary
 from offsite.cloud.federate.channels import client_metrics, update_weight
 from offsite.cloud.federate.strategy import spend_privacy
+from offsite.cloud.finish import privacy_spent
 from offsite.emulator.tune import TuneConfig
 from offsite.protocol.dp import DPConfig, PrivacyAccountant
 from offsite.protocol.messages import TrainInstruction
@@ -40,8 +42,9 @@ def test_job_json_without_security_still_reads_and_security_round_trips(tmp_path
     (tmp_path / "job.json").write_text(json.dumps(old))
     assert read_job(tmp_path) == FedJobConfig()  # a job.json written before this section existed
 
-    secured = job(envelopes=True, max_update_norm=5.0, secure_aggregation=True, secagg_clip_range=0.25, secagg_ring_bits=32,
-                  dp_clip_norm=0.1, dp_noise_multiplier=0.8, dp_mode="distributed", dp_delta=1e-6, **KEYS)
+    secured = job(envelopes=True, max_update_norm=5.0, secure_aggregation=True, secagg_clip_range=0.25,
+                  secagg_ring_bits=32, dp_clip_norm=0.1, dp_noise_multiplier=0.8, dp_mode="distributed", dp_delta=1e-6,
+                  **KEYS)
     write_job(tmp_path, secured)
     assert read_job(tmp_path) == secured
     data = json.loads((tmp_path / "job.json").read_text())
@@ -57,7 +60,8 @@ def test_job_json_without_security_still_reads_and_security_round_trips(tmp_path
     ("config", "match"),
     [
         (lambda: FedJobConfig(security=SecurityConfig(envelopes=True, **KEYS)), "set job_id"),
-        (lambda: FedJobConfig(min_nodes=2, min_replies=2, security=SecurityConfig(secure_aggregation=True)), "set job_id"),
+        (lambda: FedJobConfig(min_nodes=2, min_replies=2, security=SecurityConfig(secure_aggregation=True)),
+         "set job_id"),
         (lambda: job(envelopes=True), "keys_dir"),
         (lambda: job(envelopes=True, keys_dir="/keys"), "registry"),
         (lambda: FedJobConfig(job_id="a/b"), "job_id 'a/b'"),
@@ -68,12 +72,15 @@ def test_job_json_without_security_still_reads_and_security_round_trips(tmp_path
         (lambda: job(dp_clip_norm=-0.1), "clip_norm must be a finite number > 0"),
         (lambda: job(dp_clip_norm=0.1, dp_delta=1.0), "dp_delta"),
         (lambda: job(dp_clip_norm=0.1, dp_mode="central"), "dp_mode"),
-        (lambda: job(envelopes=True, max_update_norm=0.05, dp_clip_norm=0.1, **KEYS), "max_update_norm 0.05 < dp_clip_norm 0.1"),
+        (lambda: job(envelopes=True, max_update_norm=0.05, dp_clip_norm=0.1, **KEYS),
+         "max_update_norm 0.05 < dp_clip_norm 0.1"),
         (lambda: job(secure_aggregation=True, secagg_threshold=4), "min_replies 3 < secagg_threshold 4"),
         (lambda: job(secure_aggregation=True, secagg_threshold=1), "secagg_threshold must be >= 2"),
         (lambda: job(secure_aggregation=True, secagg_ring_bits=16), "secagg_ring_bits"),
-        (lambda: job(secure_aggregation=True, secagg_clip_range=0.05, dp_clip_norm=0.1), "secagg_clip_range 0.05 < dp_clip_norm 0.1"),
-        (lambda: dataclasses.replace(job(secure_aggregation=True), record_updates=True), "record_updates contradicts secure aggregation"),
+        (lambda: job(secure_aggregation=True, secagg_clip_range=0.05, dp_clip_norm=0.1),
+         "secagg_clip_range 0.05 < dp_clip_norm 0.1"),
+        (lambda: dataclasses.replace(job(secure_aggregation=True), record_updates=True),
+         "record_updates contradicts secure aggregation"),
         (lambda: dataclasses.replace(job(secure_aggregation=True), aggregator="median"), "aggregator must be 'fedavg'"),
         (lambda: dataclasses.replace(job(dp_clip_norm=0.1), aggregator="trimmed-mean"), "aggregator must be 'fedavg'"),
     ],
@@ -87,7 +94,8 @@ def test_the_instruction_carries_the_job_id_and_modes(tmp_path):
     plain = FedJobConfig().instruction(2, "c" * 64)
     assert (plain.job_id, plain.envelope, plain.secagg, plain.dp) == ("", False, False, None)
     config = dataclasses.replace(
-        job(envelopes=True, secure_aggregation=True, dp_clip_norm=0.2, dp_noise_multiplier=1.5, dp_mode="distributed", **KEYS),
+        job(envelopes=True, secure_aggregation=True, dp_clip_norm=0.2, dp_noise_multiplier=1.5, dp_mode="distributed",
+            **KEYS),
         min_replies=3,
     )
     sent = config.instruction(2, "c" * 64)
@@ -131,8 +139,6 @@ def test_a_job_json_of_the_old_tuning_section_reads_with_the_same_settings(tmp_p
 
 
 def test_privacy_is_charged_per_round_and_persisted_with_the_state(tmp_path):
-    import torch
-
     config = job(dp_clip_norm=0.1, dp_noise_multiplier=1.1, dp_delta=1e-5)
     state = JobState(bundle="d" * 64)
     accountant = PrivacyAccountant()
@@ -143,8 +149,9 @@ def test_privacy_is_charged_per_round_and_persisted_with_the_state(tmp_path):
         assert record["epsilon"] == accountant.epsilon(1e-5) and record["rounds"] == round_number
         assert record["exact_epsilon"] < record["epsilon"]  # the tight GDP value is below the RDP bound
         epsilons.append(record["epsilon"])
-        save_checkpoint(tmp_path, state, round_number, {"w": torch.zeros(2)}, {"round": round_number, "privacy": record, "replied": [1],
-                        "sent": [1], "failed": {}, "dropped": [], "mean_train_loss": None, "seconds": 1.0})
+        entry = {"round": round_number, "privacy": record, "replied": [1], "sent": [1], "failed": {}, "dropped": [],
+                 "mean_train_loss": None, "seconds": 1.0}
+        save_checkpoint(tmp_path, state, round_number, {"w": torch.zeros(2)}, entry)
     assert epsilons == sorted(epsilons) and len(set(epsilons)) == 3
     saved = json.loads((tmp_path / "state.json").read_text())
     assert PrivacyAccountant.from_json(saved["privacy"]).epsilon(1e-5) == epsilons[-1]
@@ -158,14 +165,14 @@ def test_privacy_is_charged_per_round_and_persisted_with_the_state(tmp_path):
     assert saved["completed_round"] == 3 and PrivacyAccountant.from_json(saved["privacy"]).rounds == 4
 
     # what the finish report's meta says
-    from offsite.cloud.finish import privacy_spent
-
     accountant.step(1.1)
-    assert privacy_spent(config, state) == {**accountant.spent(1e-5).to_json(), "mode": "local", "clip_norm": 0.1, "noise_multiplier": 1.1}
+    expected = {**accountant.spent(1e-5).to_json(), "mode": "local", "clip_norm": 0.1, "noise_multiplier": 1.1}
+    assert privacy_spent(config, state) == expected
 
 
 def test_client_metrics_and_weights_are_checked():
-    assert client_metrics(4, {"num-examples": 5, "train-loss": 1.5, "extra": "ignored"}) == {"num-examples": 5, "train-loss": 1.5}
+    reported = client_metrics(4, {"num-examples": 5, "train-loss": 1.5, "extra": "ignored"})
+    assert reported == {"num-examples": 5, "train-loss": 1.5}
     with pytest.raises(ValueError, match="node 4: metric 'train-loss'"):
         client_metrics(4, {"train-loss": math.nan})
     assert update_weight(4, {"num-examples": 5}, dp=False) == 5.0

@@ -5,8 +5,8 @@ import torch
 
 from offsite.emulator.data import Example
 from offsite.emulator.lora import LoRASpec
-from offsite.emulator.sandwich import SandwichShape, build_emulator
-from offsite.emulator.tune import TuneConfig, lr_at, pick_device, tune_adapter
+from offsite.emulator.sandwich import SandwichShape, adapter_state_dict, build_emulator, plug_in
+from offsite.emulator.tune import StochasticDepth, TuneConfig, lr_at, pick_device, tune_adapter
 from tests.conftest import tiny_model
 
 EXAMPLES = [Example(f"Item {i}: colour?", " red" if i % 2 else " blue") for i in range(16)]
@@ -99,8 +99,6 @@ def test_middle_drop_is_a_probability():
 
 
 def test_stochastic_depth_keeps_the_adapter_and_varies_the_middle():
-    from offsite.emulator.tune import StochasticDepth
-
     layout = [0, 1, 2, 5, 8, 11, 12, 13]
     depth = StochasticDepth(layout, [0, 1, 12, 13], drop=0.5, seed=0)
     samples = [depth.sample() for _ in range(50)]
@@ -118,8 +116,6 @@ def test_middle_drop_tunes_and_restores_the_model(tokenizer):
 
 def test_adapter_tuned_on_a_keep_all_emulator_plugs_in_to_the_same_model(tokenizer, family):
     """With nothing dropped, emulator-FT and plug-in are the same model: any gap is a plug-in bug."""
-    from offsite.emulator.sandwich import plug_in
-
     model = tiny_model(family)
     shape = SandwichShape(2, 4, 2)
     emulator, layout = build_emulator(model, shape)
@@ -136,8 +132,6 @@ def test_adapter_tuned_on_a_keep_all_emulator_plugs_in_to_the_same_model(tokeniz
 def test_on_step_sees_every_step_and_the_adapter_as_it_is_then(tokenizer):
     """The hook runs after each optimiser step, 1-based, with the model mid-tuning: the adapter it
     reads at the last step is the one returned, and an early one differs from it."""
-    from offsite.emulator.sandwich import adapter_state_dict
-
     emulator, layout, adapter_blocks = _setup()
     seen = {}
 
@@ -145,7 +139,8 @@ def test_on_step_sees_every_step_and_the_adapter_as_it_is_then(tokenizer):
         seen[step] = adapter_state_dict(model, layout, adapter_blocks)
 
     config = TuneConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=1, device="cpu")
-    result = tune_adapter(emulator, tokenizer, layout, adapter_blocks, EXAMPLES, config, a=2, progress=False, on_step=record)
+    result = tune_adapter(emulator, tokenizer, layout, adapter_blocks, EXAMPLES, config, a=2, progress=False,
+                          on_step=record)
     assert sorted(seen) == [1, 2, 3, 4]
     assert all(torch.equal(seen[4][k], v) for k, v in result.adapter.items())
     assert any(not torch.equal(seen[1][k], v) for k, v in result.adapter.items())

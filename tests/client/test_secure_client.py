@@ -151,6 +151,7 @@ def test_dp_reply_is_clipped_and_noised_and_carries_no_data_dependent_metric(wor
     limit = max_envelope_bytes(coordinator.max_payload_bytes)
     opened = coordinator.open(envelope_from_record(content.array_records[ENVELOPE], limit))
     assert all(torch.equal(opened.tensors[key], expected[key]) for key in expected)
+    assert all(torch.equal(sent[key], expected[key]) for key in expected)  # the audit copy is what left, noised
     assert set(opened.metadata) <= {"seconds"}  # no example count, no loss: functions of the data outside the mechanism
     assert info["dp"] is True
 

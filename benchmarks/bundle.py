@@ -37,8 +37,14 @@ def timed(fn, runs: int):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="smollm2-135m/q34g16", help="a preset that quantises its middle (default smollm2-135m/q34g16)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset",
+        default="smollm2-135m/q34g16",
+        help="a preset that quantises its middle (default smollm2-135m/q34g16)",
+    )
     parser.add_argument("--runs", type=int, default=3, help="timed runs per step; the median is printed (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
@@ -62,16 +68,24 @@ def main() -> int:
     middle = list(range(shape.a, len(layout) - shape.b))
     rounded = quantize_blocks(emulator, middle, preset.quantize)
     info = cut_info(base, shape, layout)
-    print(f"{preset.name}: {where}, emulator {shape} with its middle rounded ({preset.quantize}), "
-          f"{len(rounded)} weights, {sum(emulator.state_dict()[k].numel() for k in rounded) / 1e6:.1f} M values; "
-          f"torch threads {torch.get_num_threads()}, median of {args.runs}")
+    print(
+        f"{preset.name}: {where}, emulator {shape} with its middle rounded ({preset.quantize}), "
+        f"{len(rounded)} weights, {sum(emulator.state_dict()[k].numel() for k in rounded) / 1e6:.1f} M values; "
+        f"torch threads {torch.get_num_threads()}, median of {args.runs}"
+    )
 
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
-        variants = (("floats", None, False), ("packed middle", rounded, False), ("packed middle + GGUF grids", rounded, True))
+        variants = (
+            ("floats", None, False),
+            ("packed middle", rounded, False),
+            ("packed middle + GGUF grids", rounded, True),
+        )
         for label, packed, grids in variants:
             root = Path(scratch) / label.replace(" ", "-")
-            write_s, bundle = timed(lambda: write_bundle(root, emulator, tokenizer, info, packed=packed, grids=grids), args.runs)
+            write_s, bundle = timed(
+                lambda: write_bundle(root, emulator, tokenizer, info, packed=packed, grids=grids), args.runs
+            )
             read_s, bundle = timed(lambda: read_bundle(root), args.runs)
             load_s, model = timed(lambda: load_emulator(bundle), args.runs)
             rows[label] = (bundle.size, write_s, read_s, load_s, model.state_dict())
@@ -83,8 +97,10 @@ def main() -> int:
     for label, (size, write_s, read_s, load_s, state) in list(rows.items())[1:]:
         equal = state.keys() == floats[4].keys() and all(same_bits(state[k], floats[4][k]) for k in state)
         same &= equal
-        print(f"\n{label} / floats: size {size / floats[0]:.3f}, write {write_s / floats[1]:.2f}x, "
-              f"verify {read_s / floats[2]:.2f}x, load {load_s / floats[3]:.2f}x; same tensors bit for bit: {equal}")
+        print(
+            f"\n{label} / floats: size {size / floats[0]:.3f}, write {write_s / floats[1]:.2f}x, "
+            f"verify {read_s / floats[2]:.2f}x, load {load_s / floats[3]:.2f}x; same tensors bit for bit: {equal}"
+        )
     return 0 if same else 1
 
 

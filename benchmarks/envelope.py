@@ -29,10 +29,24 @@ import time
 import torch
 
 SHAPES = {
-    "SmolLM2-135M": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                     "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True},
-    "Llama-3.2-1B-like": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                          "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": True},
+    "SmolLM2-135M": {
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "tie_word_embeddings": True,
+    },
+    "Llama-3.2-1B-like": {
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "tie_word_embeddings": True,
+    },
 }
 A, K, B = 2, 10, 2
 
@@ -119,14 +133,22 @@ def time_envelope(adapter: dict[str, torch.Tensor], runs: int) -> dict[str, floa
     size = 0
     for run in range(runs):
         started = time.perf_counter()
-        envelope = seal_update(update, job="bench", round=1, identity=identity, recipient=keys.public(),
-                               metadata={"num-examples": 80, "train-loss": 1.0})
+        envelope = seal_update(
+            update,
+            job="bench",
+            round=1,
+            identity=identity,
+            recipient=keys.public(),
+            metadata={"num-examples": 80, "train-loss": 1.0},
+        )
         seal.append(time.perf_counter() - started)
         size = len(envelope)
         opener = UpdateOpener(keys, registry, "bench", 1, adapter, policy)
         started = time.perf_counter()
         parsed = parse_envelope(envelope, opener.max_payload_bytes)
-        registry.lookup(parsed.header.sender).public_key.verify(parsed.signature, signed_message(parsed.header_bytes, parsed.ciphertext))
+        registry.lookup(parsed.header.sender).public_key.verify(
+            parsed.signature, signed_message(parsed.header_bytes, parsed.ciphertext)
+        )
         verify.append(time.perf_counter() - started)
         del parsed
         started = time.perf_counter()
@@ -136,16 +158,25 @@ def time_envelope(adapter: dict[str, torch.Tensor], runs: int) -> dict[str, floa
             assert all(torch.equal(opened.tensors[k], update[k]) for k in update), "round trip is not exact"
         del envelope, opened, opener
         gc.collect()
-    return {"seal": statistics.median(seal), "verify": statistics.median(verify), "open": statistics.median(open_), "bytes": size}
+    return {
+        "seal": statistics.median(seal),
+        "verify": statistics.median(verify),
+        "open": statistics.median(open_),
+        "bytes": size,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5, help="envelope runs per shape (median; the 1B shape uses min(runs, 3))")
+    parser.add_argument(
+        "--runs", type=int, default=5, help="envelope runs per shape (median; the 1B shape uses min(runs, 3))"
+    )
     parser.add_argument("--train-steps", type=int, default=2, help="timed training steps (after one warm-up)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--device", default="cpu", help="where the training steps run (the envelope always runs on CPU)")
+    parser.add_argument(
+        "--device", default="cpu", help="where the training steps run (the envelope always runs on CPU)"
+    )
     args = parser.parse_args()
 
     from transformers import LlamaConfig
@@ -158,8 +189,13 @@ def main() -> None:
     print(f"measuring {args.train_steps} training step(s) of SmolLM2-135M 2-10-2 on {args.device} ...", flush=True)
     step_seconds = train_step_seconds(small, args.batch, args.seq, args.train_steps, args.device)
     threads = torch.get_num_threads()
-    round_seconds = {name: step_seconds * round_steps * training_flops_per_token(config, args.seq) / training_flops_per_token(small, args.seq)
-                     for name, config in configs.items()}
+    round_seconds = {
+        name: step_seconds
+        * round_steps
+        * training_flops_per_token(config, args.seq)
+        / training_flops_per_token(small, args.seq)
+        for name, config in configs.items()
+    }
 
     rows = []
     for name, config in configs.items():
@@ -172,19 +208,27 @@ def main() -> None:
         gc.collect()
 
     print()
-    print(f"client training: SmolLM2-135M 2-10-2, whole adapter blocks, AdamW, batch {args.batch} x {args.seq} tokens on "
-          f"{args.device} ({threads} threads): {step_seconds:.2f} s/step (median of {args.train_steps}), "
-          f"x {round_steps} steps per round (FEDERATED_TUNING.steps) = {round_seconds['SmolLM2-135M']:.1f} s per round")
+    print(
+        f"client training: SmolLM2-135M 2-10-2, whole adapter blocks, AdamW, batch {args.batch} x {args.seq} tokens on "
+        f"{args.device} ({threads} threads): {step_seconds:.2f} s/step (median of {args.train_steps}), "
+        f"x {round_steps} steps per round (FEDERATED_TUNING.steps) = {round_seconds['SmolLM2-135M']:.1f} s per round"
+    )
     ratio = training_flops_per_token(configs["Llama-3.2-1B-like"], args.seq) / training_flops_per_token(small, args.seq)
-    print(f"1B-class round: not measured; SmolLM2's round x {ratio:.1f} (training FLOPs per token of its 2-10-2 emulator "
-          f"over SmolLM2's) = {round_seconds['Llama-3.2-1B-like']:.0f} s")
+    print(
+        f"1B-class round: not measured; SmolLM2's round x {ratio:.1f} (training FLOPs per token of its 2-10-2 emulator "
+        f"over SmolLM2's) = {round_seconds['Llama-3.2-1B-like']:.0f} s"
+    )
     print("envelope: float32 update, HPKE X25519/HKDF-SHA256/AES-256-GCM + Ed25519, on CPU; median of runs\n")
-    print("| adapter (2+2 blocks) | params | envelope MiB | seal s | verify s | open s (incl. verify) | seal+open s | % of one round |")
+    print(
+        "| adapter (2+2 blocks) | params | envelope MiB | seal s | verify s | open s (incl. verify) | seal+open s | % of one round |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, params, t in rows:
         total = t["seal"] + t["open"]
-        print(f"| {name} | {params / 1e6:.1f} M | {t['bytes'] / 2**20:.1f} | {t['seal']:.3f} | {t['verify']:.3f} | {t['open']:.3f} "
-              f"| {total:.3f} | {100 * total / round_seconds[name]:.2f}% |")
+        print(
+            f"| {name} | {params / 1e6:.1f} M | {t['bytes'] / 2**20:.1f} | {t['seal']:.3f} | {t['verify']:.3f} | {t['open']:.3f} "
+            f"| {total:.3f} | {100 * total / round_seconds[name]:.2f}% |"
+        )
 
 
 if __name__ == "__main__":

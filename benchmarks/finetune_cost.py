@@ -128,19 +128,40 @@ def main() -> None:
 
     results = {}
     for label, setting in SETTINGS.items():
-        command = [sys.executable, __file__, "--setting", setting, "--model", args.model, "--shape", args.shape,
-                   "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--device", args.device]
+        command = [
+            sys.executable,
+            __file__,
+            "--setting",
+            setting,
+            "--model",
+            args.model,
+            "--shape",
+            args.shape,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--device",
+            args.device,
+        ]
         print(f"measuring {label} ...", file=sys.stderr, flush=True)
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[label] = json.loads(output.strip().splitlines()[-1])
     full = results["full FT (all parameters)"]
-    print(f"\n{args.model}, shape {args.shape}, batch {args.batch} x {args.seq} tokens, {args.steps} timed steps on {full['device']}\n")
+    print(
+        f"\n{args.model}, shape {args.shape}, batch {args.batch} x {args.seq} tokens, {args.steps} timed steps on {full['device']}\n"
+    )
     print("| setting | trainable params | tokens/s | speed-up | peak memory (MiB) | memory saved |")
     print("|---|---|---|---|---|---|")
     for label, r in results.items():
-        print(f"| {label} | {r['trainable'] / 1e6:.1f} M | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / full['tokens_per_s']:.2f}x "
-              f"| {r['peak_mib']:.0f} | {full['peak_mib'] / r['peak_mib']:.2f}x |")
+        print(
+            f"| {label} | {r['trainable'] / 1e6:.1f} M | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / full['tokens_per_s']:.2f}x "
+            f"| {r['peak_mib']:.0f} | {full['peak_mib'] / r['peak_mib']:.2f}x |"
+        )
     blocks_bound, lora_bound = flop_ratio_bound(args.model, args.shape)
     print(f"\nFLOP-ratio bound for {args.shape}: {blocks_bound:.2f}x (adapter blocks), {lora_bound:.2f}x (LoRA)")
     if full["device"] == "cpu":

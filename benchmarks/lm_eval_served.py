@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from offsite.cloud.combine import read_reports
 from offsite.cloud.evaluate import score_rows
 from offsite.cloud.models import load_base, resolve_model_dir
@@ -69,8 +70,26 @@ def offsite_eval(args, out: Path) -> Path:
     if args.job:
         return args.job
     job = out / "eval"
-    run([sys.executable, "-m", "offsite.cli", "eval", "--task", args.task, "--settings", "plug_in", "--test-rows", str(args.rows),
-         "--steps", str(args.steps), "--out", str(job)], out / "offsite-eval.log", {"OMP_NUM_THREADS": str(args.threads)})
+    run(
+        [
+            sys.executable,
+            "-m",
+            "offsite.cli",
+            "eval",
+            "--task",
+            args.task,
+            "--settings",
+            "plug_in",
+            "--test-rows",
+            str(args.rows),
+            "--steps",
+            str(args.steps),
+            "--out",
+            str(job),
+        ],
+        out / "offsite-eval.log",
+        {"OMP_NUM_THREADS": str(args.threads)},
+    )
     return job
 
 
@@ -88,12 +107,32 @@ def offsite_scores(job: Path, rows) -> tuple[float, list[list[float]]]:
 def serve(job: Path, out: Path, threads: int) -> tuple[subprocess.Popen, str, str]:
     meta = json.loads((job / "job.json").read_text())
     log = out / "serve.log"
-    command = [sys.executable, "-m", "offsite.cli", "cloud", "serve", "--model", meta["model"], "--registry", str(out / "registry"),
-               "--add", f"job={job / 'adapter.safetensors'}", "--replace", "--port", "0", "--grpc-port", "-1", "--threads", str(threads),
-               "--no-access-log"]
+    command = [
+        sys.executable,
+        "-m",
+        "offsite.cli",
+        "cloud",
+        "serve",
+        "--model",
+        meta["model"],
+        "--registry",
+        str(out / "registry"),
+        "--add",
+        f"job={job / 'adapter.safetensors'}",
+        "--replace",
+        "--port",
+        "0",
+        "--grpc-port",
+        "-1",
+        "--threads",
+        str(threads),
+        "--no-access-log",
+    ]
     print("$ " + " ".join(command), flush=True)
     with open(log, "w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+        )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         for line in log.read_text().splitlines():
@@ -116,16 +155,42 @@ def lm_eval(url: str, model: str, rows_file: Path, out: Path, args) -> tuple[flo
     # add_bos_token: offsite eval encodes each prompt with the tokenizer's special tokens (lm-eval's HF
     # convention for the context); SmolLM2's tokenizer prepends <|im_start|> then, and local-completions
     # only does so with add_bos_token=True (without it every log-likelihood differs: 0.19 nats on average)
-    model_args = (f"model=job,base_url={url}/v1/completions,tokenizer={tokenizer},tokenizer_backend=huggingface,"
-                  f"tokenized_requests=True,add_bos_token=True,num_concurrent=1,max_retries=1,timeout=600")
+    model_args = (
+        f"model=job,base_url={url}/v1/completions,tokenizer={tokenizer},tokenizer_backend=huggingface,"
+        f"tokenized_requests=True,add_bos_token=True,num_concurrent=1,max_retries=1,timeout=600"
+    )
     results = out / "lm_eval"
-    run(["lm_eval", "--model", "local-completions", "--model_args", model_args, "--tasks", name, "--include_path", str(tasks),
-         "--batch_size", str(args.batch_size), "--output_path", str(results), "--log_samples"], out / "lm-eval.log",
-        OFFLINE | {"OMP_NUM_THREADS": str(args.threads), "OPENAI_API_KEY": "none", "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]})
+    run(
+        [
+            "lm_eval",
+            "--model",
+            "local-completions",
+            "--model_args",
+            model_args,
+            "--tasks",
+            name,
+            "--include_path",
+            str(tasks),
+            "--batch_size",
+            str(args.batch_size),
+            "--output_path",
+            str(results),
+            "--log_samples",
+        ],
+        out / "lm-eval.log",
+        OFFLINE
+        | {
+            "OMP_NUM_THREADS": str(args.threads),
+            "OPENAI_API_KEY": "none",
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
+        },
+    )
     [result_file] = sorted(results.rglob("results_*.json"))[-1:]
     accuracy = json.loads(result_file.read_text())["results"][name]["acc,none"]
     [samples_file] = sorted(results.rglob(f"samples_{name}_*.jsonl"))[-1:]
-    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()), key=lambda s: s["doc_id"])
+    samples = sorted(
+        (json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()), key=lambda s: s["doc_id"]
+    )
     return accuracy, [[float(choice[0]) for choice in sample["filtered_resps"]] for sample in samples]
 
 
@@ -148,7 +213,9 @@ def main() -> None:
     test = Path(json.loads((job / "job.json").read_text())["test"])
     _, rows = read_test_rows(test, limit=args.rows)
     rows_file = args.out / f"rows-{args.rows}.jsonl"
-    rows_file.write_text("".join(json.dumps({"prompt": r.prompt, "choices": list(r.choices), "answer": r.answer}) + "\n" for r in rows))
+    rows_file.write_text(
+        "".join(json.dumps({"prompt": r.prompt, "choices": list(r.choices), "answer": r.answer}) + "\n" for r in rows)
+    )
     ours, our_scores = offsite_scores(job, rows)
     process, url, model = serve(job, args.out, args.threads)
     try:
@@ -157,10 +224,21 @@ def main() -> None:
         process.terminate()
         process.wait(60)
     differences = [abs(a - b) for mine, other in zip(our_scores, their_scores) for a, b in zip(mine, other)]
-    agree = sum(max(range(len(m)), key=m.__getitem__) == max(range(len(o)), key=o.__getitem__) for m, o in zip(our_scores, their_scores))
-    summary = {"task": args.task, "rows": len(rows), "offsite_eval_plug_in_accuracy": reported, "offsite_rescored_accuracy": ours,
-               "lm_eval_acc": theirs, "predictions_agree": agree, "max_abs_loglik_difference": max(differences),
-               "mean_abs_loglik_difference": sum(differences) / len(differences), "seconds": round(time.perf_counter() - started)}
+    agree = sum(
+        max(range(len(m)), key=m.__getitem__) == max(range(len(o)), key=o.__getitem__)
+        for m, o in zip(our_scores, their_scores)
+    )
+    summary = {
+        "task": args.task,
+        "rows": len(rows),
+        "offsite_eval_plug_in_accuracy": reported,
+        "offsite_rescored_accuracy": ours,
+        "lm_eval_acc": theirs,
+        "predictions_agree": agree,
+        "max_abs_loglik_difference": max(differences),
+        "mean_abs_loglik_difference": sum(differences) / len(differences),
+        "seconds": round(time.perf_counter() - started),
+    }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     if abs(theirs - reported) > 1e-9 or agree != len(rows):

@@ -77,17 +77,42 @@ def make_job(job_dir: Path, args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     blocks, shape = 6, SandwichShape(1, 2, 1)
-    config = LlamaConfig(vocab_size=100, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=blocks,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=blocks,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     emulator, layout = build_emulator(LlamaForCausalLM(config).eval(), shape)
     write_bundle(
-        job_dir / "bundle", emulator, tiny_tokenizer(),
-        {"family": "llama", "shape": {"a": 1, "k": 2, "b": 1, "n_blocks": blocks}, "layout": layout,
-         "adapter_blocks": shape.adapter_blocks(blocks), "kept_middle": shape.kept_middle(blocks)},
+        job_dir / "bundle",
+        emulator,
+        tiny_tokenizer(),
+        {
+            "family": "llama",
+            "shape": {"a": 1, "k": 2, "b": 1, "n_blocks": blocks},
+            "layout": layout,
+            "adapter_blocks": shape.adapter_blocks(blocks),
+            "kept_middle": shape.kept_middle(blocks),
+        },
     )
     tuning = dataclasses.replace(FEDERATED_TUNING, steps=args.local_steps, batch_size=8, lr=1e-3, max_length=64)
-    write_job(job_dir, FedJobConfig(rounds=args.rounds, min_nodes=args.clients, min_replies=args.clients, round_timeout=3600,
-                                    node_wait_timeout=120, bundle_timeout=3600, tuning=tuning))
+    write_job(
+        job_dir,
+        FedJobConfig(
+            rounds=args.rounds,
+            min_nodes=args.clients,
+            min_replies=args.clients,
+            round_timeout=3600,
+            node_wait_timeout=120,
+            bundle_timeout=3600,
+            tuning=tuning,
+        ),
+    )
 
 
 # ---------------------------------------------------------------- the child: the simulation
@@ -134,8 +159,15 @@ def message_bytes(job_dir: Path, state: dict) -> dict[str, int]:
     from offsite.protocol.adapter import load_update
     from offsite.protocol.bundle import read_bundle
     from offsite.protocol.messages import (
-        ADAPTER, BUNDLE_PART, BUNDLE_STATUS, CONFIG, METRICS, TRAIN, bundle_part_to_content,
-        plan_bundle_parts, read_bundle_part,
+        ADAPTER,
+        BUNDLE_PART,
+        BUNDLE_STATUS,
+        CONFIG,
+        METRICS,
+        TRAIN,
+        bundle_part_to_content,
+        plan_bundle_parts,
+        read_bundle_part,
     )
     from offsite.protocol.records import state_to_record
 
@@ -151,8 +183,15 @@ def message_bytes(job_dir: Path, state: dict) -> dict[str, int]:
     tuning = job.tuning
     instruction = job.instruction(1, bundle.digest)
     train = sent(RecordDict({ADAPTER: state_to_record(adapter), CONFIG: instruction.to_record()}), TRAIN)
-    metrics = {"num-examples": 50, "train-loss": 1.0, "train-loss-first": 1.0, "steps": tuning.steps, "tokens": 1000,
-               "seconds": 1.0, "client-seconds": 1.0}
+    metrics = {
+        "num-examples": 50,
+        "train-loss": 1.0,
+        "train-loss-first": 1.0,
+        "steps": tuning.steps,
+        "tokens": 1000,
+        "seconds": 1.0,
+        "client-seconds": 1.0,
+    }
     reply = Message(RecordDict({ADAPTER: state_to_record(adapter), METRICS: MetricRecord(metrics)}), reply_to=train)
 
     files = {name: meta["bytes"] for name, meta in bundle.manifest["files"].items()}
@@ -161,7 +200,9 @@ def message_bytes(job_dir: Path, state: dict) -> dict[str, int]:
     bundle_down = bundle_up = 0
     for index in range(len(plan)):
         part = sent(bundle_part_to_content(read_bundle_part(bundle.root, bundle.digest, plan, index)), BUNDLE_PART)
-        ack = Message(RecordDict({BUNDLE_STATUS: ConfigRecord({"status": "installed", "digest": bundle.digest})}), reply_to=part)
+        ack = Message(
+            RecordDict({BUNDLE_STATUS: ConfigRecord({"status": "installed", "digest": bundle.digest})}), reply_to=part
+        )
         bundle_down, bundle_up = bundle_down + serialized_bytes(part), bundle_up + serialized_bytes(ack)
     return {
         "train_down": serialized_bytes(train),
@@ -184,7 +225,9 @@ def stats(values) -> tuple[float, float, float]:
 
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = [
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows
+    ]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
@@ -192,44 +235,101 @@ def report(args: argparse.Namespace, job_dir: Path, split: dict, wall: float) ->
     state = json.loads((job_dir / "state.json").read_text())
     memory = json.loads((job_dir / MEMORY_FILE).read_text())
     sizes = [owner["rows"] for owner in split["owners"]]
-    print(f"\n{args.clients} virtual clients, {args.rounds} rounds x {args.local_steps} local steps x batch 8, tiny llama "
-          f"(hidden {args.hidden}, 6 blocks, emulator 1-2-1); {split['rows']} rows of {Path(args.data).name} split "
-          f"Dirichlet(0.5), {min(sizes)}-{max(sizes)} rows per client; Ray: {args.max_parallel} clients at a time, 1 CPU each; "
-          f"whole simulation {memory['seconds']:.0f} s ({wall:.0f} s with setup)\n")
+    print(
+        f"\n{args.clients} virtual clients, {args.rounds} rounds x {args.local_steps} local steps x batch 8, tiny llama "
+        f"(hidden {args.hidden}, 6 blocks, emulator 1-2-1); {split['rows']} rows of {Path(args.data).name} split "
+        f"Dirichlet(0.5), {min(sizes)}-{max(sizes)} rows per client; Ray: {args.max_parallel} clients at a time, 1 CPU each; "
+        f"whole simulation {memory['seconds']:.0f} s ({wall:.0f} s with setup)\n"
+    )
 
     print("Time per round (seconds). coordinator = the round minus waiting on nodes, plus the checkpoint write;")
-    print("client columns: mean / max / sum over the clients of their own timings (train = local tuning loop, call = whole ClientApp call)")
-    rows = [["round", "replied", "round", "waiting", "coordinator", "of which aggregate", "checkpoint",
-             "client train mean", "max", "sum", "client call mean", "max", "sum"]]
+    print(
+        "client columns: mean / max / sum over the clients of their own timings (train = local tuning loop, call = whole ClientApp call)"
+    )
+    rows = [
+        [
+            "round",
+            "replied",
+            "round",
+            "waiting",
+            "coordinator",
+            "of which aggregate",
+            "checkpoint",
+            "client train mean",
+            "max",
+            "sum",
+            "client call mean",
+            "max",
+            "sum",
+        ]
+    ]
     for record in state["history"]:
         train = stats(record.get("client_train_seconds", {}).values())
         call = stats(record.get("client_seconds", {}).values())
         own = record["coordinator_seconds"] + record["checkpoint_seconds"]
-        rows.append([str(record["round"]), str(len(record["replied"])), f"{record['seconds']:.2f}", f"{record['wait_seconds']:.2f}",
-                     f"{own:.3f}", f"{record['aggregate_seconds']:.3f}", f"{record['checkpoint_seconds']:.4f}",
-                     f"{train[0]:.3f}", f"{train[1]:.3f}", f"{train[2]:.2f}", f"{call[0]:.3f}", f"{call[1]:.3f}", f"{call[2]:.2f}"])
+        rows.append(
+            [
+                str(record["round"]),
+                str(len(record["replied"])),
+                f"{record['seconds']:.2f}",
+                f"{record['wait_seconds']:.2f}",
+                f"{own:.3f}",
+                f"{record['aggregate_seconds']:.3f}",
+                f"{record['checkpoint_seconds']:.4f}",
+                f"{train[0]:.3f}",
+                f"{train[1]:.3f}",
+                f"{train[2]:.2f}",
+                f"{call[0]:.3f}",
+                f"{call[1]:.3f}",
+                f"{call[2]:.2f}",
+            ]
+        )
     print(table(rows))
 
     sizes_b = message_bytes(job_dir, state)
     rounds = args.rounds
     round_total = sizes_b["train_down"] + sizes_b["train_up"]
     bundle_total = sizes_b["bundle_down"] + sizes_b["bundle_up"]
-    print(f"\nBytes per client (serialized Flower messages; adapter tensors {sizes_b['adapter_tensor_bytes']:,} B, bundle files "
-          f"{sizes_b['bundle_files']:,} B in {sizes_b['bundle_parts']} part(s))")
-    rows = [["", "to client", "from client", "both"],
-            ["per round: train message / reply", f"{sizes_b['train_down']:,}", f"{sizes_b['train_up']:,}", f"{round_total:,}"],
-            ["once per job: bundle parts / acks", f"{sizes_b['bundle_down']:,}", f"{sizes_b['bundle_up']:,}", f"{bundle_total:,}"],
-            [f"per round, bundle amortised over {rounds}", f"{sizes_b['train_down'] + sizes_b['bundle_down'] / rounds:,.0f}",
-             f"{sizes_b['train_up'] + sizes_b['bundle_up'] / rounds:,.0f}", f"{round_total + bundle_total / rounds:,.0f}"],
-            [f"whole job ({rounds} rounds)", f"{rounds * sizes_b['train_down'] + sizes_b['bundle_down']:,}",
-             f"{rounds * sizes_b['train_up'] + sizes_b['bundle_up']:,}", f"{rounds * round_total + bundle_total:,}"]]
+    print(
+        f"\nBytes per client (serialized Flower messages; adapter tensors {sizes_b['adapter_tensor_bytes']:,} B, bundle files "
+        f"{sizes_b['bundle_files']:,} B in {sizes_b['bundle_parts']} part(s))"
+    )
+    rows = [
+        ["", "to client", "from client", "both"],
+        [
+            "per round: train message / reply",
+            f"{sizes_b['train_down']:,}",
+            f"{sizes_b['train_up']:,}",
+            f"{round_total:,}",
+        ],
+        [
+            "once per job: bundle parts / acks",
+            f"{sizes_b['bundle_down']:,}",
+            f"{sizes_b['bundle_up']:,}",
+            f"{bundle_total:,}",
+        ],
+        [
+            f"per round, bundle amortised over {rounds}",
+            f"{sizes_b['train_down'] + sizes_b['bundle_down'] / rounds:,.0f}",
+            f"{sizes_b['train_up'] + sizes_b['bundle_up'] / rounds:,.0f}",
+            f"{round_total + bundle_total / rounds:,.0f}",
+        ],
+        [
+            f"whole job ({rounds} rounds)",
+            f"{rounds * sizes_b['train_down'] + sizes_b['bundle_down']:,}",
+            f"{rounds * sizes_b['train_up'] + sizes_b['bundle_up']:,}",
+            f"{rounds * round_total + bundle_total:,}",
+        ],
+    ]
     print(table(rows))
 
-    print(f"\nCoordinator memory ({args.clients} virtual clients): peak RSS {memory['peak_rss_mib']:.0f} MiB "
-          f"(getrusage ru_maxrss of the process running the ServerApp, which in simulation also holds Flower's in-memory "
-          f"SuperLink and the Ray driver; the Ray actors running the ClientApps are separate processes, not counted); "
-          f"RSS before the simulation started (imports done): {memory['rss_before_mib']:.0f} MiB, so "
-          f"{memory['peak_rss_mib'] - memory['rss_before_mib']:.0f} MiB for the run itself.")
+    print(
+        f"\nCoordinator memory ({args.clients} virtual clients): peak RSS {memory['peak_rss_mib']:.0f} MiB "
+        f"(getrusage ru_maxrss of the process running the ServerApp, which in simulation also holds Flower's in-memory "
+        f"SuperLink and the Ray driver; the Ray actors running the ClientApps are separate processes, not counted); "
+        f"RSS before the simulation started (imports done): {memory['rss_before_mib']:.0f} MiB, so "
+        f"{memory['peak_rss_mib'] - memory['rss_before_mib']:.0f} MiB for the run itself."
+    )
 
 
 def main() -> None:
@@ -239,8 +339,12 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=2, help="local steps per client and round (default 2)")
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny llama (default 64)")
     parser.add_argument("--max-parallel", type=int, default=2, help="clients training at once, 1 CPU each (default 2)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="task file to split (default: BIG-bench hyperbaton train)")
-    parser.add_argument("--out", type=Path, default=None, help="keep the job here (default: a temporary directory, removed)")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="task file to split (default: BIG-bench hyperbaton train)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="keep the job here (default: a temporary directory, removed)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--partitions", type=Path, help=argparse.SUPPRESS)
@@ -259,9 +363,21 @@ def main() -> None:
         make_job(job_dir, args)
         partitions = job_dir / "sim" / "partitions"
         split = split_file(args.data, partitions, args.clients, 0.5, seed=0, min_rows=2)
-        command = [sys.executable, __file__, "--child", "--job", str(job_dir), "--partitions", str(partitions),
-                   "--max-parallel", str(args.max_parallel)]
-        print(f"simulating {args.clients} clients x {args.rounds} rounds in a child process (job {job_dir}) ...", flush=True)
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--job",
+            str(job_dir),
+            "--partitions",
+            str(partitions),
+            "--max-parallel",
+            str(args.max_parallel),
+        ]
+        print(
+            f"simulating {args.clients} clients x {args.rounds} rounds in a child process (job {job_dir}) ...",
+            flush=True,
+        )
         subprocess.run(command, check=True, env={**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
         report(args, job_dir, split, time.perf_counter() - started)
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from offsite.cloud.models import load_base
 from offsite.cloud.plugin import plug_in_update
 from offsite.cloud.serving.engine import LlamaStack, Request, SamplingParams, Scheduler
@@ -42,7 +43,9 @@ from offsite.emulator.arch import blocks_of
 from offsite.emulator.sandwich import adapter_state_dict
 
 
-def random_adapters(model, k: int, mode: str, adapter_blocks: list[int], seed: int = 0) -> list[tuple[dict, float | None]]:
+def random_adapters(
+    model, k: int, mode: str, adapter_blocks: list[int], seed: int = 0
+) -> list[tuple[dict, float | None]]:
     """K stand-in tuned adapters: the model's own adapter blocks plus 1% noise, or rank-8 LoRA."""
     generator = torch.Generator().manual_seed(seed)
     n = len(blocks_of(model))
@@ -50,7 +53,15 @@ def random_adapters(model, k: int, mode: str, adapter_blocks: list[int], seed: i
     adapters = []
     for _ in range(k):
         if mode == "blocks":
-            adapters.append(({key: w + 0.01 * w.float().std() * torch.randn(w.shape, generator=generator) for key, w in own.items()}, None))
+            adapters.append(
+                (
+                    {
+                        key: w + 0.01 * w.float().std() * torch.randn(w.shape, generator=generator)
+                        for key, w in own.items()
+                    },
+                    None,
+                )
+            )
             continue
         factors = {}
         for key, w in own.items():
@@ -137,8 +148,11 @@ class Setup:
             "p50_s": percentile(result["latency"], 50), "p99_s": percentile(result["latency"], 99), "same_tokens": matches,
         })  # fmt: skip
         r = self.rows[-1]
-        print(f"  {setting:18s} K={k}: decode {r['decode_tok_s']:7.1f} tok/s, end-to-end {r['end_to_end_tok_s']:7.1f} tok/s, "
-              f"latency p50 {r['p50_s']:.2f} s p99 {r['p99_s']:.2f} s {matches}", flush=True)
+        print(
+            f"  {setting:18s} K={k}: decode {r['decode_tok_s']:7.1f} tok/s, end-to-end {r['end_to_end_tok_s']:7.1f} tok/s, "
+            f"latency p50 {r['p50_s']:.2f} s p99 {r['p99_s']:.2f} s {matches}",
+            flush=True,
+        )
         return r
 
 
@@ -149,12 +163,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="requests per batch, spread evenly over the K jobs")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--mode", choices=("blocks", "lora"), default="blocks", help="the jobs' adapters: whole blocks or LoRA")
+    parser.add_argument(
+        "--mode", choices=("blocks", "lora"), default="blocks", help="the jobs' adapters: whole blocks or LoRA"
+    )
     parser.add_argument("--adapter-blocks", default="0,1,28,29")
     parser.add_argument("--arrivals", type=int, default=32, help="requests of the Poisson-arrival run (0: skip it)")
     parser.add_argument("--rate", type=float, default=1.0, help="Poisson arrival rate, requests/s")
-    parser.add_argument("--step-repeats", type=int, default=7, help="interleaved decode steps per setting for the step-time ratio")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared 2-core machine runs faster with 1)")
+    parser.add_argument(
+        "--step-repeats", type=int, default=7, help="interleaved decode steps per setting for the step-time ratio"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: a shared 2-core machine runs faster with 1)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     return parser.parse_args(argv)
 
@@ -167,18 +187,40 @@ def setup(args: argparse.Namespace) -> Setup:
     vocab = base.config.vocab_size
     prompts = [[rng.randrange(100, vocab) for _ in range(args.prompt_tokens)] for _ in range(args.batch)]
     adapters = random_adapters(base, max(ks), args.mode, adapter_blocks)
-    jobs = [served_job(f"job{j}", t, {"mode": "lora" if a else "blocks", "lora_alpha": a}, base) for j, (t, a) in enumerate(adapters)]
-    print(f"{where}: {len(blocks_of(base))} blocks; {args.mode} adapters at blocks {adapter_blocks}; batch {args.batch} x "
-          f"({args.prompt_tokens} prompt + {args.new_tokens} new tokens), greedy; torch threads {args.threads}", flush=True)
-    return Setup(args, base, ks, adapter_blocks, prompts, adapters, jobs, SamplingParams(max_tokens=args.new_tokens, temperature=0),
-                 args.prompt_tokens + args.new_tokens + 8)
+    jobs = [
+        served_job(f"job{j}", t, {"mode": "lora" if a else "blocks", "lora_alpha": a}, base)
+        for j, (t, a) in enumerate(adapters)
+    ]
+    print(
+        f"{where}: {len(blocks_of(base))} blocks; {args.mode} adapters at blocks {adapter_blocks}; batch {args.batch} x "
+        f"({args.prompt_tokens} prompt + {args.new_tokens} new tokens), greedy; torch threads {args.threads}",
+        flush=True,
+    )
+    return Setup(
+        args,
+        base,
+        ks,
+        adapter_blocks,
+        prompts,
+        adapters,
+        jobs,
+        SamplingParams(max_tokens=args.new_tokens, temperature=0),
+        args.prompt_tokens + args.new_tokens + 8,
+    )
 
 
 def one_after_another(run_: Setup, k: int, owner: list[int], merged_done: bool) -> tuple[dict, bool]:
     """Each job's plugged-in model serves its own rows, job after job (and, once, a single merged
     job serves the whole batch: the "merged x1" row)."""
     batch, params = run_.args.batch, run_.params
-    sequential = {"tokens": [None] * batch, "latency": [0.0] * batch, "wall": 0.0, "generated": 0, "decode_tokens": 0, "decode_seconds": 0.0}
+    sequential = {
+        "tokens": [None] * batch,
+        "latency": [0.0] * batch,
+        "wall": 0.0,
+        "generated": 0,
+        "decode_tokens": 0,
+        "decode_seconds": 0.0,
+    }
     for j in range(k):
         mine = [i for i in range(batch) if owner[i] == j]
         merged = plug_in_update(run_.base, run_.adapters[j][0], run_.adapter_blocks, run_.adapters[j][1])
@@ -203,13 +245,18 @@ def compare_batching(run_: Setup, shared: Scheduler) -> None:
     merged_done = False
     for k in run_.ks:
         owner = [j % k for j in range(run_.args.batch)]
-        multi = run(shared, [Request(run_.jobs[owner[i]], run_.prompts[i], run_.params) for i in range(run_.args.batch)])
+        multi = run(
+            shared, [Request(run_.jobs[owner[i]], run_.prompts[i], run_.params) for i in range(run_.args.batch)]
+        )
         multi_row = run_.row("multi-job", k, multi)
         sequential, merged_done = one_after_another(run_, k, owner, merged_done)
         same = sum(a == b for a, b in zip(multi["tokens"], sequential["tokens"]))
         multi_row["same_tokens"] = f"{same}/{run_.args.batch}"
         run_.row("one after another", k, sequential)
-        print(f"    greedy tokens identical to the one-after-another run for {same}/{run_.args.batch} requests", flush=True)
+        print(
+            f"    greedy tokens identical to the one-after-another run for {same}/{run_.args.batch} requests",
+            flush=True,
+        )
 
 
 def step_times(run_: Setup) -> None:
@@ -227,15 +274,32 @@ def step_times(run_: Setup) -> None:
             multi_stack.forward([run_.jobs[i % k] for i in slots], run_.prompts, [0] * batch, slots)
         for _ in range(args.step_repeats):
             for k in run_.ks:
-                for name, stack, batch_jobs in (("multi", multi_stack, [run_.jobs[i % k] for i in slots]), ("merged", merged_stack, [None] * batch)):
+                for name, stack, batch_jobs in (
+                    ("multi", multi_stack, [run_.jobs[i % k] for i in slots]),
+                    ("merged", merged_stack, [None] * batch),
+                ):
                     t0 = time.perf_counter()
                     stack.forward(batch_jobs, [[5]] * batch, [args.prompt_tokens] * batch, slots)
                     times.setdefault((name, k), []).append(time.perf_counter() - t0)
-    print(f"  decode step of {batch} rows, interleaved with a single merged job's (median of {args.step_repeats}):", flush=True)
+    print(
+        f"  decode step of {batch} rows, interleaved with a single merged job's (median of {args.step_repeats}):",
+        flush=True,
+    )
     for k in run_.ks:
         multi, merged = percentile(times[("multi", k)], 50), percentile(times[("merged", k)], 50)
-        print(f"    K={k}: {1e3 * multi:.0f} ms vs {1e3 * merged:.0f} ms merged: {multi / merged:.2f}x the time", flush=True)
-        run_.rows.append({"setting": "step time vs merged", "K": k, "multi_ms": 1e3 * multi, "merged_ms": 1e3 * merged, "ratio": multi / merged})
+        print(
+            f"    K={k}: {1e3 * multi:.0f} ms vs {1e3 * merged:.0f} ms merged: {multi / merged:.2f}x the time",
+            flush=True,
+        )
+        run_.rows.append(
+            {
+                "setting": "step time vs merged",
+                "K": k,
+                "multi_ms": 1e3 * multi,
+                "merged_ms": 1e3 * merged,
+                "ratio": multi / merged,
+            }
+        )
 
 
 def poisson(run_: Setup, shared: Scheduler) -> None:
@@ -246,17 +310,36 @@ def poisson(run_: Setup, shared: Scheduler) -> None:
     for _ in range(args.arrivals):
         t += arrival_rng.expovariate(args.rate)
         times.append(t)
-    requests = [Request(run_.jobs[i % k], run_.prompts[i % args.batch], SamplingParams(max_tokens=arrival_rng.randint(8, 2 * args.new_tokens), temperature=0))
-                for i in range(args.arrivals)]
+    requests = [
+        Request(
+            run_.jobs[i % k],
+            run_.prompts[i % args.batch],
+            SamplingParams(max_tokens=arrival_rng.randint(8, 2 * args.new_tokens), temperature=0),
+        )
+        for i in range(args.arrivals)
+    ]
     result = run(shared, requests, arrivals=times)
     ttft = result["ttft"]
-    print(f"  poisson arrivals   K={k}: {args.arrivals} requests at {args.rate:g}/s, {result['generated']} tokens in {result['wall']:.1f} s; "
-          f"latency p50 {percentile(result['latency'], 50):.2f} s p99 {percentile(result['latency'], 99):.2f} s; "
-          f"time to first token p50 {percentile(ttft, 50):.2f} s p99 {percentile(ttft, 99):.2f} s; "
-          f"most rows in a step {shared.stats.max_rows}", flush=True)
-    run_.rows.append({"setting": "poisson arrivals", "K": k, "requests": args.arrivals, "rate": args.rate, "generated": result["generated"],
-                      "p50_s": percentile(result["latency"], 50), "p99_s": percentile(result["latency"], 99),
-                      "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99)})
+    print(
+        f"  poisson arrivals   K={k}: {args.arrivals} requests at {args.rate:g}/s, {result['generated']} tokens in {result['wall']:.1f} s; "
+        f"latency p50 {percentile(result['latency'], 50):.2f} s p99 {percentile(result['latency'], 99):.2f} s; "
+        f"time to first token p50 {percentile(ttft, 50):.2f} s p99 {percentile(ttft, 99):.2f} s; "
+        f"most rows in a step {shared.stats.max_rows}",
+        flush=True,
+    )
+    run_.rows.append(
+        {
+            "setting": "poisson arrivals",
+            "K": k,
+            "requests": args.arrivals,
+            "rate": args.rate,
+            "generated": result["generated"],
+            "p50_s": percentile(result["latency"], 50),
+            "p99_s": percentile(result["latency"], 99),
+            "ttft_p50_s": percentile(ttft, 50),
+            "ttft_p99_s": percentile(ttft, 99),
+        }
+    )
 
 
 def print_table(rows: list[dict], ks: list[int]) -> None:
@@ -265,7 +348,9 @@ def print_table(rows: list[dict], ks: list[int]) -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         if "decode_tok_s" in r:
-            print(f"| {r['setting']} | {r['K']} | {r['decode_tok_s']:.1f} | {r['end_to_end_tok_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |")
+            print(
+                f"| {r['setting']} | {r['K']} | {r['decode_tok_s']:.1f} | {r['end_to_end_tok_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |"
+            )
     speedups = {r["K"]: r["decode_tok_s"] for r in rows if r["setting"] == "multi-job"}
     after = {r["K"]: r["decode_tok_s"] for r in rows if r["setting"] == "one after another"}
     merged = next((r["decode_tok_s"] for r in rows if r["setting"] == "merged x1"), None)
@@ -282,7 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     run_ = setup(args)
     shared = Scheduler(LlamaStack(run_.base, max_context=run_.context, slots=args.batch), eos_ids=set())
-    run(shared, [Request(None, run_.prompts[0], SamplingParams(max_tokens=4, temperature=0)) for _ in range(2)])  # warm-up
+    run(
+        shared, [Request(None, run_.prompts[0], SamplingParams(max_tokens=4, temperature=0)) for _ in range(2)]
+    )  # warm-up
     compare_batching(run_, shared)
     step_times(run_)
     if args.arrivals:

@@ -89,7 +89,9 @@ class BundleCache:
             for segment in part.segments:
                 path = files / check_relative_path(segment.path)
                 if segment.offset + len(segment.data) > MAX_FILE_OFFSET:
-                    raise BundleError(f"bundle part {part.index}: {segment.path} would grow past {MAX_FILE_OFFSET} bytes")
+                    raise BundleError(
+                        f"bundle part {part.index}: {segment.path} would grow past {MAX_FILE_OFFSET} bytes"
+                    )
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "r+b" if path.exists() else "w+b") as handle:
                     handle.seek(segment.offset)

@@ -53,15 +53,27 @@ class TunedUpdate:
     private: PrivateUpdate | None = None
 
     @classmethod
-    def of(cls, instruction: TrainInstruction, global_adapter: dict, tuned: dict, metrics: dict[str, float],
-           noise_seed: int | None = None) -> TunedUpdate:
+    def of(
+        cls,
+        instruction: TrainInstruction,
+        global_adapter: dict,
+        tuned: dict,
+        metrics: dict[str, float],
+        noise_seed: int | None = None,
+    ) -> TunedUpdate:
         """DP applied as ``instruction.dp`` says (``noise_seed`` for tests only)."""
         dp = instruction.dp
         if dp is None:
             return cls(instruction, global_adapter, tuned, metrics)
         private = privatize_update(tuned, global_adapter, dp, seed=noise_seed)
-        log.info("round %d: DP: update norm %.4g %s to %g, noise std %.4g", instruction.round, private.norm,
-                 "clipped" if private.clipped else "within", dp.clip_norm, private.noise_std)
+        log.info(
+            "round %d: DP: update norm %.4g %s to %g, noise std %.4g",
+            instruction.round,
+            private.norm,
+            "clipped" if private.clipped else "within",
+            dp.clip_norm,
+            private.noise_std,
+        )
         timing = {key: value for key, value in metrics.items() if key in TIMING_METRICS}
         return cls(instruction, global_adapter, tuned, timing, private)
 
@@ -86,8 +98,13 @@ class TunedUpdate:
 
     def info(self, mode: str, **more) -> dict:
         """The audit copy's description: job, round, DP, how it left (``mode``), and ``more``."""
-        return {"job": self.instruction.job_id, "round": self.instruction.round, "dp": self.private is not None,
-                "mode": mode, **more}
+        return {
+            "job": self.instruction.job_id,
+            "round": self.instruction.round,
+            "dp": self.private is not None,
+            "mode": mode,
+            **more,
+        }
 
 
 @dataclass(frozen=True)
@@ -118,8 +135,14 @@ class Sealer:
     def seal(
         self, tensors: Mapping[str, torch.Tensor], instruction: TrainInstruction, metadata: dict | None = None
     ) -> ArrayRecord:
-        sealed = seal_update(tensors, job=instruction.job_id, round=instruction.round, identity=self.identity,
-                             recipient=self.coordinator, metadata=metadata)
+        sealed = seal_update(
+            tensors,
+            job=instruction.job_id,
+            round=instruction.round,
+            identity=self.identity,
+            recipient=self.coordinator,
+            metadata=metadata,
+        )
         return envelope_to_record(sealed)
 
 
@@ -160,8 +183,12 @@ class SecAggChannel:
         instruction, delta, weight = update.instruction, update.delta(), update.weight
         masked = self.client.masked_input(self.share_bundle, delta, weight)
         if self.client.clipped:
-            log.warning("round %d: %d value(s) of the delta clipped to the secure-aggregation range %g",
-                        instruction.round, self.client.clipped, self.client.config.clip_range)
+            log.warning(
+                "round %d: %d value(s) of the delta clipped to the secure-aggregation range %g",
+                instruction.round,
+                self.client.clipped,
+                self.client.config.clip_range,
+            )
         if self.sealer is not None:
             envelope = self.sealer.seal(masked_input_tensors(masked), instruction)
             content = RecordDict({ENVELOPE: envelope, METRICS: update.public_metrics()})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from offsite.emulator.tune import TuneConfig
 from offsite.emulator.options import add_tune_arguments, tune_config_from_args
+from offsite.emulator.tune import TuneConfig
 
 
 def register(subparsers) -> None:
@@ -18,12 +18,19 @@ def register(subparsers) -> None:
         description="Tune the bundle's adapter on local data and write the update as safetensors. "
         "The data file never leaves this machine.",
     )
-    train.add_argument("--bundle", required=True, type=Path, help="emulator bundle directory (from `offsite cloud prepare`)")
-    train.add_argument("--data", required=True, type=Path, help='JSONL: {"prompt","choices","answer"} or {"prompt","completion"}')
+    train.add_argument(
+        "--bundle", required=True, type=Path, help="emulator bundle directory (from `offsite cloud prepare`)"
+    )
+    train.add_argument(
+        "--data", required=True, type=Path, help='JSONL: {"prompt","choices","answer"} or {"prompt","completion"}'
+    )
     train.add_argument("--out", required=True, type=Path, help="where to write the update (.safetensors)")
-    train.add_argument("--coordinator-key", type=Path,
-                       help="the coordinator's coordinator.pub.json, pinned out of band: the bundle must be signed by it "
-                       "(without it an edited manifest is caught only by its own consistency checks)")
+    train.add_argument(
+        "--coordinator-key",
+        type=Path,
+        help="the coordinator's coordinator.pub.json, pinned out of band: the bundle must be signed by it "
+        "(without it an edited manifest is caught only by its own consistency checks)",
+    )
     add_tune_arguments(train)
     train.set_defaults(func=_train)
 
@@ -35,19 +42,41 @@ def register(subparsers) -> None:
         "The data file never leaves this machine.",
     )
     start.add_argument("--superlink", required=True, help="the SuperLink's address, HOST:PORT")
-    start.add_argument("--data", required=True, type=Path, help='JSONL: {"prompt","choices","answer"} or {"prompt","completion"}')
-    start.add_argument("--root-certificates", type=Path, help="CA certificate (ca.crt) that signed the SuperLink's TLS certificate")
-    start.add_argument("--auth-key", type=Path, help="this SuperNode's private key (OpenSSH EC P-384; the operator registered its .pub)")
+    start.add_argument(
+        "--data", required=True, type=Path, help='JSONL: {"prompt","choices","answer"} or {"prompt","completion"}'
+    )
+    start.add_argument(
+        "--root-certificates", type=Path, help="CA certificate (ca.crt) that signed the SuperLink's TLS certificate"
+    )
+    start.add_argument(
+        "--auth-key",
+        type=Path,
+        help="this SuperNode's private key (OpenSSH EC P-384; the operator registered its .pub)",
+    )
     start.add_argument("--cache-dir", type=Path, help="bundle cache (default $OFFSITE_CACHE/client)")
     start.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     start.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS: loopback tests only")
-    start.add_argument("--runtime-port", type=int, default=9094, help="the SuperNode's local runtime API port on 127.0.0.1 (default 9094)")
+    start.add_argument(
+        "--runtime-port",
+        type=int,
+        default=9094,
+        help="the SuperNode's local runtime API port on 127.0.0.1 (default 9094)",
+    )
     start.add_argument("--threads", type=int, help="torch CPU threads for training")
     start.add_argument("--max-restarts", type=int, help="give up after this many restarts (default: never)")
-    start.add_argument("--identity", type=Path, help="this data owner's identity directory (`offsite client enroll --out DIR`): signs sealed updates")
-    start.add_argument("--coordinator-key", type=Path,
-                       help="the coordinator's coordinator.pub.json, pinned out of band: updates are sealed to it, bundles must be signed by it")
-    start.add_argument("--audit-dir", type=Path, help="keep a copy (0600) of every update this node sends, as it left the node")
+    start.add_argument(
+        "--identity",
+        type=Path,
+        help="this data owner's identity directory (`offsite client enroll --out DIR`): signs sealed updates",
+    )
+    start.add_argument(
+        "--coordinator-key",
+        type=Path,
+        help="the coordinator's coordinator.pub.json, pinned out of band: updates are sealed to it, bundles must be signed by it",
+    )
+    start.add_argument(
+        "--audit-dir", type=Path, help="keep a copy (0600) of every update this node sends, as it left the node"
+    )
     start.add_argument("--log-file", type=Path, help="append the SuperNode's output here (default: this terminal)")
     start.set_defaults(func=_start)
 

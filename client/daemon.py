@@ -58,7 +58,13 @@ class Supervisor:
     once :meth:`install_signal_handlers` ran). :meth:`run` returns 0 after a stop or a clean
     exit of the child, else the last child's exit code once ``max_restarts`` is spent."""
 
-    def __init__(self, command: list[str], policy: RestartPolicy = RestartPolicy(), env: dict | None = None, log_path: Path | None = None):
+    def __init__(
+        self,
+        command: list[str],
+        policy: RestartPolicy = RestartPolicy(),
+        env: dict | None = None,
+        log_path: Path | None = None,
+    ):
         if not command:
             raise ValueError("supervisor: empty command")
         self.command = list(command)
@@ -118,11 +124,24 @@ class Supervisor:
                 return 0
             crashes = 1 if ran >= self.policy.reset_after else crashes + 1
             if self.policy.max_restarts is not None and restarts >= self.policy.max_restarts:
-                log.error("child %d exited with %d after %.1fs; %d restart(s) spent, giving up", child.pid, child.returncode, ran, restarts)
+                log.error(
+                    "child %d exited with %d after %.1fs; %d restart(s) spent, giving up",
+                    child.pid,
+                    child.returncode,
+                    ran,
+                    restarts,
+                )
                 return child.returncode
             delay = self.policy.delay(crashes)
             restarts += 1
-            log.warning("child %d exited with %d after %.1fs; restart %d in %.1fs", child.pid, child.returncode, ran, restarts, delay)
+            log.warning(
+                "child %d exited with %d after %.1fs; restart %d in %.1fs",
+                child.pid,
+                child.returncode,
+                ran,
+                restarts,
+                delay,
+            )
             self._stopping.wait(delay)
         return 0
 
@@ -138,13 +157,19 @@ class DaemonConfig:
     data_path: Path = field(metadata={"help": "local JSONL training file (never leaves this host)"})
     cache_dir: Path | None = field(default=None, metadata={"help": "bundle cache (default $OFFSITE_CACHE/client)"})
     device: str = "auto"
-    root_certificates: Path | None = field(default=None, metadata={"help": "CA certificate that signed the SuperLink's"})
+    root_certificates: Path | None = field(
+        default=None, metadata={"help": "CA certificate that signed the SuperLink's"}
+    )
     auth_key: Path | None = field(default=None, metadata={"help": "SuperNode private key (OpenSSH, EC P-384)"})
     insecure: bool = field(default=False, metadata={"help": "plain HTTP, no TLS (loopback tests only)"})
     runtime_port: int = field(default=9094, metadata={"help": "the SuperNode's local runtime API port (127.0.0.1)"})
     threads: int | None = None
-    identity_dir: Path | None = field(default=None, metadata={"help": "this data owner's identity (offsite client enroll --out DIR)"})
-    coordinator_key: Path | None = field(default=None, metadata={"help": "the coordinator's public keys, pinned (coordinator.pub.json)"})
+    identity_dir: Path | None = field(
+        default=None, metadata={"help": "this data owner's identity (offsite client enroll --out DIR)"}
+    )
+    coordinator_key: Path | None = field(
+        default=None, metadata={"help": "the coordinator's public keys, pinned (coordinator.pub.json)"}
+    )
     audit_dir: Path | None = field(default=None, metadata={"help": "keep a copy of every update this node sends"})
 
     def __post_init__(self) -> None:
@@ -152,15 +177,21 @@ class DaemonConfig:
         if not host or not port.isdigit():
             raise ValueError(f"--superlink {self.superlink!r}: expected HOST:PORT")
         if self.insecure and (self.root_certificates or self.auth_key):
-            raise ValueError("--insecure cannot be combined with --root-certificates or --auth-key (node authentication needs TLS)")
+            raise ValueError(
+                "--insecure cannot be combined with --root-certificates or --auth-key (node authentication needs TLS)"
+            )
         if not Path(self.data_path).is_file():
             raise FileNotFoundError(f"{self.data_path}: data file not found")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.identity_dir is not None and not Path(self.identity_dir).is_dir():
-            raise FileNotFoundError(f"--identity {self.identity_dir}: no such directory (make it with offsite client enroll --out DIR)")
+            raise FileNotFoundError(
+                f"--identity {self.identity_dir}: no such directory (make it with offsite client enroll --out DIR)"
+            )
         if self.coordinator_key is not None and not Path(self.coordinator_key).exists():
-            raise FileNotFoundError(f"--coordinator-key {self.coordinator_key}: no such file (the coordinator.pub.json the operator gave you)")
+            raise FileNotFoundError(
+                f"--coordinator-key {self.coordinator_key}: no such file (the coordinator.pub.json the operator gave you)"
+            )
 
     def node_config(self) -> dict:
         """What reaches the ClientApp as ``context.node_config`` (absolute paths: the ClientApp
@@ -170,7 +201,11 @@ class DaemonConfig:
             config["cache-dir"] = Path(self.cache_dir).expanduser().resolve()
         if self.threads is not None:
             config["threads"] = self.threads
-        for key, path in (("identity-dir", self.identity_dir), ("coordinator-key", self.coordinator_key), ("audit-dir", self.audit_dir)):
+        for key, path in (
+            ("identity-dir", self.identity_dir),
+            ("coordinator-key", self.coordinator_key),
+            ("audit-dir", self.audit_dir),
+        ):
             if path is not None:
                 config[key] = Path(path).expanduser().resolve()
         return config

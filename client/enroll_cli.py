@@ -17,7 +17,9 @@ def register_enroll_command(commands) -> None:
     )
     enroll.add_argument("--out", required=True, type=Path, help="directory for the identity")
     enroll.add_argument("--name", default=None, help="sender id to use (default: the key's fingerprint)")
-    enroll.add_argument("--force", action="store_true", help="replace an existing identity (the operator must register the new key)")
+    enroll.add_argument(
+        "--force", action="store_true", help="replace an existing identity (the operator must register the new key)"
+    )
     enroll.set_defaults(func=_enroll)
 
 

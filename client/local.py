@@ -33,7 +33,14 @@ def tune_on_bundle(
         load_adapter_state(emulator, bundle.layout, start)
     log.info("tuning %s adapter on %d examples", config.mode, len(examples))
     return tune_adapter(
-        emulator, tokenizer, bundle.layout, bundle.adapter_blocks, examples, config, a=bundle.shape["a"], progress=progress
+        emulator,
+        tokenizer,
+        bundle.layout,
+        bundle.adapter_blocks,
+        examples,
+        config,
+        a=bundle.shape["a"],
+        progress=progress,
     )
 
 
@@ -50,7 +57,11 @@ def open_local_bundle(bundle_dir: Path | str, coordinator_key: Path | str | None
 
 
 def train_local(
-    bundle_dir: Path | str, data: Path | str, config: TuneConfig, progress: bool = True, coordinator_key: Path | str | None = None
+    bundle_dir: Path | str,
+    data: Path | str,
+    config: TuneConfig,
+    progress: bool = True,
+    coordinator_key: Path | str | None = None,
 ) -> tuple[TuneResult, dict]:
     """Tune the adapter of the bundle's emulator on a local data file.
 
@@ -71,7 +82,12 @@ def train_local(
 
 
 def train_local_to_file(
-    bundle_dir, data, config: TuneConfig, out: Path | str, progress: bool = True, coordinator_key: Path | str | None = None
+    bundle_dir,
+    data,
+    config: TuneConfig,
+    out: Path | str,
+    progress: bool = True,
+    coordinator_key: Path | str | None = None,
 ) -> Path:
     result, meta = train_local(bundle_dir, data, config, progress, coordinator_key)
     return save_update(out, result.adapter, meta)

@@ -69,8 +69,13 @@ def answer_train(message: Message, context: Context, started: float) -> RecordDi
             write_audit_copy(settings.audit_dir, instruction, sent.tensors, sent.info)
     except Exception as error:  # noqa: BLE001 - the reply must say what broke, whatever it was
         raise refusal(error, instruction.round) from None
-    log.info("round %d: tuned on %d examples, loss %.4f; reply: %s", instruction.round, metrics.get("num-examples", 0),
-             metrics.get("train-loss", float("nan")), sent.info["mode"])
+    log.info(
+        "round %d: tuned on %d examples, loss %.4f; reply: %s",
+        instruction.round,
+        metrics.get("num-examples", 0),
+        metrics.get("train-loss", float("nan")),
+        sent.info["mode"],
+    )
     return sent.content
 
 

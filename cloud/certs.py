@@ -79,7 +79,9 @@ def _write_public(path: Path, data: bytes) -> Path:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _pem_cert(cert: x509.Certificate) -> bytes:
@@ -109,7 +111,9 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-def make_ca(common_name: str = "Offsite federation CA", days: int = 3650) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def make_ca(
+    common_name: str = "Offsite federation CA", days: int = 3650
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = _new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -124,8 +128,15 @@ def make_ca(common_name: str = "Offsite federation CA", days: int = 3650) -> tup
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -155,8 +166,15 @@ def make_server_cert(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=True, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -172,13 +190,20 @@ def write_node_key(path: Path, comment: str = "") -> Path:
     """One SuperNode authentication key pair: ``path`` (OpenSSH private, 0600) and ``path.pub``."""
     path = Path(path)
     key = _new_key()
-    _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    _write_private(
+        path,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _write_public(public_key_path(path), public + (f" {comment}".encode() if comment else b"") + b"\n")
     return path
 
 
-def write_deployment_certs(out: Path, nodes: int = 3, hosts=(), force: bool = False, days: int = 825) -> DeploymentCerts:
+def write_deployment_certs(
+    out: Path, nodes: int = 3, hosts=(), force: bool = False, days: int = 825
+) -> DeploymentCerts:
     """A CA, a SuperLink certificate and ``nodes`` SuperNode key pairs under ``out`` (layout above).
 
     Refuses to overwrite an existing ``ca.key`` unless ``force``: a new CA would silently
@@ -197,7 +222,9 @@ def write_deployment_certs(out: Path, nodes: int = 3, hosts=(), force: bool = Fa
     )
     existing = [p for p in (paths.ca_key, paths.server_key, *paths.node_keys) if p.exists()]
     if existing and not force:
-        raise CertError(f"{existing[0]}: already exists (pass force=True / --force to replace all TLS material in {out})")
+        raise CertError(
+            f"{existing[0]}: already exists (pass force=True / --force to replace all TLS material in {out})"
+        )
     subject_alt_names(hosts)  # reject a bad host before writing anything
     ca_key, ca_cert = make_ca(days=max(days, 3650))
     server_key, server_cert = make_server_cert(ca_key, ca_cert, hosts, days=days)

@@ -55,8 +55,9 @@ def _register_prepare(commands) -> None:
         "Distilled bundles are cached: the same recipe twice costs seconds.",
     )
     _add_recipe_arguments(prepare, DEFAULT_PRESET)
-    prepare.add_argument("--out", required=True, type=Path,
-                         help="job directory: OUT/job.json (the federated job) and OUT/bundle")
+    prepare.add_argument(
+        "--out", required=True, type=Path, help="job directory: OUT/job.json (the federated job) and OUT/bundle"
+    )
     _add_fed_job_arguments(prepare)
     prepare.set_defaults(func=_prepare)
 
@@ -71,10 +72,15 @@ def _register_plugin(commands) -> None:
     plugin.add_argument("--bundle", required=True, type=Path, help="the bundle the adapter was tuned on")
     plugin.add_argument("--adapter", required=True, type=Path, help="adapter update (.safetensors)")
     plugin.add_argument("--out", required=True, type=Path, help="output model directory")
-    plugin.add_argument("--gain", type=float, default=None, metavar="G",
-                        help="plug in the full model's adapter blocks + G x what tuning changed "
-                        "(default: the adapter file's recorded plugin_gain, else the federated job's when the "
-                        "adapter is JOB/checkpoints/round-N.safetensors, else the preset's)")
+    plugin.add_argument(
+        "--gain",
+        type=float,
+        default=None,
+        metavar="G",
+        help="plug in the full model's adapter blocks + G x what tuning changed "
+        "(default: the adapter file's recorded plugin_gain, else the federated job's when the "
+        "adapter is JOB/checkpoints/round-N.safetensors, else the preset's)",
+    )
     plugin.set_defaults(func=_plugin)
 
 
@@ -88,8 +94,9 @@ def _register_run(commands) -> None:
     )
     run.add_argument("--job", required=True, type=Path, help="job directory with job.json and bundle/")
     run.add_argument("--superlink", required=True, help="the SuperLink's address, HOST:PORT")
-    run.add_argument("--root-certificates", type=Path,
-                     help="CA certificate that signed the SuperLink's TLS certificate")
+    run.add_argument(
+        "--root-certificates", type=Path, help="CA certificate that signed the SuperLink's TLS certificate"
+    )
     run.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS: loopback tests only")
     run.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="give up following after this many seconds")
     run.set_defaults(func=_run)
@@ -125,24 +132,39 @@ def _register_report(parent, name: str) -> None:
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None:
-    parser.add_argument("--preset", default=default_preset,
-                        help=f"named recipe (`offsite presets`; default {default_preset})")
-    parser.add_argument("--model", default=None,
-                        help="base model: smollm2-135m, a local HF directory, a .gguf file or a hub id")
-    parser.add_argument("--shape", default=None,
-                        help="a-k-b: adapter blocks at the bottom, kept middle blocks, adapter blocks at the top")
+    parser.add_argument(
+        "--preset", default=default_preset, help=f"named recipe (`offsite presets`; default {default_preset})"
+    )
+    parser.add_argument(
+        "--model", default=None, help="base model: smollm2-135m, a local HF directory, a .gguf file or a hub id"
+    )
+    parser.add_argument(
+        "--shape",
+        default=None,
+        help="a-k-b: adapter blocks at the bottom, kept middle blocks, adapter blocks at the top",
+    )
     parser.add_argument("--distill-steps", type=int, default=None, help="distillation steps (0: plain layer drop)")
-    parser.add_argument("--corpus", default=None,
-                        help="distillation text: 'python-docs' (default), a .txt or a .jsonl with 'text'")
-    parser.add_argument("--quantize", default=None, metavar="BITS",
-                        help="round the kept middle blocks' weights to BITS bits; a comma list is cycled over the "
-                        "blocks "
-                        "(3,4: 3 and 4 in turn); 'none' turns off a preset's")
-    parser.add_argument("--quant-group", type=int, default=None,
-                        help="input columns per quantisation scale and offset (default 64)")
-    parser.add_argument("--plugin-gain", type=float, default=None, metavar="G",
-                        help="plug in the full model's adapter blocks + G x what tuning changed "
-                        "(default: the preset's; 1 = as tuned)")
+    parser.add_argument(
+        "--corpus", default=None, help="distillation text: 'python-docs' (default), a .txt or a .jsonl with 'text'"
+    )
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        metavar="BITS",
+        help="round the kept middle blocks' weights to BITS bits; a comma list is cycled over the "
+        "blocks "
+        "(3,4: 3 and 4 in turn); 'none' turns off a preset's",
+    )
+    parser.add_argument(
+        "--quant-group", type=int, default=None, help="input columns per quantisation scale and offset (default 64)"
+    )
+    parser.add_argument(
+        "--plugin-gain",
+        type=float,
+        default=None,
+        metavar="G",
+        help="plug in the full model's adapter blocks + G x what tuning changed (default: the preset's; 1 = as tuned)",
+    )
 
 
 def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,29 +173,62 @@ def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
     job, tuning = FedJobConfig(), FEDERATED_TUNING
     group = parser.add_argument_group("federated job (written to OUT/job.json for `offsite cloud run`)")
     group.add_argument("--rounds", type=int, default=job.rounds, help=f"federated rounds (default {job.rounds})")
-    group.add_argument("--min-nodes", type=int, default=job.min_nodes,
-                       help=f"connected SuperNodes to wait for before each round (default {job.min_nodes})")
-    group.add_argument("--min-replies", type=int, default=job.min_replies,
-                       help=f"successful replies needed to complete a round (default {job.min_replies})")
-    group.add_argument("--round-timeout", type=float, default=job.round_timeout,
-                       help=f"seconds to wait for the train replies of a round (default {job.round_timeout:g})")
-    group.add_argument("--local-steps", type=int, default=tuning.steps,
-                       help=f"optimiser steps per data owner per round (default {tuning.steps})")
-    group.add_argument("--local-lr", type=float, default=tuning.lr,
-                       help=f"data owners' learning rate (default {tuning.lr:g})")
-    group.add_argument("--local-batch-size", type=int, default=tuning.batch_size,
-                       help=f"examples per local step (default {tuning.batch_size})")
-    group.add_argument("--aggregator", choices=AGGREGATORS, default=job.aggregator,
-                       help=f"how updates are combined (default {job.aggregator})")
-    group.add_argument("--lr-schedule", choices=("constant", "cosine"), default=job.lr_schedule,
-                       help=f"the data owners' lr across rounds (cosine: down to {job.final_lr_ratio:g} x --local-lr "
-                       "by the last round)")
-    group.add_argument("--eval-test", type=Path, default=None,
-                       help="multiple-choice JSONL the coordinator scores after the last round (plug-in report under "
-                       "OUT/report)")
+    group.add_argument(
+        "--min-nodes",
+        type=int,
+        default=job.min_nodes,
+        help=f"connected SuperNodes to wait for before each round (default {job.min_nodes})",
+    )
+    group.add_argument(
+        "--min-replies",
+        type=int,
+        default=job.min_replies,
+        help=f"successful replies needed to complete a round (default {job.min_replies})",
+    )
+    group.add_argument(
+        "--round-timeout",
+        type=float,
+        default=job.round_timeout,
+        help=f"seconds to wait for the train replies of a round (default {job.round_timeout:g})",
+    )
+    group.add_argument(
+        "--local-steps",
+        type=int,
+        default=tuning.steps,
+        help=f"optimiser steps per data owner per round (default {tuning.steps})",
+    )
+    group.add_argument(
+        "--local-lr", type=float, default=tuning.lr, help=f"data owners' learning rate (default {tuning.lr:g})"
+    )
+    group.add_argument(
+        "--local-batch-size",
+        type=int,
+        default=tuning.batch_size,
+        help=f"examples per local step (default {tuning.batch_size})",
+    )
+    group.add_argument(
+        "--aggregator",
+        choices=AGGREGATORS,
+        default=job.aggregator,
+        help=f"how updates are combined (default {job.aggregator})",
+    )
+    group.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default=job.lr_schedule,
+        help=f"the data owners' lr across rounds (cosine: down to {job.final_lr_ratio:g} x --local-lr "
+        "by the last round)",
+    )
+    group.add_argument(
+        "--eval-test",
+        type=Path,
+        default=None,
+        help="multiple-choice JSONL the coordinator scores after the last round (plug-in report under OUT/report)",
+    )
     group.add_argument("--eval-rows", type=int, default=None, help="score only the first N rows of --eval-test")
-    group.add_argument("--no-plug-in", action="store_true",
-                       help="end the job with the last checkpoint: no plug-in, no evaluation")
+    group.add_argument(
+        "--no-plug-in", action="store_true", help="end the job with the last checkpoint: no plug-in, no evaluation"
+    )
     add_security_arguments(parser)  # --job-id, --keys, --registry, --envelopes, --secure-aggregation, --dp-*, ...
 
 
@@ -232,8 +287,10 @@ def _prepare(args: argparse.Namespace) -> int:
     distilled = bundle.manifest.get("distill", {})
     quantised = f", middle quantised {preset.quantize}" if preset.quantize else ""
     packed = len(bundle.manifest.get("packed", {}).get("weights", {}))
-    print(f"bundle: {bundle.root}  ({bundle.size / 1e6:.0f} MB, {packed} weights packed; shape {preset.shape}, "
-          f"layout {bundle.layout}{quantised})")
+    print(
+        f"bundle: {bundle.root}  ({bundle.size / 1e6:.0f} MB, {packed} weights packed; shape {preset.shape}, "
+        f"layout {bundle.layout}{quantised})"
+    )
     print(
         f"job: {job_file}  ({job.rounds} round(s), min_nodes {job.min_nodes}, min_replies {job.min_replies}, "
         f"round timeout {job.round_timeout:g}s, {job.aggregator}, local {job.tuning.steps} step(s) x "

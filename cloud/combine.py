@@ -24,7 +24,17 @@ from offsite.protocol.safe_json import JSONRefused, parse_json
 from .evaluate import ROWS, Report, job_report_dir
 
 # meta keys that say what was measured: two pieces of one table must not disagree on any of them
-IDENTITY = ("preset", "model", "bundle_digest", "bundle", "test_sha256", "train_sha256", "tune", "distill", "plugin_gain")
+IDENTITY = (
+    "preset",
+    "model",
+    "bundle_digest",
+    "bundle",
+    "test_sha256",
+    "train_sha256",
+    "tune",
+    "distill",
+    "plugin_gain",
+)
 
 
 class ReportError(ValueError):
@@ -81,16 +91,24 @@ def combine(runs: list[Path]) -> list[Report]:
 
 def _join(pieces: list[Piece]) -> Report:
     first = pieces[0]
-    joined = Report(task=first.report.task, test_rows=first.report.test_rows, train_rows=first.report.train_rows,
-                    kind=first.report.kind)
+    joined = Report(
+        task=first.report.task,
+        test_rows=first.report.test_rows,
+        train_rows=first.report.train_rows,
+        kind=first.report.kind,
+    )
     joined.meta = {"sources": []}
     owner: dict[str, Piece] = {}  # who set each identity key and each setting
     for piece in pieces:
         report = piece.report
         if report.kind != joined.kind:
-            raise ReportError(f"{report.task}: {first.source} scored {joined.kind.upper()} rows, {piece.source} {report.kind.upper()} rows")
+            raise ReportError(
+                f"{report.task}: {first.source} scored {joined.kind.upper()} rows, {piece.source} {report.kind.upper()} rows"
+            )
         if report.train_rows != joined.train_rows:
-            raise ReportError(f"{report.task}: {first.source} tuned on {joined.train_rows} train rows, {piece.source} on {report.train_rows}")
+            raise ReportError(
+                f"{report.task}: {first.source} tuned on {joined.train_rows} train rows, {piece.source} on {report.train_rows}"
+            )
         for key in IDENTITY:
             if key not in report.meta:
                 continue
@@ -115,8 +133,13 @@ def _join(pieces: list[Piece]) -> Report:
         for key in ("middle_nmse_at_answer", "federated", "privacy"):
             if key in report.meta:
                 joined.meta.setdefault(key, report.meta[key])
-        joined.meta["sources"].append({"report": str(piece.source), "settings": sorted(report.results, key=_order),
-                                       "seconds": report.meta.get("seconds")})
+        joined.meta["sources"].append(
+            {
+                "report": str(piece.source),
+                "settings": sorted(report.results, key=_order),
+                "seconds": report.meta.get("seconds"),
+            }
+        )
     return joined
 
 

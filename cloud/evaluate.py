@@ -51,7 +51,15 @@ LABELS = {
 }
 # table order: each offsite setting beside its federated twin (a federated job's adapter, scored by
 # ``offsite demo``), full FT last (the paper's order)
-ROWS = ("full_zero_shot", "emulator_zero_shot", "emulator_ft", "federated_emulator_ft", "plug_in", "federated_plug_in", "full_ft")
+ROWS = (
+    "full_zero_shot",
+    "emulator_zero_shot",
+    "emulator_ft",
+    "federated_emulator_ft",
+    "plug_in",
+    "federated_plug_in",
+    "full_ft",
+)
 # what each kind of test file is scored by: the result field, whether larger is better, the unit of a gap
 METRICS = {
     "mc": ("accuracy", True, "points"),
@@ -169,16 +177,20 @@ class Report:
         task, test_rows, train_rows = data["task"], data["test_rows"], data["train_rows"]
         if not isinstance(task, str) or not all(isinstance(n, int) and n >= 0 for n in (test_rows, train_rows)):
             raise ValueError("'task' must be a string and 'test_rows', 'train_rows' counts")
-        return cls(task=task, test_rows=test_rows, train_rows=train_rows, results=dict(results), meta=dict(meta), kind=kind)
+        return cls(
+            task=task, test_rows=test_rows, train_rows=train_rows, results=dict(results), meta=dict(meta), kind=kind
+        )
 
     def markdown(self, label: str | None = None) -> str:
         lines = [f"### {label or self.task}: {self._size()}", "", *self._table(), ""]
         which = ", federated" if self.gaps_federated else ""
         unit = METRICS[self.kind][2]
         # each difference written the way round that makes a positive number good
-        privacy, utility, federated = (("plug-in - emulator-FT", "full FT - plug-in", "federated plug-in - centralised plug-in")
-                                       if self.higher_is_better else
-                                       ("emulator-FT - plug-in", "plug-in - full FT", "centralised plug-in - federated plug-in"))
+        privacy, utility, federated = (
+            ("plug-in - emulator-FT", "full FT - plug-in", "federated plug-in - centralised plug-in")
+            if self.higher_is_better
+            else ("emulator-FT - plug-in", "plug-in - full FT", "centralised plug-in - federated plug-in")
+        )
         if self.privacy_gap is not None:
             lines.append(f"privacy gap ({privacy}{which}): {self._gap(self.privacy_gap)} {unit}")
         if self.utility_gap is not None:
@@ -199,26 +211,32 @@ class Report:
         rows = f"{self.test_rows} {'held-out train' if self.meta.get('val_rows') else 'test'} rows"
         if self.kind == "sft":
             tokens = next((r["tokens"] for r in self.results.values() if "tokens" in r), None)
-            return rows + (f", {tokens} completion tokens" if tokens else "") + " (NLL in nats per token, lower is better)"
-        return f"{rows} (one standard error at 0.5 is {50 / self.test_rows ** 0.5:.1f} points)"
+            return (
+                rows + (f", {tokens} completion tokens" if tokens else "") + " (NLL in nats per token, lower is better)"
+            )
+        return f"{rows} (one standard error at 0.5 is {50 / self.test_rows**0.5:.1f} points)"
 
     def _gap(self, gap: float) -> str:
         return f"{100 * gap:+.1f}" if self.kind == "mc" else f"{gap:+.3f}"
 
+    def _cells(self, result: dict) -> str:
+        """One setting's row of the table, without its label."""
+        if self.kind == "sft":
+            return f"{result['nll']:.3f} | {result['stderr']:.3f} | {result.get('ppl', float('nan')):.2f}"
+        norm = f"{result['acc_norm']:.3f}" if result.get("acc_norm") is not None else "-"
+        return f"{result['accuracy']:.3f} | {result['stderr']:.3f} | {result['correct']}/{self.test_rows} | {norm}"
+
     def _table(self) -> list[str]:
         if self.kind == "sft":
             lines = ["| setting | NLL (nats/token) | ± s.e. | perplexity |", "|---|---|---|---|"]
-            cells = lambda r: f"{r['nll']:.3f} | {r['stderr']:.3f} | {r.get('ppl', float('nan')):.2f}"  # noqa: E731
         else:
             lines = ["| setting | accuracy | ± s.e. | correct | acc_norm |", "|---|---|---|---|---|"]
-            cells = lambda r: (f"{r['accuracy']:.3f} | {r['stderr']:.3f} | {r['correct']}/{self.test_rows} | "  # noqa: E731
-                               + (f"{r['acc_norm']:.3f}" if r.get("acc_norm") is not None else "-"))
         for setting in ROWS:
             if setting in self.results:
                 label = LABELS[setting]
                 if setting.endswith("plug_in") and self.meta.get("plugin_gain", 1.0) != 1.0:
                     label += f" (gain {self.meta['plugin_gain']:g})"
-                lines.append(f"| {label} | {cells(self.results[setting])} |")
+                lines.append(f"| {label} | {self._cells(self.results[setting])} |")
         return lines
 
 
@@ -226,11 +244,23 @@ def result_fields(result: MCResult | SFTResult) -> dict:
     """What a report keeps of one setting's score."""
     if isinstance(result, SFTResult):
         return {"nll": result.nll, "stderr": result.stderr, "ppl": result.perplexity, "tokens": result.tokens}
-    return {"accuracy": result.accuracy, "stderr": result.stderr, "correct": result.correct, "acc_norm": result.acc_norm}
+    return {
+        "accuracy": result.accuracy,
+        "stderr": result.stderr,
+        "correct": result.correct,
+        "acc_norm": result.acc_norm,
+    }
 
 
-def score_rows(model: nn.Module, tokenizer, test: list[MCRow] | list[Example], batch: int = 16, device="cpu",
-               desc: str = "scoring", progress: bool = True) -> MCResult | SFTResult:
+def score_rows(
+    model: nn.Module,
+    tokenizer,
+    test: list[MCRow] | list[Example],
+    batch: int = 16,
+    device="cpu",
+    desc: str = "scoring",
+    progress: bool = True,
+) -> MCResult | SFTResult:
     """Accuracy of MC rows, completion NLL of SFT rows (a test file holds one kind)."""
     scorer = score_sft if isinstance(test[0], Example) else score_mc
     return scorer(model, tokenizer, test, batch, device=device, desc=desc, progress=progress)
@@ -243,7 +273,15 @@ def test_kind(test: list[MCRow] | list[Example]) -> str:
 def _record(report: Report, setting: str, result: MCResult | SFTResult, seconds: float) -> None:
     report.results[setting] = result_fields(result) | {"seconds": round(seconds, 1)}
     value = report.results[setting][report.metric]
-    log.info("%-20s %s %.3f (± %.3f, %d rows, %.0f s)", LABELS[setting], report.metric, value, result.stderr, result.rows, seconds)
+    log.info(
+        "%-20s %s %.3f (± %.3f, %d rows, %.0f s)",
+        LABELS[setting],
+        report.metric,
+        value,
+        result.stderr,
+        result.rows,
+        seconds,
+    )
 
 
 @dataclass
@@ -264,15 +302,35 @@ class _Run:
     def score(self, model: nn.Module, setting: str) -> None:
         started = time.perf_counter()
         model.to(self.device)
-        result = score_rows(model, self.tokenizer, self.test, self.config.score_batch, device=self.device,
-                            desc=LABELS[setting], progress=self.progress)
+        result = score_rows(
+            model,
+            self.tokenizer,
+            self.test,
+            self.config.score_batch,
+            device=self.device,
+            desc=LABELS[setting],
+            progress=self.progress,
+        )
         model.to("cpu")
         _record(self.report, setting, result, time.perf_counter() - started)
 
     def tune_on(self, model: nn.Module, layout: list[int], desc: str, key: str) -> dict[str, torch.Tensor]:
-        result = tune_adapter(model, self.tokenizer, layout, self.bundle.adapter_blocks, self.train, self.tune,
-                              a=self.bundle.shape["a"], progress=self.progress, desc=desc)
-        self.report.meta[key] = {"seconds": round(result.seconds, 1), "tokens": result.tokens, "final_loss": _tail(result.losses)}
+        result = tune_adapter(
+            model,
+            self.tokenizer,
+            layout,
+            self.bundle.adapter_blocks,
+            self.train,
+            self.tune,
+            a=self.bundle.shape["a"],
+            progress=self.progress,
+            desc=desc,
+        )
+        self.report.meta[key] = {
+            "seconds": round(result.seconds, 1),
+            "tokens": result.tokens,
+            "final_loss": _tail(result.losses),
+        }
         return result.adapter
 
 
@@ -334,7 +392,9 @@ def _emulator_settings(run: _Run, update: dict[str, torch.Tensor] | None) -> dic
     return update
 
 
-def _middle_gap(base: nn.Module, emulator: nn.Module, tokenizer, bundle: Bundle, test: list[MCRow], rows: int = 32) -> float:
+def _middle_gap(
+    base: nn.Module, emulator: nn.Module, tokenizer, bundle: Bundle, test: list[MCRow], rows: int = 32
+) -> float:
     """Emulator-vs-real middle output (normalised MSE) at the answer position of the first test prompts."""
     from offsite.emulator.distill import answer_position_kd
 
@@ -389,7 +449,9 @@ def job_report_dir(job: Path | str) -> Path:
     return Path(job) / REPORT_DIR
 
 
-def write_report(reports: list[Report], out: Path | str, title: str = "Offsite five-setting evaluation") -> dict[str, Path]:
+def write_report(
+    reports: list[Report], out: Path | str, title: str = "Offsite five-setting evaluation"
+) -> dict[str, Path]:
     """``report.md``, ``report.json`` and ``report.png`` (bar chart with ± one s.e.) in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -414,8 +476,9 @@ def _plot(reports: list[Report], path: Path, title: str) -> None:
     panels = [[(r, name) for r, name in named if r.kind == kind] for kind in METRICS]
     panels = [p for p in panels if p]
     widths = [max(6, 2.2 * len(p) + 2) for p in panels]
-    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), 4), squeeze=False,
-                             gridspec_kw={"width_ratios": widths})
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(sum(widths), 4), squeeze=False, gridspec_kw={"width_ratios": widths}
+    )
     for ax, panel in zip(axes[0], panels):
         _bars(ax, [r for r, _ in panel], [name for _, name in panel])
     fig.suptitle(title)

@@ -415,6 +415,12 @@ def record_client_update(
     return save_update(
         update_path(job_dir, round_number, node_id),
         adapter,
-        {"mode": "blocks", "lora_alpha": None, "bundle": bundle, "round": round_number, "node": node_id,
-         "num_examples": num_examples},
+        {
+            "mode": "blocks",
+            "lora_alpha": None,
+            "bundle": bundle,
+            "round": round_number,
+            "node": node_id,
+            "num_examples": num_examples,
+        },
     )

@@ -39,8 +39,12 @@ def privacy_spent(config, state) -> dict:
     """The job's differential privacy: epsilon at its delta after the rounds accounted in ``state``."""
     sec = config.security
     spent = PrivacyAccountant.from_json(state.privacy).spent(sec.dp_delta)
-    return {**spent.to_json(), "mode": sec.dp_mode, "clip_norm": sec.dp_clip_norm,
-            "noise_multiplier": sec.dp_noise_multiplier}
+    return {
+        **spent.to_json(),
+        "mode": sec.dp_mode,
+        "clip_norm": sec.dp_clip_norm,
+        "noise_multiplier": sec.dp_noise_multiplier,
+    }
 
 
 def finish_job(job_dir: Path | str, force: bool = False) -> dict[str, Path]:
@@ -82,19 +86,36 @@ def _evaluate(job_dir: Path, config, state, base, tokenizer, bundle, adapter, pr
     """The federated settings' report of the plugged-in adapter on the job's ``eval_test``."""
     _, test = read_test_rows(config.eval_test, limit=config.eval_rows)
     report, _ = five_setting_eval(
-        base, tokenizer, bundle, [], test, TuneConfig(),
+        base,
+        tokenizer,
+        bundle,
+        [],
+        test,
+        TuneConfig(),
         EvalConfig(settings=FEDERATED_SETTINGS, plugin_gain=config.plugin_gain),
-        task=Path(config.eval_test).name.removesuffix(".jsonl"), adapter=adapter, progress=False,
+        task=Path(config.eval_test).name.removesuffix(".jsonl"),
+        adapter=adapter,
+        progress=False,
     )
     report.meta["federated"] = provenance
     # the job's own tuning, not the TuneConfig() passed above (it tunes nothing here), and what
     # `offsite report` checks before joining this report with others
-    tune = {"federated": dataclasses.asdict(config.tuning), "rounds": config.rounds, "lr_schedule": config.lr_schedule,
-            "final_lr_ratio": config.final_lr_ratio}
-    report.meta.update(tune=tune, bundle_digest=bundle.digest, test_sha256=sha256_file(config.eval_test),
-                       model=config.base_model)
+    tune = {
+        "federated": dataclasses.asdict(config.tuning),
+        "rounds": config.rounds,
+        "lr_schedule": config.lr_schedule,
+        "final_lr_ratio": config.final_lr_ratio,
+    }
+    report.meta.update(
+        tune=tune, bundle_digest=bundle.digest, test_sha256=sha256_file(config.eval_test), model=config.base_model
+    )
     if config.security.dp and state.privacy:
         report.meta["privacy"] = privacy_spent(config, state)
-        log.info("job %s: differential privacy spent: epsilon %.4g at delta %g over %d round(s)", job_dir,
-                 report.meta["privacy"]["epsilon"], config.security.dp_delta, report.meta["privacy"]["rounds"])
+        log.info(
+            "job %s: differential privacy spent: epsilon %.4g at delta %g over %d round(s)",
+            job_dir,
+            report.meta["privacy"]["epsilon"],
+            config.security.dp_delta,
+            report.meta["privacy"]["rounds"],
+        )
     return report

@@ -16,8 +16,12 @@ def register_key_commands(commands) -> None:
         description="Write coordinator-encryption.key (X25519) and coordinator-signing.key (Ed25519), both 0600, "
         "and coordinator.pub.json (the public keys: give it to every data owner) under OUT. Prints fingerprints only.",
     )
-    keys.add_argument("--out", required=True, type=Path, help="directory for the keys (keep it out of git and off the SuperLink)")
-    keys.add_argument("--force", action="store_true", help="replace existing keys (every data owner must pin the new public file)")
+    keys.add_argument(
+        "--out", required=True, type=Path, help="directory for the keys (keep it out of git and off the SuperLink)"
+    )
+    keys.add_argument(
+        "--force", action="store_true", help="replace existing keys (every data owner must pin the new public file)"
+    )
     keys.set_defaults(func=_keys)
 
     enroll = commands.add_parser(

@@ -45,8 +45,10 @@ def adapter_from_update(
         return update
     base = adapter_state_dict(full_model, layout, adapter_blocks)
     if set(update) != set(base):
-        raise KeyError(f"the update's tensors do not match the full model's adapter blocks {adapter_blocks}: "
-                       f"{sorted(set(update) ^ set(base))[:4]}")
+        raise KeyError(
+            f"the update's tensors do not match the full model's adapter blocks {adapter_blocks}: "
+            f"{sorted(set(update) ^ set(base))[:4]}"
+        )
     return {key: extrapolate(base[key], tensor, gain) for key, tensor in update.items()}
 
 

@@ -132,13 +132,23 @@ def _build(base, tokenizer, config: EmulatorConfig, corpus_text: str, target: Pa
     middle = list(range(shape.a, len(layout) - shape.b))
     if config.quantize is not None:
         check_quantizable(emulator, middle, config.quantize)  # before minutes of distillation, not after
-    info = cut_info(base, shape, layout) | {"distill": {"config": dataclasses.asdict(config.distill), "corpus": config.corpus}}
+    info = cut_info(base, shape, layout) | {
+        "distill": {"config": dataclasses.asdict(config.distill), "corpus": config.corpus}
+    }
     if config.distill.steps:
         seq_len = config.distill.seq_len
         train_blocks, heldout_blocks = token_blocks(tokenizer, corpus_text, seq_len)
-        log.info("distilling %s on %d blocks of %d tokens (%d held out)", shape, len(train_blocks), seq_len, len(heldout_blocks))
+        log.info(
+            "distilling %s on %d blocks of %d tokens (%d held out)",
+            shape,
+            len(train_blocks),
+            seq_len,
+            len(heldout_blocks),
+        )
         device = pick_device(config.device)
-        result = distill(base, emulator, layout, shape.a, shape.b, train_blocks, heldout_blocks, config.distill, device, progress)
+        result = distill(
+            base, emulator, layout, shape.a, shape.b, train_blocks, heldout_blocks, config.distill, device, progress
+        )
         base.to("cpu")
         emulator.to("cpu")
         info["distill"].update(

@@ -15,7 +15,6 @@ from offsite.emulator.tune import TuneConfig
 
 from .models import DEFAULT_MODEL
 
-
 # The largest plug-in gain accepted. Gains chosen on held-out rows have been 1-3 (experiments/QUALITY.md,
 # "Plug-in gain"); far past that the plugged-in weights stop being a tuned model, and a gain like 1e308
 # overflows them to inf and the served job's every answer to NaN.
@@ -41,7 +40,9 @@ class Preset:
     tune: TuneConfig = field(default_factory=TuneConfig)
     description: str = ""
     quantize: Quantize | None = None  # round the kept middle blocks' weights (emulator/quantize.py)
-    plugin_gain: float = 1.0  # plug in real + gain * (tuned - real) (cloud/plugin.py; experiments/QUALITY.md, "Plug-in gain")
+    plugin_gain: float = (
+        1.0  # plug in real + gain * (tuned - real) (cloud/plugin.py; experiments/QUALITY.md, "Plug-in gain")
+    )
 
     def __post_init__(self) -> None:
         check_gain(self.plugin_gain)

@@ -17,25 +17,83 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
 
     sec = SecurityConfig()
     group = parser.add_argument_group("security (job.json 'security'; docs/security.md)")
-    group.add_argument("--job-id", default=None, help="the job's id, bound into every envelope and secure-aggregation session (default: a fresh uuid4)")
-    group.add_argument("--keys", type=Path, default=None,
-                       help="the coordinator's key directory (`offsite cloud keys --out DIR`): signs the bundle (manifest.sig) and opens envelopes")
-    group.add_argument("--registry", type=Path, default=None, help="sender registry JSON (`offsite cloud enroll --registry FILE`)")
-    group.add_argument("--envelopes", action="store_true",
-                       help="clients seal their updates to the coordinator and sign them (needs --keys and --registry)")
-    group.add_argument("--max-update-norm", type=float, default=None, help="refuse an update whose L2 distance from the global adapter is larger (envelopes)")
-    group.add_argument("--max-payload-bytes", type=int, default=None, help="refuse a larger sealed update (default: the adapter's size plus a margin)")
-    group.add_argument("--secure-aggregation", action="store_true", help="pairwise-masked sum: the coordinator sees only the aggregate")
-    group.add_argument("--secagg-clip-range", type=float, default=sec.secagg_clip_range,
-                       help=f"each coordinate of a client's delta is clipped to [-C, C] before quantising (default {sec.secagg_clip_range:g})")
-    group.add_argument("--secagg-ring-bits", type=int, choices=(32, 64), default=sec.secagg_ring_bits, help=f"ring Z_2^k (default {sec.secagg_ring_bits})")
-    group.add_argument("--secagg-threshold", type=int, default=sec.secagg_threshold,
-                       help=f"least clients whose shares unmask the sum; each round uses at least a majority of its nodes (default {sec.secagg_threshold})")
-    group.add_argument("--dp-clip", type=float, default=None, help="differential privacy: clip each client's delta to this L2 norm and add Gaussian noise")
-    group.add_argument("--dp-noise", type=float, default=sec.dp_noise_multiplier, help=f"DP noise multiplier z (default {sec.dp_noise_multiplier:g})")
-    group.add_argument("--dp-mode", choices=DP_MODES, default=sec.dp_mode,
-                       help="local: z on every update; distributed: z on the sum of >= --min-replies updates (needs --secure-aggregation)")
-    group.add_argument("--dp-delta", type=float, default=sec.dp_delta, help=f"delta at which epsilon is reported (default {sec.dp_delta:g})")
+    group.add_argument(
+        "--job-id",
+        default=None,
+        help="the job's id, bound into every envelope and secure-aggregation session (default: a fresh uuid4)",
+    )
+    group.add_argument(
+        "--keys",
+        type=Path,
+        default=None,
+        help="the coordinator's key directory (`offsite cloud keys --out DIR`): signs the bundle (manifest.sig) and opens envelopes",
+    )
+    group.add_argument(
+        "--registry", type=Path, default=None, help="sender registry JSON (`offsite cloud enroll --registry FILE`)"
+    )
+    group.add_argument(
+        "--envelopes",
+        action="store_true",
+        help="clients seal their updates to the coordinator and sign them (needs --keys and --registry)",
+    )
+    group.add_argument(
+        "--max-update-norm",
+        type=float,
+        default=None,
+        help="refuse an update whose L2 distance from the global adapter is larger (envelopes)",
+    )
+    group.add_argument(
+        "--max-payload-bytes",
+        type=int,
+        default=None,
+        help="refuse a larger sealed update (default: the adapter's size plus a margin)",
+    )
+    group.add_argument(
+        "--secure-aggregation", action="store_true", help="pairwise-masked sum: the coordinator sees only the aggregate"
+    )
+    group.add_argument(
+        "--secagg-clip-range",
+        type=float,
+        default=sec.secagg_clip_range,
+        help=f"each coordinate of a client's delta is clipped to [-C, C] before quantising (default {sec.secagg_clip_range:g})",
+    )
+    group.add_argument(
+        "--secagg-ring-bits",
+        type=int,
+        choices=(32, 64),
+        default=sec.secagg_ring_bits,
+        help=f"ring Z_2^k (default {sec.secagg_ring_bits})",
+    )
+    group.add_argument(
+        "--secagg-threshold",
+        type=int,
+        default=sec.secagg_threshold,
+        help=f"least clients whose shares unmask the sum; each round uses at least a majority of its nodes (default {sec.secagg_threshold})",
+    )
+    group.add_argument(
+        "--dp-clip",
+        type=float,
+        default=None,
+        help="differential privacy: clip each client's delta to this L2 norm and add Gaussian noise",
+    )
+    group.add_argument(
+        "--dp-noise",
+        type=float,
+        default=sec.dp_noise_multiplier,
+        help=f"DP noise multiplier z (default {sec.dp_noise_multiplier:g})",
+    )
+    group.add_argument(
+        "--dp-mode",
+        choices=DP_MODES,
+        default=sec.dp_mode,
+        help="local: z on every update; distributed: z on the sum of >= --min-replies updates (needs --secure-aggregation)",
+    )
+    group.add_argument(
+        "--dp-delta",
+        type=float,
+        default=sec.dp_delta,
+        help=f"delta at which epsilon is reported (default {sec.dp_delta:g})",
+    )
 
 
 def security_from_args(args: argparse.Namespace) -> dict:
@@ -83,9 +141,13 @@ def security_summary(job) -> str:
     sec = job.security
     parts = [f"job id {job.job_id}"]
     if sec.envelopes:
-        parts.append(f"envelopes (registry {sec.registry}{'' if Path(sec.registry).is_file() else ': not there yet, enrol senders before the run'})")
+        parts.append(
+            f"envelopes (registry {sec.registry}{'' if Path(sec.registry).is_file() else ': not there yet, enrol senders before the run'})"
+        )
     if sec.secure_aggregation:
         parts.append(f"secure aggregation (clip range {sec.secagg_clip_range:g}, {sec.secagg_ring_bits}-bit ring)")
     if sec.dp:
-        parts.append(f"DP {sec.dp_mode} (clip {sec.dp_clip_norm:g}, noise multiplier {sec.dp_noise_multiplier:g}, delta {sec.dp_delta:g})")
+        parts.append(
+            f"DP {sec.dp_mode} (clip {sec.dp_clip_norm:g}, noise multiplier {sec.dp_noise_multiplier:g}, delta {sec.dp_delta:g})"
+        )
     return "security: " + ", ".join(parts)

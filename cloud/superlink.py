@@ -56,7 +56,6 @@ def wait_for_port(address: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
-
 def _json_output(done: subprocess.CompletedProcess, what: str) -> dict:
     """The JSON object ``flwr ... --format json`` printed (after any log lines), or FederationError."""
     try:
@@ -160,7 +159,11 @@ class SuperLinkControl:
         """
         stream = subprocess.Popen(
             [flower_tool("flwr"), "log", str(run_id), self.name, "--stream"],
-            env=self.env, cwd=self.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=self.env,
+            cwd=self.home,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         lines: queue.Queue[str | None] = queue.Queue()
 
@@ -217,7 +220,9 @@ class SuperLinkControl:
             args += ["--name", name]
         payload = _json_output(self.flwr(*args), f"flwr supernode register {public_key}")
         if "Public key already in use" in str(payload.get("error-message", "")):
-            raise KeyAlreadyRegistered(f"{public_key}: already registered with the SuperLink at {self.connection.address}")
+            raise KeyAlreadyRegistered(
+                f"{public_key}: already registered with the SuperLink at {self.connection.address}"
+            )
         if not payload.get("success") or "node-id" not in payload:
             raise FederationError(f"flwr supernode register {public_key}: {payload}")
         return int(payload["node-id"])

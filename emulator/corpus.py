@@ -35,7 +35,9 @@ def read_corpus(source: str | Path = DEFAULT_CORPUS) -> str:
                 try:
                     texts.append(json.loads(line)["text"])
                 except (json.JSONDecodeError, KeyError, TypeError) as error:
-                    raise ValueError(f"{path}:{number}: expected a JSON object with a 'text' string ({error})") from None
+                    raise ValueError(
+                        f"{path}:{number}: expected a JSON object with a 'text' string ({error})"
+                    ) from None
         return "\n\n".join(texts)
     return path.read_text(encoding="utf-8")
 

@@ -54,7 +54,9 @@ def _rows(path: Path):
             if not raw.strip():
                 continue
             try:
-                row = parse_json(raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw)  # a UTF-8 BOM, as json.loads allowed
+                row = parse_json(
+                    raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw
+                )  # a UTF-8 BOM, as json.loads allowed
             except JSONRefused as error:
                 raise DataFormatError(path, number, f"not valid JSON ({error})") from None
             if not isinstance(row, dict):
@@ -98,7 +100,9 @@ def read_examples(path: Path | str, limit: int | None = None) -> list[Example]:
             examples.append(Example(row["prompt"], row["completion"]))
         else:
             raise DataFormatError(
-                path, number, 'expected {"prompt","choices","answer"} or {"prompt","completion"} with a non-empty completion'
+                path,
+                number,
+                'expected {"prompt","choices","answer"} or {"prompt","completion"} with a non-empty completion',
             )
         if limit is not None and len(examples) >= limit:
             break
@@ -123,8 +127,12 @@ def read_test_rows(path: Path | str, limit: int | None = None) -> tuple[str, lis
         if not this:
             raise DataFormatError(path, number, 'expected {"prompt","choices","answer"} or {"prompt","completion"}')
         if kind and this != kind:
-            raise DataFormatError(path, number, f"a {this.upper()} row in a file of {kind.upper()} rows (line {first} is "
-                                  f"{kind.upper()}): a test file holds one kind")
+            raise DataFormatError(
+                path,
+                number,
+                f"a {this.upper()} row in a file of {kind.upper()} rows (line {first} is "
+                f"{kind.upper()}): a test file holds one kind",
+            )
         kind, first = kind or this, first or number
         if this == "mc":
             rows.append(_mc_row(path, number, row))

@@ -51,7 +51,10 @@ class DistillConfig:
             raise ValueError("steps must be >= 0, batch_size >= 1 and seq_len >= 2")
         if self.logit_positions < 0:
             raise ValueError(f"logit_positions must be >= 0, got {self.logit_positions}")
-        if min(self.kd_weight, self.lm_weight, self.kl_weight) < 0 or self.kd_weight + self.lm_weight + self.kl_weight == 0:
+        if (
+            min(self.kd_weight, self.lm_weight, self.kl_weight) < 0
+            or self.kd_weight + self.lm_weight + self.kl_weight == 0
+        ):
             raise ValueError("loss weights must be >= 0 and not all zero")
 
 
@@ -87,7 +90,9 @@ class BlockTap:
 
         return record
 
-    def run(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor | None:
+    def run(
+        self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Logits of ``model`` on ``input_ids`` (B, T, V), only at sequence ``positions`` (B, P, V)
         when given, or None when the pass stopped early."""
         try:
@@ -161,7 +166,9 @@ def kd_losses(
         student_tap.close()
     if config.lm_weight:
         vocab = student_logits.shape[-1]
-        terms["lm"] = F.cross_entropy(student_logits.reshape(-1, vocab).float(), input_ids[:, positions + 1].reshape(-1))
+        terms["lm"] = F.cross_entropy(
+            student_logits.reshape(-1, vocab).float(), input_ids[:, positions + 1].reshape(-1)
+        )
     if config.kl_weight:
         vocab = student_logits.shape[-1]
         terms["kl"] = F.kl_div(
@@ -191,7 +198,14 @@ class DistillResult:
 
 @torch.no_grad()
 def heldout_kd(
-    teacher: nn.Module, student: nn.Module, blocks: torch.Tensor, layout: list[int], a: int, b: int, batch_size: int = 4, device="cpu"
+    teacher: nn.Module,
+    student: nn.Module,
+    blocks: torch.Tensor,
+    layout: list[int],
+    a: int,
+    b: int,
+    batch_size: int = 4,
+    device="cpu",
 ) -> float:
     """Mean normalised-MSE at the middle's output over held-out token blocks (N, T)."""
     pairs = tap_pairs(layout, a, b, len(get_path(teacher, spec_for(teacher).blocks)), per_block=False)
@@ -213,7 +227,9 @@ def answer_position_kd(
     A diagnostic of how well the emulator stands in for the middle on a task's own prompts
     (the held-out KD above measures it on the distillation corpus).
     """
-    (student_position, teacher_block), = tap_pairs(layout, a, b, len(get_path(teacher, spec_for(teacher).blocks)), per_block=False)
+    ((student_position, teacher_block),) = tap_pairs(
+        layout, a, b, len(get_path(teacher, spec_for(teacher).blocks)), per_block=False
+    )
     values = []
     for ids in prompts:
         input_ids = torch.tensor([ids], device=device)
@@ -226,7 +242,9 @@ def answer_position_kd(
             teacher_tap.close()
             student_tap.close()
         values.append(
-            normalised_mse(teacher_tap.outputs[teacher_block][:, -1:], student_tap.outputs[student_position][:, -1:]).item()
+            normalised_mse(
+                teacher_tap.outputs[teacher_block][:, -1:], student_tap.outputs[student_position][:, -1:]
+            ).item()
         )
     return sum(values) / max(1, len(values))
 

@@ -108,7 +108,9 @@ def load_lora_state(model: nn.Module, layout: list[int], state: dict[str, torch.
             target.copy_(tensor)
 
 
-def merge_lora(adapter: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], alpha: float, transposed: bool = False) -> dict[str, torch.Tensor]:
+def merge_lora(
+    adapter: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], alpha: float, transposed: bool = False
+) -> dict[str, torch.Tensor]:
     """Pure state-dict merge: ``W <- W + (alpha/r) B A`` for every LoRA pair in ``lora``.
 
     ``adapter`` holds the untouched adapter blocks (``blocks.{i}.{module}.weight``);

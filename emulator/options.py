@@ -14,8 +14,11 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps", type=int, help="optimiser steps")
     group.add_argument("--batch-size", type=int, help="examples per step")
     group.add_argument("--lr", type=float, help="learning rate (the peak, with the cosine schedule)")
-    group.add_argument("--schedule", choices=["cosine", "constant"],
-                       help="learning-rate schedule after the warm-up steps: cosine decay or constant")
+    group.add_argument(
+        "--schedule",
+        choices=["cosine", "constant"],
+        help="learning-rate schedule after the warm-up steps: cosine decay or constant",
+    )
     group.add_argument("--mode", choices=["blocks", "lora"], help="train whole adapter blocks, or LoRA inside them")
     group.add_argument("--lora-rank", type=int, help="LoRA rank r")
     group.add_argument("--lora-alpha", type=float, help="LoRA alpha (scale alpha/r)")

@@ -90,8 +90,10 @@ def check_quantizable(model: nn.Module, positions: list[int], spec: Quantize) ->
             raise ValueError(f"block {position} has no linear weights to quantise")
         for name, weight in weights:
             if weight.shape[1] % spec.group:
-                raise ValueError(f"quantisation group {spec.group} does not divide the {weight.shape[1]} input "
-                                 f"columns of block {position}'s {name} {tuple(weight.shape)}")
+                raise ValueError(
+                    f"quantisation group {spec.group} does not divide the {weight.shape[1]} input "
+                    f"columns of block {position}'s {name} {tuple(weight.shape)}"
+                )
 
 
 def quantize_blocks(model: nn.Module, positions: list[int], spec: Quantize) -> dict[str, Rounded]:
@@ -130,7 +132,9 @@ class RoundingNoise:
     shipped values back (for scoring, and when tuning ends).
     """
 
-    def __init__(self, model: nn.Module, positions: list[int], spec: Quantize, scale: float = 1.0, seed: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, positions: list[int], spec: Quantize, scale: float = 1.0, seed: int = 0
+    ) -> None:
         if scale <= 0:
             raise ValueError(f"rounding-noise scale must be > 0, got {scale}")
         check_quantizable(model, positions, spec)
@@ -153,7 +157,9 @@ class RoundingNoise:
 
     def sample(self) -> None:
         scale, generator = self.scale, self.generator
-        self._set(lambda shipped, step: shipped + torch.rand(shipped.shape, generator=generator).sub_(0.5).mul_(step * scale))
+        self._set(
+            lambda shipped, step: shipped + torch.rand(shipped.shape, generator=generator).sub_(0.5).mul_(step * scale)
+        )
 
     def restore(self) -> None:
         self._set(lambda shipped, step: shipped)

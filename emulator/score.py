@@ -105,8 +105,9 @@ def _plan_mc(tokenizer, rows: list[MCRow], max_length: int) -> _MCPlan:
     return plan
 
 
-def _summed_logprobs(model: nn.Module, encoded: list[tuple[list[int], int]], batch_size: int, pad_id: int,
-                     device, bar) -> list[float]:
+def _summed_logprobs(
+    model: nn.Module, encoded: list[tuple[list[int], int]], batch_size: int, pad_id: int, device, bar
+) -> list[float]:
     """Summed log-probability of each sequence's answer tokens, in the order given; batched by
     length so that padding stays small."""
     values = [0.0] * len(encoded)

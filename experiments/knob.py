@@ -38,8 +38,9 @@ def has_auc(record: dict) -> bool:
     return (record.get("auc") or {}).get("plug_in") is not None
 
 
-def knob_rows(records: list[dict], task: str, step: int, rows: int | None = None,
-              schedule: str | None = None) -> tuple[list[dict], list[str]]:
+def knob_rows(
+    records: list[dict], task: str, step: int, rows: int | None = None, schedule: str | None = None
+) -> tuple[list[dict], list[str]]:
     """One row per emulator (recipe name): held-out CE and KD from its fidelity record, and the
     mean over seeds of emulator-FT, plug-in, plug-in AUC and calibrated accuracy at ``step``
     (gamma 1; only runs with this learning-rate ``schedule`` when one is given). Returns the rows,
@@ -50,7 +51,11 @@ def knob_rows(records: list[dict], task: str, step: int, rows: int | None = None
             continue
         if "heldout_ce" in record:
             fidelity[record["emulator"]] = record
-        elif record.get("step") == step and record.get("gamma", 1.0) == 1.0 and schedule in (None, record.get("schedule")):
+        elif (
+            record.get("step") == step
+            and record.get("gamma", 1.0) == 1.0
+            and schedule in (None, record.get("schedule"))
+        ):
             record = record | {"seed": record.get("seed") or 0}  # records from before --seed were seed 0
             # the same run scored again (e.g. re-run to record the AUC): the later record stands,
             # unless only the earlier one has the AUC (files may come in any order)
@@ -70,14 +75,21 @@ def knob_rows(records: list[dict], task: str, step: int, rows: int | None = None
             values = [get(run) for run in runs if get(run) is not None]
             return statistics.fmean(values) if values else None
 
-        table.append({
-            "emulator": name, "seeds": sorted({run["seed"] for run in runs}), "rows": runs[0]["rows"],
-            "heldout_ce": fidelity[name]["heldout_ce"]["emulator"], "full_ce": fidelity[name]["heldout_ce"]["full"],
-            "heldout_kd": fidelity[name]["heldout_kd"], "full_zero_shot": fidelity[name]["full_zero_shot"],
-            "emulator_ft": mean(lambda r: r["emulator_ft"]), "plug_in": mean(lambda r: r["plug_in"]),
-            "plug_in_auc": mean(lambda r: (r.get("auc") or {}).get("plug_in")),
-            "plug_in_calibrated": mean(lambda r: (r.get("calibrated") or {}).get("plug_in")),
-        })
+        table.append(
+            {
+                "emulator": name,
+                "seeds": sorted({run["seed"] for run in runs}),
+                "rows": runs[0]["rows"],
+                "heldout_ce": fidelity[name]["heldout_ce"]["emulator"],
+                "full_ce": fidelity[name]["heldout_ce"]["full"],
+                "heldout_kd": fidelity[name]["heldout_kd"],
+                "full_zero_shot": fidelity[name]["full_zero_shot"],
+                "emulator_ft": mean(lambda r: r["emulator_ft"]),
+                "plug_in": mean(lambda r: r["plug_in"]),
+                "plug_in_auc": mean(lambda r: (r.get("auc") or {}).get("plug_in")),
+                "plug_in_calibrated": mean(lambda r: (r.get("calibrated") or {}).get("plug_in")),
+            }
+        )
     table.sort(key=lambda row: row["heldout_ce"])
     return table, notes
 
@@ -86,12 +98,16 @@ def markdown(table: list[dict]) -> str:
     def fmt(value):
         return "-" if value is None else f"{value:.3f}"
 
-    lines = ["| emulator | seeds | held-out CE | held-out KD | emulator-FT | plug-in | plug-in AUC | plug-in calibrated | plug-in - full zero-shot |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| emulator | seeds | held-out CE | held-out KD | emulator-FT | plug-in | plug-in AUC | plug-in calibrated | plug-in - full zero-shot |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in table:
-        lines.append(f"| {row['emulator']} | {','.join(map(str, row['seeds']))} | {row['heldout_ce']:.2f} | {row['heldout_kd']:.3f} | "
-                     f"{fmt(row['emulator_ft'])} | {fmt(row['plug_in'])} | {fmt(row['plug_in_auc'])} | "
-                     f"{fmt(row['plug_in_calibrated'])} | {row['plug_in'] - row['full_zero_shot']:+.3f} |")
+        lines.append(
+            f"| {row['emulator']} | {','.join(map(str, row['seeds']))} | {row['heldout_ce']:.2f} | {row['heldout_kd']:.3f} | "
+            f"{fmt(row['emulator_ft'])} | {fmt(row['plug_in'])} | {fmt(row['plug_in_auc'])} | "
+            f"{fmt(row['plug_in_calibrated'])} | {row['plug_in'] - row['full_zero_shot']:+.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -106,11 +122,26 @@ def plot(table: list[dict], task: str, step: int, path: Path) -> None:
     for ce, row in zip(x, table):  # the privacy gap of each emulator: plug-in up (or down) to emulator-FT
         ax.plot([ce, ce], [row["plug_in"], row["emulator_ft"]], color="lightgrey", linewidth=3, zorder=1)
         label = row["emulator"].removeprefix("keep-2-26-2-") if row["emulator"] != "keep-2-26-2" else "nothing dropped"
-        ax.annotate(label, (ce, max(row["emulator_ft"], row["plug_in"])), fontsize=7, rotation=60,
-                    xytext=(0, 5), textcoords="offset points")
-    ax.scatter(x, [row["emulator_ft"] for row in table], marker="o", facecolors="none", edgecolors="tab:blue",
-               zorder=3, label="emulator-FT (accuracy)")
-    ax.scatter(x, [row["plug_in"] for row in table], marker="s", color="tab:orange", zorder=3, label="plug-in (accuracy)")
+        ax.annotate(
+            label,
+            (ce, max(row["emulator_ft"], row["plug_in"])),
+            fontsize=7,
+            rotation=60,
+            xytext=(0, 5),
+            textcoords="offset points",
+        )
+    ax.scatter(
+        x,
+        [row["emulator_ft"] for row in table],
+        marker="o",
+        facecolors="none",
+        edgecolors="tab:blue",
+        zorder=3,
+        label="emulator-FT (accuracy)",
+    )
+    ax.scatter(
+        x, [row["plug_in"] for row in table], marker="s", color="tab:orange", zorder=3, label="plug-in (accuracy)"
+    )
     auc = [(ce, row["plug_in_auc"]) for ce, row in zip(x, table) if row["plug_in_auc"] is not None]
     if auc:
         ax.scatter(*zip(*auc), marker="^", color="tab:green", zorder=3, label="plug-in (margin AUC)")
@@ -140,7 +171,9 @@ def main() -> None:
     for note in notes:
         print(note, file=sys.stderr)
     if not table:
-        raise SystemExit(f"no {args.task} runs at step {args.step} with a fidelity record in {', '.join(map(str, args.files))}")
+        raise SystemExit(
+            f"no {args.task} runs at step {args.step} with a fidelity record in {', '.join(map(str, args.files))}"
+        )
     print(markdown(table))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(table, args.task, args.step, args.out)

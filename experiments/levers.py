@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 from offsite.cloud.models import load_base
-from offsite.harness.pipeline import task_files
 from offsite.cloud.plugin import plug_in_update
 from offsite.cloud.prepare import EmulatorConfig, prepare_bundle
 from offsite.emulator.data import read_examples, read_mc_jsonl
@@ -26,6 +25,7 @@ from offsite.emulator.lora import LoRASpec
 from offsite.emulator.sandwich import SandwichShape, num_blocks, with_layout
 from offsite.emulator.score import score_mc
 from offsite.emulator.tune import TuneConfig, tune_adapter
+from offsite.harness.pipeline import task_files
 from offsite.protocol.bundle import load_emulator
 
 KD = DistillConfig(steps=200, batch_size=4, seq_len=256, lr=1e-4)
@@ -39,7 +39,11 @@ RECIPES: dict[str, tuple[str, DistillConfig, TuneConfig]] = {
     "kd-2-10-2-lr3e-5": ("2-10-2", KD, dataclasses.replace(BASE_TUNE, lr=3e-5)),
     "kd-2-10-2-lr3e-4": ("2-10-2", KD, dataclasses.replace(BASE_TUNE, lr=3e-4)),
     "kd-2-10-2-prox": ("2-10-2", KD, dataclasses.replace(BASE_TUNE, prox=1.0)),
-    "kd-2-10-2-lora": ("2-10-2", KD, dataclasses.replace(BASE_TUNE, mode="lora", lr=1e-3, lora=LoRASpec(rank=8, alpha=16))),
+    "kd-2-10-2-lora": (
+        "2-10-2",
+        KD,
+        dataclasses.replace(BASE_TUNE, mode="lora", lr=1e-3, lora=LoRASpec(rank=8, alpha=16)),
+    ),
     "kdlm-2-10-2": ("2-10-2", dataclasses.replace(KD, lm_weight=1.0, kd_weight=1.0), BASE_TUNE),
     "kdblk-2-10-2": ("2-10-2", dataclasses.replace(KD, per_block=True), BASE_TUNE),
     "kd-2-14-2": ("2-14-2", KD, BASE_TUNE),
@@ -56,7 +60,11 @@ RECIPES: dict[str, tuple[str, DistillConfig, TuneConfig]] = {
     "kd100-2-22-2": ("2-22-2", dataclasses.replace(KD, steps=100), BASE_TUNE),
     "keep-2-26-2": ("2-26-2", DistillConfig(steps=0), BASE_TUNE),  # nothing dropped (with trajectory.py --quantize)
     # the demo's emulator until session 16 (smollm2-135m/default then): 2-10-2, 60 distillation steps at lr 3e-4
-    "default-2-10-2": ("2-10-2", DistillConfig(steps=60, batch_size=4, seq_len=256, lr=3e-4, warmup_steps=5), BASE_TUNE),
+    "default-2-10-2": (
+        "2-10-2",
+        DistillConfig(steps=60, batch_size=4, seq_len=256, lr=3e-4, warmup_steps=5),
+        BASE_TUNE,
+    ),
     "drop-2-18-2": ("2-18-2", DistillConfig(steps=0), BASE_TUNE),
     "drop-2-14-2": ("2-14-2", DistillConfig(steps=0), BASE_TUNE),
     "kd-2-18-2": ("2-18-2", KD, BASE_TUNE),
@@ -113,22 +121,39 @@ def main() -> None:
                 continue
             started = time.time()
             shape, distill_config, tune = RECIPES[name]
-            bundle = prepare_bundle(base, tokenizer, EmulatorConfig(SandwichShape.parse(shape), distill_config), Path("runs/bundles") / name)
+            bundle = prepare_bundle(
+                base, tokenizer, EmulatorConfig(SandwichShape.parse(shape), distill_config), Path("runs/bundles") / name
+            )
             emulator = load_emulator(bundle)
             emu_zs = score_mc(emulator, tokenizer, test, 32)
-            result = tune_adapter(emulator, tokenizer, bundle.layout, bundle.adapter_blocks, train, tune,
-                                  a=bundle.shape["a"], middle_drop=MIDDLE_DROP.get(name, 0.0))
+            result = tune_adapter(
+                emulator,
+                tokenizer,
+                bundle.layout,
+                bundle.adapter_blocks,
+                train,
+                tune,
+                a=bundle.shape["a"],
+                middle_drop=MIDDLE_DROP.get(name, 0.0),
+            )
             emu = score_mc(emulator, tokenizer, test, 32)
             alpha = tune.lora.alpha if tune.mode == "lora" else None
             plugged = plug_in_update(base, result.adapter, bundle.adapter_blocks, alpha)
             plug = score_mc(plugged, tokenizer, test, 32)
-            emit({
-                "recipe": name, "task": task, "rows": plug.rows, "emulator_zero_shot": emu_zs.accuracy,
-                "emulator_ft": emu.accuracy, "plug_in": plug.accuracy,
-                "picks": {"emulator_zero_shot": picks(emu_zs), "emulator_ft": picks(emu), "plug_in": picks(plug)},
-                "final_loss": sum(result.losses[-10:]) / 10, "heldout_kd": bundle.manifest["distill"].get("heldout_kd_after"),
-                "seconds": round(time.time() - started),
-            })
+            emit(
+                {
+                    "recipe": name,
+                    "task": task,
+                    "rows": plug.rows,
+                    "emulator_zero_shot": emu_zs.accuracy,
+                    "emulator_ft": emu.accuracy,
+                    "plug_in": plug.accuracy,
+                    "picks": {"emulator_zero_shot": picks(emu_zs), "emulator_ft": picks(emu), "plug_in": picks(plug)},
+                    "final_loss": sum(result.losses[-10:]) / 10,
+                    "heldout_kd": bundle.manifest["distill"].get("heldout_kd_after"),
+                    "seconds": round(time.time() - started),
+                }
+            )
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from offsite.cloud.models import load_base
-from offsite.harness.pipeline import task_files
 from offsite.cloud.plugin import plug_in_update
 from offsite.emulator.arch import get_path, spec_for
 from offsite.emulator.data import read_examples, read_mc_jsonl
 from offsite.emulator.tune import TuneConfig, tune_adapter
+from offsite.harness.pipeline import task_files
 from offsite.protocol.bundle import load_emulator, read_bundle
 
 
@@ -64,26 +64,41 @@ def main() -> None:
     emu_mid, emu_before, emu_lp0 = probe(emulator, tokenizer, rows, b)
     real_mid, real_before, real_lp0 = probe(base, tokenizer, rows, b)
     config = TuneConfig(steps=args.steps, batch_size=16, lr=1e-4, train=args.train, schedule="constant")
-    result = tune_adapter(emulator, tokenizer, bundle.layout, bundle.adapter_blocks, read_examples(train_path), config,
-                          a=bundle.shape["a"], progress=False)
+    result = tune_adapter(
+        emulator,
+        tokenizer,
+        bundle.layout,
+        bundle.adapter_blocks,
+        read_examples(train_path),
+        config,
+        a=bundle.shape["a"],
+        progress=False,
+    )
     _, emu_after, emu_lp1 = probe(emulator, tokenizer, rows, b)
     _, real_after, real_lp1 = probe(plug_in_update(base, result.adapter, bundle.adapter_blocks), tokenizer, rows, b)
 
     def norm(x):
         return x.norm(dim=-1).mean().item()
 
-    print(json.dumps({
-        "rows": len(rows),
-        "middle_norm": {"emulator": norm(emu_mid), "real": norm(real_mid)},
-        "middle_cosine": F.cosine_similarity(emu_mid, real_mid).mean().item(),
-        "update_norm": {"emulator": norm(emu_after - emu_before), "real": norm(real_after - real_before)},
-        "update_cosine": F.cosine_similarity(emu_after - emu_before, real_after - real_before).mean().item(),
-        "choice_logprobs": {
-            "choices": rows[0].choices,
-            "emulator_before": emu_lp0.mean(0).tolist(), "emulator_after": emu_lp1.mean(0).tolist(),
-            "real_before": real_lp0.mean(0).tolist(), "real_after": real_lp1.mean(0).tolist(),
-        },
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "rows": len(rows),
+                "middle_norm": {"emulator": norm(emu_mid), "real": norm(real_mid)},
+                "middle_cosine": F.cosine_similarity(emu_mid, real_mid).mean().item(),
+                "update_norm": {"emulator": norm(emu_after - emu_before), "real": norm(real_after - real_before)},
+                "update_cosine": F.cosine_similarity(emu_after - emu_before, real_after - real_before).mean().item(),
+                "choice_logprobs": {
+                    "choices": rows[0].choices,
+                    "emulator_before": emu_lp0.mean(0).tolist(),
+                    "emulator_after": emu_lp1.mean(0).tolist(),
+                    "real_before": real_lp0.mean(0).tolist(),
+                    "real_after": real_lp1.mean(0).tolist(),
+                },
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

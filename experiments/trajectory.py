@@ -23,19 +23,19 @@ import json
 import logging
 from pathlib import Path
 
+from levers import RECIPES, picks  # experiments/ is on sys.path when this script runs
+
 from offsite.cloud.models import load_base
-from offsite.harness.pipeline import task_files
 from offsite.cloud.prepare import EmulatorConfig, prepare_bundle
-from offsite.emulator.data import read_examples, read_mc_jsonl
 from offsite.emulator.corpus import read_corpus, token_blocks
+from offsite.emulator.data import read_examples, read_mc_jsonl
 from offsite.emulator.distill import DistillConfig, distill, heldout_kd
 from offsite.emulator.quantize import Quantize, RoundingNoise, quantize_blocks
 from offsite.emulator.sandwich import SandwichShape, adapter_state_dict, num_blocks, plug_in
 from offsite.emulator.score import score_mc
 from offsite.emulator.tune import trainable_parameters, tune_adapter
+from offsite.harness.pipeline import task_files
 from offsite.protocol.bundle import load_emulator
-
-from levers import RECIPES, picks  # experiments/ is on sys.path when this script runs
 
 
 def fit_shell(base, emulator, bundle, text: str, tokenizer, steps: int, lr: float = 1e-4) -> None:
@@ -43,8 +43,18 @@ def fit_shell(base, emulator, bundle, text: str, tokenizer, steps: int, lr: floa
     model's middle output (normalised MSE) and next-token distribution (KL, every position)."""
     train_blocks, heldout_blocks = token_blocks(tokenizer, text, 256)
     config = DistillConfig(steps=steps, lr=lr, kd_weight=1.0, kl_weight=1.0, logit_positions=0, seed=1)
-    distill(base, emulator, bundle.layout, bundle.shape["a"], bundle.shape["b"], train_blocks, heldout_blocks[:8],
-            config, progress=False, train_top=True)
+    distill(
+        base,
+        emulator,
+        bundle.layout,
+        bundle.shape["a"],
+        bundle.shape["b"],
+        train_blocks,
+        heldout_blocks[:8],
+        config,
+        progress=False,
+        train_top=True,
+    )
 
 
 def choice_margins(result, rows) -> list[float] | None:
@@ -85,7 +95,9 @@ def heldout_ce(model, blocks) -> float:
     import torch
 
     with torch.no_grad():
-        return sum(model(input_ids=block[None], labels=block[None], use_cache=False).loss.item() for block in blocks) / len(blocks)
+        return sum(
+            model(input_ids=block[None], labels=block[None], use_cache=False).loss.item() for block in blocks
+        ) / len(blocks)
 
 
 def realign(base, emulator, bundle, adapter: dict, train_blocks, heldout_blocks, steps: int, lr: float) -> None:
@@ -94,8 +106,17 @@ def realign(base, emulator, bundle, adapter: dict, train_blocks, heldout_blocks,
     adapter as it moves. Only the kept middle blocks change; the adapter is left as it is."""
     teacher = plug_in(base, adapter)
     config = DistillConfig(steps=steps, lr=lr, warmup_steps=1, kd_weight=1.0, kl_weight=1.0, seed=len(adapter) + steps)
-    result = distill(teacher, emulator, bundle.layout, bundle.shape["a"], bundle.shape["b"], train_blocks,
-                     heldout_blocks, config, progress=False)
+    result = distill(
+        teacher,
+        emulator,
+        bundle.layout,
+        bundle.shape["a"],
+        bundle.shape["b"],
+        train_blocks,
+        heldout_blocks,
+        config,
+        progress=False,
+    )
     logging.info("re-aligned: held-out KD %.3f -> %.3f", result.heldout_before, result.heldout_after)
 
 
@@ -123,23 +144,49 @@ def main() -> None:
     parser.add_argument("--shell-steps", type=int, default=0, help="fit the shell to the full model first (KD + KL)")
     parser.add_argument("--shell-corpus", default="python-docs")
     parser.add_argument("--seed", type=int, default=0, help="tuning seed (batch order, LoRA init)")
-    parser.add_argument("--val-rows", type=int, default=0, help="score on the last N rows of the train file "
-                        "(held out of tuning) instead of the test file")
-    parser.add_argument("--fidelity-only", action="store_true", help="print zero-shot and held-out figures, do not tune")
-    parser.add_argument("--quantize", default="", help="round the emulator's middle weights to this many bits; "
-                        "a comma list is cycled over the middle blocks (3,4: alternate 3 and 4 bits)")
-    parser.add_argument("--quant-group", type=int, default=64, help="input columns per quantisation group (scale and offset)")
-    parser.add_argument("--quant-noise", type=float, default=0.0, help="tune through a fresh draw of the rounded "
-                        "middle each step: every weight uniform in this fraction of its rounding cell (1 = the whole cell)")
-    parser.add_argument("--realign-every", type=int, default=0, help="re-align the emulator to the full model "
-                        "with the current adapter every N tuning steps (FedBiOT-style; 0: never)")
+    parser.add_argument(
+        "--val-rows",
+        type=int,
+        default=0,
+        help="score on the last N rows of the train file (held out of tuning) instead of the test file",
+    )
+    parser.add_argument(
+        "--fidelity-only", action="store_true", help="print zero-shot and held-out figures, do not tune"
+    )
+    parser.add_argument(
+        "--quantize",
+        default="",
+        help="round the emulator's middle weights to this many bits; "
+        "a comma list is cycled over the middle blocks (3,4: alternate 3 and 4 bits)",
+    )
+    parser.add_argument(
+        "--quant-group", type=int, default=64, help="input columns per quantisation group (scale and offset)"
+    )
+    parser.add_argument(
+        "--quant-noise",
+        type=float,
+        default=0.0,
+        help="tune through a fresh draw of the rounded "
+        "middle each step: every weight uniform in this fraction of its rounding cell (1 = the whole cell)",
+    )
+    parser.add_argument(
+        "--realign-every",
+        type=int,
+        default=0,
+        help="re-align the emulator to the full model "
+        "with the current adapter every N tuning steps (FedBiOT-style; 0: never)",
+    )
     parser.add_argument("--realign-steps", type=int, default=20)
     parser.add_argument("--realign-lr", type=float, default=1e-4)
     parser.add_argument("--realign-corpus", default="python-docs", help="public text for the re-alignment")
-    parser.add_argument("--loss", choices=("ce", "linear"), default="ce",
-                        help="ce: cross-entropy on the answer tokens (the method's); linear: minus the answer "
-                        "token's logit over the vocabulary's mean logit, a gradient that does not depend on what "
-                        "the model already predicts (does the emulator's own prior ride along in the CE update?)")
+    parser.add_argument(
+        "--loss",
+        choices=("ce", "linear"),
+        default="ce",
+        help="ce: cross-entropy on the answer tokens (the method's); linear: minus the answer "
+        "token's logit over the vocabulary's mean logit, a gradient that does not depend on what "
+        "the model already predicts (does the emulator's own prior ride along in the CE update?)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/trajectory.jsonl"))
     args = parser.parse_args()
     if args.quant_noise and not args.quantize:
@@ -204,8 +251,16 @@ def main() -> None:
         if noise is not None and step < at[-1]:
             noise.sample()  # the next step's draw
         if args.realign_every and step % args.realign_every == 0 and step < at[-1]:
-            realign(base, model, bundle, adapter_state_dict(model, bundle.layout, bundle.adapter_blocks),
-                    realign_train, realign_heldout, args.realign_steps, args.realign_lr)
+            realign(
+                base,
+                model,
+                bundle,
+                adapter_state_dict(model, bundle.layout, bundle.adapter_blocks),
+                realign_train,
+                realign_heldout,
+                args.realign_steps,
+                args.realign_lr,
+            )
             trainable_parameters(model, bundle.layout, trained, tune.mode)  # distill() froze everything
             model.train()
 
@@ -216,11 +271,23 @@ def main() -> None:
         for gamma in gammas:
             plugged = plug_in(base, {key: real[key] + gamma * (state[key] - shell[key]) for key in real})
             plug = score_mc(plugged, tokenizer, test, 32, progress=False)
-            record = {"recipe": name, "task": args.task, "lr": tune.lr, "seed": tune.seed, "train": tune.train, "schedule": tune.schedule, "loss": args.loss,
-                      "step": step, "gamma": gamma, "rows": plug.rows, "emulator_ft": emu.accuracy, "plug_in": plug.accuracy,
-                      "picks": {"emulator_ft": picks(emu), "plug_in": picks(plug)},
-                      "auc": {"emulator_ft": margin_auc(emu, test), "plug_in": margin_auc(plug, test)},
-                      "calibrated": {"emulator_ft": batch_calibrated(emu, test), "plug_in": batch_calibrated(plug, test)}}
+            record = {
+                "recipe": name,
+                "task": args.task,
+                "lr": tune.lr,
+                "seed": tune.seed,
+                "train": tune.train,
+                "schedule": tune.schedule,
+                "loss": args.loss,
+                "step": step,
+                "gamma": gamma,
+                "rows": plug.rows,
+                "emulator_ft": emu.accuracy,
+                "plug_in": plug.accuracy,
+                "picks": {"emulator_ft": picks(emu), "plug_in": picks(plug)},
+                "auc": {"emulator_ft": margin_auc(emu, test), "plug_in": margin_auc(plug, test)},
+                "calibrated": {"emulator_ft": batch_calibrated(emu, test), "plug_in": batch_calibrated(plug, test)},
+            }
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)
@@ -230,11 +297,19 @@ def main() -> None:
     ezs = score_mc(emulator, tokenizer, test, 32, progress=False)
     _, probe_blocks = token_blocks(tokenizer, read_corpus(), 256)
     fidelity = heldout_kd(base, emulator, probe_blocks[:8], bundle.layout, bundle.shape["a"], bundle.shape["b"])
-    header = {"task": args.task, "emulator": name, "rows": zs.rows, "full_zero_shot": zs.accuracy, "picks": picks(zs),
-              "emulator_zero_shot": ezs.accuracy, "emulator_picks": picks(ezs),
-              "auc": {"full": margin_auc(zs, test), "emulator": margin_auc(ezs, test)},
-              "calibrated": {"full": batch_calibrated(zs, test), "emulator": batch_calibrated(ezs, test)}, "heldout_kd": fidelity,
-              "heldout_ce": {"full": heldout_ce(base, probe_blocks[:8]), "emulator": heldout_ce(emulator, probe_blocks[:8])}}
+    header = {
+        "task": args.task,
+        "emulator": name,
+        "rows": zs.rows,
+        "full_zero_shot": zs.accuracy,
+        "picks": picks(zs),
+        "emulator_zero_shot": ezs.accuracy,
+        "emulator_picks": picks(ezs),
+        "auc": {"full": margin_auc(zs, test), "emulator": margin_auc(ezs, test)},
+        "calibrated": {"full": batch_calibrated(zs, test), "emulator": batch_calibrated(ezs, test)},
+        "heldout_kd": fidelity,
+        "heldout_ce": {"full": heldout_ce(base, probe_blocks[:8]), "emulator": heldout_ce(emulator, probe_blocks[:8])},
+    }
     with open(args.out, "a") as handle:  # the emulator's fidelity, before any tuning (experiments/knob.py reads it)
         handle.write(json.dumps(header) + "\n")
     print(json.dumps(header), flush=True)
@@ -242,8 +317,16 @@ def main() -> None:
         return
     if noise is not None:
         noise.sample()
-    tune_adapter(emulator, tokenizer, bundle.layout, bundle.adapter_blocks, examples, tune,
-                 a=bundle.shape["a"], on_step=checkpoint)
+    tune_adapter(
+        emulator,
+        tokenizer,
+        bundle.layout,
+        bundle.adapter_blocks,
+        examples,
+        tune,
+        a=bundle.shape["a"],
+        on_step=checkpoint,
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def _register_eval(parent) -> None:
         help="five-setting evaluation: full/emulator zero-shot, emulator-FT, plug-in, full FT",
         description="Tune the adapter on the emulator, plug it in, and score the five settings of the "
         "Offsite-Tuning paper on a test file: multiple-choice rows by accuracy (acc, with acc_norm beside it), "
-        "SFT rows ({\"prompt\",\"completion\"}) by the completion's negative log-likelihood in nats per token "
+        'SFT rows ({"prompt","completion"}) by the completion\'s negative log-likelihood in nats per token '
         "(perplexity beside it). The rows decide which. Writes report.md, report.json and report.png.",
     )
     _add_eval_arguments(evaluate, DEFAULT_PRESET, SETTINGS)
@@ -53,12 +53,21 @@ def _register_sweep(parent) -> None:
     )
     sweep.add_argument("emulators", nargs="+", metavar="EMULATOR", help="emulators to compare (see above)")
     _add_task_arguments(sweep)
-    sweep.add_argument("--val-rows", type=int, default=0, metavar="N",
-                       help="score on the train file's last N rows, held out of tuning, instead of the test file "
-                       "(to choose an emulator without looking at the test file)")
-    sweep.add_argument("--preset", default=DEFAULT_PRESET, help=f"recipe the emulators build on (default {DEFAULT_PRESET})")
+    sweep.add_argument(
+        "--val-rows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score on the train file's last N rows, held out of tuning, instead of the test file "
+        "(to choose an emulator without looking at the test file)",
+    )
+    sweep.add_argument(
+        "--preset", default=DEFAULT_PRESET, help=f"recipe the emulators build on (default {DEFAULT_PRESET})"
+    )
     sweep.add_argument("--model", default=None, help="base model (default: the preset's)")
-    sweep.add_argument("--corpus", default=None, help="distillation text: 'python-docs' (default), a .txt or a .jsonl with 'text'")
+    sweep.add_argument(
+        "--corpus", default=None, help="distillation text: 'python-docs' (default), a .txt or a .jsonl with 'text'"
+    )
     sweep.add_argument("--out", type=Path, required=True, help="sweep directory")
     add_tune_arguments(sweep)
     sweep.set_defaults(func=_sweep)
@@ -75,15 +84,30 @@ def _register_demo(subparsers) -> None:
         "distils (cached for later runs).",
     )
     demo.add_argument("--preset", default=DEFAULT_PRESET, help=f"named recipe (default {DEFAULT_PRESET})")
-    demo.add_argument("--task", default="wordnet_definitions",
-                      help="a task shipped in data/skill or data/bigbench (default wordnet_definitions)")
+    demo.add_argument(
+        "--task",
+        default="wordnet_definitions",
+        help="a task shipped in data/skill or data/bigbench (default wordnet_definitions)",
+    )
     demo.add_argument("--owners", type=int, default=3, help="data owners, one SuperNode each (default 3)")
-    demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split; small is more skewed (default 0.5)")
-    demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3); local steps follow from the preset's budget")
+    demo.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="Dirichlet concentration of the label split; small is more skewed (default 0.5)",
+    )
+    demo.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="federated rounds (default 3); local steps follow from the preset's budget",
+    )
     demo.add_argument("--test-rows", type=int, default=200, help="score the first N test rows (default 200; 0: all)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the split and of the tuning")
     demo.add_argument(
-        "--centralised", choices=("full-ft", "all", "none"), default="full-ft",
+        "--centralised",
+        choices=("full-ft", "all", "none"),
+        default="full-ft",
         help="what runs centrally on all the training data: full-ft (default: the five-setting table's full FT), "
         "all (also centralised emulator-FT and plug-in, to compare with the federated ones), none",
     )
@@ -92,11 +116,16 @@ def _register_demo(subparsers) -> None:
 
 
 def _add_task_arguments(parser) -> None:
-    parser.add_argument("--task", default="wordnet_definitions",
-                        help="a task shipped in data/skill or data/bigbench (used when --train/--test are not given; "
-                        "default wordnet_definitions)")
+    parser.add_argument(
+        "--task",
+        default="wordnet_definitions",
+        help="a task shipped in data/skill or data/bigbench (used when --train/--test are not given; "
+        "default wordnet_definitions)",
+    )
     parser.add_argument("--train", type=Path, default=None, help="training JSONL (MC or SFT rows)")
-    parser.add_argument("--test", type=Path, default=None, help="test JSONL: MC rows (accuracy) or SFT rows (completion NLL)")
+    parser.add_argument(
+        "--test", type=Path, default=None, help="test JSONL: MC rows (accuracy) or SFT rows (completion NLL)"
+    )
     parser.add_argument("--test-rows", type=int, default=None, help="score the first N test rows (default: all)")
 
 
@@ -111,7 +140,9 @@ def _task_files_from_args(args) -> tuple[Path, Path, str]:
 def _add_eval_arguments(parser, default_preset: str, settings) -> None:
     _add_recipe_arguments(parser, default_preset)
     _add_task_arguments(parser)
-    parser.add_argument("--settings", default=",".join(settings), help="comma-separated subset of: " + ", ".join(settings))
+    parser.add_argument(
+        "--settings", default=",".join(settings), help="comma-separated subset of: " + ", ".join(settings)
+    )
     parser.add_argument("--out", type=Path, required=True, help="job directory")
     add_tune_arguments(parser)
 
@@ -125,12 +156,23 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.val_rows < 0:
         raise ValueError("--val-rows must be >= 0")
     train, test, task = _task_files_from_args(args)
-    job = SweepJob(emulators=emulators, train=train, test=test, out=args.out, task=task,
-                   tune=tune_config_from_args(args, base.tune), test_rows=args.test_rows, val_rows=args.val_rows,
-                   model=args.model, corpus=args.corpus or "python-docs")
+    job = SweepJob(
+        emulators=emulators,
+        train=train,
+        test=test,
+        out=args.out,
+        task=task,
+        tune=tune_config_from_args(args, base.tune),
+        test_rows=args.test_rows,
+        val_rows=args.val_rows,
+        model=args.model,
+        corpus=args.corpus or "python-docs",
+    )
     reports = run_sweep(job)
     print(summary_table(reports))
-    print(f"report: {args.out / 'report' / 'report.md'} (+ .json, .png); frontier: {args.out / 'report' / 'frontier.png'}")
+    print(
+        f"report: {args.out / 'report' / 'report.md'} (+ .json, .png); frontier: {args.out / 'report' / 'frontier.png'}"
+    )
     return 0
 
 

@@ -86,15 +86,21 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
     base, tokenizer, where = load_base(preset.base)
     print(f"loaded from {where}")
 
-    _stage(2, total, f"emulator bundle {preset.name} (shape {preset.shape}, {preset.distill.steps} distillation steps; cached by recipe)")
+    _stage(
+        2,
+        total,
+        f"emulator bundle {preset.name} (shape {preset.shape}, {preset.distill.steps} distillation steps; cached by recipe)",
+    )
     job_dir = out / "federated"
     if job_dir.exists():  # a fresh job every run; the distilled bundle comes from the cache
         shutil.rmtree(job_dir)
     bundle = prepare_bundle(base, tokenizer, config_for(preset), job_dir / BUNDLE_DIR)
     distill = bundle.manifest.get("distill", {})
     if "heldout_reduction" in distill:
-        print(f"held-out KD {distill['heldout_kd_before']:.3f} -> {distill['heldout_kd_after']:.3f} "
-              f"({100 * distill['heldout_reduction']:.0f}% lower than layer drop)")
+        print(
+            f"held-out KD {distill['heldout_kd_before']:.3f} -> {distill['heldout_kd_after']:.3f} "
+            f"({100 * distill['heldout_reduction']:.0f}% lower than layer drop)"
+        )
     train = read_examples(train_path)
     share_paths = _split_among_owners(config, train_path, out / "owners", len(train))
     write_job(job_dir, _job_config(config, test_path))
@@ -105,8 +111,11 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
     if CENTRALISED[config.centralised]:
         _centralised(config, report, base, tokenizer, bundle, train, test, out, total)
     report.meta["seconds"] = round(time.perf_counter() - started, 1)
-    paths = write_report([report], job_report_dir(out),
-                         title=f"{preset.name} on {config.task}: federated ({config.owners} owners) and centralised")
+    paths = write_report(
+        [report],
+        job_report_dir(out),
+        title=f"{preset.name} on {config.task}: federated ({config.owners} owners) and centralised",
+    )
     _stage(total, total, f"results ({report.meta['seconds'] / 60:.1f} min in all)")
     print(report.markdown())
     print(f"report: {paths['md']} (+ .json, .png); federated plug-in model: {job_dir / 'plug_in'}")
@@ -131,8 +140,14 @@ def _job_config(config: FedDemoConfig, test_path: Path) -> FedJobConfig:
         round_timeout=config.round_timeout,
         bundle_timeout=config.round_timeout,
         bundle_part_bytes=128 << 20,
-        tuning=dataclasses.replace(FEDERATED_TUNING, steps=config.local_steps, batch_size=tune.batch_size, lr=tune.lr,
-                                   max_length=tune.max_length, seed=config.seed),
+        tuning=dataclasses.replace(
+            FEDERATED_TUNING,
+            steps=config.local_steps,
+            batch_size=tune.batch_size,
+            lr=tune.lr,
+            max_length=tune.max_length,
+            seed=config.seed,
+        ),
         lr_schedule="cosine",
         base_model=preset.base,
         eval_test=str(test_path),
@@ -146,7 +161,8 @@ def _federate(config: FedDemoConfig, out: Path, job_dir: Path, share_paths: list
     (read as ``offsite report`` reads it) and the seconds the federation took."""
     tune, steps = config.preset.tune, config.local_steps
     _stage(
-        3, total,
+        3,
+        total,
         f"federated: {config.rounds} rounds x {config.owners} owners x {steps} local steps x {tune.batch_size} "
         f"(= {config.rounds * config.owners * steps * tune.batch_size} examples; centralised: {tune.steps * tune.batch_size}), "
         "SuperLink + SuperNodes on loopback with TLS and node authentication",
@@ -160,10 +176,14 @@ def _federate(config: FedDemoConfig, out: Path, job_dir: Path, share_paths: list
         federation.start_superlink()
         for index, path in enumerate(share_paths):
             federation.start_supernode(
-                {"data-path": path, "cache-dir": out / "owners" / f"cache-{index}", "threads": 1}, name=f"owner-{index}", wait=False
+                {"data-path": path, "cache-dir": out / "owners" / f"cache-{index}", "threads": 1},
+                name=f"owner-{index}",
+                wait=False,
             )
         federation.wait_listening()  # started side by side, waited for together
-        print(f"SuperLink {federation.address}; {config.owners} SuperNodes registered and started (logs in {federation_dir / 'logs'})")
+        print(
+            f"SuperLink {federation.address}; {config.owners} SuperNodes registered and started (logs in {federation_dir / 'logs'})"
+        )
         run_id = federation.submit({"job-dir": job_dir})
         status = federation.follow(run_id, _print_server_line, timeout=config.round_timeout * (config.rounds + 2))
     if status != "finished:completed":
@@ -175,8 +195,9 @@ def _federate(config: FedDemoConfig, out: Path, job_dir: Path, share_paths: list
     return federated, seconds
 
 
-def _demo_report(config: FedDemoConfig, federated: Report, test_rows: int, train_rows: int, kind: str,
-                 fed_seconds: float) -> Report:
+def _demo_report(
+    config: FedDemoConfig, federated: Report, test_rows: int, train_rows: int, kind: str, fed_seconds: float
+) -> Report:
     report = Report(task=config.task, test_rows=test_rows, train_rows=train_rows, kind=kind)
     for setting in ("full_zero_shot", "emulator_zero_shot"):
         report.results[setting] = federated.results[setting]
@@ -195,17 +216,35 @@ def _demo_report(config: FedDemoConfig, federated: Report, test_rows: int, train
     return report
 
 
-def _centralised(config: FedDemoConfig, report: Report, base, tokenizer, bundle, train, test, out: Path, total: int) -> None:
+def _centralised(
+    config: FedDemoConfig, report: Report, base, tokenizer, bundle, train, test, out: Path, total: int
+) -> None:
     """Full FT (and with ``--centralised all`` centralised emulator-FT and plug-in) on all the training data."""
     preset, settings = config.preset, CENTRALISED[config.centralised]
-    names = {"emulator_ft": "emulator-FT", "plug_in": "plug-in", "full_ft": "full FT (the same blocks tuned with the real middle)"}
+    names = {
+        "emulator_ft": "emulator-FT",
+        "plug_in": "plug-in",
+        "full_ft": "full FT (the same blocks tuned with the real middle)",
+    }
     _stage(4, total, f"centralised on the same {len(train)} training rows: {', '.join(names[s] for s in settings)}")
-    central, update = five_setting_eval(base, tokenizer, bundle, train, test, preset.tune,
-                                        EvalConfig(settings=settings, plugin_gain=preset.plugin_gain), task=config.task)
+    central, update = five_setting_eval(
+        base,
+        tokenizer,
+        bundle,
+        train,
+        test,
+        preset.tune,
+        EvalConfig(settings=settings, plugin_gain=preset.plugin_gain),
+        task=config.task,
+    )
     report.results.update(central.results)
     report.meta["centralised"] = {k: central.meta[k] for k in ("emulator_tuning", "full_tuning") if k in central.meta}
     if update is not None:
-        save_update(out / "centralised" / "adapter.safetensors", update, {"mode": "blocks", "lora_alpha": None, "bundle": bundle.digest})
+        save_update(
+            out / "centralised" / "adapter.safetensors",
+            update,
+            {"mode": "blocks", "lora_alpha": None, "bundle": bundle.digest},
+        )
 
 
 def _print_server_line(line: str) -> None:

@@ -43,6 +43,7 @@ from offsite.cloud.superlink import (
 )
 from offsite.protocol.flower_process import flower_env, flower_tool, supernode_command
 
+
 @dataclass
 class FlowerProcess:
     name: str
@@ -152,14 +153,17 @@ def _wait_listening(proc: FlowerProcess, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
-            raise FederationError(f"{proc.name} exited with {proc.process.returncode}; log {proc.log_path}:\n{proc.log_tail()}")
+            raise FederationError(
+                f"{proc.name} exited with {proc.process.returncode}; log {proc.log_path}:\n{proc.log_tail()}"
+            )
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.settimeout(0.5)
             if probe.connect_ex(("127.0.0.1", proc.port)) == 0:
                 return
         time.sleep(0.2)
-    raise FederationError(f"{proc.name} not listening on 127.0.0.1:{proc.port} after {timeout:.0f}s; log {proc.log_path}")
-
+    raise FederationError(
+        f"{proc.name} not listening on 127.0.0.1:{proc.port} after {timeout:.0f}s; log {proc.log_path}"
+    )
 
 
 @dataclass
@@ -196,17 +200,30 @@ class LocalFederation:
 
     def superlink_command(self, port: int, database: Path) -> list[str]:
         """One HTTP port serves Fleet, Control and ServerApp runtime APIs (flwr 1.41)."""
-        command = [flower_tool("flower-superlink"), "--host", "127.0.0.1", "--port", str(port), "--database", str(database)]
+        command = [
+            flower_tool("flower-superlink"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--database",
+            str(database),
+        ]
         if self.certs is None:
             return command + ["--insecure"]
         return command + [
-            "--ssl-ca-certfile", str(self.certs.ca_cert.resolve()),
-            "--ssl-certfile", str(self.certs.server_cert.resolve()),
-            "--ssl-keyfile", str(self.certs.server_key.resolve()),
+            "--ssl-ca-certfile",
+            str(self.certs.ca_cert.resolve()),
+            "--ssl-certfile",
+            str(self.certs.server_cert.resolve()),
+            "--ssl-keyfile",
+            str(self.certs.server_key.resolve()),
             "--enable-supernode-auth",
         ]
 
-    def start_superlink(self, database: Path | None = None, timeout: float = 60.0, port: int | None = None) -> FlowerProcess:
+    def start_superlink(
+        self, database: Path | None = None, timeout: float = 60.0, port: int | None = None
+    ) -> FlowerProcess:
         """Start (or, after a crash, restart) the SuperLink. A restart on the same ``port`` with the
         same ``database`` keeps the SuperNodes' ids; they retry and reconnect by themselves. Seen with
         flwr 1.41: a SuperNode that was downloading a message when the SuperLink died may pull
@@ -216,7 +233,9 @@ class LocalFederation:
         port = port or free_port()
         command = self.superlink_command(port, database or self.workdir / "superlink.db")
         restarts = sum(1 for _ in (self.workdir / "logs").glob("superlink*.log")) if self.superlink is not None else 0
-        self.superlink = _spawn(f"superlink-{restarts}" if restarts else "superlink", command, self.workdir, self.env, port)
+        self.superlink = _spawn(
+            f"superlink-{restarts}" if restarts else "superlink", command, self.workdir, self.env, port
+        )
         _wait_listening(self.superlink, timeout)
         connection = SuperLinkConnection(
             self.address, root_certificates=self.certs.ca_cert if self.certs else None, insecure=self.certs is None
@@ -234,7 +253,9 @@ class LocalFederation:
         for key in self.certs.node_keys:
             if key not in self._keys_used:
                 return key
-        raise FederationError(f"all {len(self.certs.node_keys)} SuperNode keys in {self.certs.root} are in use; make more with --nodes")
+        raise FederationError(
+            f"all {len(self.certs.node_keys)} SuperNode keys in {self.certs.root} are in use; make more with --nodes"
+        )
 
     def start_supernode(
         self,

@@ -11,17 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import offsite.data
-from offsite.emulator.corpus import DEFAULT_CORPUS
-from offsite.emulator.data import read_examples, read_test_rows
-from offsite.emulator.tune import TuneConfig
-from offsite.protocol.adapter import save_update
-from offsite.protocol.bundle import sha256_file
-
 from offsite.cloud.evaluate import SETTINGS, EvalConfig, Report, five_setting_eval, job_report_dir, write_report
 from offsite.cloud.models import load_base
 from offsite.cloud.plugin import plug_in_update, save_plugged
 from offsite.cloud.prepare import config_for, prepare_bundle
 from offsite.cloud.presets import Preset
+from offsite.emulator.corpus import DEFAULT_CORPUS
+from offsite.emulator.data import read_examples, read_test_rows
+from offsite.emulator.tune import TuneConfig
+from offsite.protocol.adapter import save_update
+from offsite.protocol.bundle import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +85,34 @@ def run_eval_job(job: EvalJob, progress: bool = True) -> Report:
     base, tokenizer, where = load_base(job.model or job.preset.base)
     log.info("base model from %s", where)
     bundle = prepare_bundle(base, tokenizer, config_for(job.preset, job.corpus), job.out / "bundle", progress=progress)
-    report, update = five_setting_eval(base, tokenizer, bundle, train, test, job.tune, config, task=job.task, progress=progress)
+    report, update = five_setting_eval(
+        base, tokenizer, bundle, train, test, job.tune, config, task=job.task, progress=progress
+    )
     report.meta["distill"] = bundle.manifest.get("distill")
     report.meta["preset"] = job.preset.name
     # what `offsite report` checks before joining runs into one table: the same files and bundle
-    report.meta.update(model=str(job.model or job.preset.base), bundle_digest=bundle.digest,
-                       test_sha256=sha256_file(job.test), train_sha256=sha256_file(job.train))
+    report.meta.update(
+        model=str(job.model or job.preset.base),
+        bundle_digest=bundle.digest,
+        test_sha256=sha256_file(job.test),
+        train_sha256=sha256_file(job.train),
+    )
     if update is not None:
         lora_alpha = job.tune.lora.alpha if job.tune.mode == "lora" else None
         gain = job.preset.plugin_gain
-        save_update(job.out / "adapter.safetensors", update,
-                    {"mode": job.tune.mode, "lora_alpha": lora_alpha, "bundle": bundle.digest, "plugin_gain": gain})
+        save_update(
+            job.out / "adapter.safetensors",
+            update,
+            {"mode": job.tune.mode, "lora_alpha": lora_alpha, "bundle": bundle.digest, "plugin_gain": gain},
+        )
         if job.save_plug_in:
             plugged = plug_in_update(base, update, bundle.adapter_blocks, lora_alpha, gain)
-            save_plugged(plugged, tokenizer, job.out / "plug_in", {"preset": job.preset.name, "bundle": bundle.digest, "plugin_gain": gain})
+            save_plugged(
+                plugged,
+                tokenizer,
+                job.out / "plug_in",
+                {"preset": job.preset.name, "bundle": bundle.digest, "plugin_gain": gain},
+            )
     report.meta["seconds"] = round(time.perf_counter() - started, 1)
     write_report([report], job_report_dir(job.out), title=f"{job.preset.name} on {job.task}")
     return report

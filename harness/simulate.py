@@ -39,10 +39,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from offsite.cloud.fed_job import JobState, load_state, read_job
 from offsite.protocol.flower_process import FLWR_DISABLE_INSTALL
 from offsite.protocol.simulation import SIMULATION_ENV, SimulatedOwners, partition_file_name
-
-from offsite.cloud.fed_job import JobState, load_state, read_job
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,9 @@ class SimulationConfig:
 
     def __post_init__(self) -> None:
         if not self.cpus_per_client > 0 or self.gpus_per_client < 0:
-            raise ValueError(f"cpus per client must be > 0 and gpus per client >= 0 (got {self.cpus_per_client}, {self.gpus_per_client})")
+            raise ValueError(
+                f"cpus per client must be > 0 and gpus per client >= 0 (got {self.cpus_per_client}, {self.gpus_per_client})"
+            )
         if self.max_parallel is not None and self.max_parallel < 1:
             raise ValueError(f"max parallel clients must be >= 1, got {self.max_parallel}")
 
@@ -99,7 +100,9 @@ def sim_dir(job_dir: Path) -> Path:
     return Path(job_dir) / SIM_DIR
 
 
-def write_partitions(job_dir: Path, data: Path, clients: int, alpha: float | None, seed: int, min_rows: int = 1) -> dict:
+def write_partitions(
+    job_dir: Path, data: Path, clients: int, alpha: float | None, seed: int, min_rows: int = 1
+) -> dict:
     """Split ``data`` among ``clients`` owners into ``JOB/sim/partitions``; return ``split.json``'s content."""
     from offsite.harness.split import split_file
 
@@ -113,10 +116,14 @@ def count_partitions(partitions: Path) -> int:
         raise FileNotFoundError(f"{partitions}: no such partitions directory")
     found = sorted(int(m.group(1)) for p in partitions.iterdir() if (m := OWNER_FILE.match(p.name)))
     if not found:
-        raise FileNotFoundError(f"{partitions}: no {partition_file_name(0)} ... files (write them with `offsite cloud split`)")
+        raise FileNotFoundError(
+            f"{partitions}: no {partition_file_name(0)} ... files (write them with `offsite cloud split`)"
+        )
     missing = sorted(set(range(max(found) + 1)) - set(found))
     if missing:
-        raise FileNotFoundError(f"{partitions / partition_file_name(missing[0])}: missing (the owners must be numbered 0..{max(found)})")
+        raise FileNotFoundError(
+            f"{partitions / partition_file_name(missing[0])}: missing (the owners must be numbered 0..{max(found)})"
+        )
     return len(found)
 
 
@@ -177,7 +184,6 @@ def _run_simulation(job_dir: Path, clients: int, config: SimulationConfig) -> No
     from flwr.supercore.telemetry import EventType
 
     from offsite.client.client_app import app as client_app
-
     from offsite.cloud.federate.app import app as server_app
 
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={"job-dir": str(job_dir)})
@@ -199,15 +205,27 @@ def simulate_job(job_dir: Path, partitions: Path, config: SimulationConfig = Sim
     job = read_job(job_dir)
     clients = count_partitions(partitions)
     if clients < job.min_nodes:
-        raise ValueError(f"{job_dir / 'job.json'}: min_nodes is {job.min_nodes}, more than the {clients} simulated owners in {partitions}")
-    owners = SimulatedOwners(Path(partitions).resolve(), clients, sim_dir(job_dir) / "cache", config.device, config.threads)
-    log.info("simulating %d owner(s) from %s, %d at a time (%g CPU each)", clients, partitions, config.parallel, config.cpus_per_client)
+        raise ValueError(
+            f"{job_dir / 'job.json'}: min_nodes is {job.min_nodes}, more than the {clients} simulated owners in {partitions}"
+        )
+    owners = SimulatedOwners(
+        Path(partitions).resolve(), clients, sim_dir(job_dir) / "cache", config.device, config.threads
+    )
+    log.info(
+        "simulating %d owner(s) from %s, %d at a time (%g CPU each)",
+        clients,
+        partitions,
+        config.parallel,
+        config.cpus_per_client,
+    )
     with environment({SIMULATION_ENV: owners.to_env(), FLWR_DISABLE_INSTALL: "1"}):
         run_flower_simulation(job_dir, clients, config)
     state = load_state(job_dir)
     if state is None or state.completed_round < job.rounds:
         done = 0 if state is None else state.completed_round
-        raise SimulationError(f"{job_dir}: the simulation ended after {done} of {job.rounds} round(s); see the log above")
+        raise SimulationError(
+            f"{job_dir}: the simulation ended after {done} of {job.rounds} round(s); see the log above"
+        )
     return state
 
 
@@ -225,13 +243,42 @@ def register(commands) -> None:
         "one per owner-K.jsonl in --partitions DIR (as `offsite cloud split` writes them). The job directory ends with "
         "the same checkpoints/ and state.json as a deployment run; a second run resumes after the last completed round.",
     )
-    simulate.add_argument("--job", required=True, type=Path, metavar="JOB", help="job directory with job.json and bundle/ (`offsite cloud prepare`)")
-    simulate.add_argument("--partitions", type=Path, metavar="DIR", help="directory of pre-split owner-0.jsonl ... files (instead of --data)")
+    simulate.add_argument(
+        "--job",
+        required=True,
+        type=Path,
+        metavar="JOB",
+        help="job directory with job.json and bundle/ (`offsite cloud prepare`)",
+    )
+    simulate.add_argument(
+        "--partitions",
+        type=Path,
+        metavar="DIR",
+        help="directory of pre-split owner-0.jsonl ... files (instead of --data)",
+    )
     add_split_arguments(simulate.add_argument_group("split (instead of --partitions)"), required=False)
     ray = simulate.add_argument_group("simulation engine (Ray)")
-    ray.add_argument("--cpus-per-client", type=float, metavar="C", default=1.0, help="CPUs per virtual owner; also its torch threads (default 1)")
-    ray.add_argument("--gpus-per-client", type=float, metavar="G", default=0.0, help="GPUs (or a fraction) per virtual owner; 0 trains on CPU (default 0)")
-    ray.add_argument("--max-parallel", type=int, metavar="P", default=None, help="virtual owners training at once (default: CPUs // --cpus-per-client)")
+    ray.add_argument(
+        "--cpus-per-client",
+        type=float,
+        metavar="C",
+        default=1.0,
+        help="CPUs per virtual owner; also its torch threads (default 1)",
+    )
+    ray.add_argument(
+        "--gpus-per-client",
+        type=float,
+        metavar="G",
+        default=0.0,
+        help="GPUs (or a fraction) per virtual owner; 0 trains on CPU (default 0)",
+    )
+    ray.add_argument(
+        "--max-parallel",
+        type=int,
+        metavar="P",
+        default=None,
+        help="virtual owners training at once (default: CPUs // --cpus-per-client)",
+    )
     ray.add_argument("--flower-debug", action="store_true", help="flwr's debug logging")
     simulate.set_defaults(func=_simulate)
 

@@ -189,7 +189,9 @@ def split_summary(shares: Sequence[Sequence[Row]], label: Callable[[Row], str] =
     return {**meta, "owners": owners, "rows": sum(len(share) for share in shares)}
 
 
-def write_shares(shares: Sequence[Sequence[Row]], out_dir: Path | str, label: Callable[[Row], str] = row_label, **meta) -> list[Path]:
+def write_shares(
+    shares: Sequence[Sequence[Row]], out_dir: Path | str, label: Callable[[Row], str] = row_label, **meta
+) -> list[Path]:
     """Write ``owner-K.jsonl`` (one JSON object per row) and ``split.json`` into ``out_dir``;
     return the share files in owner order. Stale ``owner-*.jsonl`` files there are removed."""
     out = Path(out_dir)
@@ -217,13 +219,15 @@ def format_table(summary: dict, max_labels: int = 8) -> str:
     for owner in summary["owners"]:
         line = [str(owner["owner"]), str(owner["rows"]), *[str(owner["labels"].get(name, 0)) for name in shown]]
         if len(names) > len(shown):
-            line.append(str(sum(owner["labels"].get(name, 0) for name in names[len(shown):])))
+            line.append(str(sum(owner["labels"].get(name, 0) for name in names[len(shown) :])))
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines)
 
 
-def split_file(data: Path | str, out_dir: Path | str, clients: int, alpha: float | None, seed: int, min_rows: int = 1) -> dict:
+def split_file(
+    data: Path | str, out_dir: Path | str, clients: int, alpha: float | None, seed: int, min_rows: int = 1
+) -> dict:
     """Read ``data``, split it (IID when ``alpha`` is None), write the shares; return ``split.json``'s content."""
     rows = read_rows(data)
     if alpha is None:
@@ -241,13 +245,29 @@ def split_file(data: Path | str, out_dir: Path | str, clients: int, alpha: float
 
 def add_split_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """``--data --clients (--iid | --alpha) --seed --min-rows``; shared by ``cloud split`` and ``cloud simulate``."""
-    parser.add_argument("--data", type=Path, metavar="FILE", required=required, help="task JSONL: multiple-choice {prompt, choices, answer} or SFT {prompt, completion}")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        metavar="FILE",
+        required=required,
+        help="task JSONL: multiple-choice {prompt, choices, answer} or SFT {prompt, completion}",
+    )
     parser.add_argument("--clients", type=int, metavar="N", required=required, help="number of data owners (shares)")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--iid", action="store_true", help="IID: shuffle and deal into near-equal shares")
-    how.add_argument("--alpha", type=float, metavar="A", default=None, help="non-IID: Dirichlet(ALPHA) over the labels (0.1: skewed, 100: near IID)")
-    parser.add_argument("--seed", type=int, metavar="S", default=0, help="seed of the split (default 0): same seed, same split")
-    parser.add_argument("--min-rows", type=int, metavar="M", default=1, help="with --alpha: rows every owner gets at least (default 1)")
+    how.add_argument(
+        "--alpha",
+        type=float,
+        metavar="A",
+        default=None,
+        help="non-IID: Dirichlet(ALPHA) over the labels (0.1: skewed, 100: near IID)",
+    )
+    parser.add_argument(
+        "--seed", type=int, metavar="S", default=0, help="seed of the split (default 0): same seed, same split"
+    )
+    parser.add_argument(
+        "--min-rows", type=int, metavar="M", default=1, help="with --alpha: rows every owner gets at least (default 1)"
+    )
 
 
 def register(commands) -> None:
@@ -260,7 +280,9 @@ def register(commands) -> None:
         "the label counts per owner.",
     )
     add_split_arguments(split)
-    split.add_argument("--out", type=Path, metavar="DIR", required=True, help="output directory for owner-K.jsonl and split.json")
+    split.add_argument(
+        "--out", type=Path, metavar="DIR", required=True, help="output directory for owner-K.jsonl and split.json"
+    )
     split.set_defaults(func=_split)
 
 

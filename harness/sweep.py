@@ -27,6 +27,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from offsite.cloud.evaluate import LABELS, METRICS, EvalConfig, Report, five_setting_eval, write_report
+from offsite.cloud.models import load_base
+from offsite.cloud.prepare import config_for, prepare_bundle
+from offsite.cloud.presets import PRESETS, Preset, check_gain
 from offsite.emulator.data import Example, MCRow, read_examples, read_test_rows
 from offsite.emulator.quantize import Quantize
 from offsite.emulator.sandwich import SandwichShape
@@ -34,14 +38,11 @@ from offsite.emulator.tune import TuneConfig
 from offsite.protocol.adapter import load_update, save_update
 from offsite.protocol.bundle import sha256_file
 
-from offsite.cloud.evaluate import LABELS, METRICS, EvalConfig, Report, five_setting_eval, write_report
-from offsite.cloud.models import load_base
-from offsite.cloud.prepare import config_for, prepare_bundle
-from offsite.cloud.presets import PRESETS, Preset, check_gain
-
 log = logging.getLogger(__name__)
 
-SPEC = re.compile(r"(?P<shape>\d+-\d+-\d+)((/kd(?P<kd>\d+))|(/q(?P<bits>[1-8]+)g(?P<group>\d+))|(/gain(?P<gain>[0-9.]+)))*")
+SPEC = re.compile(
+    r"(?P<shape>\d+-\d+-\d+)((/kd(?P<kd>\d+))|(/q(?P<bits>[1-8]+)g(?P<group>\d+))|(/gain(?P<gain>[0-9.]+)))*"
+)
 BASELINES = ("full_zero_shot", "full_ft")
 EMULATOR_SETTINGS = ("emulator_zero_shot", "emulator_ft", "plug_in")
 
@@ -52,8 +53,10 @@ def parse_emulator(text: str, base: Preset) -> Preset:
         return PRESETS[text]
     match = SPEC.fullmatch(text)
     if match is None:
-        raise ValueError(f"emulator {text!r}: expected a preset name or SHAPE[/kdSTEPS][/qBITSgGROUP][/gainG], "
-                         "e.g. 2-10-2/kd60 or 2-26-2/q34g16/gain1.5")
+        raise ValueError(
+            f"emulator {text!r}: expected a preset name or SHAPE[/kdSTEPS][/qBITSgGROUP][/gainG], "
+            "e.g. 2-10-2/kd60 or 2-26-2/q34g16/gain1.5"
+        )
     kd, bits, group, gain = (match.group(k) for k in ("kd", "bits", "group", "gain"))
     return dataclasses.replace(
         base,
@@ -89,7 +92,7 @@ def load_rows(job: SweepJob) -> tuple[str, list[Example], list[MCRow] | list[Exa
     if job.val_rows >= len(train):
         raise ValueError(f"--val-rows {job.val_rows}: the train file {job.train} has only {len(train)} rows")
     kind, rows = read_test_rows(job.train)
-    return kind, train[: -job.val_rows], rows[-job.val_rows:]
+    return kind, train[: -job.val_rows], rows[-job.val_rows :]
 
 
 def run_sweep(job: SweepJob, progress: bool = True) -> list[Report]:
@@ -97,31 +100,62 @@ def run_sweep(job: SweepJob, progress: bool = True) -> list[Report]:
     kind, train, test = load_rows(job)
     job.out.mkdir(parents=True, exist_ok=True)
     records = _read_records(job.out / "sweep.jsonl")
-    identity = {"task": job.task, "rows": len(test), "val_rows": job.val_rows, "tune": dataclasses.asdict(job.tune),
-                "test_sha256": sha256_file(job.train if job.val_rows else job.test), "model": job.model}
+    identity = {
+        "task": job.task,
+        "rows": len(test),
+        "val_rows": job.val_rows,
+        "tune": dataclasses.asdict(job.tune),
+        "test_sha256": sha256_file(job.train if job.val_rows else job.test),
+        "model": job.model,
+    }
     base, tokenizer, where = load_base(job.model or job.emulators[0].base)
     log.info("base model from %s; %d emulators on %d %s rows", where, len(job.emulators), len(test), kind.upper())
     reports = []
     for preset in job.emulators:
         cut = f"{preset.shape.a}+{preset.shape.b}"
         if (cut, "baselines") not in records:
-            records[cut, "baselines"] = _measure(job, identity | {"cut": cut, "what": "baselines"}, base, tokenizer,
-                                                 preset, train, test, BASELINES, progress)
+            records[cut, "baselines"] = _measure(
+                job,
+                identity | {"cut": cut, "what": "baselines"},
+                base,
+                tokenizer,
+                preset,
+                train,
+                test,
+                BASELINES,
+                progress,
+            )
         if (preset.name, "emulator") not in records:
             sibling = _same_emulator(records, preset.name)  # the same emulator and adapter at another gain
             settings = ("plug_in",) if sibling else EMULATOR_SETTINGS
-            record = _measure(job, identity | {"emulator": preset.name, "what": "emulator"}, base, tokenizer, preset,
-                              train, test, settings, progress, shared=sibling["results"] if sibling else {})
+            record = _measure(
+                job,
+                identity | {"emulator": preset.name, "what": "emulator"},
+                base,
+                tokenizer,
+                preset,
+                train,
+                test,
+                settings,
+                progress,
+                shared=sibling["results"] if sibling else {},
+            )
             records[preset.name, "emulator"] = record
         report = Report(task=job.task, test_rows=len(test), train_rows=len(train), kind=kind)
         for record in (records[cut, "baselines"], records[preset.name, "emulator"]):
             report.results.update(record["results"])
-        report.meta = {"preset": preset.name, "plugin_gain": preset.plugin_gain, "val_rows": job.val_rows,
-                       **records[preset.name, "emulator"]["meta"]}
+        report.meta = {
+            "preset": preset.name,
+            "plugin_gain": preset.plugin_gain,
+            "val_rows": job.val_rows,
+            **records[preset.name, "emulator"]["meta"],
+        }
         reports.append(report)
     where = "held-out train rows" if job.val_rows else "test rows"
     write_report(reports, job.out / "report", title=f"emulator sweep on {job.task} ({len(test)} {where})")
-    plot_frontier(reports, job.out / "report" / "frontier.png", f"{job.task}: privacy-utility frontier ({len(test)} {where})")
+    plot_frontier(
+        reports, job.out / "report" / "frontier.png", f"{job.task}: privacy-utility frontier ({len(test)} {where})"
+    )
     return reports
 
 
@@ -138,11 +172,23 @@ def _same_emulator(records: dict, name: str) -> dict | None:
     return None
 
 
-def _measure(job: SweepJob, key: dict, base, tokenizer, preset: Preset, train, test, settings, progress,
-             shared: dict | None = None) -> dict:
+def _measure(
+    job: SweepJob,
+    key: dict,
+    base,
+    tokenizer,
+    preset: Preset,
+    train,
+    test,
+    settings,
+    progress,
+    shared: dict | None = None,
+) -> dict:
     """Score ``settings`` and append the record; ``shared``: results of another gain's record that hold
     here too (emulator zero-shot and emulator-FT do not depend on the gain)."""
-    bundle = prepare_bundle(base, tokenizer, config_for(preset, job.corpus), job.out / "bundles" / _slug(preset.name), progress=progress)
+    bundle = prepare_bundle(
+        base, tokenizer, config_for(preset, job.corpus), job.out / "bundles" / _slug(preset.name), progress=progress
+    )
     adapter_file = job.out / "adapters" / f"{_slug(_adapter_name(preset.name))}.safetensors"
     adapter = None
     if {"emulator_ft", "plug_in"} & set(settings) and adapter_file.is_file():
@@ -150,8 +196,9 @@ def _measure(job: SweepJob, key: dict, base, tokenizer, preset: Preset, train, t
         if meta.get("bundle") != bundle.digest:
             adapter = None
     config = EvalConfig(settings=settings, plugin_gain=preset.plugin_gain)
-    report, update = five_setting_eval(base, tokenizer, bundle, train, test, job.tune, config, task=job.task,
-                                       adapter=adapter, progress=progress)
+    report, update = five_setting_eval(
+        base, tokenizer, bundle, train, test, job.tune, config, task=job.task, adapter=adapter, progress=progress
+    )
     if adapter is None and update is not None:
         alpha = job.tune.lora.alpha if job.tune.mode == "lora" else None
         save_update(adapter_file, update, {"mode": job.tune.mode, "lora_alpha": alpha, "bundle": bundle.digest})
@@ -171,7 +218,9 @@ def _read_records(path: Path) -> dict[tuple[str, str], dict]:
                 record = json.loads(line)
                 records[record.get("cut") or record["emulator"], record["what"]] = record
             except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{path}:{number}: not a sweep record ({error}); move the file away to start afresh") from None
+                raise ValueError(
+                    f"{path}:{number}: not a sweep record ({error}); move the file away to start afresh"
+                ) from None
     return records
 
 
@@ -192,8 +241,14 @@ def plot_frontier(reports: list[Report], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     xs = [r.value("emulator_ft") for r in reports]
     ys = [r.value("plug_in") for r in reports]
-    ax.errorbar(xs, ys, xerr=[r.results["emulator_ft"]["stderr"] for r in reports],
-                yerr=[r.results["plug_in"]["stderr"] for r in reports], fmt="o", capsize=3)
+    ax.errorbar(
+        xs,
+        ys,
+        xerr=[r.results["emulator_ft"]["stderr"] for r in reports],
+        yerr=[r.results["plug_in"]["stderr"] for r in reports],
+        fmt="o",
+        capsize=3,
+    )
     for r, x, y in zip(reports, xs, ys):
         ax.annotate(r.meta["preset"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     values = xs + ys + [r.value(s) for r in reports for s in BASELINES]
@@ -202,8 +257,13 @@ def plot_frontier(reports: list[Report], path: Path, title: str) -> None:
     ax.plot([low - pad, high + pad], [low - pad, high + pad], ":", color="grey", label="plug-in = emulator-FT")
     for setting, style in zip(BASELINES, ("--", "-.")):
         for value in sorted({r.value(setting) for r in reports}):
-            ax.axhline(value, linestyle=style, color="tab:red" if setting == "full_ft" else "tab:green", linewidth=1,
-                       label=f"{LABELS[setting]} {value:.3f}")
+            ax.axhline(
+                value,
+                linestyle=style,
+                color="tab:red" if setting == "full_ft" else "tab:green",
+                linewidth=1,
+                label=f"{LABELS[setting]} {value:.3f}",
+            )
     ax.set_xlim(low - pad, high + pad)
     ax.set_ylim(low - pad, high + pad)
     if not higher:  # NLL: lower is better, so flip the axes and "better" stays up and to the right

@@ -43,8 +43,10 @@ def _presets(args: argparse.Namespace) -> int:
         tune = preset.tune
         quantise = f"  quantise {preset.quantize}" if preset.quantize else ""
         gain = f"  plug-in gain {preset.plugin_gain:g}" if preset.plugin_gain != 1.0 else ""
-        print(f"{name:28s} shape {preset.shape}  distil {preset.distill.steps} steps{quantise}  "
-              f"tune {tune.mode} {tune.steps}x{tune.batch_size} lr {tune.lr:g} {tune.schedule}{gain}  {preset.description}")
+        print(
+            f"{name:28s} shape {preset.shape}  distil {preset.distill.steps} steps{quantise}  "
+            f"tune {tune.mode} {tune.steps}x{tune.batch_size} lr {tune.lr:g} {tune.schedule}{gain}  {preset.description}"
+        )
     return 0
 
 
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as error:
         logging.getLogger("offsite").debug("failed", exc_info=True)
-        message = error.args[0] if isinstance(error, KeyError) and len(error.args) == 1 else error  # str(KeyError) is a repr
+        message = (
+            error.args[0] if isinstance(error, KeyError) and len(error.args) == 1 else error
+        )  # str(KeyError) is a repr
         print(f"offsite: error: {message}", file=sys.stderr)
         return 2
 

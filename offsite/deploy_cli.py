@@ -8,7 +8,9 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    deploy = subparsers.add_parser("deploy", help="deployment material: TLS certificates, SuperNode keys", description=__doc__)
+    deploy = subparsers.add_parser(
+        "deploy", help="deployment material: TLS certificates, SuperNode keys", description=__doc__
+    )
     commands = deploy.add_subparsers(dest="deploy_command", required=True, metavar="COMMAND")
 
     certs = commands.add_parser(
@@ -21,13 +23,18 @@ def register(subparsers) -> None:
     certs.add_argument("--out", required=True, type=Path, help="directory for the material (keep it out of git)")
     certs.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs to make (default 3)")
     certs.add_argument(
-        "--host", action="append", default=[], metavar="NAME",
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="a host name or IP the SuperNodes use to reach the SuperLink (repeatable)",
     )
     certs.add_argument("--days", type=int, default=825, help="validity of the server certificate in days")
     certs.add_argument("--force", action="store_true", help="replace existing material (invalidates handed-out ca.crt)")
     certs.add_argument(
-        "--skip-existing", action="store_true", help="do nothing (exit 0) if OUT already holds a CA: for container start-up"
+        "--skip-existing",
+        action="store_true",
+        help="do nothing (exit 0) if OUT already holds a CA: for container start-up",
     )
     certs.set_defaults(func=_certs)
 
@@ -46,11 +53,17 @@ def register(subparsers) -> None:
         "`flwr supernode register KEY.pub` for each key. A SuperLink started with --enable-supernode-auth accepts "
         "only registered keys.",
     )
-    register_keys.add_argument("public_keys", nargs="+", type=Path, metavar="KEY.pub", help="OpenSSH EC public key files")
+    register_keys.add_argument(
+        "public_keys", nargs="+", type=Path, metavar="KEY.pub", help="OpenSSH EC public key files"
+    )
     register_keys.add_argument("--superlink", required=True, help="the SuperLink's address, HOST:PORT")
     register_keys.add_argument("--root-certificates", type=Path, help="CA certificate that signed the SuperLink's")
-    register_keys.add_argument("--flwr-home", type=Path, default=None, help="FLWR_HOME for the connection (default: a temporary one)")
-    register_keys.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the SuperLink's port to open (default 60)")
+    register_keys.add_argument(
+        "--flwr-home", type=Path, default=None, help="FLWR_HOME for the connection (default: a temporary one)"
+    )
+    register_keys.add_argument(
+        "--wait", type=float, default=60.0, help="seconds to wait for the SuperLink's port to open (default 60)"
+    )
     register_keys.set_defaults(func=_register)
 
 
@@ -82,7 +95,13 @@ def _node_key(args: argparse.Namespace) -> int:
 def _register(args: argparse.Namespace) -> int:
     import tempfile
 
-    from offsite.cloud.superlink import FederationError, KeyAlreadyRegistered, SuperLinkConnection, SuperLinkControl, wait_for_port
+    from offsite.cloud.superlink import (
+        FederationError,
+        KeyAlreadyRegistered,
+        SuperLinkConnection,
+        SuperLinkControl,
+        wait_for_port,
+    )
 
     connection = SuperLinkConnection(args.superlink, root_certificates=args.root_certificates)
     try:

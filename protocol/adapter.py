@@ -37,7 +37,9 @@ def load_update(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
         raise UpdateError(f"{path}: larger than {MAX_UPDATE_BYTES} bytes")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            meta = parse_json((handle.metadata() or {}).get("offsite", "{}"), finite=False)  # a diverged loss may be NaN
+            meta = parse_json(
+                (handle.metadata() or {}).get("offsite", "{}"), finite=False
+            )  # a diverged loss may be NaN
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, JSONRefused, OSError) as error:
         raise UpdateError(f"{path}: not a readable safetensors adapter update ({error})") from None

@@ -45,7 +45,9 @@ MAX_MANIFEST_BYTES = 1 << 20
 MAX_JSON_BYTES = 64 << 20
 MAX_WEIGHTS_BYTES = 64 << 30
 # what a manifest holds (write_bundle's keys); anything else is refused, so nothing rides along unchecked
-REQUIRED_KEYS = frozenset({"format", "family", "shape", "layout", "adapter_blocks", "kept_middle", "model_type", "config", "files"})
+REQUIRED_KEYS = frozenset(
+    {"format", "family", "shape", "layout", "adapter_blocks", "kept_middle", "model_type", "config", "files"}
+)
 MANIFEST_KEYS = REQUIRED_KEYS | {"packed", "distill", "quantize"}
 
 
@@ -225,14 +227,18 @@ def _check_manifest(root: Path, manifest: dict) -> None:
         raise BundleError(f"{where}: format {str(manifest.get('format'))[:40]!r} is not {FORMAT!r}")
     unknown, missing = sorted(set(manifest) - MANIFEST_KEYS), sorted(REQUIRED_KEYS - set(manifest))
     if unknown or missing:
-        raise BundleError(f"{where}: unknown keys {[k[:40] for k in unknown[:5]]}, missing keys {missing} "
-                          f"(a manifest holds {sorted(REQUIRED_KEYS)} and optionally {sorted(MANIFEST_KEYS - REQUIRED_KEYS)})")
+        raise BundleError(
+            f"{where}: unknown keys {[k[:40] for k in unknown[:5]]}, missing keys {missing} "
+            f"(a manifest holds {sorted(REQUIRED_KEYS)} and optionally {sorted(MANIFEST_KEYS - REQUIRED_KEYS)})"
+        )
     files = manifest["files"]
     if not isinstance(files, dict) or WEIGHTS not in files:
         raise BundleError(f"{where}: 'files' must list {WEIGHTS}")
     for key in ("layout", "adapter_blocks", "kept_middle"):
         value = manifest[key]
-        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        if not isinstance(value, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+        ):
             raise BundleError(f"{where}: {key!r} must be a list of block indices")
     config = manifest["config"]
     if not isinstance(config, dict):
@@ -240,7 +246,9 @@ def _check_manifest(root: Path, manifest: dict) -> None:
     if not isinstance(manifest["family"], str) or not isinstance(manifest["model_type"], str):
         raise BundleError(f"{where}: 'family' and 'model_type' must be strings")
     if config.get("model_type", manifest["model_type"]) != manifest["model_type"]:
-        raise BundleError(f"{where}: 'model_type' {manifest['model_type'][:40]!r} is not the config's {str(config['model_type'])[:40]!r}")
+        raise BundleError(
+            f"{where}: 'model_type' {manifest['model_type'][:40]!r} is not the config's {str(config['model_type'])[:40]!r}"
+        )
     for key in ("packed", "distill", "quantize"):
         if key in manifest and not isinstance(manifest[key], dict):
             raise BundleError(f"{where}: {key!r} must be an object")
@@ -263,17 +271,23 @@ def _check_cut(where: Path, manifest: dict) -> None:
     (:func:`load_emulator` then checks that the weights hold ``len(layout)`` blocks.)"""
     shape = manifest["shape"]
     names = ("a", "k", "b", "n_blocks")
-    if not isinstance(shape, dict) or set(shape) != set(names) or not all(
-        isinstance(shape[n], int) and not isinstance(shape[n], bool) and shape[n] >= 0 for n in names
+    if (
+        not isinstance(shape, dict)
+        or set(shape) != set(names)
+        or not all(isinstance(shape[n], int) and not isinstance(shape[n], bool) and shape[n] >= 0 for n in names)
     ):
         raise BundleError(f"{where}: 'shape' must be an object of integers a, k, b, n_blocks")
     a, k, b, n = (shape[name] for name in names)
     if a + b < 1 or k < 1 or n - a - b < k or a + k + b != len(manifest["layout"]):
-        raise BundleError(f"{where}: shape {a}-{k}-{b} of {n} blocks is not a cut of the {len(manifest['layout'])}-block layout")
+        raise BundleError(
+            f"{where}: shape {a}-{k}-{b} of {n} blocks is not a cut of the {len(manifest['layout'])}-block layout"
+        )
     layout, adapter, kept = sandwich_cut(a, k, b, n)
     for key, expected in (("layout", layout), ("adapter_blocks", adapter), ("kept_middle", kept)):
         if manifest[key] != expected:
-            raise BundleError(f"{where}: {key!r} {str(manifest[key])[:80]} is not the {a}-{k}-{b} cut of {n} blocks ({expected})")
+            raise BundleError(
+                f"{where}: {key!r} {str(manifest[key])[:80]} is not the {a}-{k}-{b} cut of {n} blocks ({expected})"
+            )
 
 
 def read_manifest_bytes(root: Path) -> bytes:
@@ -305,7 +319,11 @@ def read_bundle(root: Path | str, manifest_bytes: bytes | None = None) -> Bundle
         path = root / rel
         if ".." in Path(rel).parts or Path(rel).is_absolute() or rel in (MANIFEST, SIGNATURE):
             raise BundleError(f"{manifest_path}: file name {rel!r} escapes the bundle", BundleReason.UNSAFE_PATH)
-        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("bytes"), int):
+        if (
+            not isinstance(meta, dict)
+            or not isinstance(meta.get("sha256"), str)
+            or not isinstance(meta.get("bytes"), int)
+        ):
             raise BundleError(f"{manifest_path}: entry for {rel!r} needs 'sha256' and 'bytes'")
         if not path.is_file():
             raise BundleError(f"{path}: listed in the manifest but missing", BundleReason.MISSING)
@@ -331,7 +349,9 @@ def load_emulator(bundle: Bundle, dtype=None) -> nn.Module:
     config_dict = dict(bundle.manifest["config"])
     model_type = config_dict.pop("model_type", bundle.manifest.get("model_type"))
     config = AutoConfig.for_model(model_type, **config_dict)
-    with no_init_weights():  # every tensor comes from the file (load_strict refuses a gap): no random init to throw away
+    with (
+        no_init_weights()
+    ):  # every tensor comes from the file (load_strict refuses a gap): no random init to throw away
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()  # skipped with the init; tied tensors are written once
     path = bundle.root / WEIGHTS
@@ -344,7 +364,9 @@ def load_emulator(bundle: Bundle, dtype=None) -> nn.Module:
     load_strict(model, tensors, str(path))
     blocks = getattr(model.config, "num_hidden_layers", None)
     if blocks != len(bundle.layout):
-        raise BundleError(f"{path}: the weights hold {blocks} blocks, the manifest's cut {len(bundle.layout)} ({bundle.layout})")
+        raise BundleError(
+            f"{path}: the weights hold {blocks} blocks, the manifest's cut {len(bundle.layout)} ({bundle.layout})"
+        )
     if dtype is not None:
         model.to(dtype)
     return model.eval()
@@ -364,8 +386,10 @@ def load_strict(model: nn.Module, tensors: dict, where: str) -> None:
         raise BundleError(f"{where}: does not fit the manifest's config: the file lacks {missing[:5]}")
     for key, tensor in tensors.items():
         if tensor.shape != own[key].shape:
-            raise BundleError(f"{where}: does not fit the manifest's config: {key} is {tuple(tensor.shape)}, "
-                             f"the config needs {tuple(own[key].shape)}")
+            raise BundleError(
+                f"{where}: does not fit the manifest's config: {key} is {tuple(tensor.shape)}, "
+                f"the config needs {tuple(own[key].shape)}"
+            )
     model.load_state_dict(tensors, strict=False)
 
 

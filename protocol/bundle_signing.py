@@ -102,7 +102,8 @@ def verify_manifest_signature(root: Path | str, key: Ed25519PublicKey | Coordina
     expected = fingerprint(public_key)
     if body["key"] != expected:
         raise BundleError(
-            f"{path}: signed by key {str(body['key'])[:32]!r}, not by the coordinator's pinned key {expected}", BundleReason.WRONG_SIGNER
+            f"{path}: signed by key {str(body['key'])[:32]!r}, not by the coordinator's pinned key {expected}",
+            BundleReason.WRONG_SIGNER,
         )
     try:
         signature = b64decode_strict(body["signature"], f"{path}: signature")
@@ -113,7 +114,9 @@ def verify_manifest_signature(root: Path | str, key: Ed25519PublicKey | Coordina
     try:
         public_key.verify(signature, SIGNATURE_CONTEXT + manifest_bytes)
     except InvalidSignature:
-        raise BundleError(f"{path}: signature does not verify over {root / 'manifest.json'}", BundleReason.BAD_SIGNATURE) from None
+        raise BundleError(
+            f"{path}: signature does not verify over {root / 'manifest.json'}", BundleReason.BAD_SIGNATURE
+        ) from None
     return manifest_bytes
 
 

@@ -76,14 +76,19 @@ from .tensors import check_like
 
 CONVERSIONS = ("balle2020", "classic")
 DEFAULT_ORDERS: tuple[float, ...] = (
-    tuple(1 + x / 20 for x in range(1, 40)) + tuple(3 + x / 4 for x in range(36)) + tuple(range(12, 64)) + (64, 80, 96, 128, 192, 256, 384, 512, 1024)
+    tuple(1 + x / 20 for x in range(1, 40))
+    + tuple(3 + x / 4 for x in range(36))
+    + tuple(range(12, 64))
+    + (64, 80, 96, 128, 192, 256, 384, 512, 1024)
 )
 
 
 # ---------------------------------------------------------------- the mechanism
 
 
-def update_delta(tuned: Mapping[str, torch.Tensor], global_adapter: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def update_delta(
+    tuned: Mapping[str, torch.Tensor], global_adapter: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """``tuned - global`` per tensor, in float64; the tensors must match by name and shape."""
     check_like(tuned, global_adapter, DPError, "the tuned adapter", finite=True)
     return {
@@ -114,12 +119,15 @@ def noise_generator(seed: int | None = None) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big") if seed is None else seed)
 
 
-def add_gaussian_noise(delta: Mapping[str, torch.Tensor], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def add_gaussian_noise(
+    delta: Mapping[str, torch.Tensor], std: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """``delta + N(0, std^2)`` on every coordinate, in float64, tensors in ``delta``'s order."""
     if not (math.isfinite(std) and std >= 0):
         raise DPError(f"noise std must be a finite number >= 0, got {std!r}")
     return {
-        name: tensor.detach().to(torch.float64) + std * torch.randn(tuple(tensor.shape), generator=generator, dtype=torch.float64)
+        name: tensor.detach().to(torch.float64)
+        + std * torch.randn(tuple(tensor.shape), generator=generator, dtype=torch.float64)
         for name, tensor in delta.items()
     }
 
@@ -136,12 +144,19 @@ class PrivateUpdate:
 
     def adapter(self, global_adapter: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``global + delta`` in the global adapter's dtypes."""
-        return {name: (reference.detach().to("cpu", torch.float64) + self.delta[name]).to(reference.dtype) for name, reference in global_adapter.items()}
+        return {
+            name: (reference.detach().to("cpu", torch.float64) + self.delta[name]).to(reference.dtype)
+            for name, reference in global_adapter.items()
+        }
 
 
 def privatize_update(
-    tuned: Mapping[str, torch.Tensor], global_adapter: Mapping[str, torch.Tensor], config: DPConfig,
-    *, seed: int | None = None, generator: torch.Generator | None = None,
+    tuned: Mapping[str, torch.Tensor],
+    global_adapter: Mapping[str, torch.Tensor],
+    config: DPConfig,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> PrivateUpdate:
     """Clip ``tuned - global`` to ``config.clip_norm`` and add ``N(0, config.noise_std^2)`` per
     coordinate; reproducible with ``seed`` (or a ``generator``), fresh randomness otherwise."""
@@ -195,7 +210,9 @@ def _log_a_integer(sampling_rate: float, noise_multiplier: float, order: int) ->
     return total
 
 
-def subsampled_gaussian_rdp(sampling_rate: float, noise_multiplier: float, orders: Sequence[float] = DEFAULT_ORDERS) -> list[float]:
+def subsampled_gaussian_rdp(
+    sampling_rate: float, noise_multiplier: float, orders: Sequence[float] = DEFAULT_ORDERS
+) -> list[float]:
     """RDP of one round of the Poisson-sampled Gaussian mechanism (each client takes part with
     probability ``q``, add-or-remove neighbours). ``q = 1`` is :func:`gaussian_rdp`; for ``q < 1``
     only integer orders are computed (exact binomial sum), other orders get ``inf``."""
@@ -209,12 +226,16 @@ def subsampled_gaussian_rdp(sampling_rate: float, noise_multiplier: float, order
     if noise_multiplier == 0:
         return [math.inf] * len(orders)
     return [
-        _log_a_integer(sampling_rate, noise_multiplier, int(order)) / (order - 1) if float(order).is_integer() else math.inf
+        _log_a_integer(sampling_rate, noise_multiplier, int(order)) / (order - 1)
+        if float(order).is_integer()
+        else math.inf
         for order in orders
     ]
 
 
-def rdp_to_epsilon(orders: Sequence[float], rdp: Sequence[float], delta: float, conversion: str = "balle2020") -> tuple[float, float]:
+def rdp_to_epsilon(
+    orders: Sequence[float], rdp: Sequence[float], delta: float, conversion: str = "balle2020"
+) -> tuple[float, float]:
     """``(epsilon, best order)`` for ``delta``: the minimum over the orders of
     ``rdp + log((a-1)/a) - (log delta + log a)/(a-1)`` (``balle2020``) or
     ``rdp + log(1/delta)/(a-1)`` (``classic``), floored at 0; 0 when every RDP value is 0."""
@@ -288,8 +309,13 @@ def _gdp_epsilon(mu: float, delta: float) -> float:
 
 
 def epsilon_for(
-    noise_multiplier: float, rounds: int, delta: float, *, sampling_rate: float = 1.0,
-    orders: Sequence[float] = DEFAULT_ORDERS, conversion: str = "balle2020",
+    noise_multiplier: float,
+    rounds: int,
+    delta: float,
+    *,
+    sampling_rate: float = 1.0,
+    orders: Sequence[float] = DEFAULT_ORDERS,
+    conversion: str = "balle2020",
 ) -> float:
     """RDP epsilon of ``rounds`` rounds of the (sampled) Gaussian mechanism, at ``delta``."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
@@ -310,7 +336,13 @@ class PrivacySpent:
     exact_epsilon: float | None
 
     def to_json(self) -> dict:
-        return {"epsilon": self.epsilon, "delta": self.delta, "order": self.order, "rounds": self.rounds, "exact_epsilon": self.exact_epsilon}
+        return {
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "order": self.order,
+            "rounds": self.rounds,
+            "exact_epsilon": self.exact_epsilon,
+        }
 
 
 @dataclass
@@ -348,15 +380,24 @@ class PrivacyAccountant:
 
     def spent(self, delta: float, conversion: str = "balle2020") -> PrivacySpent:
         epsilon, order = rdp_to_epsilon(self.orders, self.rdp, delta, conversion)
-        exact = None if self.sampled else (0.0 if self.mu_squared == 0 else _gdp_epsilon(math.sqrt(self.mu_squared), delta))
+        exact = (
+            None if self.sampled else (0.0 if self.mu_squared == 0 else _gdp_epsilon(math.sqrt(self.mu_squared), delta))
+        )
         return PrivacySpent(epsilon, delta, order, self.rounds, exact)
 
     def to_json(self) -> dict:
         """For the job's ``state.json`` (plain numbers; ``inf`` as the string ``"inf"``)."""
+
         def number(value: float):
             return "inf" if value == math.inf else value
 
-        return {"orders": list(self.orders), "rdp": [number(v) for v in self.rdp], "rounds": self.rounds, "mu_squared": number(self.mu_squared), "sampled": self.sampled}
+        return {
+            "orders": list(self.orders),
+            "rdp": [number(v) for v in self.rdp],
+            "rounds": self.rounds,
+            "mu_squared": number(self.mu_squared),
+            "sampled": self.sampled,
+        }
 
     @classmethod
     def from_json(cls, value: object) -> PrivacyAccountant:
@@ -372,7 +413,12 @@ class PrivacyAccountant:
 
         if not isinstance(value["orders"], list) or not isinstance(value["rdp"], list):
             raise DPError("accountant state: orders and rdp must be lists")
-        if isinstance(value["rounds"], bool) or not isinstance(value["rounds"], int) or value["rounds"] < 0 or not isinstance(value["sampled"], bool):
+        if (
+            isinstance(value["rounds"], bool)
+            or not isinstance(value["rounds"], int)
+            or value["rounds"] < 0
+            or not isinstance(value["sampled"], bool)
+        ):
             raise DPError("accountant state: rounds must be an integer >= 0 and sampled a boolean")
         return cls(
             orders=tuple(number(order, "order") for order in value["orders"]),

@@ -67,8 +67,10 @@ class ReplayCache:
                 try:
                     entry = strict_json_loads(line.encode())
                     if not (
-                        isinstance(entry, dict) and SENDER_ID.match(str(entry.get("sender")))
-                        and MESSAGE_ID.match(str(entry.get("id"))) and isinstance(entry.get("t"), int)
+                        isinstance(entry, dict)
+                        and SENDER_ID.match(str(entry.get("sender")))
+                        and MESSAGE_ID.match(str(entry.get("id")))
+                        and isinstance(entry.get("t"), int)
                     ):
                         raise ValueError('expected {"sender": id, "id": 32 hex digits, "t": integer}')
                 except (ValueError, UnicodeDecodeError) as error:
@@ -239,7 +241,11 @@ class UpdateOpener:
         self.accepted[sender] = header.message_id
         log.info(
             "job %s round %d: accepted update %s from %s (norm %.4g)",
-            self.job, self.round, header.message_id, who, norm,
+            self.job,
+            self.round,
+            header.message_id,
+            who,
+            norm,
         )
         return OpenedUpdate(sender, header.round, header.message_id, header.timestamp_ms, tensors, metadata, norm)
 
@@ -261,8 +267,10 @@ class UpdateOpener:
         entry = self.registry.lookup(sender)
         if entry is None:
             raise self._reject(
-                Reason.UNKNOWN_SENDER, f"{where} (claims sender {sender!r})",
-                "sender is not enrolled in this job's registry", sender,
+                Reason.UNKNOWN_SENDER,
+                f"{where} (claims sender {sender!r})",
+                "sender is not enrolled in this job's registry",
+                sender,
             )
         if entry.revoked:
             raise self._reject(Reason.REVOKED_SENDER, who, "sender's enrolment is revoked", sender)
@@ -270,8 +278,10 @@ class UpdateOpener:
             entry.public_key.verify(envelope.signature, signed_message(envelope.header_bytes, envelope.ciphertext))
         except InvalidSignature:
             raise self._reject(
-                Reason.BAD_SIGNATURE, f"{where} (claims sender {sender!r})",
-                f"signature does not verify with the key registered for {sender!r} ({entry.fingerprint})", sender,
+                Reason.BAD_SIGNATURE,
+                f"{where} (claims sender {sender!r})",
+                f"signature does not verify with the key registered for {sender!r} ({entry.fingerprint})",
+                sender,
             ) from None
 
     def _check_header(self, header: EnvelopeHeader, who: str) -> int:
@@ -282,8 +292,10 @@ class UpdateOpener:
             raise self._reject(Reason.WRONG_JOB, who, f"job {header.job!r}, this is job {self.job!r}", sender)
         if header.recipient != self.recipient:
             raise self._reject(
-                Reason.WRONG_RECIPIENT, who,
-                f"sealed to key {header.recipient}, this coordinator's is {self.recipient}", sender,
+                Reason.WRONG_RECIPIENT,
+                who,
+                f"sealed to key {header.recipient}, this coordinator's is {self.recipient}",
+                sender,
             )
         if header.round != self.round:
             reason = Reason.STALE_ROUND if header.round < self.round else Reason.FUTURE_ROUND
@@ -292,7 +304,8 @@ class UpdateOpener:
         age_s = (now_ms - header.timestamp_ms) / 1000
         if age_s > self.policy.max_age_s or -age_s > self.policy.max_clock_skew_s:
             raise self._reject(
-                Reason.TIMESTAMP, who,
+                Reason.TIMESTAMP,
+                who,
                 f"timestamp is {age_s:+.1f}s from the coordinator's clock "
                 f"(window: {self.policy.max_age_s:g}s old to {self.policy.max_clock_skew_s:g}s ahead)",
                 sender,

@@ -133,5 +133,10 @@ def seal_update(
     """
     return seal_payload(
         encode_payload(tensors, metadata),
-        job=job, round=round, identity=identity, recipient=recipient, clock=clock, chunk_bytes=chunk_bytes,
+        job=job,
+        round=round,
+        identity=identity,
+        recipient=recipient,
+        clock=clock,
+        chunk_bytes=chunk_bytes,
     )

@@ -42,7 +42,10 @@ def envelope_from_record(record: ArrayRecord, max_bytes: int, node: int | str | 
         raise refuse(Reason.MALFORMED_FRAME, f"expected an ArrayRecord, got {type(record).__name__}")
     names = [f"part-{number}" for number in range(len(record))]
     if sorted(record.keys()) != sorted(names):
-        raise refuse(Reason.MALFORMED_FRAME, f"envelope record keys {sorted(record.keys())[:5]} are not part-0..part-{len(record) - 1}")
+        raise refuse(
+            Reason.MALFORMED_FRAME,
+            f"envelope record keys {sorted(record.keys())[:5]} are not part-0..part-{len(record) - 1}",
+        )
     total = 0
     for name in names:
         array = record[name]
@@ -56,8 +59,12 @@ def envelope_from_record(record: ArrayRecord, max_bytes: int, node: int | str | 
         try:
             values = record[name].numpy()  # np.load(allow_pickle=False)
         except Exception as error:  # noqa: BLE001 - np.load on hostile bytes: whatever it raises, the part is malformed
-            raise refuse(Reason.MALFORMED_FRAME, f"envelope {name} does not decode ({type(error).__name__}: {str(error)[:200]})") from None
+            raise refuse(
+                Reason.MALFORMED_FRAME, f"envelope {name} does not decode ({type(error).__name__}: {str(error)[:200]})"
+            ) from None
         if values.dtype != np.uint8 or values.ndim != 1 or values.shape != tuple(record[name].shape):
-            raise refuse(Reason.MALFORMED_FRAME, f"envelope {name} is {values.dtype}{values.shape}, not what it declares")
+            raise refuse(
+                Reason.MALFORMED_FRAME, f"envelope {name} is {values.dtype}{values.shape}, not what it declares"
+            )
         parts.append(values.tobytes())
     return b"".join(parts)

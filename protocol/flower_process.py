@@ -79,7 +79,9 @@ def supernode_command(
 ) -> list[str]:
     """The ``flower-supernode`` command line; ``insecure`` and TLS/auth settings exclude each other."""
     if insecure and (root_certificates or auth_key):
-        raise FlowerCommandError("insecure: cannot be combined with root certificates or an auth key (node auth needs TLS)")
+        raise FlowerCommandError(
+            "insecure: cannot be combined with root certificates or an auth key (node auth needs TLS)"
+        )
     for name, path in (("root certificates", root_certificates), ("auth key", auth_key)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{path}: {name} file not found")

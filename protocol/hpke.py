@@ -139,7 +139,9 @@ def _key_schedule(shared_secret: bytes, info: bytes) -> Context:
     )
 
 
-def setup_base_sender(recipient: X25519PublicKey, info: bytes, ephemeral: X25519PrivateKey | None = None) -> tuple[bytes, Context]:
+def setup_base_sender(
+    recipient: X25519PublicKey, info: bytes, ephemeral: X25519PrivateKey | None = None
+) -> tuple[bytes, Context]:
     """``(enc, context)`` for sealing to ``recipient`` (SetupBaseS); ``ephemeral`` only for test vectors."""
     ephemeral = ephemeral or X25519PrivateKey.generate()
     enc = _raw(ephemeral.public_key())

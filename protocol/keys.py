@@ -172,7 +172,9 @@ def load_private_key(path: Path, kind: type) -> Ed25519PrivateKey | X25519Privat
     except FileNotFoundError:
         raise KeyFileError(f"{path}: no such private key file") from None
     if stat.S_ISREG(mode) and mode & 0o077:
-        raise KeyFileError(f"{path}: private key file has mode {stat.S_IMODE(mode):04o}, group/others may read it; run chmod 600 {path}")
+        raise KeyFileError(
+            f"{path}: private key file has mode {stat.S_IMODE(mode):04o}, group/others may read it; run chmod 600 {path}"
+        )
     data = _read_limited(path, MAX_KEY_FILE_BYTES, "private key file")
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -272,7 +274,9 @@ class CoordinatorKeys:
         }
         existing = [path for path in paths.values() if path.exists()]
         if existing and not force:
-            raise KeyFileError(f"{existing[0]}: already exists (pass --force to replace the coordinator's keys in {directory})")
+            raise KeyFileError(
+                f"{existing[0]}: already exists (pass --force to replace the coordinator's keys in {directory})"
+            )
         write_private_key(paths["encryption_key"], self.encryption_key, force=force)
         write_private_key(paths["signing_key"], self.signing_key, force=force)
         write_public_file(paths["public"], _json_bytes(self.public().to_json()), force=force)
@@ -396,7 +400,9 @@ class SenderRegistry:
             return current
         for other in self.entries.values():
             if raw_public(other.public_key) == raw:
-                raise ValueError(f"public key {fingerprint(public_key)} is already registered as sender {other.sender_id!r}")
+                raise ValueError(
+                    f"public key {fingerprint(public_key)} is already registered as sender {other.sender_id!r}"
+                )
         entry = SenderEntry(sender_id, public_key)
         self.entries[sender_id] = entry
         return entry
@@ -412,25 +418,37 @@ class SenderRegistry:
         return {
             "format": REGISTRY_FORMAT,
             "senders": {
-                sender: {"public_key": public_to_text(entry.public_key), "fingerprint": entry.fingerprint, "revoked": entry.revoked}
+                sender: {
+                    "public_key": public_to_text(entry.public_key),
+                    "fingerprint": entry.fingerprint,
+                    "revoked": entry.revoked,
+                }
                 for sender, entry in sorted(self.entries.items())
             },
         }
 
     @classmethod
     def from_json(cls, value: dict, where: str = "registry") -> SenderRegistry:
-        if not isinstance(value, dict) or value.get("format") != REGISTRY_FORMAT or not isinstance(value.get("senders"), dict):
+        if (
+            not isinstance(value, dict)
+            or value.get("format") != REGISTRY_FORMAT
+            or not isinstance(value.get("senders"), dict)
+        ):
             raise KeyFileError(f"{where}: not a sender registry (format {REGISTRY_FORMAT!r} with a 'senders' object)")
         registry = cls()
         for sender, item in value["senders"].items():
             if not isinstance(item, dict) or not isinstance(item.get("revoked", False), bool):
                 raise KeyFileError(f"{where}: sender {sender!r} needs 'public_key' and a boolean 'revoked'")
             try:
-                entry = registry.register(sender, ed25519_public_from_text(item.get("public_key"), f"{where}: sender {sender!r}"))
+                entry = registry.register(
+                    sender, ed25519_public_from_text(item.get("public_key"), f"{where}: sender {sender!r}")
+                )
             except ValueError as error:
                 raise KeyFileError(f"{where}: {error}") from None
             if item.get("fingerprint", entry.fingerprint) != entry.fingerprint:
-                raise KeyFileError(f"{where}: sender {sender!r}: fingerprint {str(item['fingerprint'])[:32]!r} does not match its public key")
+                raise KeyFileError(
+                    f"{where}: sender {sender!r}: fingerprint {str(item['fingerprint'])[:32]!r} does not match its public key"
+                )
             if item.get("revoked", False):
                 registry.revoke(entry.sender_id)
         return registry

@@ -163,7 +163,9 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> t
     return (codes.to(scale.dtype) * scale + low).reshape(codes.shape[0], -1)
 
 
-def pack_state(tensors: dict[str, torch.Tensor], rounded: dict[str, RoundedWeight]) -> tuple[dict[str, torch.Tensor], dict]:
+def pack_state(
+    tensors: dict[str, torch.Tensor], rounded: dict[str, RoundedWeight]
+) -> tuple[dict[str, torch.Tensor], dict]:
     """``tensors`` (a weights file's contents) with every rounded parameter replaced by its packed
     form, and the manifest's ``packed`` entry. Refuses (ValueError) a parameter that is absent, or
     whose floats are not exactly what its codes give back: the bundle must be the model as it was
@@ -178,18 +180,25 @@ def pack_state(tensors: dict[str, torch.Tensor], rounded: dict[str, RoundedWeigh
         if weight.transposed:
             rebuilt = rebuilt.t()
         if not same_bits(rebuilt, floats):
-            raise ValueError(f"packing {name}: its codes do not give back its weights exactly "
-                             "(changed after rounding?); refusing to ship a near copy")
+            raise ValueError(
+                f"packing {name}: its codes do not give back its weights exactly "
+                "(changed after rounding?); refusing to ship a near copy"
+            )
         out[name + CODES] = pack_codes(weight.codes, weight.bits)
         out[name + SCALE] = weight.scale.squeeze(-1).contiguous()
         out[name + LOW] = weight.low.squeeze(-1).contiguous()
-        entries[name] = {"bits": weight.bits, "group": weight.codes.shape[-1], "shape": list(floats.shape),
-                         "transposed": weight.transposed}
+        entries[name] = {
+            "bits": weight.bits,
+            "group": weight.codes.shape[-1],
+            "shape": list(floats.shape),
+            "transposed": weight.transposed,
+        }
     return out, {"scheme": SCHEME, "weights": entries}
 
 
-def unpack_state(tensors: dict[str, torch.Tensor], packed: object, where: str,
-                 error: Callable[[str], Exception] = ValueError) -> dict[str, torch.Tensor]:
+def unpack_state(
+    tensors: dict[str, torch.Tensor], packed: object, where: str, error: Callable[[str], Exception] = ValueError
+) -> dict[str, torch.Tensor]:
     """The weights file's contents with every packed parameter rebuilt as floats; every entry of
     the manifest's ``packed`` and every packed tensor is checked first, and ``error(message)``
     names the file and parameter of whatever does not fit."""
@@ -200,7 +209,12 @@ def unpack_state(tensors: dict[str, torch.Tensor], packed: object, where: str,
         here = f"{where}: packed weight {name!r}"
         if not isinstance(entry, dict):
             raise error(f"{here}: its entry must be an object")
-        bits, group, shape, transposed = entry.get("bits"), entry.get("group"), entry.get("shape"), entry.get("transposed")
+        bits, group, shape, transposed = (
+            entry.get("bits"),
+            entry.get("group"),
+            entry.get("shape"),
+            entry.get("transposed"),
+        )
         if not _int(bits) or not 1 <= bits <= 8 or not _int(group) or group < 1 or not isinstance(transposed, bool):
             raise error(f"{here}: needs 'bits' 1-8, 'group' >= 1 and 'transposed' true or false")
         if not isinstance(shape, list) or len(shape) != 2 or not all(_int(n) and n > 0 for n in shape):
@@ -215,11 +229,20 @@ def unpack_state(tensors: dict[str, torch.Tensor], packed: object, where: str,
         except KeyError as missing:
             raise error(f"{here}: the file lacks {missing.args[0]!r}") from None
         if codes.dtype != torch.uint8 or codes.shape != (packed_bytes((rows, cols), bits),):
-            raise error(f"{here}: codes must be {packed_bytes((rows, cols), bits)} uint8 bytes, "
-                        f"got {codes.dtype} {tuple(codes.shape)}")
-        if not scale.is_floating_point() or scale.dtype != low.dtype or scale.shape != (rows, cols // group) or low.shape != scale.shape:
-            raise error(f"{here}: scale and low must be floats of one dtype, shape {(rows, cols // group)}; "
-                        f"got {scale.dtype} {tuple(scale.shape)} and {low.dtype} {tuple(low.shape)}")
+            raise error(
+                f"{here}: codes must be {packed_bytes((rows, cols), bits)} uint8 bytes, "
+                f"got {codes.dtype} {tuple(codes.shape)}"
+            )
+        if (
+            not scale.is_floating_point()
+            or scale.dtype != low.dtype
+            or scale.shape != (rows, cols // group)
+            or low.shape != scale.shape
+        ):
+            raise error(
+                f"{here}: scale and low must be floats of one dtype, shape {(rows, cols // group)}; "
+                f"got {scale.dtype} {tuple(scale.shape)} and {low.dtype} {tuple(low.shape)}"
+            )
         grouped = unpack_codes(codes, bits, rows * cols).reshape(rows, cols // group, group)
         weight = dequantize(grouped, scale.unsqueeze(-1), low.unsqueeze(-1))
         out[name] = weight.t().contiguous() if transposed else weight

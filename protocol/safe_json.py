@@ -71,7 +71,11 @@ def check_depth(value: object, max_depth: int = MAX_DEPTH) -> None:
 
 
 def parse_json(
-    data: bytes | bytearray | memoryview | str, *, integers_only: bool = False, finite: bool = True, max_depth: int = MAX_DEPTH
+    data: bytes | bytearray | memoryview | str,
+    *,
+    integers_only: bool = False,
+    finite: bool = True,
+    max_depth: int = MAX_DEPTH,
 ) -> object:
     """The value ``data`` (UTF-8 JSON) holds, or :class:`JSONRefused` saying why not; never another exception.
 

@@ -64,9 +64,17 @@ class SimulatedOwners:
                 raise ValueError(f"${SIMULATION_ENV}: {key!r} must be a non-empty string")
         for key in ("num-partitions", "threads"):
             value = data.get(key)
-            if (value is not None or key == "num-partitions") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if (value is not None or key == "num-partitions") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
                 raise ValueError(f"${SIMULATION_ENV}: {key!r} must be an integer >= 1, got {value!r}")
-        return cls(Path(data["partitions"]), data["num-partitions"], Path(data["cache-dir"]), data["device"], data.get("threads"))
+        return cls(
+            Path(data["partitions"]),
+            data["num-partitions"],
+            Path(data["cache-dir"]),
+            data["device"],
+            data.get("threads"),
+        )
 
     def node_config(self, partition_id: int) -> dict:
         """The ``--node-config`` a deployed SuperNode of owner ``partition_id`` would have."""

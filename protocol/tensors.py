@@ -25,7 +25,9 @@ def check_like(
     lead = f"{where}: " if where else ""
     if set(state) != set(reference):
         extra, missing = sorted(set(state) - set(reference)), sorted(set(reference) - set(state))
-        raise error(f"{lead}unexpected tensors {[prefix + k for k in extra[:3]]}, missing {[prefix + k for k in missing[:3]]}")
+        raise error(
+            f"{lead}unexpected tensors {[prefix + k for k in extra[:3]]}, missing {[prefix + k for k in missing[:3]]}"
+        )
     for name, like in reference.items():
         tensor = state[name]
         if tuple(tensor.shape) != tuple(like.shape):

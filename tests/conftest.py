@@ -26,27 +26,60 @@ def tiny_model(family: str, n_blocks: int = 8, seed: int = 0):
     torch.manual_seed(seed)
     if family == "llama":
         config = LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_blocks,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=INIT,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=n_blocks,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            initializer_range=INIT,
         )
         return LlamaForCausalLM(config).eval()
     if family == "mistral":
         from transformers import MistralConfig, MistralForCausalLM
 
-        config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_blocks,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=INIT)
+        config = MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=n_blocks,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            initializer_range=INIT,
+        )
         return MistralForCausalLM(config).eval()
     if family == "qwen2":
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_blocks,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=INIT)
+        config = Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=n_blocks,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            initializer_range=INIT,
+        )
         return Qwen2ForCausalLM(config).eval()
     if family == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=n_blocks, n_head=4, n_positions=256, initializer_range=INIT)).eval()
+        return GPT2LMHeadModel(
+            GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=n_blocks, n_head=4, n_positions=256, initializer_range=INIT)
+        ).eval()
     if family == "opt":
-        config = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=n_blocks,
-                           num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=256, init_std=INIT)
+        config = OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=n_blocks,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=256,
+            init_std=INIT,
+        )
         return OPTForCausalLM(config).eval()
     raise ValueError(family)
 

@@ -7,8 +7,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # folder -> the package it installs as (pyproject.toml's package-dir)
-PACKAGES = {"emulator": "emulator", "protocol": "protocol", "client": "client", "cloud": "cloud", "harness": "harness",
-            "offsite": "offsite", "data": "data"}
+PACKAGES = {
+    "emulator": "emulator",
+    "protocol": "protocol",
+    "client": "client",
+    "cloud": "cloud",
+    "harness": "harness",
+    "offsite": "offsite",
+    "data": "data",
+}
 
 
 def package_imports(folder: str) -> dict[str, set[str]]:
@@ -45,8 +52,10 @@ def edges() -> dict[str, set[str]]:
     return graph
 
 
-@pytest.mark.parametrize("importer, imported", [("client", "cloud"), ("cloud", "client")] + [
-    (p, "harness") for p in ("emulator", "protocol", "client", "cloud")])
+@pytest.mark.parametrize(
+    "importer, imported",
+    [("client", "cloud"), ("cloud", "client")] + [(p, "harness") for p in ("emulator", "protocol", "client", "cloud")],
+)
 def test_a_room_does_not_import_what_the_architecture_forbids(importer, imported):
     offenders = [module for module, targets in package_imports(importer).items() if imported in targets]
     assert not offenders, f"{importer} must not import {imported}: {offenders}"
@@ -65,7 +74,9 @@ def test_no_import_cycle_between_packages():
         return seen
 
     cycles = sorted(p for p in graph if p in reach(p))
-    assert not cycles, f"packages on an import cycle: {cycles}; edges: { {p: sorted(t) for p, t in graph.items() if t} }"
+    assert not cycles, (
+        f"packages on an import cycle: {cycles}; edges: { {p: sorted(t) for p, t in graph.items() if t} }"
+    )
 
 
 def test_the_checks_see_imports(tmp_path):

@@ -58,19 +58,44 @@ def test_diagnostics_are_none_where_they_do_not_apply():
 
 def test_knob_rows_join_fidelity_to_results_and_average_over_seeds(tmp_path):
     def step(name, seed, plug, emu, auc=None, step=120, rows=300, schedule="constant"):
-        return {"recipe": name, "task": "hyperbaton", "seed": seed, "step": step, "gamma": 1.0, "rows": rows, "schedule": schedule,
-                "emulator_ft": emu, "plug_in": plug, "auc": {"emulator_ft": None, "plug_in": auc},
-                "calibrated": {"emulator_ft": None, "plug_in": None}}
+        return {
+            "recipe": name,
+            "task": "hyperbaton",
+            "seed": seed,
+            "step": step,
+            "gamma": 1.0,
+            "rows": rows,
+            "schedule": schedule,
+            "emulator_ft": emu,
+            "plug_in": plug,
+            "auc": {"emulator_ft": None, "plug_in": auc},
+            "calibrated": {"emulator_ft": None, "plug_in": None},
+        }
 
     def fidelity(name, ce, rows=300):
-        return {"task": "hyperbaton", "emulator": name, "rows": rows, "full_zero_shot": 0.5, "heldout_kd": ce / 10,
-                "heldout_ce": {"full": 2.6, "emulator": ce}}
+        return {
+            "task": "hyperbaton",
+            "emulator": name,
+            "rows": rows,
+            "full_zero_shot": 0.5,
+            "heldout_kd": ce / 10,
+            "heldout_ce": {"full": 2.6, "emulator": ce},
+        }
 
-    records = [fidelity("lossy", 4.0), fidelity("close", 3.0), fidelity("other-task", 3.5) | {"task": "sports"},
-               step("lossy", 0, 0.50, 0.70, 0.55), step("lossy", 1, 0.54, 0.80, 0.65), step("lossy", 1, 0.9, 0.9, step=60),
-               step("close", 0, 0.70, 0.75), step("orphan", 0, 0.6, 0.6), step("close", 0, 0.1, 0.1, rows=1000),
-               step("close", 1, 0.2, 0.2, schedule="cosine"), step("lossy", 0, 0.50, 0.70, 0.57),  # re-scored: the later record stands...
-               step("lossy", 0, 0.50, 0.70)]  # ...unless it lacks the AUC the earlier one has
+    records = [
+        fidelity("lossy", 4.0),
+        fidelity("close", 3.0),
+        fidelity("other-task", 3.5) | {"task": "sports"},
+        step("lossy", 0, 0.50, 0.70, 0.55),
+        step("lossy", 1, 0.54, 0.80, 0.65),
+        step("lossy", 1, 0.9, 0.9, step=60),
+        step("close", 0, 0.70, 0.75),
+        step("orphan", 0, 0.6, 0.6),
+        step("close", 0, 0.1, 0.1, rows=1000),
+        step("close", 1, 0.2, 0.2, schedule="cosine"),
+        step("lossy", 0, 0.50, 0.70, 0.57),  # re-scored: the later record stands...
+        step("lossy", 0, 0.50, 0.70),
+    ]  # ...unless it lacks the AUC the earlier one has
     path = tmp_path / "runs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
     table, notes = knob_rows(read_records([path]), "hyperbaton", 120, rows=300, schedule="constant")
@@ -89,18 +114,21 @@ def test_the_linear_loss_gradient_does_not_depend_on_what_the_model_predicts(tok
     """`trajectory.py --loss linear`: d loss / d answer logits is (1/V - onehot) / n for any model,
     where cross-entropy's (p - onehot) / n differs between two models on the same batch."""
     import torch
+    from trajectory import linear_answer_loss
 
     from offsite.emulator.data import collate, encode_pair
     from offsite.emulator.score import answer_loss
     from tests.conftest import tiny_model
-    from trajectory import linear_answer_loss
 
-    batch = collate([encode_pair(tokenizer, p, c, 64) for p, c in (("Is it so?", " True"), ("Or not", " False no"))],
-                    tokenizer.pad_token_id or 0)
+    batch = collate(
+        [encode_pair(tokenizer, p, c, 64) for p, c in (("Is it so?", " True"), ("Or not", " False no"))],
+        tokenizer.pad_token_id or 0,
+    )
 
     def logit_grad(model, loss_fn):
         seen = []
         head = model.get_output_embeddings()
+
         def keep(module, inputs, output):
             output.retain_grad()
             seen.append(output)

@@ -76,7 +76,9 @@ class Installed:
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         done = subprocess.run(args, cwd=self.outside, env=self.env, capture_output=True, text=True, timeout=timeout)
-        assert done.returncode == 0, f"{' '.join(args)} exited with {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert done.returncode == 0, (
+            f"{' '.join(args)} exited with {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
         return done
 
 
@@ -113,8 +115,23 @@ def installed(tmp_path_factory) -> Installed:
     outside.mkdir()
     _copy_build_sources(source)
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(wheels), str(source)],
-        cwd=outside, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(wheels),
+            str(source),
+        ],
+        cwd=outside,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = wheels.glob("offsite-*.whl")
@@ -123,24 +140,38 @@ def installed(tmp_path_factory) -> Installed:
     python, bin_dir = venv / "bin" / "python", venv / "bin"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
-        cwd=outside, capture_output=True, text=True, timeout=300,
+        cwd=outside,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert install.returncode == 0, install.stdout + install.stderr
-    site = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    site = Path(
+        subprocess.check_output(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+    )
     assert (site / "offsite" / "__init__.py").is_file(), f"the wheel was not installed into {site}"
 
     # the dependencies, from this environment (after the install, so pip never sees this environment's offsite)
-    ours = dict.fromkeys(str(Path(p).resolve()) for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]))
+    ours = dict.fromkeys(
+        str(Path(p).resolve()) for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])
+    )
     assert str(site.resolve()) not in ours, "the fresh environment is this one"
     (site / "zz-offsite-test-dependencies.pth").write_text("".join(f"{path}\n" for path in ours))
     _write_console_scripts("flwr", bin_dir, python)
 
     ours_bin = Path(sys.executable).parent.resolve()
     path = [str(bin_dir)] + [
-        entry for entry in os.environ.get("PATH", "").split(os.pathsep)
+        entry
+        for entry in os.environ.get("PATH", "").split(os.pathsep)
         if entry and Path(entry).resolve() != ours_bin and not Path(entry).resolve().is_relative_to(REPO)
     ]
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
+    }
     env.update(
         PATH=os.pathsep.join(path),
         VIRTUAL_ENV=str(venv),
@@ -165,20 +196,30 @@ def test_the_wheel_holds_every_file_of_the_packages(installed):
     from ``packages`` or a data file from ``package-data`` is named here."""
     names = set(zipfile.ZipFile(installed.wheel).namelist())
     assert "offsite/cloud/flower_app/pyproject.toml" in names
-    assert {"offsite/data/skill/wordnet_definitions.train.jsonl", "offsite/data/skill/wordnet_definitions.test.jsonl"} <= names
+    assert {
+        "offsite/data/skill/wordnet_definitions.train.jsonl",
+        "offsite/data/skill/wordnet_definitions.test.jsonl",
+    } <= names
     assert "offsite/protocol/serving.proto" in names
     dirs = package_dirs()
     folders = sorted(set(dirs.values()))
     listed = subprocess.run(["git", "ls-files", "-z", "--", *folders], cwd=REPO, capture_output=True, timeout=60)
     if listed.returncode != 0:
         pytest.skip(f"not a git checkout: {listed.stderr.decode(errors='replace')}")
-    new = subprocess.run(["git", "ls-files", "-z", "--others", "--exclude-standard", "--", *folders], cwd=REPO, capture_output=True, timeout=60)
+    new = subprocess.run(
+        ["git", "ls-files", "-z", "--others", "--exclude-standard", "--", *folders],
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+    )
     # tracked files that are on disk (a deletion may not be committed yet), and new modules not yet committed
     sources = [name for name in listed.stdout.decode().split("\0") if name and (REPO / name).is_file()]
     sources += [name for name in new.stdout.decode().split("\0") if name.endswith(".py")]
     assert sources
     missing = sorted(source for source in sources if wheel_path_of(source, dirs) not in names)
-    assert not missing, f"files the wheel does not ship (pyproject.toml's [tool.setuptools] packages or package-data): {missing}"
+    assert not missing, (
+        f"files the wheel does not ship (pyproject.toml's [tool.setuptools] packages or package-data): {missing}"
+    )
 
 
 def test_cli_runs_from_the_installed_package(installed):
@@ -186,17 +227,23 @@ def test_cli_runs_from_the_installed_package(installed):
     assert "usage: offsite" in help_text and "presets" in help_text
     presets = installed.run(str(installed.bin / "offsite"), "presets").stdout
     assert "smollm2-135m" in presets
-    where = installed.run(str(installed.python), "-c", textwrap.dedent("""
+    where = installed.run(
+        str(installed.python),
+        "-c",
+        textwrap.dedent("""
         import json, offsite
         from offsite.cloud.superlink import APP_DIR
         from offsite.harness.pipeline import task_files
         print(json.dumps({"offsite": offsite.__file__, "app": str(APP_DIR), "tasks": [str(p) for p in task_files("wordnet_definitions")]}))
-    """)).stdout
+    """),
+    ).stdout
     found = json.loads(where.splitlines()[-1])
     site = installed.site.resolve()
     assert Path(found["offsite"]).resolve() == site / "offsite" / "__init__.py"
     assert (Path(found["app"]) / "pyproject.toml").resolve().is_relative_to(site)
-    assert all(Path(task).resolve().is_relative_to(site) and Path(task).is_file() for task in found["tasks"]), found["tasks"]
+    assert all(Path(task).resolve().is_relative_to(site) and Path(task).is_file() for task in found["tasks"]), found[
+        "tasks"
+    ]
 
 
 FEDERATION_SCRIPT = '''
@@ -267,7 +314,9 @@ def _run_stopping_on_timeout(command: list[str], installed: Installed, log_path:
     from offsite.harness.federation import _descendants
 
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=installed.outside, env=installed.env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, cwd=installed.outside, env=installed.env, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -295,16 +344,46 @@ def test_federated_job_from_the_installed_package(installed, tmp_path):
     write_jsonl(data, [{"prompt": f"owner0 private note {i}: ", "completion": f"a{i * 7 % 10}"} for i in range(4)])
 
     prepared = installed.run(
-        str(installed.bin / "offsite"), "cloud", "prepare", "--model", str(model_dir), "--shape", "1-2-1", "--distill-steps", "0",
-        "--out", str(job_dir), "--rounds", "1", "--min-nodes", "1", "--min-replies", "1", "--round-timeout", "120",
-        "--local-steps", "1", "--local-batch-size", "2", "--no-plug-in", timeout=180,
+        str(installed.bin / "offsite"),
+        "cloud",
+        "prepare",
+        "--model",
+        str(model_dir),
+        "--shape",
+        "1-2-1",
+        "--distill-steps",
+        "0",
+        "--out",
+        str(job_dir),
+        "--rounds",
+        "1",
+        "--min-nodes",
+        "1",
+        "--min-replies",
+        "1",
+        "--round-timeout",
+        "120",
+        "--local-steps",
+        "1",
+        "--local-batch-size",
+        "2",
+        "--no-plug-in",
+        timeout=180,
     )
     assert (job_dir / "job.json").is_file() and (job_dir / "bundle" / "manifest.json").is_file(), prepared.stdout
 
     script, result, log_path = tmp_path / "federation_job.py", tmp_path / "result.json", tmp_path / "federation_job.log"
     script.write_text(FEDERATION_SCRIPT)
     workdir = tmp_path / "federation"
-    command = [str(installed.python), str(script), str(workdir), str(job_dir), str(data), str(tmp_path / "node-cache"), str(result)]
+    command = [
+        str(installed.python),
+        str(script),
+        str(workdir),
+        str(job_dir),
+        str(data),
+        str(tmp_path / "node-cache"),
+        str(result),
+    ]
     code = _run_stopping_on_timeout(command, installed, log_path, timeout=360)
     where = f"\n{log_path.read_text(errors='replace')[-4000:]}\n{_log_tails(workdir)}"
     assert code == 0 and result.is_file(), f"the federation script exited with {code}:{where}"

@@ -39,7 +39,8 @@ def scan_source(text: str, name: str = "<source>") -> list[str]:
     findings = []
     tree = ast.parse(text, filename=name)
     safe_loads = {
-        id(node.func) for node in ast.walk(tree)
+        id(node.func)
+        for node in ast.walk(tree)
         if isinstance(node, ast.Call) and any(kw.arg == "weights_only" and _is_true(kw.value) for kw in node.keywords)
     }
     for node in ast.walk(tree):
@@ -71,7 +72,11 @@ def scan_source(text: str, name: str = "<source>") -> list[str]:
             is_torch_load = func.endswith("torch.load") or func == "torch.serialization.load"
             if is_torch_load and not _is_true(keywords.get("weights_only", ast.Constant(None))):
                 findings.append(f"{name}:{line}: {func}(...) without weights_only=True")
-            if func.split(".")[-1] == "load" and func.split(".")[0] in ("np", "numpy") and _is_true(keywords.get("allow_pickle", ast.Constant(None))):
+            if (
+                func.split(".")[-1] == "load"
+                and func.split(".")[0] in ("np", "numpy")
+                and _is_true(keywords.get("allow_pickle", ast.Constant(None)))
+            ):
                 findings.append(f"{name}:{line}: {func}(..., allow_pickle=True)")
             if _is_true(keywords.get("trust_remote_code", ast.Constant(None))):
                 findings.append(f"{name}:{line}: {func}(..., trust_remote_code=True)")
@@ -92,7 +97,9 @@ def package_files() -> list[Path]:
 
 
 def test_package_sources_have_no_unsafe_loading():
-    findings = [finding for path in package_files() for finding in scan_source(path.read_text(), str(path.relative_to(ROOT)))]
+    findings = [
+        finding for path in package_files() for finding in scan_source(path.read_text(), str(path.relative_to(ROOT)))
+    ]
     assert findings == []
 
 

@@ -57,8 +57,12 @@ def run_job(grid: Grid, job_dir: Path) -> JobState:
         log.info("job %s: resuming after round %d of %d", job_dir, job.state.completed_round, job.config.rounds)
     result = FederatedTuning(job, channel, grid).start()
     state = result.state
-    log.info("job %s: %d round(s) completed; global adapter at %s", job_dir, state.completed_round,
-             job_dir / state.checkpoint)
+    log.info(
+        "job %s: %d round(s) completed; global adapter at %s",
+        job_dir,
+        state.completed_round,
+        job_dir / state.checkpoint,
+    )
     if job.config.base_model is not None:
         finish_job(job_dir)
     return state

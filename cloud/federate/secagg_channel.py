@@ -89,8 +89,10 @@ class SecAggChannel:
                 f"round {round_state.number}: {len(survivors)} masked update(s) in the sum, "
                 f"need {self.config.min_replies}"
             )
-        summary = (f"secure aggregate of {len(survivors)} masked update(s) {survivors} "
-                   f"(total weight {result.total_weight}, error bound {result.error_bound:.3g})")
+        summary = (
+            f"secure aggregate of {len(survivors)} masked update(s) {survivors} "
+            f"(total weight {result.total_weight}, error bound {result.error_bound:.3g})"
+        )
         return Aggregate(add_mean(round_state.adapter, result), survivors, dropped, summary, secagg=self.record(result))
 
     # -- the stages' pieces
@@ -101,8 +103,12 @@ class SecAggChannel:
         threshold = max(sec.secagg_threshold, len(nodes) // 2 + 1)
         try:
             config = SecAggConfig.for_job(
-                secagg_session(self.config.job_id, number), state_dimension(round_state.adapter), len(nodes),
-                sec.secagg_clip_range, max_weight=1 if sec.dp else sec.secagg_max_weight, bits=sec.secagg_ring_bits,
+                secagg_session(self.config.job_id, number),
+                state_dimension(round_state.adapter),
+                len(nodes),
+                sec.secagg_clip_range,
+                max_weight=1 if sec.dp else sec.secagg_max_weight,
+                bits=sec.secagg_ring_bits,
                 threshold=threshold,
             )
             self.server, self.masked = SecAggServer(config), {}
@@ -111,9 +117,16 @@ class SecAggChannel:
             raise RoundFailed(
                 f"round {number}: secure aggregation cannot start on {len(nodes)} node(s) {nodes}: {error}"
             ) from None
-        log.info("round %d: secure aggregation on %d node(s) %s, threshold %d, clip range %g, 2**-%d scale, "
-                 "%d-bit ring", number, len(nodes), nodes, threshold, sec.secagg_clip_range, config.scale_bits,
-                 sec.secagg_ring_bits)
+        log.info(
+            "round %d: secure aggregation on %d node(s) %s, threshold %d, clip range %g, 2**-%d scale, %d-bit ring",
+            number,
+            len(nodes),
+            nodes,
+            threshold,
+            sec.secagg_clip_range,
+            config.scale_bits,
+            sec.secagg_ring_bits,
+        )
         return setup
 
     def ask(self, round_state: RoundState, requests: Mapping[int, object], kind: type) -> dict:

@@ -33,6 +33,7 @@ from functools import partial
 
 import numpy as np
 import torch
+
 from offsite.protocol.secagg import (
     CIPHERTEXT_BYTES,
     MAX_SUBSETS,
@@ -175,7 +176,9 @@ class SecAggServer:
         nodes = tuple(sorted(accepted))
         self._enough(nodes, "advertised keys")
         self.roster = KeyRoster(
-            self.config.session, nodes, tuple(accepted[n].channel_key for n in nodes),
+            self.config.session,
+            nodes,
+            tuple(accepted[n].channel_key for n in nodes),
             tuple(accepted[n].mask_key for n in nodes),
         )
         self.stage = "shares"
@@ -238,12 +241,14 @@ class SecAggServer:
         seed_shares, key_shares = self._unmask_shares(replies)
         config, total = self.config, self.total
         for owner in self.survivors:
-            seed = reconstruct(owner, "self-mask seed", seed_shares[owner], config.threshold,
-                               partial(self._is_committed_seed, owner))
+            seed = reconstruct(
+                owner, "self-mask seed", seed_shares[owner], config.threshold, partial(self._is_committed_seed, owner)
+            )
             apply_mask(total, self_mask_seed(seed, config.session, owner), -1)
         for owner in self.dropped:
-            private = reconstruct(owner, "mask key", key_shares[owner], config.threshold,
-                                  partial(self._is_advertised_key, owner))
+            private = reconstruct(
+                owner, "mask key", key_shares[owner], config.threshold, partial(self._is_advertised_key, owner)
+            )
             for survivor in self.survivors:
                 seed = pairwise_seed(private, self._mask_key(survivor), config.session, owner, survivor)
                 apply_mask(total, seed, -1 if survivor < owner else +1)  # undo what the survivor added
@@ -303,5 +308,7 @@ def add_mean(global_adapter: Mapping[str, torch.Tensor], result: SecAggResult) -
     """``global + mean delta`` per tensor: added in float64, cast back to each tensor's dtype."""
     like = {key: torch.empty(tensor.shape, dtype=torch.float64) for key, tensor in global_adapter.items()}
     delta = result.mean_state(like)
-    return {key: (tensor.detach().to("cpu", torch.float64) + delta[key]).to(tensor.dtype)
-            for key, tensor in global_adapter.items()}
+    return {
+        key: (tensor.detach().to("cpu", torch.float64) + delta[key]).to(tensor.dtype)
+        for key, tensor in global_adapter.items()
+    }

@@ -59,8 +59,11 @@ def spend_privacy(state: JobState, config: FedJobConfig) -> dict:
     state.privacy = accountant.to_json()
     spent = accountant.spent(sec.dp_delta)
     return {
-        **spent.to_json(), "mode": sec.dp_mode, "clip_norm": sec.dp_clip_norm,
-        "noise_multiplier": sec.dp_noise_multiplier, "min_clients": sec.dp_config(config.min_replies).min_clients,
+        **spent.to_json(),
+        "mode": sec.dp_mode,
+        "clip_norm": sec.dp_clip_norm,
+        "noise_multiplier": sec.dp_noise_multiplier,
+        "min_clients": sec.dp_config(config.min_replies).min_clients,
     }
 
 
@@ -110,8 +113,13 @@ class FederatedTuning:
     def configure_train(self, round_state: RoundState) -> dict[int, RecordDict]:
         """Each node's train message: the global adapter, the round's instruction, and what the channel adds."""
         requests = self.channel.train_requests(round_state)
-        log.info("round %d: train on %d node(s) %s (%d connected)", round_state.number, len(requests), sorted(requests),
-                 len(round_state.connected))
+        log.info(
+            "round %d: train on %d node(s) %s (%d connected)",
+            round_state.number,
+            len(requests),
+            sorted(requests),
+            len(round_state.connected),
+        )
         return requests
 
     def aggregate_train(

@@ -108,15 +108,17 @@ class NodeTransport:
             return set()
         files = bundle_files(bundle)
         plan = plan_bundle_parts(files, part_bytes)
-        log.info("bundle %s: %d bytes in %d part(s) to nodes %s", bundle.digest[:12], sum(files.values()), len(plan),
-                 nodes)
+        log.info(
+            "bundle %s: %d bytes in %d part(s) to nodes %s", bundle.digest[:12], sum(files.values()), len(plan), nodes
+        )
         group = f"bundle-{bundle.digest[:12]}"
         messages = []
         for index in range(len(plan)):
             content = bundle_part_to_content(read_bundle_part(bundle.root, bundle.digest, plan, index))
             for node in nodes:
-                messages.append(Message(content, dst_node_id=node, message_type=BUNDLE_PART, group_id=group,
-                                        ttl=timeout))
+                messages.append(
+                    Message(content, dst_node_id=node, message_type=BUNDLE_PART, group_id=group, ttl=timeout)
+                )
         replies, _ = self.exchange(messages, timeout)
         return installed_nodes(nodes, replies, len(plan))
 
@@ -141,8 +143,9 @@ def installed_nodes(nodes: list[int], replies: list[tuple[int, Message]], parts:
             else:
                 statuses[node].append(str(reply.content.config_records[BUNDLE_STATUS]["status"])[:40])
         except Exception as error:  # noqa: BLE001 - a malformed status reply: no bundle on this node, the round goes on
-            log.warning("node %d: unreadable bundle status reply (%s: %s)", node, type(error).__name__,
-                        str(error)[:200])
+            log.warning(
+                "node %d: unreadable bundle status reply (%s: %s)", node, type(error).__name__, str(error)[:200]
+            )
             statuses[node].append("error")
     ready = set()
     for node, got in statuses.items():

@@ -47,26 +47,34 @@ class Query:
 class HttpClient:
     """The OpenAI-compatible HTTP API at ``url`` (``http://host:port``)."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0, cafile: Path | str | None = None) -> None:
+    def __init__(
+        self, url: str, api_key: str | None = None, timeout: float = 600.0, cafile: Path | str | None = None
+    ) -> None:
         parts = urlsplit(url if "://" in url else "http://" + url)
         if parts.scheme not in ("http", "https"):
             raise QueryError(f"{url}: the URL must start with http:// or https://")
         self.scheme, self.host, self.port = parts.scheme, parts.hostname or "127.0.0.1", parts.port
         self.api_key, self.timeout = api_key, timeout
-        self.context = ssl.create_default_context(cafile=str(cafile) if cafile else None) if self.scheme == "https" else None
+        self.context = (
+            ssl.create_default_context(cafile=str(cafile) if cafile else None) if self.scheme == "https" else None
+        )
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.scheme == "https":
             return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
-    def _request(self, method: str, path: str, body: dict | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    def _request(
+        self, method: str, path: str, body: dict | None = None
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         connection = self._connection()
         try:
-            connection.request(method, path, body=json.dumps(body).encode() if body is not None else None, headers=headers)
+            connection.request(
+                method, path, body=json.dumps(body).encode() if body is not None else None, headers=headers
+            )
             response = connection.getresponse()
         except OSError as error:
             connection.close()
@@ -85,13 +93,15 @@ class HttpClient:
     def stream(self, query: Query) -> Iterator[str]:
         """The answer's text, piece by piece, as the server decodes it."""
         chat = bool(query.messages)
-        connection, response = self._request("POST", "/v1/chat/completions" if chat else "/v1/completions", query.body() | {"stream": True})
+        connection, response = self._request(
+            "POST", "/v1/chat/completions" if chat else "/v1/completions", query.body() | {"stream": True}
+        )
         with contextlib.closing(connection):
             for line in response:
                 line = line.strip()
                 if not line.startswith(b"data:"):
                     continue
-                data = line[len(b"data:"):].strip()
+                data = line[len(b"data:") :].strip()
                 if data == b"[DONE]":
                     return
                 event = json.loads(data)
@@ -115,8 +125,11 @@ class GrpcClient:
     """The gRPC service at ``target`` (``host:port``): over TLS trusting ``cafile`` when given,
     else a plain channel."""
 
-    def __init__(self, target: str, api_key: str | None = None, timeout: float = 600.0, cafile: Path | str | None = None) -> None:
+    def __init__(
+        self, target: str, api_key: str | None = None, timeout: float = 600.0, cafile: Path | str | None = None
+    ) -> None:
         import grpc
+
         from offsite.protocol._generated import serving_pb2_grpc
 
         self._grpc = grpc
@@ -131,7 +144,9 @@ class GrpcClient:
     def _request(self, query: Query):
         from offsite.protocol._generated import serving_pb2
 
-        request = serving_pb2.GenerateRequest(model=query.model, prompt=query.prompt or "", max_tokens=query.max_tokens or 0, stop=query.stop)
+        request = serving_pb2.GenerateRequest(
+            model=query.model, prompt=query.prompt or "", max_tokens=query.max_tokens or 0, stop=query.stop
+        )
         request.messages.extend(serving_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in query.messages)
         for key in ("temperature", "top_p", "seed"):
             if getattr(query, key) is not None:
@@ -145,7 +160,10 @@ class GrpcClient:
             reply = self.stub.ListModels(serving_pb2.ListModelsRequest(), metadata=self.metadata, timeout=self.timeout)
         except self._grpc.RpcError as error:
             raise QueryError(f"{error.code().name}: {error.details()}") from None
-        return [{"id": m.id, "kind": m.kind, "adapter_blocks": list(m.adapter_blocks), "context_length": m.context_length} for m in reply.models]
+        return [
+            {"id": m.id, "kind": m.kind, "adapter_blocks": list(m.adapter_blocks), "context_length": m.context_length}
+            for m in reply.models
+        ]
 
     def stream(self, query: Query) -> Iterator[str]:
         try:

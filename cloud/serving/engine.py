@@ -27,7 +27,16 @@ from .logprobs import NonFiniteScores, TokenLogprob, prompt_logprobs, score_toke
 from .registry import BASE_MODEL, ServedJob
 from .stack import SUPPORTED_MODEL_TYPES, KVCache, LlamaStack
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "KVCache", "LlamaStack", "QueueFull", "Request", "SamplingParams", "Scheduler", "SchedulerClosed"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "KVCache",
+    "LlamaStack",
+    "QueueFull",
+    "Request",
+    "SamplingParams",
+    "Scheduler",
+    "SchedulerClosed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +90,13 @@ class Request:
     token included (it has no event of its own: a request that stops on it has one more entry
     than tokens)."""
 
-    def __init__(self, job: ServedJob | None, prompt: list[int], params: SamplingParams,
-                 listener: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        job: ServedJob | None,
+        prompt: list[int],
+        params: SamplingParams,
+        listener: Callable[[], None] | None = None,
+    ) -> None:
         if not prompt:
             raise ValueError("the prompt is empty")
         self.job = job
@@ -170,19 +184,23 @@ class Scheduler:
             if self._closing:
                 raise SchedulerClosed("the server is shutting down")
             if len(self._pending) + len(requests) > self.max_queue:
-                raise QueueFull(f"{len(self._pending)} requests are waiting and this one adds {len(requests)} "
-                                f"(the limit is {self.max_queue}); retry later")
+                raise QueueFull(
+                    f"{len(self._pending)} requests are waiting and this one adds {len(requests)} "
+                    f"(the limit is {self.max_queue}); retry later"
+                )
             self._pending.extend(requests)
             self._cond.notify()
 
     def load(self) -> dict:
+        """Rows decoding and requests waiting (a row that has had its last event is not counted,
+        though it leaves ``_rows`` only at the end of its step)."""
         with self._cond:
-            return {"active": len(self._rows), "waiting": len(self._pending)}
+            return {"active": sum(not row.ended for row in self._rows), "waiting": len(self._pending)}
 
     def load_by_model(self) -> dict[str, tuple[int, int]]:
         """Per model (a job's name, or ``base``): (rows decoding, requests waiting)."""
         with self._cond:
-            active = collections.Counter(_model(row.request) for row in self._rows)
+            active = collections.Counter(_model(row.request) for row in self._rows if not row.ended)
             waiting = collections.Counter(_model(request) for request in self._pending)
         return {model: (active[model], waiting[model]) for model in active.keys() | waiting.keys()}
 
@@ -221,7 +239,9 @@ class Scheduler:
                     new = self._admit()
                 try:
                     self._step(new)
-                except Exception:  # a bug outside any one row's forward or sampling: fail what is in flight, keep serving
+                except (
+                    Exception
+                ):  # a bug outside any one row's forward or sampling: fail what is in flight, keep serving
                     log.exception("decode step failed")
                     for row in self._rows + [r for r in new if r not in self._rows]:
                         if not row.ended:
@@ -255,27 +275,31 @@ class Scheduler:
         return new
 
     def _finish(self, row: _Row, reason: str) -> None:
-        row.request.emit("done", reason)
-        row.ended = True
+        row.ended = True  # before the event: whoever sees it sees the row ended
         self.stats.finished += 1
         self.stats.cancelled += reason == "cancelled"
         row.slot = -1
+        row.request.emit("done", reason)
 
     def _fail(self, row: _Row, message: str) -> None:
         """End one row with an error; the other rows go on."""
-        row.request.emit("error", message)
         row.ended = True
         self.stats.errors += 1
         if row.slot >= 0:
             self.stack.cache.clear(row.slot)
         row.slot = -1
+        row.request.emit("error", message)
 
-    def _forward(self, rows: list[_Row], tokens: list[list[int]], starts: list[int]) -> tuple[list[_Row], list[torch.Tensor]]:
+    def _forward(
+        self, rows: list[_Row], tokens: list[list[int]], starts: list[int]
+    ) -> tuple[list[_Row], list[torch.Tensor]]:
         """The rows' final hidden states (one ``(T_r, D)`` per row), batched; when the batch fails,
         each row runs alone, and only a row that fails alone is failed. Returns the rows that ran
         and their states."""
         try:
-            states = self.stack.forward_states([row.request.job for row in rows], tokens, starts, [row.slot for row in rows])
+            states = self.stack.forward_states(
+                [row.request.job for row in rows], tokens, starts, [row.slot for row in rows]
+            )
             return rows, [states[r, : len(row_tokens)] for r, row_tokens in enumerate(tokens)]
         except Exception:
             if len(rows) == 1:
@@ -350,7 +374,9 @@ class Scheduler:
     def _score_prompt(self, row: _Row, states: torch.Tensor) -> bool:
         """Set the row's prompt log-probabilities; a row whose scores are not finite fails alone."""
         try:
-            row.request.prompt_logprobs = prompt_logprobs(self.stack.logits, states, row.request.prompt, row.request.params.prompt_logprobs)
+            row.request.prompt_logprobs = prompt_logprobs(
+                self.stack.logits, states, row.request.prompt, row.request.params.prompt_logprobs
+            )
         except NonFiniteScores:
             self._fail(row, NON_FINITE)
             return False
@@ -370,7 +396,10 @@ class Scheduler:
         for i, row in enumerate(rows):
             params = row.request.params
             if not finite[i]:
-                log.warning("request on %s: the model's scores are not finite; failing it", row.request.job.name if row.request.job else "base")
+                log.warning(
+                    "request on %s: the model's scores are not finite; failing it",
+                    row.request.job.name if row.request.job else "base",
+                )
                 self._fail(row, NON_FINITE)
                 continue
             if params.max_tokens == 0:  # the prompt scored, nothing to sample
@@ -378,7 +407,11 @@ class Scheduler:
                 continue
             try:
                 token = greedy[i] if params.temperature == 0 else _sample(logits[i], params, row.generator)
-                scored = score_tokens(logits[i : i + 1], torch.tensor([token]), params.logprobs)[0] if params.logprobs is not None else None
+                scored = (
+                    score_tokens(logits[i : i + 1], torch.tensor([token]), params.logprobs)[0]
+                    if params.logprobs is not None
+                    else None
+                )
             except (RuntimeError, ValueError):
                 log.exception("sampling failed")
                 self._fail(row, "sampling failed for this request (the server logged the cause)")

@@ -20,7 +20,11 @@ from .engine import Request
 from .logprobs import TokenLogprob
 from .openai_types import ServingError
 
-FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}  # the scheduler's -> OpenAI's (the spec's values only)
+FINISH_REASONS = {
+    "stop": "stop",
+    "length": "length",
+    "cancelled": "stop",
+}  # the scheduler's -> OpenAI's (the spec's values only)
 
 
 class ClientGone(Exception):
@@ -43,8 +47,14 @@ class Generation:
     """The decoded text of one :class:`.engine.Request`; ``on_end`` is called once when it ends,
     however it ends."""
 
-    def __init__(self, request: Request, tokenizer, stop: list[str], timeout: float = 600.0,
-                 on_end: Callable[[Generation], None] | None = None) -> None:
+    def __init__(
+        self,
+        request: Request,
+        tokenizer,
+        stop: list[str],
+        timeout: float = 600.0,
+        on_end: Callable[[Generation], None] | None = None,
+    ) -> None:
         self.request = request
         self.tokenizer = tokenizer
         self.stop = stop
@@ -70,7 +80,11 @@ class Generation:
         return len(self.token_ids)
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.prompt_tokens + self.completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
     def cancel(self) -> None:
         self.request.cancel()
@@ -86,9 +100,9 @@ class Generation:
     def _piece(self, end: int, logprobs_upto: int, final: bool = False) -> Piece:
         """The text up to character ``end`` not handed out yet, its pending token ids, and the
         log-probabilities up to entry ``logprobs_upto`` (when the request asked for them)."""
-        ids = self.token_ids[len(self.token_ids) - self._pending:] if self._pending else []
-        logprobs = self.request.token_logprobs[self._logprobs_out:logprobs_upto]
-        piece = Piece(self.text[self._emitted:end], ids, logprobs, final, self._emitted)
+        ids = self.token_ids[len(self.token_ids) - self._pending :] if self._pending else []
+        logprobs = self.request.token_logprobs[self._logprobs_out : logprobs_upto]
+        piece = Piece(self.text[self._emitted : end], ids, logprobs, final, self._emitted)
         self._emitted, self._pending = max(self._emitted, end), 0
         self._logprobs_out = max(self._logprobs_out, logprobs_upto)
         return piece
@@ -101,7 +115,9 @@ class Generation:
             raise ServingError(500, value, type="server_error", code="generation_failed")
         if kind == "done":
             self._end(value)
-            return self._piece(len(self.text), len(self.request.token_logprobs), final=True)  # with the end-of-sequence token's
+            return self._piece(
+                len(self.text), len(self.request.token_logprobs), final=True
+            )  # with the end-of-sequence token's
         self.token_ids.append(value)
         self._pending += 1
         self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -194,8 +210,12 @@ class LoopWaker:
             wake.set()
 
 
-async def follow(generations: list[Generation], wake: asyncio.Event, alive: Callable[[], Awaitable[bool]] | None = None,
-                 poll: float = 0.25) -> AsyncIterator[tuple[int, Piece]]:
+async def follow(
+    generations: list[Generation],
+    wake: asyncio.Event,
+    alive: Callable[[], Awaitable[bool]] | None = None,
+    poll: float = 0.25,
+) -> AsyncIterator[tuple[int, Piece]]:
     """``(index, piece)`` of several generations as their tokens arrive, from an event loop that
     ``wake`` is set on (by the requests' listener) whenever the scheduler has put an event.
     ``alive`` is awaited every ``poll`` seconds while nothing arrives; False cancels them all

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from offsite.protocol._generated import serving_pb2, serving_pb2_grpc
 
 from .generation import ClientGone
@@ -56,7 +57,9 @@ def _parse(message_type, data: bytes, context: grpc.ServicerContext):
     try:
         return message_type.FromString(data)
     except (DecodeError, ValueError):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {message_type.DESCRIPTOR.full_name} message")
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {message_type.DESCRIPTOR.full_name} message"
+        )
 
 
 def _counted(servicer: ServingServicer, name: str, method):
@@ -85,10 +88,16 @@ def _handlers(servicer: ServingServicer) -> dict:
 
     return {
         "Generate": grpc.unary_unary_rpc_method_handler(
-            unary("Generate", servicer.Generate, serving_pb2.GenerateRequest), response_serializer=serving_pb2.GenerateResponse.SerializeToString),
-        "GenerateStream": grpc.unary_stream_rpc_method_handler(stream, response_serializer=serving_pb2.GenerateChunk.SerializeToString),
+            unary("Generate", servicer.Generate, serving_pb2.GenerateRequest),
+            response_serializer=serving_pb2.GenerateResponse.SerializeToString,
+        ),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            stream, response_serializer=serving_pb2.GenerateChunk.SerializeToString
+        ),
         "ListModels": grpc.unary_unary_rpc_method_handler(
-            unary("ListModels", servicer.ListModels, serving_pb2.ListModelsRequest), response_serializer=serving_pb2.ListModelsResponse.SerializeToString),
+            unary("ListModels", servicer.ListModels, serving_pb2.ListModelsRequest),
+            response_serializer=serving_pb2.ListModelsResponse.SerializeToString,
+        ),
     }
 
 
@@ -99,7 +108,9 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     def count(self, method: str, context: grpc.ServicerContext) -> None:
         code = context.code()  # set by abort; None: OK
-        self.service.metrics.count_request("grpc", method, self.models.pop(context, None), code.name if code is not None else "OK")
+        self.service.metrics.count_request(
+            "grpc", method, self.models.pop(context, None), code.name if code is not None else "OK"
+        )
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
         metadata = dict(context.invocation_metadata() or ())
@@ -127,7 +138,10 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             generation = self._start(request, context)
             text = "".join(piece.text for piece in generation.pieces(context.is_active))
             return serving_pb2.GenerateResponse(
-                model=request.model, text=text, token_ids=generation.token_ids, finish_reason=generation.finish_reason or "",
+                model=request.model,
+                text=text,
+                token_ids=generation.token_ids,
+                finish_reason=generation.finish_reason or "",
                 usage=self._usage(generation),
             )
         except ServingError as error:
@@ -153,7 +167,13 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         except ServingError as error:
             self._abort(context, error)
         infos = [
-            serving_pb2.ModelInfo(id=m["id"], kind=m["kind"], adapter_blocks=m["adapter_blocks"], base=m["base"], context_length=m["context_length"])
+            serving_pb2.ModelInfo(
+                id=m["id"],
+                kind=m["kind"],
+                adapter_blocks=m["adapter_blocks"],
+                base=m["base"],
+                context_length=m["context_length"],
+            )
             for m in self.service.models()
         ]
         return serving_pb2.ListModelsResponse(models=infos)
@@ -166,8 +186,14 @@ class GrpcServer:
     ``workers`` threads run calls; at most ``ServeConfig.max_connections`` calls are in flight (one
     more is RESOURCE_EXHAUSTED), and a connection idle for ``idle_timeout`` seconds is closed."""
 
-    def __init__(self, service: ServingService, host: str = "127.0.0.1", port: int = 50051, workers: int = 64,
-                 tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        service: ServingService,
+        host: str = "127.0.0.1",
+        port: int = 50051,
+        workers: int = 64,
+        tls: TlsFiles | None = None,
+    ) -> None:
         config = service.config
         self.shutdown_timeout = config.shutdown_timeout
         self._server = grpc.server(
@@ -183,7 +209,9 @@ class GrpcServer:
         self.host, self.tls = host, tls
         address = f"{host}:{port}"
         if tls:
-            credentials = grpc.ssl_server_credentials([(Path(tls.keyfile).read_bytes(), Path(tls.certfile).read_bytes())])
+            credentials = grpc.ssl_server_credentials(
+                [(Path(tls.keyfile).read_bytes(), Path(tls.certfile).read_bytes())]
+            )
             self.port = self._server.add_secure_port(address, credentials)
         else:
             self.port = self._server.add_insecure_port(address)

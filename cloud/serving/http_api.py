@@ -60,8 +60,19 @@ access = logging.getLogger("offsite.serving.access")
 
 MAX_JSON_BYTES = 8 << 20
 INLINE_BODY_BYTES = 256 << 10  # larger bodies are parsed and validated off the event loop
-ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
-             "/admin/models", "/metrics", "/health", "/ready", "/docs", "/openapi.json")
+ENDPOINTS = (
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+    "/admin/models",
+    "/metrics",
+    "/health",
+    "/ready",
+    "/docs",
+    "/openapi.json",
+)
 
 
 def endpoint_label(path: str) -> str:
@@ -87,7 +98,10 @@ class Gate:
             return
         started = time.perf_counter()
         framing = {name: value for name, value in scope["headers"] if name in (b"content-length", b"transfer-encoding")}
-        state = {"body_done": framing.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in framing, "status": 500}
+        state = {
+            "body_done": framing.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in framing,
+            "status": 500,
+        }
 
         async def receive_() -> dict:
             message = await receive()
@@ -109,8 +123,16 @@ class Gate:
             self.service.metrics.count_request("http", endpoint_label(scope["path"]), model, str(state["status"]))
             if self.access_log:
                 client = scope.get("client") or ("-", 0)
-                access.info('%s:%s "%s %s" %d %s %.3fs', client[0], client[1], scope["method"], brief(scope["path"]),
-                            state["status"], model or "-", time.perf_counter() - started)
+                access.info(
+                    '%s:%s "%s %s" %d %s %.3fs',
+                    client[0],
+                    client[1],
+                    scope["method"],
+                    brief(scope["path"]),
+                    state["status"],
+                    model or "-",
+                    time.perf_counter() - started,
+                )
 
 
 def _schema(model) -> dict:
@@ -154,10 +176,18 @@ def _sse(data) -> bytes:
     return b"data: " + (data if isinstance(data, bytes) else json.dumps(data).encode()) + b"\n\n"
 
 
-def build_app(service: ServingService, ready: Callable[[], str | None] | None = None, access_log: bool = True) -> FastAPI:
+def build_app(
+    service: ServingService, ready: Callable[[], str | None] | None = None, access_log: bool = True
+) -> FastAPI:
     """The app. ``ready()`` says why the server should not take new requests now (None: it should)."""
-    app = FastAPI(title="Offsite serving", version="1", summary="OpenAI-compatible API over the base model and every registered job",
-                  openapi_url="/openapi.json", docs_url="/docs", redoc_url=None)
+    app = FastAPI(
+        title="Offsite serving",
+        version="1",
+        summary="OpenAI-compatible API over the base model and every registered job",
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
     app.add_middleware(Gate, service=service, access_log=access_log)
     _add_error_handlers(app)
     _add_inference(app, service)
@@ -174,21 +204,30 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> Response:
-        refused = ServingError(error.status_code, f"no such endpoint: {request.method} {brief(request.url.path)}", code="unknown_url")
+        refused = ServingError(
+            error.status_code, f"no such endpoint: {request.method} {brief(request.url.path)}", code="unknown_url"
+        )
         return JSONResponse(refused.body(), status_code=error.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> Response:
-        return JSONResponse(ServingError(400, "the request's path or query is invalid", code="invalid_value").body(), status_code=400)
+        return JSONResponse(
+            ServingError(400, "the request's path or query is invalid", code="invalid_value").body(), status_code=400
+        )
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, error: ClientDisconnect) -> Response:
         return Response(status_code=499)  # nobody reads it
 
     @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception) -> Response:  # a bug: the cause goes to the log, not to the client
+    async def internal_error(
+        request: Request, error: Exception
+    ) -> Response:  # a bug: the cause goes to the log, not to the client
         log.error("%s %s failed", request.method, brief(request.url.path), exc_info=error)
-        return JSONResponse(ServingError(500, "internal error (the server logged the cause)", type="server_error").body(), status_code=500)
+        return JSONResponse(
+            ServingError(500, "internal error (the server logged the cause)", type="server_error").body(),
+            status_code=500,
+        )
 
 
 def _add_inference(app: FastAPI, service: ServingService) -> None:
@@ -212,7 +251,9 @@ def _add_inference(app: FastAPI, service: ServingService) -> None:
         generations = service.start(prepared, waker.listener(wake))
         reply = Reply(prepared, generations, texts)
         if prepared.stream:
-            return StreamingResponse(_stream(reply, wake), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _stream(reply, wake), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
 
         async def alive() -> bool:
             return not await request.is_disconnected()
@@ -248,10 +289,21 @@ def _add_operations(app: FastAPI, service: ServingService, ready: Callable[[], s
     async def health() -> Response:
         """Liveness: 200 while the scheduler runs (503: restart the server)."""
         stats = service.scheduler.snapshot()
-        body = {"status": "ok" if service.scheduler.running else "dead", **service.scheduler.load(), "stats": {
-            "steps": stats.steps, "decode_tokens": stats.decode_tokens, "prefill_tokens": stats.prefill_tokens,
-            "finished": stats.finished, "cancelled": stats.cancelled, "errors": stats.errors, "max_rows": stats.max_rows,
-            "max_jobs_in_step": stats.max_jobs_in_step, "kv_cache_bytes": service.stack.cache.nbytes()}}
+        body = {
+            "status": "ok" if service.scheduler.running else "dead",
+            **service.scheduler.load(),
+            "stats": {
+                "steps": stats.steps,
+                "decode_tokens": stats.decode_tokens,
+                "prefill_tokens": stats.prefill_tokens,
+                "finished": stats.finished,
+                "cancelled": stats.cancelled,
+                "errors": stats.errors,
+                "max_rows": stats.max_rows,
+                "max_jobs_in_step": stats.max_jobs_in_step,
+                "kv_cache_bytes": service.stack.cache.nbytes(),
+            },
+        }
         return JSONResponse(body, status_code=200 if service.scheduler.running else 503)
 
     @app.get("/ready", tags=["operations"])
@@ -262,8 +314,10 @@ def _add_operations(app: FastAPI, service: ServingService, ready: Callable[[], s
             reason = "the scheduler is not running"
         if reason is None and service.scheduler.load()["waiting"] >= service.config.max_queue:
             reason = "the queue is full"
-        return JSONResponse({"status": "ready"} if reason is None else {"status": "not ready", "reason": reason},
-                            status_code=200 if reason is None else 503)
+        return JSONResponse(
+            {"status": "ready"} if reason is None else {"status": "not ready", "reason": reason},
+            status_code=200 if reason is None else 503,
+        )
 
     @app.get("/metrics", tags=["operations"])
     async def metrics(request: Request) -> Response:
@@ -279,7 +333,13 @@ def _add_admin(app: FastAPI, service: ServingService) -> None:
     async def listed(request: Request) -> dict:
         admin(request)
         jobs = service.jobs()
-        return {"object": "list", "data": [service.model_info(n, job) | {"meta": job.meta, "bytes": job.nbytes()} for n, job in sorted(jobs.items())]}
+        return {
+            "object": "list",
+            "data": [
+                service.model_info(n, job) | {"meta": job.meta, "bytes": job.nbytes()}
+                for n, job in sorted(jobs.items())
+            ],
+        }
 
     @app.post("/admin/models", openapi_extra=_schema(RegisterRequest), tags=["admin"], status_code=201)
     async def register(request: Request) -> Response:
@@ -297,7 +357,9 @@ def _add_admin(app: FastAPI, service: ServingService) -> None:
         try:
             gain = float(gain) if gain is not None else None
         except ValueError:
-            raise ServingError(400, f"'plugin_gain' must be a number, got {brief(gain)}", param="plugin_gain", code="invalid_type") from None
+            raise ServingError(
+                400, f"'plugin_gain' must be a number, got {brief(gain)}", param="plugin_gain", code="invalid_type"
+            ) from None
         upload = service.begin_upload(name, _content_length(request), replace=replace, plugin_gain=gain)
         try:
             async for chunk in request.stream():

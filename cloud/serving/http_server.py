@@ -52,8 +52,10 @@ class TlsFiles:
 def _raw_error(error: ServingError) -> bytes:
     """A whole HTTP/1.1 response (closing the connection) carrying ``error``'s body."""
     data = json.dumps(error.body()).encode()
-    head = (f"HTTP/1.1 {error.status} {'Bad Request' if error.status == 400 else 'Service Unavailable'}\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(data)}\r\nconnection: close\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {error.status} {'Bad Request' if error.status == 400 else 'Service Unavailable'}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(data)}\r\nconnection: close\r\n\r\n"
+    )
     return head.encode() + data
 
 
@@ -69,8 +71,12 @@ class _GuardedProtocol(HttpToolsProtocol):
         self._eof = False
         if len(self.connections) >= self.max_connections:
             self.transport = transport
-            error = ServingError(503, f"the server has {self.max_connections} connections open, its limit; retry later",
-                                 type="server_error", code="too_many_connections")
+            error = ServingError(
+                503,
+                f"the server has {self.max_connections} connections open, its limit; retry later",
+                type="server_error",
+                code="too_many_connections",
+            )
             transport.write(_raw_error(error))
             transport.close()
             return
@@ -142,18 +148,36 @@ class _GuardedProtocol(HttpToolsProtocol):
 class HttpServer:
     """An ASGI app on ``host:port`` (0: a free port), served by uvicorn from a background thread."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 8000, max_connections: int = 256,
-                 idle_timeout: float = 60.0, shutdown_timeout: float = 30.0, tls: TlsFiles | None = None) -> None:
-        protocol = type("Protocol", (_GuardedProtocol,), {"max_connections": max_connections, "idle_timeout": idle_timeout})
+    def __init__(
+        self,
+        app,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        max_connections: int = 256,
+        idle_timeout: float = 60.0,
+        shutdown_timeout: float = 30.0,
+        tls: TlsFiles | None = None,
+    ) -> None:
+        protocol = type(
+            "Protocol", (_GuardedProtocol,), {"max_connections": max_connections, "idle_timeout": idle_timeout}
+        )
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.create_server((host, port), family=family, backlog=2048)
         self.host, self.port = self._socket.getsockname()[:2]
         self.tls = tls
         config = uvicorn.Config(
-            app, http=protocol, ws="none", lifespan="off", log_config=None, access_log=False, server_header=False,
-            headers=[("server", "offsite-serve")], timeout_keep_alive=max(1, round(idle_timeout)),
+            app,
+            http=protocol,
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            headers=[("server", "offsite-serve")],
+            timeout_keep_alive=max(1, round(idle_timeout)),
             timeout_graceful_shutdown=max(1, round(shutdown_timeout)),
-            ssl_certfile=str(tls.certfile) if tls else None, ssl_keyfile=str(tls.keyfile) if tls else None,
+            ssl_certfile=str(tls.certfile) if tls else None,
+            ssl_keyfile=str(tls.keyfile) if tls else None,
         )
         if tls:
             try:

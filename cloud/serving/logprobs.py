@@ -45,8 +45,13 @@ def score_tokens(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[To
     return [TokenLogprob(int(t), lp, top) for t, lp, top in zip(targets.view(-1).tolist(), chosen, tops)]
 
 
-def prompt_logprobs(head: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor, prompt: list[int], k: int,
-                    chunk: int = PROMPT_CHUNK) -> list[TokenLogprob | None]:
+def prompt_logprobs(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    states: torch.Tensor,
+    prompt: list[int],
+    k: int,
+    chunk: int = PROMPT_CHUNK,
+) -> list[TokenLogprob | None]:
     """Each prompt token's log-probability given the tokens before it: ``states`` (T, D) are the
     prompt's final hidden states, ``head`` turns states into logits. ``[None, lp(t1|t0), ...]``."""
     targets = torch.tensor(prompt[1:], dtype=torch.long)  # (T-1,)

@@ -29,14 +29,32 @@ class ServingMetrics:
 
     def __init__(self, scheduler: Scheduler, jobs: Callable[[], int], kv_cache_bytes: Callable[[], int]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("offsite_serving_requests", "Requests answered, by API, endpoint, model and status",
-                                ["api", "endpoint", "model", "status"], registry=self.registry)
-        self.prompt_tokens = Counter("offsite_serving_prompt_tokens", "Prompt tokens of finished generations", ["model"], registry=self.registry)
-        self.generation_tokens = Counter("offsite_serving_generation_tokens", "Tokens generated (handed out)", ["model"], registry=self.registry)
-        self.time_to_first_token = Histogram("offsite_serving_time_to_first_token_seconds", "From queueing to the first sampled token",
-                                             ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.latency = Histogram("offsite_serving_request_latency_seconds", "From queueing to the end of a generation that finished",
-                                 ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "offsite_serving_requests",
+            "Requests answered, by API, endpoint, model and status",
+            ["api", "endpoint", "model", "status"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "offsite_serving_prompt_tokens", "Prompt tokens of finished generations", ["model"], registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "offsite_serving_generation_tokens", "Tokens generated (handed out)", ["model"], registry=self.registry
+        )
+        self.time_to_first_token = Histogram(
+            "offsite_serving_time_to_first_token_seconds",
+            "From queueing to the first sampled token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "offsite_serving_request_latency_seconds",
+            "From queueing to the end of a generation that finished",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.connections: Callable[[], int] | None = None  # set by the HTTP server
         self.registry.register(_SchedulerCollector(self, scheduler, jobs, kv_cache_bytes))
 
@@ -60,7 +78,9 @@ class ServingMetrics:
 class _SchedulerCollector:
     """Gauges and counters read from the scheduler at each scrape."""
 
-    def __init__(self, metrics: ServingMetrics, scheduler: Scheduler, jobs: Callable[[], int], kv_cache_bytes: Callable[[], int]) -> None:
+    def __init__(
+        self, metrics: ServingMetrics, scheduler: Scheduler, jobs: Callable[[], int], kv_cache_bytes: Callable[[], int]
+    ) -> None:
         self.metrics, self.scheduler, self.jobs, self.kv_cache_bytes = metrics, scheduler, jobs, kv_cache_bytes
 
     def describe(self):
@@ -69,27 +89,44 @@ class _SchedulerCollector:
     def collect(self):
         by_model = self.scheduler.load_by_model()
         running = GaugeMetricFamily("offsite_serving_running_requests", "Requests decoding now", labels=["model"])
-        waiting = GaugeMetricFamily("offsite_serving_queue_depth", "Requests waiting for a batch slot", labels=["model"])
+        waiting = GaugeMetricFamily(
+            "offsite_serving_queue_depth", "Requests waiting for a batch slot", labels=["model"]
+        )
         for model, (active, queued) in sorted(by_model.items()):
             running.add_metric([model], active)
             waiting.add_metric([model], queued)
         yield running
         yield waiting
         stats = self.scheduler.snapshot()
-        yield _histogram("offsite_serving_batch_size", "Rows per decode step (all jobs of the step together)", stats.histogram, BATCH_BUCKETS)
-        for name, value, text in (("finished", stats.finished, "Rows that ended (cancelled ones included)"),
-                                  ("cancelled", stats.cancelled, "Rows cancelled (client gone, stop sequence)"),
-                                  ("failed", stats.errors, "Rows that failed (alone)"), ("decode_steps", stats.steps, "Decode steps")):
+        yield _histogram(
+            "offsite_serving_batch_size",
+            "Rows per decode step (all jobs of the step together)",
+            stats.histogram,
+            BATCH_BUCKETS,
+        )
+        for name, value, text in (
+            ("finished", stats.finished, "Rows that ended (cancelled ones included)"),
+            ("cancelled", stats.cancelled, "Rows cancelled (client gone, stop sequence)"),
+            ("failed", stats.errors, "Rows that failed (alone)"),
+            ("decode_steps", stats.steps, "Decode steps"),
+        ):
             yield CounterMetricFamily(f"offsite_serving_{name}", text, value=value)
-        yield GaugeMetricFamily("offsite_serving_kv_cache_bytes", "Bytes held by the KV cache", value=self.kv_cache_bytes())
+        yield GaugeMetricFamily(
+            "offsite_serving_kv_cache_bytes", "Bytes held by the KV cache", value=self.kv_cache_bytes()
+        )
         yield GaugeMetricFamily("offsite_serving_jobs", "Registered jobs", value=self.jobs())
         if self.metrics.connections is not None:
-            yield GaugeMetricFamily("offsite_serving_http_connections", "Open HTTP connections", value=self.metrics.connections())
+            yield GaugeMetricFamily(
+                "offsite_serving_http_connections", "Open HTTP connections", value=self.metrics.connections()
+            )
 
 
-def _histogram(name: str, documentation: str, counts: dict[int, int], buckets: tuple[int, ...]) -> HistogramMetricFamily:
+def _histogram(
+    name: str, documentation: str, counts: dict[int, int], buckets: tuple[int, ...]
+) -> HistogramMetricFamily:
     """A Prometheus histogram of exact observations ``value -> count``."""
     cumulative = [(str(bound), sum(c for v, c in counts.items() if v <= bound)) for bound in buckets]
     cumulative.append(("+Inf", sum(counts.values())))
-    return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=sum(v * c for v, c in counts.items()))
-
+    return HistogramMetricFamily(
+        name, documentation, buckets=cumulative, sum_value=sum(v * c for v, c in counts.items())
+    )

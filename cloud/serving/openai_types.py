@@ -28,7 +28,11 @@ MAX_PROMPTS = 4096  # prompts in one request, checked before they are (a refused
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 60
 _REPR.maxlevel = 3
-_COMMON_UNSUPPORTED = {"logit_bias": (None, {}), "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0)}
+_COMMON_UNSUPPORTED = {
+    "logit_bias": (None, {}),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+}
 UNSUPPORTED = {  # OpenAI parameters this server does not implement: refused unless left at their default
     "completion": _COMMON_UNSUPPORTED | {"best_of": (None, 1), "suffix": (None, "")},
     "chat": _COMMON_UNSUPPORTED | {
@@ -41,7 +45,14 @@ UNSUPPORTED = {  # OpenAI parameters this server does not implement: refused unl
 class ServingError(Exception):
     """A refused request: HTTP status and the OpenAI error body's fields."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -56,15 +67,19 @@ def brief(value) -> str:
 
 # ---------------------------------------------------------------- fields
 
+
 def _stop(value: Any) -> list[str]:
     stop = [value] if isinstance(value, str) else ([] if value is None else value)
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
-        raise PydanticCustomError("invalid_value", f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them")
+        raise PydanticCustomError(
+            "invalid_value", f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them"
+        )
     return stop
 
 
 def _prompts(value: Any) -> list[str] | list[list[int]]:
     """One prompt or a batch: a string, a list of strings, a list of token ids, a list of those."""
+
     def token_ids(item) -> bool:
         return isinstance(item, list) and bool(item) and all(type(t) is int for t in item)
 
@@ -73,17 +88,25 @@ def _prompts(value: Any) -> list[str] | list[list[int]]:
     if isinstance(value, list) and value:
         if isinstance(value[0], (str, list)):  # a batch
             if len(value) > MAX_PROMPTS:
-                raise PydanticCustomError("invalid_value", f"'prompt' holds {len(value)} prompts; at most {MAX_PROMPTS} go in one request")
+                raise PydanticCustomError(
+                    "invalid_value", f"'prompt' holds {len(value)} prompts; at most {MAX_PROMPTS} go in one request"
+                )
             if all(isinstance(item, str) for item in value) or all(token_ids(item) for item in value):
                 return value
         elif token_ids(value):
             return [value]
-    raise PydanticCustomError("invalid_type", "'prompt' must be a string, a list of strings, a non-empty list of token ids, or a list of such lists")
+    raise PydanticCustomError(
+        "invalid_type",
+        "'prompt' must be a string, a list of strings, a non-empty list of token ids, or a list of such lists",
+    )
 
 
 def _content(value: Any) -> str:
     if isinstance(value, list):  # [{"type": "text", "text": ...}]
-        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in value):
+        if not all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in value
+        ):
             raise PydanticCustomError("invalid_value", "only text parts are supported")
         return "".join(part["text"] for part in value)
     if not isinstance(value, str):
@@ -91,11 +114,30 @@ def _content(value: Any) -> str:
     return value
 
 
-_STRING_OR_LIST = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP}, {"type": "null"}]}
-_PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
-                            {"type": "array", "items": {"type": "integer"}}, {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}]}
-_CONTENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "properties": {
-    "type": {"const": "text"}, "text": {"type": "string"}}}}]}
+_STRING_OR_LIST = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP},
+        {"type": "null"},
+    ]
+}
+_PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "array", "items": {"type": "integer"}},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+    ]
+}
+_CONTENT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}}},
+        },
+    ]
+}
 
 
 class _Strict(BaseModel):
@@ -137,10 +179,14 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 
-    prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)] = Field(description="a string, a list of strings, token ids, or a list of token-id lists")
+    prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)] = Field(
+        description="a string, a list of strings, token ids, or a list of token-id lists"
+    )
     max_tokens: int | None = Field(None, ge=0, description="0 only with echo: score the prompt, generate nothing")
     echo: bool = Field(False, description="return the prompt before the completion (and its tokens' logprobs)")
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="log-probability of each token and its N most likely alternatives")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="log-probability of each token and its N most likely alternatives"
+    )
 
     @field_validator("prompt", mode="plain")
     @classmethod
@@ -171,7 +217,9 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = Field(False, description="log-probability of each completion token")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the N most likely alternatives")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the N most likely alternatives"
+    )
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -241,7 +289,11 @@ def _error(detail: dict) -> ServingError:
     if kind == "value_error" and detail.get("ctx", {}).get("error") is not None:
         name = str(detail["ctx"]["error"])
         return ServingError(400, _CROSS_FIELD.get(name, f"'{name}' is invalid"), param=name, code="invalid_value")
-    code = "invalid_type" if kind.endswith("_type") or kind in ("invalid_type", "model_attributes_type") else "invalid_value"
+    code = (
+        "invalid_type"
+        if kind.endswith("_type") or kind in ("invalid_type", "model_attributes_type")
+        else "invalid_value"
+    )
     message = detail["msg"] if detail["msg"].startswith("'") else f"Invalid '{param}': {detail['msg']}"
     if "input" in detail and kind not in ("invalid_type", "invalid_value"):
         message += f" (got {brief(detail['input'])})"
@@ -266,11 +318,17 @@ def parse_json(raw: bytes) -> dict:
     can be wrong is a ServingError (400) that says how, in words of its own."""
     containers = raw.count(b"[") + raw.count(b"{")  # an upper bound: brackets inside strings count too
     if containers > MAX_JSON_CONTAINERS:
-        raise ServingError(400, f"the body holds more than {MAX_JSON_CONTAINERS} arrays and objects", code="invalid_json")
+        raise ServingError(
+            400, f"the body holds more than {MAX_JSON_CONTAINERS} arrays and objects", code="invalid_json"
+        )
     try:
         body = json.loads(raw) if raw else None
     except json.JSONDecodeError as error:
-        raise ServingError(400, f"the body is not valid JSON ({error.msg}: line {error.lineno} column {error.colno})", code="invalid_json") from None
+        raise ServingError(
+            400,
+            f"the body is not valid JSON ({error.msg}: line {error.lineno} column {error.colno})",
+            code="invalid_json",
+        ) from None
     except UnicodeDecodeError:
         raise ServingError(400, "the body is not valid JSON (not UTF-8 text)", code="invalid_json") from None
     except RecursionError:
@@ -283,6 +341,11 @@ def parse_json(raw: bytes) -> dict:
     while level:
         if depth > MAX_JSON_DEPTH:
             raise ServingError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
-        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node) if isinstance(child, (dict, list))]
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, (dict, list))
+        ]
         depth += 1
     return body

@@ -32,15 +32,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from offsite.emulator.arch import blocks_of
+from torch import nn
+
 from offsite.cloud.plugin import extrapolate
 from offsite.cloud.presets import check_gain
+from offsite.emulator.arch import blocks_of
 from offsite.emulator.sandwich import ADAPTER_KEY
 from offsite.protocol.adapter import UpdateError, load_update, save_update
 from offsite.protocol.bundle import sha256_file
 from offsite.protocol.files import replace_dir
 from offsite.protocol.tensors import check_like
-from torch import nn
 
 FORMAT = "offsite-served-job/1"
 ADAPTER_FILE = "adapter.safetensors"
@@ -55,7 +56,9 @@ class RegistryError(ValueError):
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME.match(name):
-        raise RegistryError(f"job name {reprlib.repr(name)}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise RegistryError(
+            f"job name {reprlib.repr(name)}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     if name == BASE_MODEL:
         raise RegistryError(f"job name {name!r} is reserved for the bare base model")
     return name
@@ -101,7 +104,9 @@ def _finite(tensor: torch.Tensor, where: str, key: str, gain: float) -> torch.Te
     """``tensor`` (as served: in the base model's dtype, the plug-in gain applied), refused when
     it holds NaN or inf: every answer of the job would be NaN."""
     if not bool(torch.isfinite(tensor).all()):
-        raise RegistryError(f"{where}: tensor {key!r} is not finite as served (plug-in gain {gain:g}, dtype {tensor.dtype})")
+        raise RegistryError(
+            f"{where}: tensor {key!r} is not finite as served (plug-in gain {gain:g}, dtype {tensor.dtype})"
+        )
     return tensor
 
 
@@ -127,10 +132,15 @@ def served_job(name: str, tensors: dict[str, torch.Tensor], meta: dict, base: nn
         job = ServedJob(name, "blocks", meta=meta)
         for index, params in sorted(grouped.items()):
             own = blocks[index].state_dict()
-            check_like(params, own, RegistryError, f"{where}: adapter block {index}", prefix=f"blocks.{index}.", finite=True)
+            check_like(
+                params, own, RegistryError, f"{where}: adapter block {index}", prefix=f"blocks.{index}.", finite=True
+            )
             if gain != 1.0:  # the recipe's plug-in gain, as `offsite cloud plugin` applies it
                 params = {param: extrapolate(own[param], tensor, gain) for param, tensor in params.items()}
-            job.blocks[index] = {param: _finite(tensor.to(dtype).contiguous(), where, f"blocks.{index}.{param}", gain) for param, tensor in params.items()}
+            job.blocks[index] = {
+                param: _finite(tensor.to(dtype).contiguous(), where, f"blocks.{index}.{param}", gain)
+                for param, tensor in params.items()
+            }
         return job
     if mode == "lora":
         alpha = meta.get("lora_alpha")
@@ -148,7 +158,13 @@ def served_job(name: str, tensors: dict[str, torch.Tensor], meta: dict, base: nn
                 if weight is None or weight.dim() != 2:
                     raise RegistryError(f"{where}: blocks.{index}.{stem}: the base block has no linear {stem!r}")
                 out_features, in_features = weight.shape
-                if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape[0] != out_features or a.shape[0] != b.shape[1]:
+                if (
+                    a.dim() != 2
+                    or b.dim() != 2
+                    or a.shape[1] != in_features
+                    or b.shape[0] != out_features
+                    or a.shape[0] != b.shape[1]
+                ):
                     raise RegistryError(
                         f"{where}: blocks.{index}.{stem}: LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
                         f"a ({out_features}, {in_features}) weight"
@@ -181,8 +197,13 @@ def read_source(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
             tensors = load_checkpoint(path, state)
         except (JobError, UpdateError) as error:
             raise RegistryError(str(error)) from None
-        meta = {"mode": "blocks", "lora_alpha": None, "bundle": state.bundle, "round": state.completed_round,
-                "plugin_gain": gain}
+        meta = {
+            "mode": "blocks",
+            "lora_alpha": None,
+            "bundle": state.bundle,
+            "round": state.completed_round,
+            "plugin_gain": gain,
+        }
         return tensors, meta
     try:
         return load_update(path)
@@ -190,8 +211,14 @@ def read_source(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
         raise RegistryError(str(error)) from None
 
 
-def add(registry: Path | str, name: str, source: Path | str, base: nn.Module | None = None, replace: bool = False,
-        plugin_gain: float | None = None) -> Path:
+def add(
+    registry: Path | str,
+    name: str,
+    source: Path | str,
+    base: nn.Module | None = None,
+    replace: bool = False,
+    plugin_gain: float | None = None,
+) -> Path:
     """Copy ``source``'s adapter into ``registry/name`` (validated against ``base`` when given).
 
     ``plugin_gain``: serve the adapter at this gain instead of the source's own (a job's

@@ -36,7 +36,11 @@ class Servers:
         self.draining.set()
         if self.grpc:
             self.grpc.drain()
-        stoppers = [threading.Thread(target=server.stop, name="offsite-serve-stop") for server in (self.http, self.grpc) if server]
+        stoppers = [
+            threading.Thread(target=server.stop, name="offsite-serve-stop")
+            for server in (self.http, self.grpc)
+            if server
+        ]
         for thread in stoppers:
             thread.start()
         for thread in stoppers:
@@ -44,15 +48,23 @@ class Servers:
         self.service.close()
 
 
-def start(service: ServingService, host: str = "127.0.0.1", http_port: int | None = 8000, grpc_port: int | None = 50051,
-          tls: TlsFiles | None = None, access_log: bool = True) -> Servers:
+def start(
+    service: ServingService,
+    host: str = "127.0.0.1",
+    http_port: int | None = 8000,
+    grpc_port: int | None = 50051,
+    tls: TlsFiles | None = None,
+    access_log: bool = True,
+) -> Servers:
     """Start the HTTP API and/or the gRPC service (a port of 0 picks a free one; None: not started),
     over TLS when ``tls`` is given."""
     servers = Servers(service, None, None)
     config = service.config
     if http_port is not None:
         app = build_app(service, servers.not_ready, access_log=access_log)
-        servers.http = HttpServer(app, host, http_port, config.max_connections, config.idle_timeout, config.shutdown_timeout, tls).start()
+        servers.http = HttpServer(
+            app, host, http_port, config.max_connections, config.idle_timeout, config.shutdown_timeout, tls
+        ).start()
         service.metrics.connections = lambda: servers.http.connections
     try:
         if grpc_port is not None:

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from offsite.cloud.presets import check_gain
 from torch import nn
+
+from offsite.cloud.presets import check_gain
 
 from . import registry
 from .engine import QueueFull, Request, SamplingParams, Scheduler, SchedulerClosed
@@ -54,7 +55,9 @@ class ServeConfig:
     admin_token: str | None = None
     request_timeout: float = 600.0  # a generation that makes no progress for this long fails
     max_connections: int = 256  # open HTTP connections and concurrent gRPC calls, each
-    idle_timeout: float = 60.0  # seconds a connection may wait for its client (idle keep-alive, a stalled request or body)
+    idle_timeout: float = (
+        60.0  # seconds a connection may wait for its client (idle keep-alive, a stalled request or body)
+    )
     shutdown_timeout: float = 30.0  # on stop, seconds running requests get to finish
     # log-probabilities one request may ask for (tokens scored x (alternatives + 1), every choice): each
     # costs a few dozen bytes of memory and of the answer; lm-eval with 256 full 2048-token contexts needs 2^20
@@ -62,7 +65,9 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if min(self.max_batch, self.default_max_tokens, self.max_queue, self.prefill_tokens, self.max_connections) < 1:
-            raise ValueError("max_batch, default_max_tokens, max_queue, prefill_tokens and max_connections must be >= 1")
+            raise ValueError(
+                "max_batch, default_max_tokens, max_queue, prefill_tokens and max_connections must be >= 1"
+            )
         if not self.idle_timeout > 0:
             raise ValueError(f"idle_timeout must be > 0 seconds, got {self.idle_timeout}")
         if not self.shutdown_timeout >= 0:
@@ -94,11 +99,21 @@ class Upload:
     """An adapter file arriving in chunks, written to a temporary file in the registry as it comes;
     :meth:`finish` registers it (slow: validation against the base model), :meth:`abort` drops it."""
 
-    def __init__(self, service: ServingService, name: str, length: int | None, replace: bool, plugin_gain: float | None) -> None:
-        self.service, self.name, self.length, self.replace, self.plugin_gain = service, name, length, replace, plugin_gain
+    def __init__(
+        self, service: ServingService, name: str, length: int | None, replace: bool, plugin_gain: float | None
+    ) -> None:
+        self.service, self.name, self.length, self.replace, self.plugin_gain = (
+            service,
+            name,
+            length,
+            replace,
+            plugin_gain,
+        )
         self.received = 0
         Path(service.config.registry).mkdir(parents=True, exist_ok=True)
-        self._file = tempfile.NamedTemporaryFile(dir=service.config.registry, prefix=".upload-", suffix=".safetensors", delete=False)
+        self._file = tempfile.NamedTemporaryFile(
+            dir=service.config.registry, prefix=".upload-", suffix=".safetensors", delete=False
+        )
 
     def write(self, chunk: bytes) -> None:
         self.received += len(chunk)
@@ -110,7 +125,9 @@ class Upload:
         self._file.close()
         try:
             if self.length is not None and self.received < self.length:
-                raise ServingError(400, f"the body ended after {self.received} of {self.length} bytes", code="incomplete_body")
+                raise ServingError(
+                    400, f"the body ended after {self.received} of {self.length} bytes", code="incomplete_body"
+                )
             return self.service.register(self.name, self._file.name, replace=self.replace, plugin_gain=self.plugin_gain)
         finally:
             os.unlink(self._file.name)
@@ -129,7 +146,9 @@ class ServingService:
         self.tokenizer = tokenizer
         self.config = config
         self.stack = LlamaStack(model, config.max_context, slots=config.max_batch)
-        self.scheduler = Scheduler(self.stack, self._eos_ids(), max_queue=config.max_queue, prefill_tokens=config.prefill_tokens)
+        self.scheduler = Scheduler(
+            self.stack, self._eos_ids(), max_queue=config.max_queue, prefill_tokens=config.prefill_tokens
+        )
         self.created = int(time.time())
         self.max_prompt_chars = self.context_length * _longest_token(tokenizer) * PROMPT_CHARS_SLACK
         self._jobs: dict[str, ServedJob] = {}
@@ -182,11 +201,15 @@ class ServingService:
         }
 
     def models(self) -> list[dict]:
-        return [self.model_info(BASE_MODEL, None)] + [self.model_info(name, job) for name, job in sorted(self.jobs().items())]
+        return [self.model_info(BASE_MODEL, None)] + [
+            self.model_info(name, job) for name, job in sorted(self.jobs().items())
+        ]
 
     def resolve(self, name) -> ServedJob | None:
         if name is None or name == "":
-            raise ServingError(400, "'model' is required: a job's name or 'base'", param="model", code="missing_required_parameter")
+            raise ServingError(
+                400, "'model' is required: a job's name or 'base'", param="model", code="missing_required_parameter"
+            )
         if not isinstance(name, str):
             raise ServingError(400, f"'model' must be a string, got {brief(name)}", param="model", code="invalid_type")
         if name == BASE_MODEL:
@@ -194,7 +217,9 @@ class ServingService:
         with self._lock:
             job = self._jobs.get(name)
         if job is None:
-            raise ServingError(404, f"The model {brief(name)} does not exist (see /v1/models)", param="model", code="model_not_found")
+            raise ServingError(
+                404, f"The model {brief(name)} does not exist (see /v1/models)", param="model", code="model_not_found"
+            )
         return job
 
     # ------------------------------------------------------------ auth
@@ -204,21 +229,40 @@ class ServingService:
             return
         key = _bearer(authorization)
         if key is None or not any(hmac.compare_digest(key.encode(), k.encode()) for k in self.config.api_keys):
-            raise ServingError(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')", type="authentication_error", code="invalid_api_key")
+            raise ServingError(
+                401,
+                "Incorrect or missing API key (send 'Authorization: Bearer KEY')",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
 
     def check_admin(self, authorization: str | None) -> None:
         if not self.config.admin_token:
-            raise ServingError(403, "the admin API is off: start the server with --admin-token-file or OFFSITE_ADMIN_TOKEN", type="permission_error", code="admin_disabled")
+            raise ServingError(
+                403,
+                "the admin API is off: start the server with --admin-token-file or OFFSITE_ADMIN_TOKEN",
+                type="permission_error",
+                code="admin_disabled",
+            )
         token = _bearer(authorization)
         if token is None or not hmac.compare_digest(token.encode(), self.config.admin_token.encode()):
-            raise ServingError(401, "Incorrect or missing admin token (send 'Authorization: Bearer TOKEN')", type="authentication_error", code="invalid_admin_token")
+            raise ServingError(
+                401,
+                "Incorrect or missing admin token (send 'Authorization: Bearer TOKEN')",
+                type="authentication_error",
+                code="invalid_admin_token",
+            )
 
     def check_metrics_access(self, authorization: str | None) -> None:
         """``/metrics`` names the jobs: as closed as ``/v1`` (an API key, or the admin token)."""
         if not self.config.api_keys:
             return
         token = _bearer(authorization)
-        if token is not None and self.config.admin_token and hmac.compare_digest(token.encode(), self.config.admin_token.encode()):
+        if (
+            token is not None
+            and self.config.admin_token
+            and hmac.compare_digest(token.encode(), self.config.admin_token.encode())
+        ):
             return
         self.check_api_key(authorization)
 
@@ -237,7 +281,12 @@ class ServingService:
             except ValueError as error:
                 raise ServingError(400, str(error), param="plugin_gain", code="invalid_value") from None
         if name in self.jobs() and not replace:
-            raise ServingError(409, f"job {name!r} is already registered (unregister it first, or send replace: true)", param="name", code="model_exists")
+            raise ServingError(
+                409,
+                f"job {name!r} is already registered (unregister it first, or send replace: true)",
+                param="name",
+                code="model_exists",
+            )
         return plugin_gain
 
     def register(self, name: str, source: Path | str, replace: bool = False, plugin_gain: float | None = None) -> dict:
@@ -248,9 +297,16 @@ class ServingService:
             self.check_registration(name, replace)  # again: another registration may have taken the name
             source = Path(source)
             if not source.exists():
-                raise ServingError(400, f"{source}: no such job directory or adapter file on the server", param="path", code="invalid_value")
+                raise ServingError(
+                    400,
+                    f"{source}: no such job directory or adapter file on the server",
+                    param="path",
+                    code="invalid_value",
+                )
             try:
-                registry.add(self.config.registry, name, source, base=self.model, replace=replace, plugin_gain=plugin_gain)
+                registry.add(
+                    self.config.registry, name, source, base=self.model, replace=replace, plugin_gain=plugin_gain
+                )
                 job = registry.load(self.config.registry, name, self.model)
             except (RegistryError, ValueError) as error:
                 raise ServingError(400, str(error), param="path", code="invalid_adapter") from None
@@ -259,7 +315,9 @@ class ServingService:
         log.info("registered %s (%s, blocks %s)", name, job.mode, job.adapter_blocks)
         return self.model_info(name, job)
 
-    def begin_upload(self, name: str, length: int | None, replace: bool = False, plugin_gain: float | None = None) -> Upload:
+    def begin_upload(
+        self, name: str, length: int | None, replace: bool = False, plugin_gain: float | None = None
+    ) -> Upload:
         """An upload of an adapter file of ``length`` bytes (None: not said): the name, gain and
         size are checked before a byte of it is read."""
         plugin_gain = self.check_registration(name, replace, plugin_gain)
@@ -287,53 +345,106 @@ class ServingService:
         request: CompletionRequest = validate(CompletionRequest, body, UNSUPPORTED["completion"])
         job = self.resolve(request.model)
         if len(request.prompt) * request.n > self.config.max_queue:
-            raise ServingError(400, f"this request asks for {len(request.prompt) * request.n} completions (prompts x n); "
-                               f"the limit is {self.config.max_queue}", param="n", code="invalid_value")
+            raise ServingError(
+                400,
+                f"this request asks for {len(request.prompt) * request.n} completions (prompts x n); "
+                f"the limit is {self.config.max_queue}",
+                param="n",
+                code="invalid_value",
+            )
         texts = request.prompt if isinstance(request.prompt[0], str) else None
-        prompts = [self._tokenize(p, "prompt", add_special_tokens=True) for p in texts] if texts else [self._token_ids(p) for p in request.prompt]
+        prompts = (
+            [self._tokenize(p, "prompt", add_special_tokens=True) for p in texts]
+            if texts
+            else [self._token_ids(p) for p in request.prompt]
+        )
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
-        params = self._params(request, prompts, "prompt", "max_tokens", request.max_tokens, request.logprobs, prompt_logprobs)
+        params = self._params(
+            request, prompts, "prompt", "max_tokens", request.max_tokens, request.logprobs, prompt_logprobs
+        )
         scored = request.n * sum((len(p) if request.echo else 0) + params.max_tokens for p in prompts)
         self._check_logprob_budget(scored, request.logprobs, "logprobs")
-        return Prepared(request.model, job, prompts, params, request.n, request.stop, request.stream, request.include_usage,
-                        request.echo, request.logprobs, chat=False, prompt_texts=texts)
+        return Prepared(
+            request.model,
+            job,
+            prompts,
+            params,
+            request.n,
+            request.stop,
+            request.stream,
+            request.include_usage,
+            request.echo,
+            request.logprobs,
+            chat=False,
+            prompt_texts=texts,
+        )
 
     def prepare_chat(self, body) -> Prepared:
         """A ``/v1/chat/completions`` body, rendered with the tokenizer's chat template."""
         request: ChatCompletionRequest = validate(ChatCompletionRequest, body, UNSUPPORTED["chat"])
         job = self.resolve(request.model)
         if request.n > self.config.max_queue:
-            raise ServingError(400, f"'n' is {request.n}; the limit is {self.config.max_queue}", param="n", code="invalid_value")
-        ids = self.render_chat([{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages])
+            raise ServingError(
+                400, f"'n' is {request.n}; the limit is {self.config.max_queue}", param="n", code="invalid_value"
+            )
+        ids = self.render_chat(
+            [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages]
+        )
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         key, limit = request.completion_limit
         params = self._params(request, [ids], "messages", key, limit, logprobs, None)
         self._check_logprob_budget(request.n * params.max_tokens, logprobs, "top_logprobs")
-        return Prepared(request.model, job, [ids], params, request.n, request.stop, request.stream, request.include_usage,
-                        False, logprobs, chat=True)
+        return Prepared(
+            request.model,
+            job,
+            [ids],
+            params,
+            request.n,
+            request.stop,
+            request.stream,
+            request.include_usage,
+            False,
+            logprobs,
+            chat=True,
+        )
 
     def render_chat(self, messages: list[dict]) -> list[int]:
         from jinja2 import TemplateError
 
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ServingError(400, "the base model's tokenizer has no chat template: use /v1/completions", param="messages", code="no_chat_template")
+            raise ServingError(
+                400,
+                "the base model's tokenizer has no chat template: use /v1/completions",
+                param="messages",
+                code="no_chat_template",
+            )
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except (TemplateError, TypeError, ValueError, KeyError) as error:  # e.g. the template's raise_exception
-            raise ServingError(400, f"the chat template refused these messages: {error}", param="messages", code="invalid_value") from None
+            raise ServingError(
+                400, f"the chat template refused these messages: {error}", param="messages", code="invalid_value"
+            ) from None
         return self._tokenize(text, "messages", add_special_tokens=False)
 
     def _tokenize(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
         """``text``'s token ids; a text that cannot fit the context is refused before it is tokenised."""
         if len(text) > self.max_prompt_chars:
             raise ServingError(
-                400, f"This model's maximum context length is {self.context_length} tokens; the prompt is {len(text)} "
-                f"characters, more than that many tokens can hold", param=param, code="context_length_exceeded",
+                400,
+                f"This model's maximum context length is {self.context_length} tokens; the prompt is {len(text)} "
+                f"characters, more than that many tokens can hold",
+                param=param,
+                code="context_length_exceeded",
             )
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
-            raise ServingError(400, f"the {param} is not valid Unicode ({error.reason} at character {error.start})", param=param, code="invalid_value") from None
+            raise ServingError(
+                400,
+                f"the {param} is not valid Unicode ({error.reason} at character {error.start})",
+                param=param,
+                code="invalid_value",
+            ) from None
         ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
         if not ids:
             raise ServingError(400, "the prompt is empty", param=param, code="invalid_value")
@@ -344,44 +455,74 @@ class ServingService:
         self._check_length(len(ids), "prompt")
         vocab = self.stack.embed.shape[0]
         if any(not 0 <= t < vocab for t in ids):
-            raise ServingError(400, f"'prompt' holds token ids outside 0..{vocab - 1}", param="prompt", code="invalid_value")
+            raise ServingError(
+                400, f"'prompt' holds token ids outside 0..{vocab - 1}", param="prompt", code="invalid_value"
+            )
         return list(ids)
 
     def _check_length(self, tokens: int, param: str) -> None:
         if tokens >= self.context_length:
             raise ServingError(
-                400, f"This model's maximum context length is {self.context_length} tokens; the prompt is {tokens} tokens",
-                param=param, code="context_length_exceeded",
+                400,
+                f"This model's maximum context length is {self.context_length} tokens; the prompt is {tokens} tokens",
+                param=param,
+                code="context_length_exceeded",
             )
 
-    def _params(self, request, prompts: list[list[int]], prompt_key: str, max_key: str, max_tokens: int | None,
-                logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+    def _params(
+        self,
+        request,
+        prompts: list[list[int]],
+        prompt_key: str,
+        max_key: str,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_logprobs: int | None,
+    ) -> SamplingParams:
         limit, longest = self.context_length, max(len(p) for p in prompts)
         if max_tokens is None:
             max_tokens = min(self.config.default_max_tokens, limit - longest)
         elif longest + max_tokens > limit:
             raise ServingError(
-                400, f"This model's maximum context length is {limit} tokens; you asked for {longest + max_tokens} "
-                f"({longest} in the prompt, {max_tokens} for the completion)", param=max_key, code="context_length_exceeded",
+                400,
+                f"This model's maximum context length is {limit} tokens; you asked for {longest + max_tokens} "
+                f"({longest} in the prompt, {max_tokens} for the completion)",
+                param=max_key,
+                code="context_length_exceeded",
             )
-        return SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, seed=request.seed,
-                              logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
 
     def _check_logprob_budget(self, tokens: int, alternatives: int | None, param: str) -> None:
         """Refuse a request whose log-probabilities (``tokens`` scored, ``alternatives`` each) are
         more than ``max_logprob_entries``, before any work."""
         limit = self.config.max_logprob_entries
         if alternatives is not None and tokens * (alternatives + 1) > limit:
-            raise ServingError(400, f"this request asks for {tokens * (alternatives + 1)} log-probabilities (tokens x (alternatives + 1) "
-                               f"over every choice); the limit is {limit}: ask for fewer tokens, choices or alternatives",
-                               param=param, code="invalid_value")
+            raise ServingError(
+                400,
+                f"this request asks for {tokens * (alternatives + 1)} log-probabilities (tokens x (alternatives + 1) "
+                f"over every choice); the limit is {limit}: ask for fewer tokens, choices or alternatives",
+                param=param,
+                code="invalid_value",
+            )
 
     def start(self, prepared: Prepared, listener: Callable[[], None] | None = None) -> list[Generation]:
         """Queue every choice of ``prepared`` (all or none); one Generation each, in choice order.
         Choice ``j`` of a prompt samples with ``seed + j`` when a seed was given."""
         seed = prepared.params.seed
-        requests = [Request(prepared.job, ids, prepared.params.with_seed(None if seed is None else (seed + j) % (1 << 63)), listener)
-                    for ids in prepared.prompts for j in range(prepared.n)]
+        requests = [
+            Request(
+                prepared.job, ids, prepared.params.with_seed(None if seed is None else (seed + j) % (1 << 63)), listener
+            )
+            for ids in prepared.prompts
+            for j in range(prepared.n)
+        ]
         try:
             self.scheduler.submit_many(requests)
         except QueueFull as error:

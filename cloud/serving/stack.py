@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from offsite.emulator.arch import UnsupportedModelError, blocks_of, get_path, spec_for
 from torch import nn
+
+from offsite.emulator.arch import UnsupportedModelError, blocks_of, get_path, spec_for
 
 from .registry import ServedJob
 
@@ -116,7 +117,15 @@ class _Rows:
     kv_len: int
 
     def subset(self, index: torch.Tensor) -> _Rows:
-        return _Rows(self.slots[index], None, self.positions[index], self.mask[index], self.cos[index], self.sin[index], self.kv_len)
+        return _Rows(
+            self.slots[index],
+            None,
+            self.positions[index],
+            self.mask[index],
+            self.cos[index],
+            self.sin[index],
+            self.kv_len,
+        )
 
 
 # ---------------------------------------------------------------- the model
@@ -152,7 +161,9 @@ class LlamaStack:
         for index, params in enumerate(self.blocks):
             unknown = set(params) - _BLOCK_PARAMS
             if unknown:
-                raise UnsupportedModelError(f"block {index} has parameters this server cannot run: {sorted(unknown)[:3]}")
+                raise UnsupportedModelError(
+                    f"block {index} has parameters this server cannot run: {sorted(unknown)[:3]}"
+                )
         self.qk_norm = "self_attn.q_norm.weight" in self.blocks[0]
         limit = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
         window = getattr(config, "sliding_window", None)
@@ -207,7 +218,9 @@ class LlamaStack:
         else:
             keys, values = cache_k[rows.slots, :, : rows.kv_len], cache_v[rows.slots, :, : rows.kv_len]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=rows.mask, enable_gqa=self.n_kv != self.n_heads)
-        x = x + self._linear(out.transpose(1, 2).reshape(r, t, self.n_heads * self.head_dim), p, "self_attn.o_proj", lora)
+        x = x + self._linear(
+            out.transpose(1, 2).reshape(r, t, self.n_heads * self.head_dim), p, "self_attn.o_proj", lora
+        )
         h = _rms_norm(x, p["post_attention_layernorm.weight"], self.eps)
         gate = self._linear(h, p, "mlp.gate_proj", lora)
         up = self._linear(h, p, "mlp.up_proj", lora)
@@ -215,7 +228,9 @@ class LlamaStack:
 
     # ------------------------------------------------------------ per-job groups
 
-    def _lora_for(self, layer: int, jobs: list[ServedJob], local: list[int], group_jobs: list[ServedJob | None]) -> dict:
+    def _lora_for(
+        self, layer: int, jobs: list[ServedJob], local: list[int], group_jobs: list[ServedJob | None]
+    ) -> dict:
         """Each LoRA target of ``layer``: (rows within the group, A, B, scale), gathered per row."""
         lora: dict = {}
         stems = sorted({stem for job in jobs for stem in job.lora[layer]})
@@ -233,8 +248,15 @@ class LlamaStack:
             cached = self._lora_stacks.get((layer, stem))
             if cached is None or cached[0] != key:
                 rank = max(job.lora[layer][stem][0].shape[0] for job in owners)
-                a_stack = torch.stack([F.pad(job.lora[layer][stem][0], (0, 0, 0, rank - job.lora[layer][stem][0].shape[0])) for job in owners])
-                b_stack = torch.stack([F.pad(job.lora[layer][stem][1], (0, rank - job.lora[layer][stem][1].shape[1])) for job in owners])
+                a_stack = torch.stack(
+                    [
+                        F.pad(job.lora[layer][stem][0], (0, 0, 0, rank - job.lora[layer][stem][0].shape[0]))
+                        for job in owners
+                    ]
+                )
+                b_stack = torch.stack(
+                    [F.pad(job.lora[layer][stem][1], (0, rank - job.lora[layer][stem][1].shape[1])) for job in owners]
+                )
                 scales = torch.tensor([job.lora[layer][stem][2] for job in owners], dtype=self.dtype)
                 cached = (key, (a_stack, b_stack, scales, owners))
                 self._lora_stacks[(layer, stem)] = cached
@@ -259,7 +281,9 @@ class LlamaStack:
                 base_jobs = [jobs[i] for i in base_rows]
                 lora_jobs = [job for job in distinct if job.mode == "lora" and layer in job.lora]
                 lora = self._lora_for(layer, lora_jobs, list(range(len(base_rows))), base_jobs) if lora_jobs else None
-                groups.append((None if len(base_rows) == len(jobs) else torch.tensor(base_rows), self.blocks[layer], lora))
+                groups.append(
+                    (None if len(base_rows) == len(jobs) else torch.tensor(base_rows), self.blocks[layer], lora)
+                )
             plan[layer] = groups
         return plan
 
@@ -268,7 +292,9 @@ class LlamaStack:
 
     # ------------------------------------------------------------ forward
 
-    def forward_states(self, jobs: list[ServedJob | None], tokens: list[list[int]], starts: list[int], slots: list[int]) -> torch.Tensor:
+    def forward_states(
+        self, jobs: list[ServedJob | None], tokens: list[list[int]], starts: list[int], slots: list[int]
+    ) -> torch.Tensor:
         """Run new ``tokens`` (one list per row, at positions ``starts[r]..``) through the blocks,
         writing their keys and values into the rows' cache ``slots``; return the final-normed
         hidden states ``(R, T, D)`` (T: the longest row; a shorter row's tail is padding)."""
@@ -298,7 +324,9 @@ class LlamaStack:
                 continue
             out = torch.empty_like(x)
             for index, params, lora in groups:
-                out.index_copy_(0, index, self._block(x.index_select(0, index), params, lora, layer, rows.subset(index)))
+                out.index_copy_(
+                    0, index, self._block(x.index_select(0, index), params, lora, layer, rows.subset(index))
+                )
             x = out
         return _rms_norm(x, self.norm_weight, self.eps)
 
@@ -306,7 +334,9 @@ class LlamaStack:
         """The head over final-normed states ``(..., D)``: next-token logits ``(..., V)`` in float32."""
         return F.linear(states, self.head_weight, self.head_bias).float()
 
-    def forward(self, jobs: list[ServedJob | None], tokens: list[list[int]], starts: list[int], slots: list[int]) -> torch.Tensor:
+    def forward(
+        self, jobs: list[ServedJob | None], tokens: list[list[int]], starts: list[int], slots: list[int]
+    ) -> torch.Tensor:
         """:meth:`forward_states`, then each row's next-token logits ``(R, V)`` (float32) after its
         last new token."""
         states = self.forward_states(jobs, tokens, starts, slots)

@@ -43,10 +43,21 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled: the key-exchan
     import torch
 
 STAGES = ("new", "advertised", "shared", "masked", "done")
-_STATE_FIELDS = frozenset({  # what SecAggClient.to_bytes writes
-    "node", "stage", "config", "roster", "channel_private", "mask_private", "self_seed", "group", "clipped",
-    "mask_key_shares", "self_mask_shares",
-})
+_STATE_FIELDS = frozenset(
+    {  # what SecAggClient.to_bytes writes
+        "node",
+        "stage",
+        "config",
+        "roster",
+        "channel_private",
+        "mask_private",
+        "self_seed",
+        "group",
+        "clipped",
+        "mask_key_shares",
+        "self_mask_shares",
+    }
+)
 
 
 class SecAggClient:
@@ -107,8 +118,9 @@ class SecAggClient:
                 f"{len(roster.nodes)} roster nodes"
             )
         mine = roster.position(self.node) - 1
-        if (roster.channel_keys[mine] != public_key(self.channel_private)
-                or roster.mask_keys[mine] != public_key(self.mask_private)):
+        if roster.channel_keys[mine] != public_key(self.channel_private) or roster.mask_keys[mine] != public_key(
+            self.mask_private
+        ):
             raise SecAggError(f"node {self.node}: the roster carries other keys for this node")
         if len(set(roster.channel_keys + roster.mask_keys)) != 2 * len(roster.nodes):
             raise SecAggError(f"node {self.node}: the roster repeats a public key")
@@ -145,8 +157,11 @@ class SecAggClient:
         config = self.config
         if bundle.recipient != self.node:
             raise SecAggError(f"node {self.node}: share bundle addressed to node {bundle.recipient}")
-        if (isinstance(weight, bool) or not isinstance(weight, (int, np.integer))
-                or not 0 <= weight <= config.max_weight):
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, np.integer))
+            or not 0 <= weight <= config.max_weight
+        ):
             raise SecAggError(f"node {self.node}: weight {weight!r} is not an integer in [0, {config.max_weight}]")
         vector = self._update_vector(update, strict)
         group = self._receive_shares(bundle)
@@ -200,8 +215,12 @@ class SecAggClient:
         config = self.config
         if isinstance(update, Mapping):
             for name, tensor in update.items():
-                if (strict and isinstance(tensor, torch.Tensor) and tensor.numel()
-                        and float(tensor.detach().abs().max()) > config.clip_range):
+                if (
+                    strict
+                    and isinstance(tensor, torch.Tensor)
+                    and tensor.numel()
+                    and float(tensor.detach().abs().max()) > config.clip_range
+                ):
                     raise SecAggError(
                         f"node {self.node}: tensor {name!r} reaches {float(tensor.detach().abs().max()):.4g}, "
                         f"outside the clip range {config.clip_range}"
@@ -243,7 +262,8 @@ class SecAggClient:
         if len(survivors) < self.config.threshold:
             raise SecAggAbort(f"node {self.node}: {len(survivors)} survivor(s), threshold {self.config.threshold}")
         reply = UnmaskShares(
-            self.config.session, self.node,
+            self.config.session,
+            self.node,
             tuple((owner, self.self_mask_shares[owner].to_bytes()) for owner in sorted(survivors)),
             tuple((owner, self.mask_key_shares[owner].to_bytes()) for owner in sorted(dropped)),
         )
@@ -253,18 +273,26 @@ class SecAggClient:
 
     # -- persistence between Flower messages (secrets: keep it on the data owner's machine)
     def to_bytes(self) -> bytes:
-        return json.dumps({
-            "node": self.node, "stage": self.stage,
-            "config": None if self.config is None else self.config.to_json(),
-            "roster": None if self.roster is None else self.roster.to_bytes().decode("utf-8"),
-            "channel_private": b64(self.channel_private), "mask_private": b64(self.mask_private),
-            "self_seed": b64(self.self_seed),
-            "group": list(self.group), "clipped": self.clipped,
-            "mask_key_shares": [[node, b64(share.to_bytes())] for node, share in sorted(self.mask_key_shares.items())],
-            "self_mask_shares": [
-                [node, b64(share.to_bytes())] for node, share in sorted(self.self_mask_shares.items())
-            ],
-        }, sort_keys=True).encode("utf-8")
+        return json.dumps(
+            {
+                "node": self.node,
+                "stage": self.stage,
+                "config": None if self.config is None else self.config.to_json(),
+                "roster": None if self.roster is None else self.roster.to_bytes().decode("utf-8"),
+                "channel_private": b64(self.channel_private),
+                "mask_private": b64(self.mask_private),
+                "self_seed": b64(self.self_seed),
+                "group": list(self.group),
+                "clipped": self.clipped,
+                "mask_key_shares": [
+                    [node, b64(share.to_bytes())] for node, share in sorted(self.mask_key_shares.items())
+                ],
+                "self_mask_shares": [
+                    [node, b64(share.to_bytes())] for node, share in sorted(self.self_mask_shares.items())
+                ],
+            },
+            sort_keys=True,
+        ).encode("utf-8")
 
     @classmethod
     def from_bytes(cls, data: bytes, random_bytes: RandomBytes = os.urandom) -> SecAggClient:

@@ -51,8 +51,16 @@ class SecAggConfig:
 
     @classmethod
     def for_job(
-        cls, session: bytes, dimension: int, num_clients: int, clip_range: float, *, max_weight: int = 1 << 20,
-        bits: int = 64, threshold: int | None = None, rounding: str = "stochastic",
+        cls,
+        session: bytes,
+        dimension: int,
+        num_clients: int,
+        clip_range: float,
+        *,
+        max_weight: int = 1 << 20,
+        bits: int = 64,
+        threshold: int | None = None,
+        rounding: str = "stochastic",
     ) -> SecAggConfig:
         """The finest scale that ``num_clients`` can use without overflow, and ``t = n//2 + 1`` unless given."""
         return cls(
@@ -77,15 +85,24 @@ class SecAggConfig:
     def error_bound(self, num_nodes: int) -> float:
         """:func:`quantisation_error_bound` for this config and ``num_nodes`` clients."""
         return quantisation_error_bound(
-            self.clip_range, self.scale_bits, num_nodes,
-            rounding=self.rounding, bits=self.bits, max_weight=self.max_weight,
+            self.clip_range,
+            self.scale_bits,
+            num_nodes,
+            rounding=self.rounding,
+            bits=self.bits,
+            max_weight=self.max_weight,
         )
 
     def to_json(self) -> dict:
         return {
-            "session": b64(self.session), "threshold": self.threshold, "dimension": self.dimension,
-            "clip_range": self.clip_range, "scale_bits": self.scale_bits, "max_weight": self.max_weight,
-            "bits": self.bits, "rounding": self.rounding,
+            "session": b64(self.session),
+            "threshold": self.threshold,
+            "dimension": self.dimension,
+            "clip_range": self.clip_range,
+            "scale_bits": self.scale_bits,
+            "max_weight": self.max_weight,
+            "bits": self.bits,
+            "rounding": self.rounding,
         }
 
     @classmethod
@@ -99,7 +116,11 @@ class SecAggConfig:
             raise SecAggError(f"config rounding must be a string, got {fields['rounding']!r}")
         return cls(
             session=unb64(fields["session"], "config session"),
-            threshold=fields["threshold"], dimension=fields["dimension"], clip_range=float(clip),
-            scale_bits=fields["scale_bits"], max_weight=fields["max_weight"], bits=fields["bits"],
+            threshold=fields["threshold"],
+            dimension=fields["dimension"],
+            clip_range=float(clip),
+            scale_bits=fields["scale_bits"],
+            max_weight=fields["max_weight"],
+            bits=fields["bits"],
             rounding=fields["rounding"],
         )

@@ -10,4 +10,3 @@ class SecAggError(ValueError):
 
 class SecAggAbort(SecAggError):
     """The session cannot complete (fewer than ``t`` clients left at some stage)."""
-

@@ -16,10 +16,16 @@ from .errors import SecAggError
 from .shamir import KEY_BYTES, SHARE_BYTES
 from .wire import MAX_DIMENSION, b64, decode_message, encode_message, node_id, node_ids, node_pairs, unb64
 
-
 M = TypeVar(
-    "M", "SetupRequest", "KeyAdvertisement", "KeyRoster", "EncryptedShares", "ShareBundle", "MaskedInput",
-    "UnmaskRequest", "UnmaskShares",
+    "M",
+    "SetupRequest",
+    "KeyAdvertisement",
+    "KeyRoster",
+    "EncryptedShares",
+    "ShareBundle",
+    "MaskedInput",
+    "UnmaskRequest",
+    "UnmaskShares",
 )
 
 
@@ -51,17 +57,24 @@ class KeyAdvertisement:
     mask_key: bytes  # X25519 public key for mask agreement
 
     def to_bytes(self) -> bytes:
-        return encode_message(self.KIND, {
-            "session": b64(self.session), "node": self.node,
-            "channel_key": b64(self.channel_key), "mask_key": b64(self.mask_key),
-        })
+        return encode_message(
+            self.KIND,
+            {
+                "session": b64(self.session),
+                "node": self.node,
+                "channel_key": b64(self.channel_key),
+                "mask_key": b64(self.mask_key),
+            },
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> KeyAdvertisement:
         body = decode_message(data, cls.KIND, {"session", "node", "channel_key", "mask_key"})
         return cls(
-            unb64(body["session"], "keys session"), node_id(body["node"], "keys node"),
-            unb64(body["channel_key"], "channel key", KEY_BYTES), unb64(body["mask_key"], "mask key", KEY_BYTES),
+            unb64(body["session"], "keys session"),
+            node_id(body["node"], "keys node"),
+            unb64(body["channel_key"], "channel key", KEY_BYTES),
+            unb64(body["mask_key"], "mask key", KEY_BYTES),
         )
 
 
@@ -80,10 +93,15 @@ class KeyRoster:
         return self.nodes.index(node) + 1
 
     def to_bytes(self) -> bytes:
-        return encode_message(self.KIND, {
-            "session": b64(self.session), "nodes": list(self.nodes),
-            "channel_keys": [b64(key) for key in self.channel_keys], "mask_keys": [b64(key) for key in self.mask_keys],
-        })
+        return encode_message(
+            self.KIND,
+            {
+                "session": b64(self.session),
+                "nodes": list(self.nodes),
+                "channel_keys": [b64(key) for key in self.channel_keys],
+                "mask_keys": [b64(key) for key in self.mask_keys],
+            },
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> KeyRoster:
@@ -93,10 +111,12 @@ class KeyRoster:
         for name in ("channel_keys", "mask_keys"):
             if not isinstance(body[name], list) or len(body[name]) != len(nodes):
                 raise SecAggError(f"roster {name}: expected {len(nodes)} keys")
-            keys.append(tuple(
-                unb64(key, f"roster {name} of node {node}", KEY_BYTES)
-                for node, key in zip(nodes, body[name], strict=True)
-            ))
+            keys.append(
+                tuple(
+                    unb64(key, f"roster {name} of node {node}", KEY_BYTES)
+                    for node, key in zip(nodes, body[name], strict=True)
+                )
+            )
         return cls(unb64(body["session"], "roster session"), nodes, keys[0], keys[1])
 
 
@@ -112,16 +132,22 @@ class EncryptedShares:
     ciphertexts: tuple[tuple[int, bytes], ...]
 
     def to_bytes(self) -> bytes:
-        return encode_message(self.KIND, {
-            "session": b64(self.session), "node": self.node, "commitment": b64(self.commitment),
-            "ciphertexts": [[node, b64(data)] for node, data in self.ciphertexts],
-        })
+        return encode_message(
+            self.KIND,
+            {
+                "session": b64(self.session),
+                "node": self.node,
+                "commitment": b64(self.commitment),
+                "ciphertexts": [[node, b64(data)] for node, data in self.ciphertexts],
+            },
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> EncryptedShares:
         body = decode_message(data, cls.KIND, {"session", "node", "commitment", "ciphertexts"})
         return cls(
-            unb64(body["session"], "shares session"), node_id(body["node"], "shares node"),
+            unb64(body["session"], "shares session"),
+            node_id(body["node"], "shares node"),
             unb64(body["commitment"], "commitment", 32),
             node_pairs(body["ciphertexts"], "ciphertext", CIPHERTEXT_BYTES),
         )
@@ -138,16 +164,21 @@ class ShareBundle:
     ciphertexts: tuple[tuple[int, bytes], ...]
 
     def to_bytes(self) -> bytes:
-        return encode_message(self.KIND, {
-            "session": b64(self.session), "recipient": self.recipient,
-            "ciphertexts": [[node, b64(data)] for node, data in self.ciphertexts],
-        })
+        return encode_message(
+            self.KIND,
+            {
+                "session": b64(self.session),
+                "recipient": self.recipient,
+                "ciphertexts": [[node, b64(data)] for node, data in self.ciphertexts],
+            },
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ShareBundle:
         body = decode_message(data, cls.KIND, {"session", "recipient", "ciphertexts"})
         return cls(
-            unb64(body["session"], "bundle session"), node_id(body["recipient"], "bundle recipient"),
+            unb64(body["session"], "bundle session"),
+            node_id(body["recipient"], "bundle recipient"),
             node_pairs(body["ciphertexts"], "ciphertext", CIPHERTEXT_BYTES),
         )
 
@@ -163,17 +194,24 @@ class MaskedInput:
 
     def __eq__(self, other: object) -> bool:
         return (
-            isinstance(other, MaskedInput) and (self.session, self.node) == (other.session, other.node)
-            and self.vector.dtype == other.vector.dtype and np.array_equal(self.vector, other.vector)
+            isinstance(other, MaskedInput)
+            and (self.session, self.node) == (other.session, other.node)
+            and self.vector.dtype == other.vector.dtype
+            and np.array_equal(self.vector, other.vector)
         )
 
     __hash__ = None
 
     def header(self) -> bytes:
-        return encode_message(self.KIND, {
-            "session": b64(self.session), "node": self.node,
-            "dtype": self.vector.dtype.name, "length": int(self.vector.size),
-        })
+        return encode_message(
+            self.KIND,
+            {
+                "session": b64(self.session),
+                "node": self.node,
+                "dtype": self.vector.dtype.name,
+                "length": int(self.vector.size),
+            },
+        )
 
     def to_bytes(self) -> bytes:
         """Header length (4 bytes, big-endian), JSON header, then the little-endian elements."""
@@ -223,7 +261,8 @@ class UnmaskRequest:
         body = decode_message(data, cls.KIND, {"session", "survivors", "dropped"})
         return cls(
             unb64(body["session"], "unmask session"),
-            node_ids(body["survivors"], "survivors"), node_ids(body["dropped"], "dropped"),
+            node_ids(body["survivors"], "survivors"),
+            node_ids(body["dropped"], "dropped"),
         )
 
 
@@ -239,26 +278,37 @@ class UnmaskShares:
     mask_key_shares: tuple[tuple[int, bytes], ...]
 
     def to_bytes(self) -> bytes:
-        return encode_message(self.KIND, {
-            "session": b64(self.session), "node": self.node,
-            "self_mask_shares": [[node, b64(data)] for node, data in self.self_mask_shares],
-            "mask_key_shares": [[node, b64(data)] for node, data in self.mask_key_shares],
-        })
+        return encode_message(
+            self.KIND,
+            {
+                "session": b64(self.session),
+                "node": self.node,
+                "self_mask_shares": [[node, b64(data)] for node, data in self.self_mask_shares],
+                "mask_key_shares": [[node, b64(data)] for node, data in self.mask_key_shares],
+            },
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UnmaskShares:
         body = decode_message(data, cls.KIND, {"session", "node", "self_mask_shares", "mask_key_shares"})
         return cls(
-            unb64(body["session"], "unmask shares session"), node_id(body["node"], "unmask shares node"),
+            unb64(body["session"], "unmask shares session"),
+            node_id(body["node"], "unmask shares node"),
             node_pairs(body["self_mask_shares"], "self-mask share", SHARE_BYTES),
             node_pairs(body["mask_key_shares"], "mask-key share", SHARE_BYTES),
         )
 
 
-
 MESSAGES: dict[str, type] = {
-    cls.KIND: cls for cls in (
-        SetupRequest, KeyAdvertisement, KeyRoster, EncryptedShares,
-        ShareBundle, MaskedInput, UnmaskRequest, UnmaskShares,
+    cls.KIND: cls
+    for cls in (
+        SetupRequest,
+        KeyAdvertisement,
+        KeyRoster,
+        EncryptedShares,
+        ShareBundle,
+        MaskedInput,
+        UnmaskRequest,
+        UnmaskShares,
     )
 }

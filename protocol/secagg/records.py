@@ -54,7 +54,6 @@ def masked_input_from_tensors(session: bytes, node: int, tensors: Mapping[str, t
     return MaskedInput(session, node, np.ascontiguousarray(values).view(dtype).copy())
 
 
-
 def to_content(message: object):
     """A stage message as a Flower ``RecordDict``: ``{"secagg": ConfigRecord{"kind", "body"}}``,
     plus ``{"secagg-vector": ArrayRecord{"masked": uint array}}`` for a :class:`MaskedInput`

@@ -63,8 +63,13 @@ def check_headroom(bits: int, clip_range: float, scale_bits: int, max_weight: in
 
 
 def quantisation_error_bound(
-    clip_range: float, scale_bits: int, num_clients: int, *,
-    rounding: str = "stochastic", bits: int = 64, max_weight: int = 1,
+    clip_range: float,
+    scale_bits: int,
+    num_clients: int,
+    *,
+    rounding: str = "stochastic",
+    bits: int = 64,
+    max_weight: int = 1,
 ) -> float:
     """Per-coordinate bound on ``|secagg weighted mean - exact weighted mean|`` for updates inside
     ``[-clip_range, clip_range]``: ``rho * 2**-scale_bits + clip_range * 2**-50`` (``rho = 1``

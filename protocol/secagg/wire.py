@@ -74,7 +74,6 @@ def encode_message(kind: str, body: dict) -> bytes:
     return json.dumps({"kind": kind, **body}, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-
 def decode_message(data: bytes, kind: str, names: set[str]) -> dict:
     if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_HEADER_BYTES:
         raise SecAggError(f"{kind}: expected at most {MAX_HEADER_BYTES} bytes")

@@ -38,9 +38,16 @@ def bundle(tmp_path):
     shape = SandwichShape(1, 2, 1)
     emulator, layout = build_emulator(base, shape)
     return write_bundle(
-        tmp_path / "bundle", emulator, make_tokenizer(tmp_path),
-        {"family": "llama", "shape": {"a": 1, "k": 2, "b": 1, "n_blocks": 5}, "layout": layout,
-         "adapter_blocks": shape.adapter_blocks(5), "kept_middle": shape.kept_middle(5)},
+        tmp_path / "bundle",
+        emulator,
+        make_tokenizer(tmp_path),
+        {
+            "family": "llama",
+            "shape": {"a": 1, "k": 2, "b": 1, "n_blocks": 5},
+            "layout": layout,
+            "adapter_blocks": shape.adapter_blocks(5),
+            "kept_middle": shape.kept_middle(5),
+        },
     )
 
 
@@ -227,8 +234,12 @@ print("torch imported" if "torch" in sys.modules else "torch-free")
 def test_bundle_parts_and_key_exchange_run_without_importing_torch(tmp_path, bundle):
     """Flower starts a fresh ClientApp process for every message; the ones that only carry bundle
     parts or secure-aggregation keys must not pay torch's import (seconds each on a small node)."""
-    done = subprocess.run([sys.executable, "-c", LIGHT_MESSAGES, str(bundle.root), str(tmp_path / "cache")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", LIGHT_MESSAGES, str(bundle.root), str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "torch-free", done.stdout
     assert BundleCache(tmp_path / "cache").lookup(bundle.digest) is not None

@@ -54,7 +54,11 @@ def test_sigterm_stops_the_supervisor_and_its_child(tmp_path):
     """The supervisor runs in its own process (signal handlers need a main thread); its child
     sleeps forever and writes its PID; SIGTERM to the supervisor must end both."""
     child_pid_file = tmp_path / "child.pid"
-    child = [sys.executable, "-c", f"import os, time; open({str(child_pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"]
+    child = [
+        sys.executable,
+        "-c",
+        f"import os, time; open({str(child_pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)",
+    ]
     program = textwrap.dedent(
         f"""
         import logging, sys
@@ -65,7 +69,9 @@ def test_sigterm_stops_the_supervisor_and_its_child(tmp_path):
         sys.exit(supervisor.run())
         """
     )
-    supervisor = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 60
         while not (child_pid_file.exists() and child_pid_file.read_text()):
@@ -93,7 +99,9 @@ def test_daemon_config_builds_a_secure_supernode_command(tmp_path):
     ca, key = tmp_path / "ca.crt", tmp_path / "node-0"
     ca.write_text("x")
     key.write_text("x")
-    command = DaemonConfig("link.example.org:9092", data, cache_dir=tmp_path / "cache", root_certificates=ca, auth_key=key).command()
+    command = DaemonConfig(
+        "link.example.org:9092", data, cache_dir=tmp_path / "cache", root_certificates=ca, auth_key=key
+    ).command()
     assert command[command.index("--superlink") + 1] == "link.example.org:9092"
     assert command[command.index("--root-certificates") + 1] == str(ca.resolve())
     assert command[command.index("--auth-supernode-private-key") + 1] == str(key.resolve())

@@ -28,8 +28,13 @@ def signed(tmp_path_factory):
     root = tmp_path_factory.mktemp("signed")
     shape = SandwichShape(2, 2, 2)
     emulator, layout = build_emulator(tiny_model("llama"), shape)
-    info = {"family": "llama", "shape": {"a": 2, "k": 2, "b": 2, "n_blocks": 8}, "layout": layout,
-            "adapter_blocks": shape.adapter_blocks(8), "kept_middle": shape.kept_middle(8)}
+    info = {
+        "family": "llama",
+        "shape": {"a": 2, "k": 2, "b": 2, "n_blocks": 8},
+        "layout": layout,
+        "adapter_blocks": shape.adapter_blocks(8),
+        "kept_middle": shape.kept_middle(8),
+    }
     bundle = write_bundle(root / "bundle", emulator, make_tokenizer(root), info)
     keys = CoordinatorKeys.generate()
     keys.save(root / "coordinator")
@@ -38,8 +43,25 @@ def signed(tmp_path_factory):
 
 
 def train(bundle, data, out, *extra: str) -> int:
-    return main(["client", "train", "--bundle", str(bundle), "--data", str(data), "--out", str(out),
-                 "--steps", "1", "--batch-size", "1", "--device", "cpu", *extra])
+    return main(
+        [
+            "client",
+            "train",
+            "--bundle",
+            str(bundle),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 GOOD = GOOD_ROW.encode()
@@ -47,13 +69,31 @@ GOOD = GOOD_ROW.encode()
 HOSTILE_DATA = {
     "nested-lists": ([GOOD, b"[" * 100_000 + b"\n"], ":2: not valid JSON (nested deeper"),
     "nested-objects": ([GOOD, GOOD, b'{"a":' * 50_000 + b"\n"], ":3: not valid JSON (nested deeper"),
-    "deep-but-parseable": ([b'{"prompt": "q", "completion": "a", "x": ' + b"[" * 70 + b"]" * 70 + b"}\n"], ":1: not valid JSON (nested deeper than 64"),
-    "big-int": ([GOOD, GOOD, b'{"prompt": "q", "choices": ["a", "b"], "answer": ' + b"1" * 4301 + b"}\n"], ":3: not valid JSON (an integer of 4301 digits"),
-    "overflowing-float": ([b'{"prompt": "q", "choices": ["a", "b"], "answer": 1e999}\n'], ":1: not valid JSON (number 1e999 is not finite"),
+    "deep-but-parseable": (
+        [b'{"prompt": "q", "completion": "a", "x": ' + b"[" * 70 + b"]" * 70 + b"}\n"],
+        ":1: not valid JSON (nested deeper than 64",
+    ),
+    "big-int": (
+        [GOOD, GOOD, b'{"prompt": "q", "choices": ["a", "b"], "answer": ' + b"1" * 4301 + b"}\n"],
+        ":3: not valid JSON (an integer of 4301 digits",
+    ),
+    "overflowing-float": (
+        [b'{"prompt": "q", "choices": ["a", "b"], "answer": 1e999}\n'],
+        ":1: not valid JSON (number 1e999 is not finite",
+    ),
     "nan": ([GOOD, b'{"prompt": NaN, "completion": "a"}\n'], ":2: not valid JSON (non-finite number NaN"),
-    "duplicate-key": ([b'{"prompt": "q", "completion": "a", "completion": "b"}\n'], ":1: not valid JSON (duplicate keys"),
-    "latin-1": ([GOOD, '{"prompt": "caf\u00e9", "completion": "a"}\n'.encode("latin-1")], ":2: not valid JSON (not UTF-8"),
-    "long-line": ([GOOD, b'{"prompt": "' + b"x" * (MAX_LINE_BYTES + 10) + b'", "completion": "a"}\n'], f":2: line longer than {MAX_LINE_BYTES} bytes"),
+    "duplicate-key": (
+        [b'{"prompt": "q", "completion": "a", "completion": "b"}\n'],
+        ":1: not valid JSON (duplicate keys",
+    ),
+    "latin-1": (
+        [GOOD, '{"prompt": "caf\u00e9", "completion": "a"}\n'.encode("latin-1")],
+        ":2: not valid JSON (not UTF-8",
+    ),
+    "long-line": (
+        [GOOD, b'{"prompt": "' + b"x" * (MAX_LINE_BYTES + 10) + b'", "completion": "a"}\n'],
+        f":2: line longer than {MAX_LINE_BYTES} bytes",
+    ),
     "no-newline": ([b"x" * (3 * MAX_LINE_BYTES)], f":1: line longer than {MAX_LINE_BYTES} bytes"),
     "directory": ("dir", ":0: not a regular file"),
     "fifo": ("fifo", ":0: not a regular file"),  # opening it would block until a writer came
@@ -114,8 +154,12 @@ def edited_bundles(bundle, tmp_path) -> dict[str, object]:
 
     edits = {
         "adapter": lambda m: m.update(adapter_blocks=[0, 1, 2, 6, 7]),
-        "adapter-and-cut": lambda m: m.update(shape={"a": 3, "k": 1, "b": 2, "n_blocks": 8}, adapter_blocks=[0, 1, 2, 6, 7],
-                                              kept_middle=[3], layout=[0, 1, 2, 3, 6, 7]),
+        "adapter-and-cut": lambda m: m.update(
+            shape={"a": 3, "k": 1, "b": 2, "n_blocks": 8},
+            adapter_blocks=[0, 1, 2, 6, 7],
+            kept_middle=[3],
+            layout=[0, 1, 2, 3, 6, 7],
+        ),
         "extra-key": lambda m: m.update(notes="trust me"),
     }
     copies = {}

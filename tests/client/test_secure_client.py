@@ -86,8 +86,11 @@ def world(tmp_path, bundle):  # noqa: F811 - the fixture imported above
     emulator = read_bundle(bundle.root)
     global_adapter = adapter_state_dict(load_emulator(emulator), emulator.layout, emulator.adapter_blocks)
     node_config = {
-        "data-path": str(data), "cache-dir": str(tmp_path / "cache"), "threads": 1,
-        "identity-dir": str(tmp_path / "alice"), "coordinator-key": str(tmp_path / "coordinator" / COORDINATOR_PUBLIC),
+        "data-path": str(data),
+        "cache-dir": str(tmp_path / "cache"),
+        "threads": 1,
+        "identity-dir": str(tmp_path / "alice"),
+        "coordinator-key": str(tmp_path / "coordinator" / COORDINATOR_PUBLIC),
     }
     fields = ["keys", "identity", "registry", "bundle", "global_adapter", "node_config", "tmp"]
     return dataclasses.make_dataclass("World", fields)(
@@ -181,7 +184,8 @@ def test_envelope_instruction_without_identity_or_key_is_a_node_config_error(wor
 
 
 def test_a_pinned_key_refuses_unsigned_and_foreign_bundles_and_replaces_an_unsigned_copy(
-    tmp_path, bundle  # noqa: F811
+    tmp_path,
+    bundle,  # noqa: F811
 ):
     keys, other = CoordinatorKeys.generate(), CoordinatorKeys.generate()
     parts = all_parts(bundle, 1 << 20)
@@ -295,8 +299,15 @@ def test_a_secure_aggregation_round_through_the_handlers(world, tmp_path):
 
 
 def test_train_instruction_modes_round_trip_and_stay_strict():
-    modes = TrainInstruction(round=3, bundle_digest="b" * 64, tuning=TUNING, job_id="j-1", envelope=True, secagg=True,
-                             dp=DPConfig(0.5, 1.2, "distributed", 3))
+    modes = TrainInstruction(
+        round=3,
+        bundle_digest="b" * 64,
+        tuning=TUNING,
+        job_id="j-1",
+        envelope=True,
+        secagg=True,
+        dp=DPConfig(0.5, 1.2, "distributed", 3),
+    )
     assert TrainInstruction.from_record(modes.to_record(), TuneConfig) == modes
     record = modes.to_record()
     assert (record["dp.clip_norm"], record["dp.min_clients"]) == (0.5, 3)
@@ -329,13 +340,23 @@ def test_client_start_hands_the_identity_and_the_pinned_key_to_the_node_config(t
     ClientIdentity.generate("alice").save(tmp_path / "me")
     CoordinatorKeys.generate().save(tmp_path / "coordinator")
     pinned = tmp_path / "coordinator" / COORDINATOR_PUBLIC
-    config = DaemonConfig("127.0.0.1:9092", data, insecure=True, identity_dir=tmp_path / "me", coordinator_key=pinned,
-                          audit_dir=tmp_path / "sent")
+    config = DaemonConfig(
+        "127.0.0.1:9092",
+        data,
+        insecure=True,
+        identity_dir=tmp_path / "me",
+        coordinator_key=pinned,
+        audit_dir=tmp_path / "sent",
+    )
     node_config = config.command()[config.command().index("--node-config") + 1]
     assert f"identity-dir='{(tmp_path / 'me').resolve()}'" in node_config
     assert f"coordinator-key='{pinned.resolve()}'" in node_config
-    given = {"data-path": str(data), "identity-dir": str(tmp_path / "me"), "coordinator-key": str(pinned),
-             "audit-dir": str(tmp_path / "sent")}
+    given = {
+        "data-path": str(data),
+        "identity-dir": str(tmp_path / "me"),
+        "coordinator-key": str(pinned),
+        "audit-dir": str(tmp_path / "sent"),
+    }
     settings = NodeSettings.from_node_config(config.node_config() | given)
     assert settings.identity().sender_id == "alice" and settings.coordinator() is not None
     with pytest.raises(FileNotFoundError, match="--identity"):

@@ -37,11 +37,17 @@ def test_a_deployed_node_config_is_read_as_before(tmp_path):
 @pytest.mark.parametrize(
     ("node_config", "environ", "message"),
     [
-        ({"partition-id": 0, "num-partitions": 4}, {},
-         r"without \$OFFSITE_SIMULATION: run simulations with `offsite cloud simulate`"),
+        (
+            {"partition-id": 0, "num-partitions": 4},
+            {},
+            r"without \$OFFSITE_SIMULATION: run simulations with `offsite cloud simulate`",
+        ),
         ({"partition-id": 0, "num-partitions": 4}, {SIMULATION_ENV: "{not json"}, "not valid JSON"),
-        ({"partition-id": 0, "num-partitions": 4}, {SIMULATION_ENV: '{"partitions": "/p"}'},
-         "'cache-dir' must be a non-empty string"),
+        (
+            {"partition-id": 0, "num-partitions": 4},
+            {SIMULATION_ENV: '{"partitions": "/p"}'},
+            "'cache-dir' must be a non-empty string",
+        ),
         ({"partition-id": 0, "num-partitions": 5}, None, "runs 5 virtual nodes, .* describes 4 partitions"),
         ({"partition-id": 4, "num-partitions": 4}, None, "partition-id 4 is out of range"),
         ({"partition-id": "0", "num-partitions": 4}, None, "'partition-id' must be an integer"),

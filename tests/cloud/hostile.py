@@ -48,7 +48,7 @@ def parse_responses(raw: bytes) -> list[Response]:
             while True:
                 size_line, _, rest = rest.partition(b"\r\n")
                 size = int(size_line, 16)
-                body, rest = body + rest[:size], rest[size + 2:]
+                body, rest = body + rest[:size], rest[size + 2 :]
                 if size == 0:
                     break
         else:
@@ -93,18 +93,61 @@ def _framing_cases() -> list[tuple[str, bytes, tuple[int, ...]]]:
     return [
         # a body on GET: served or refused, but never read as the next request
         ("GET with a body", _request("GET", "/health", [("Content-Length", str(n))], SMUGGLED_REQUEST), (200, 400)),
-        ("negative Content-Length", _request("POST", "/v1/completions", [("Content-Length", f"-{n}")], SMUGGLED_REQUEST), (400,)),
-        ("two Content-Lengths", _request("POST", "/v1/completions", [("Content-Length", str(len(COMPLETION))),
-                                                                      ("Content-Length", str(len(hidden)))], hidden), (400,)),
-        ("Content-Length and Transfer-Encoding", _request("POST", "/v1/completions", [("Content-Length", str(len(hidden) + 5)),
-                                                                                       ("Transfer-Encoding", "chunked")],
-                                                          b"0\r\n\r\n" + hidden), (400,)),
-        ("signed Content-Length", _request("POST", "/v1/completions", [("Content-Length", f"+{len(COMPLETION)}")], hidden), (400,)),
-        ("Content-Length with an underscore", _request("POST", "/v1/completions", [("Content-Length", "1_0")], hidden), (400,)),
-        ("Content-Length in other digits", _request("POST", "/v1/completions", [("Content-Length", "\u0665".encode().decode("latin-1"))], hidden), (400,)),
-        ("space before the colon", _request("POST", "/v1/completions", [("Content-Length ", str(len(hidden)))], hidden), (400,)),
-        ("folded Content-Length", _request("POST", "/v1/completions", [("Content-Length", f"\r\n {len(hidden)}")], hidden), (400,)),
-        ("Content-Length of 5000 digits", _request("POST", "/v1/completions", [("Content-Length", "9" * 5000)], hidden), (400, 413)),
+        (
+            "negative Content-Length",
+            _request("POST", "/v1/completions", [("Content-Length", f"-{n}")], SMUGGLED_REQUEST),
+            (400,),
+        ),
+        (
+            "two Content-Lengths",
+            _request(
+                "POST",
+                "/v1/completions",
+                [("Content-Length", str(len(COMPLETION))), ("Content-Length", str(len(hidden)))],
+                hidden,
+            ),
+            (400,),
+        ),
+        (
+            "Content-Length and Transfer-Encoding",
+            _request(
+                "POST",
+                "/v1/completions",
+                [("Content-Length", str(len(hidden) + 5)), ("Transfer-Encoding", "chunked")],
+                b"0\r\n\r\n" + hidden,
+            ),
+            (400,),
+        ),
+        (
+            "signed Content-Length",
+            _request("POST", "/v1/completions", [("Content-Length", f"+{len(COMPLETION)}")], hidden),
+            (400,),
+        ),
+        (
+            "Content-Length with an underscore",
+            _request("POST", "/v1/completions", [("Content-Length", "1_0")], hidden),
+            (400,),
+        ),
+        (
+            "Content-Length in other digits",
+            _request("POST", "/v1/completions", [("Content-Length", "\u0665".encode().decode("latin-1"))], hidden),
+            (400,),
+        ),
+        (
+            "space before the colon",
+            _request("POST", "/v1/completions", [("Content-Length ", str(len(hidden)))], hidden),
+            (400,),
+        ),
+        (
+            "folded Content-Length",
+            _request("POST", "/v1/completions", [("Content-Length", f"\r\n {len(hidden)}")], hidden),
+            (400,),
+        ),
+        (
+            "Content-Length of 5000 digits",
+            _request("POST", "/v1/completions", [("Content-Length", "9" * 5000)], hidden),
+            (400, 413),
+        ),
     ]
 
 
@@ -125,7 +168,9 @@ def check_framing(address: tuple[str, int], name: str, data: bytes, statuses: tu
     first = responses[0]
     if first.status not in statuses:
         problems.append(f"{name}: status {first.status}, expected one of {statuses}: {first.body[:200]!r}")
-    if first.status >= 400 and any(leak in first.body for leak in LEAKS):  # any error body (framing errors may come from an HTTP library)
+    if first.status >= 400 and any(
+        leak in first.body for leak in LEAKS
+    ):  # any error body (framing errors may come from an HTTP library)
         problems.append(f"{name}: the error leaks internals: {first.body[:200]!r}")
     return problems
 
@@ -156,22 +201,75 @@ def bad_bodies(context_chars: int) -> list[tuple[str, bytes, int, str]]:
     return [
         ("JSON nested 100000 deep", b"[" * 100_000, 400, "invalid_json"),
         ("JSON nested 200 deep", deep_json(200), 400, "invalid_json"),
-        ("integer of 5000 digits", b'{"model": "base", "prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}", 400, "invalid_json"),
-        ("a lone surrogate in the prompt", b'{"model": "base", "prompt": "a\\ud800b", "max_tokens": 1}', 400, "invalid_value"),
-        ("a lone surrogate in a message", b'{"model": "base", "messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 1}', 400, "invalid_value"),
-        ("7 MB prompt", json.dumps({"model": "base", "prompt": "ab " * ((7 << 20) // 3), "max_tokens": 1}).encode(), 400, "context_length_exceeded"),
-        ("7 MB message", json.dumps({"model": "base", "messages": [{"role": "user", "content": "ab " * ((7 << 20) // 3)}]}).encode(), 400, "context_length_exceeded"),
-        ("2 million token ids", json.dumps({"model": "base", "prompt": [5] * 2_000_000, "max_tokens": 1}).encode(), 400, "context_length_exceeded"),
+        (
+            "integer of 5000 digits",
+            b'{"model": "base", "prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}",
+            400,
+            "invalid_json",
+        ),
+        (
+            "a lone surrogate in the prompt",
+            b'{"model": "base", "prompt": "a\\ud800b", "max_tokens": 1}',
+            400,
+            "invalid_value",
+        ),
+        (
+            "a lone surrogate in a message",
+            b'{"model": "base", "messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 1}',
+            400,
+            "invalid_value",
+        ),
+        (
+            "7 MB prompt",
+            json.dumps({"model": "base", "prompt": "ab " * ((7 << 20) // 3), "max_tokens": 1}).encode(),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "7 MB message",
+            json.dumps({"model": "base", "messages": [{"role": "user", "content": "ab " * ((7 << 20) // 3)}]}).encode(),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "2 million token ids",
+            json.dumps({"model": "base", "prompt": [5] * 2_000_000, "max_tokens": 1}).encode(),
+            400,
+            "context_length_exceeded",
+        ),
         ("a 1 MB model name", json.dumps({"model": "m" * (1 << 20), "prompt": "x"}).encode(), 404, "model_not_found"),
-        ("a million prompts", json.dumps({"model": "base", "prompt": ["x"] * 1_000_000, "max_tokens": 1}).encode(), 400, "invalid_value"),
-        ("n of a million", json.dumps({"model": "base", "prompt": "x", "n": 1_000_000, "max_tokens": 1}).encode(), 400, "invalid_value"),
-        ("a million token-id prompts", json.dumps({"model": "base", "prompt": [[5]] * 1_000_000, "max_tokens": 1}).encode(), 400, "invalid_json"),
+        (
+            "a million prompts",
+            json.dumps({"model": "base", "prompt": ["x"] * 1_000_000, "max_tokens": 1}).encode(),
+            400,
+            "invalid_value",
+        ),
+        (
+            "n of a million",
+            json.dumps({"model": "base", "prompt": "x", "n": 1_000_000, "max_tokens": 1}).encode(),
+            400,
+            "invalid_value",
+        ),
+        (
+            "a million token-id prompts",
+            json.dumps({"model": "base", "prompt": [[5]] * 1_000_000, "max_tokens": 1}).encode(),
+            400,
+            "invalid_json",
+        ),
     ]
 
 
-def post(address: tuple[str, int], path: str, body: bytes, headers: list[tuple[str, str]] = (), timeout: float = 60.0) -> Response:
+def post(
+    address: tuple[str, int], path: str, body: bytes, headers: list[tuple[str, str]] = (), timeout: float = 60.0
+) -> Response:
     """One request with a body, on its own connection."""
-    responses = exchange(address, _request("POST", path, [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *headers], body), timeout)
+    responses = exchange(
+        address,
+        _request(
+            "POST", path, [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *headers], body
+        ),
+        timeout,
+    )
     assert len(responses) == 1, [r.status for r in responses]
     return responses[0]
 
@@ -226,7 +324,11 @@ def check_early_upload(address: tuple[str, int], token: str, name: str, path: st
 
 # ---------------------------------------------------------------- gRPC
 
-GRPC_METHODS = ("/offsite.serving.v1.Serving/Generate", "/offsite.serving.v1.Serving/GenerateStream", "/offsite.serving.v1.Serving/ListModels")
+GRPC_METHODS = (
+    "/offsite.serving.v1.Serving/Generate",
+    "/offsite.serving.v1.Serving/GenerateStream",
+    "/offsite.serving.v1.Serving/ListModels",
+)
 MALFORMED_MESSAGES = [
     ("garbage bytes", b"\xff\xff\xff\xff"),
     ("a truncated varint", b"\x20\x80"),

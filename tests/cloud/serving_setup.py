@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from offsite.cloud.fed_job import FedJobConfig, JobState, save_checkpoint, write_job
 from offsite.cloud.plugin import plug_in_update
 from offsite.cloud.serving import registry
 from offsite.emulator.sandwich import adapter_state_dict
 from offsite.protocol.adapter import save_update
-from torch import nn
-
 from tests.conftest import make_tokenizer, tiny_model
 
 N_BLOCKS = 8
@@ -42,10 +42,15 @@ def perturbed_blocks(base: nn.Module, seed: int, scale: float = 0.05) -> dict[st
     """The base's adapter blocks plus noise: a stand-in for a tuned whole-block adapter."""
     generator = torch.Generator().manual_seed(seed)
     own = adapter_state_dict(base, list(range(N_BLOCKS)), ADAPTER_BLOCKS)
-    return {key: value + scale * torch.randn(value.shape, generator=generator, dtype=value.dtype) for key, value in own.items()}
+    return {
+        key: value + scale * torch.randn(value.shape, generator=generator, dtype=value.dtype)
+        for key, value in own.items()
+    }
 
 
-def lora_factors(base: nn.Module, seed: int, rank: int, targets: tuple[str, ...], scale: float = 0.3) -> dict[str, torch.Tensor]:
+def lora_factors(
+    base: nn.Module, seed: int, rank: int, targets: tuple[str, ...], scale: float = 0.3
+) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     own = adapter_state_dict(base, list(range(N_BLOCKS)), ADAPTER_BLOCKS)
     factors = {}
@@ -53,8 +58,12 @@ def lora_factors(base: nn.Module, seed: int, rank: int, targets: tuple[str, ...]
         for stem in targets:
             out_features, in_features = own[f"blocks.{index}.{stem}.weight"].shape
             dtype = own[f"blocks.{index}.{stem}.weight"].dtype
-            factors[f"blocks.{index}.{stem}.lora_A"] = scale * torch.randn(rank, in_features, generator=generator, dtype=dtype)
-            factors[f"blocks.{index}.{stem}.lora_B"] = scale * torch.randn(out_features, rank, generator=generator, dtype=dtype)
+            factors[f"blocks.{index}.{stem}.lora_A"] = scale * torch.randn(
+                rank, in_features, generator=generator, dtype=dtype
+            )
+            factors[f"blocks.{index}.{stem}.lora_B"] = scale * torch.randn(
+                out_features, rank, generator=generator, dtype=dtype
+            )
     return factors
 
 
@@ -67,7 +76,11 @@ class JobSpec:
 
     @property
     def meta(self) -> dict:
-        return {"mode": "lora" if self.lora_alpha else "blocks", "lora_alpha": self.lora_alpha, "plugin_gain": self.plugin_gain}
+        return {
+            "mode": "lora" if self.lora_alpha else "blocks",
+            "lora_alpha": self.lora_alpha,
+            "plugin_gain": self.plugin_gain,
+        }
 
     def plugged(self, base: nn.Module) -> nn.Module:
         return plug_in_update(base, self.tensors, ADAPTER_BLOCKS, self.lora_alpha, self.plugin_gain)
@@ -78,8 +91,14 @@ def four_jobs(base: nn.Module) -> list[JobSpec]:
         JobSpec("alpha", perturbed_blocks(base, 1)),
         JobSpec("beta", perturbed_blocks(base, 2), plugin_gain=1.5),  # the recipe's plug-in gain, from job.json
         JobSpec("gamma", lora_factors(base, 3, 4, ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")), 8.0),
-        JobSpec("delta", lora_factors(base, 4, 2, ("self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")), 4.0,
-                plugin_gain=0.5),  # from the update file's metadata
+        JobSpec(
+            "delta",
+            lora_factors(
+                base, 4, 2, ("self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+            ),
+            4.0,
+            plugin_gain=0.5,
+        ),  # from the update file's metadata
     ]
 
 
@@ -112,4 +131,4 @@ def greedy(model: nn.Module, prompt: list[int], max_new_tokens: int, eos: int | 
             if token == eos:
                 break
             ids.append(token)
-    return ids[len(prompt):]
+    return ids[len(prompt) :]

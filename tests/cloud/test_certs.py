@@ -24,7 +24,10 @@ def test_material_chains_names_hosts_and_is_private(tmp_path):
     assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(names.get_values_for_type(x509.DNSName)) == {"localhost", "superlink.example.org"}
-    assert set(names.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("10.1.2.3")}
+    assert set(names.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("10.1.2.3"),
+    }
     server_key = load_pem_private_key(made.server_key.read_bytes(), None)
     assert server_key.public_key().public_numbers() == server.public_key().public_numbers()
 

@@ -36,13 +36,32 @@ def prepare(model_dir, out, *options: str) -> int:
 def test_prepare_writes_job_json_with_the_given_settings(model_dir, tmp_path, capsys):
     out = tmp_path / "job"
     code = prepare(
-        model_dir, out,
-        "--rounds", "4", "--min-nodes", "3", "--min-replies", "2", "--round-timeout", "45",
-        "--local-steps", "3", "--local-lr", "0.002", "--local-batch-size", "4", "--aggregator", "trimmed-mean",
+        model_dir,
+        out,
+        "--rounds",
+        "4",
+        "--min-nodes",
+        "3",
+        "--min-replies",
+        "2",
+        "--round-timeout",
+        "45",
+        "--local-steps",
+        "3",
+        "--local-lr",
+        "0.002",
+        "--local-batch-size",
+        "4",
+        "--aggregator",
+        "trimmed-mean",
     )
     assert code == 0
     expected = FedJobConfig(
-        rounds=4, min_nodes=3, min_replies=2, round_timeout=45.0, aggregator="trimmed-mean",
+        rounds=4,
+        min_nodes=3,
+        min_replies=2,
+        round_timeout=45.0,
+        aggregator="trimmed-mean",
         tuning=dataclasses.replace(FEDERATED_TUNING, steps=3, lr=0.002, batch_size=4),
     )
     job = read_job(out)
@@ -98,20 +117,47 @@ def test_prepare_with_keys_signs_the_bundle_and_writes_the_security_settings(mod
     keys.save(tmp_path / "keys")
     out = tmp_path / "job"
     code = prepare(
-        model_dir, out, "--min-nodes", "3", "--min-replies", "3", "--keys", str(tmp_path / "keys"),
-        "--registry", str(tmp_path / "senders.json"),
-        "--envelopes", "--max-update-norm", "5", "--secure-aggregation", "--secagg-clip-range", "0.5",
-        "--dp-clip", "0.1", "--dp-noise", "1.2", "--dp-mode", "distributed", "--dp-delta", "1e-6",
-        "--job-id", "trial-7",
+        model_dir,
+        out,
+        "--min-nodes",
+        "3",
+        "--min-replies",
+        "3",
+        "--keys",
+        str(tmp_path / "keys"),
+        "--registry",
+        str(tmp_path / "senders.json"),
+        "--envelopes",
+        "--max-update-norm",
+        "5",
+        "--secure-aggregation",
+        "--secagg-clip-range",
+        "0.5",
+        "--dp-clip",
+        "0.1",
+        "--dp-noise",
+        "1.2",
+        "--dp-mode",
+        "distributed",
+        "--dp-delta",
+        "1e-6",
+        "--job-id",
+        "trial-7",
     )
     assert code == 0
     job = read_job(out)
     assert job.job_id == "trial-7"
     assert job.security == SecurityConfig(
-        envelopes=True, keys_dir=str((tmp_path / "keys").resolve()),
+        envelopes=True,
+        keys_dir=str((tmp_path / "keys").resolve()),
         registry=str((tmp_path / "senders.json").resolve()),
-        max_update_norm=5.0, secure_aggregation=True, secagg_clip_range=0.5, dp_clip_norm=0.1, dp_noise_multiplier=1.2,
-        dp_mode="distributed", dp_delta=1e-6,
+        max_update_norm=5.0,
+        secure_aggregation=True,
+        secagg_clip_range=0.5,
+        dp_clip_norm=0.1,
+        dp_noise_multiplier=1.2,
+        dp_mode="distributed",
+        dp_delta=1e-6,
     )
     # manifest.sig verifies
     assert read_signed_bundle(out / "bundle", keys.public()).digest == read_bundle(out / "bundle").digest

@@ -29,7 +29,9 @@ def test_our_codes_are_named_once():
 
 def test_superlink_written_errors_mean_no_reply():
     assert set(NO_REPLY_CODES) == {
-        FlowerErrorCode.MESSAGE_UNAVAILABLE, FlowerErrorCode.REPLY_MESSAGE_UNAVAILABLE, FlowerErrorCode.NODE_UNAVAILABLE
+        FlowerErrorCode.MESSAGE_UNAVAILABLE,
+        FlowerErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+        FlowerErrorCode.NODE_UNAVAILABLE,
     }
     assert not set(NO_REPLY_CODES) & {int(code) for code in ErrorCode}
     named = error_text(FlowerErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable")
@@ -56,8 +58,9 @@ def sealed_reply(header: bytes | None = None) -> tuple[Message, UpdateOpener]:
     registry.register("alice", alice.public_key)
     reference = {"blocks.0.w": torch.zeros(4, 3), "blocks.5.w": torch.ones(2)}
     update = {key: tensor + 0.01 for key, tensor in reference.items()}
-    sealed = seal_update(update, job="job-1", round=1, identity=alice, recipient=keys.public(),
-                         metadata={"num-examples": 3})
+    sealed = seal_update(
+        update, job="job-1", round=1, identity=alice, recipient=keys.public(), metadata={"num-examples": 3}
+    )
     data = bytes(sealed)
     if header is not None:
         length = int.from_bytes(data[8:12], "big")

@@ -16,10 +16,6 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.supercore.task_identity import TaskIdentity
 
 from offsite.client.client_app import app as client_app
-from offsite.cloud.federate.app import open_channel, run_job
-from offsite.cloud.federate.channels import EnvelopeChannel, PlainChannel
-from offsite.cloud.federate.round import RoundFailed
-from offsite.cloud.federate.secagg_channel import SecAggChannel
 from offsite.cloud.fed_job import (
     FEDERATED_TUNING,
     FedJobConfig,
@@ -28,6 +24,10 @@ from offsite.cloud.fed_job import (
     update_path,
     write_job,
 )
+from offsite.cloud.federate.app import open_channel, run_job
+from offsite.cloud.federate.channels import EnvelopeChannel, PlainChannel
+from offsite.cloud.federate.round import RoundFailed
+from offsite.cloud.federate.secagg_channel import SecAggChannel
 from offsite.emulator.sandwich import SandwichShape, build_emulator
 from offsite.protocol.adapter import load_update
 from offsite.protocol.bundle import write_bundle
@@ -77,9 +77,16 @@ def tiny_job(tmp_path, **settings):
     emulator, layout = build_emulator(base, shape)
     job_dir = tmp_path / "job"
     write_bundle(
-        job_dir / "bundle", emulator, make_tokenizer(tmp_path),
-        {"family": "llama", "shape": {"a": 1, "k": 1, "b": 1, "n_blocks": 4}, "layout": layout,
-         "adapter_blocks": shape.adapter_blocks(4), "kept_middle": shape.kept_middle(4)},
+        job_dir / "bundle",
+        emulator,
+        make_tokenizer(tmp_path),
+        {
+            "family": "llama",
+            "shape": {"a": 1, "k": 1, "b": 1, "n_blocks": 4},
+            "layout": layout,
+            "adapter_blocks": shape.adapter_blocks(4),
+            "kept_middle": shape.kept_middle(4),
+        },
     )
     config = {"rounds": 1, "round_timeout": 0.2, "node_wait_timeout": 5, "bundle_timeout": 5, "tuning": TUNING}
     config |= settings
@@ -151,8 +158,12 @@ def test_the_job_s_security_picks_the_channel(tmp_path):
     assert type(open_channel(job_dir, secure)) is SecAggChannel and not open_channel(job_dir, secure).sealed
     CoordinatorKeys.generate().save(tmp_path / "keys")
     SenderRegistry().save(tmp_path / "senders.json")
-    sealed = FedJobConfig(job_id="j", security=SecurityConfig(envelopes=True, keys_dir=str(tmp_path / "keys"),
-                                                              registry=str(tmp_path / "senders.json")))
+    sealed = FedJobConfig(
+        job_id="j",
+        security=SecurityConfig(
+            envelopes=True, keys_dir=str(tmp_path / "keys"), registry=str(tmp_path / "senders.json")
+        ),
+    )
     assert type(open_channel(job_dir, sealed)) is EnvelopeChannel and open_channel(job_dir, sealed).sealed
 
 
@@ -184,8 +195,13 @@ def test_secure_aggregation_recovers_a_dropout_and_aborts_below_the_threshold(tm
     assert record["secagg"]["survivors"] == [1, 2] and record["secagg"]["dropped"] == [3]
     assert record["replied"] == [1, 2] and record["dropped"] == [3] and record["num_examples"] == {}
     assert record["secagg"]["total_weight"] == 3 + 4  # each owner's row count, inside the masked sum
-    assert [kind for node, kind in grid.sent if node == 1] == [BUNDLE_PART, "query.secagg", "query.secagg", TRAIN,
-                                                               "query.secagg"]
+    assert [kind for node, kind in grid.sent if node == 1] == [
+        BUNDLE_PART,
+        "query.secagg",
+        "query.secagg",
+        TRAIN,
+        "query.secagg",
+    ]
     before, _ = load_update(checkpoint_path(job_dir, 0))
     after, _ = load_update(checkpoint_path(job_dir, 1))
     assert any(not torch.equal(after[key], before[key]) for key in before)

@@ -36,14 +36,25 @@ def make_finished_job(
     job_dir = tmp_path / "job"
     adapter_blocks = SHAPE.adapter_blocks(N_BLOCKS)
     bundle = write_bundle(
-        job_dir / "bundle", emulator, tokenizer,
-        {"family": "llama", "shape": {"a": 1, "k": 2, "b": 1, "n_blocks": N_BLOCKS}, "layout": layout,
-         "adapter_blocks": adapter_blocks, "kept_middle": SHAPE.kept_middle(N_BLOCKS)},
+        job_dir / "bundle",
+        emulator,
+        tokenizer,
+        {
+            "family": "llama",
+            "shape": {"a": 1, "k": 2, "b": 1, "n_blocks": N_BLOCKS},
+            "layout": layout,
+            "adapter_blocks": adapter_blocks,
+            "kept_middle": SHAPE.kept_middle(N_BLOCKS),
+        },
     )
     test = tmp_path / "test.jsonl"
     write_jsonl(test, [{"prompt": f"q{i} ", "choices": ["a", "b", "c"], "answer": i % 3} for i in range(12)])
-    write_job(job_dir, FedJobConfig(rounds=rounds, base_model=str(base_dir), eval_test=str(test),
-                                    eval_rows=eval_rows, plugin_gain=plugin_gain))
+    write_job(
+        job_dir,
+        FedJobConfig(
+            rounds=rounds, base_model=str(base_dir), eval_test=str(test), eval_rows=eval_rows, plugin_gain=plugin_gain
+        ),
+    )
     state = JobState(bundle=read_bundle(job_dir / "bundle").digest)
     adapter = adapter_state_dict(emulator, layout, adapter_blocks)
     generator = torch.Generator().manual_seed(1)
@@ -111,8 +122,23 @@ def test_cloud_plugin_takes_the_gain_of_the_job_whose_checkpoint_it_is(tmp_path)
     shutil.copy(checkpoint, copy)
     base_state = base.state_dict()
     for source, out, gain in ((checkpoint, "in-job", 1.5), (copy, "copied", 1.0)):
-        assert main(["cloud", "plugin", "--model", str(tmp_path / "base"), "--bundle", str(job_dir / "bundle"),
-                     "--adapter", str(source), "--out", str(tmp_path / out)]) == 0
+        assert (
+            main(
+                [
+                    "cloud",
+                    "plugin",
+                    "--model",
+                    str(tmp_path / "base"),
+                    "--bundle",
+                    str(job_dir / "bundle"),
+                    "--adapter",
+                    str(source),
+                    "--out",
+                    str(tmp_path / out),
+                ]
+            )
+            == 0
+        )
         state = AutoModelForCausalLM.from_pretrained(tmp_path / out).state_dict()
         for key, tensor in adapter.items():
             index, name = key.split(".", 2)[1:]
@@ -130,8 +156,9 @@ def test_finish_refuses_an_unfinished_job(tmp_path):
 def test_round_lr_schedule():
     constant = FedJobConfig(rounds=4, tuning=dataclasses.replace(FEDERATED_TUNING, lr=1e-3))
     assert [constant.round_lr(r) for r in range(1, 5)] == [1e-3] * 4
-    cosine = FedJobConfig(rounds=5, tuning=dataclasses.replace(FEDERATED_TUNING, lr=1e-3), lr_schedule="cosine",
-                          final_lr_ratio=0.1)
+    cosine = FedJobConfig(
+        rounds=5, tuning=dataclasses.replace(FEDERATED_TUNING, lr=1e-3), lr_schedule="cosine", final_lr_ratio=0.1
+    )
     lrs = [cosine.round_lr(r) for r in range(1, 6)]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
     assert lrs[2] == pytest.approx(5.5e-4)  # halfway: the mean of the two ends

@@ -54,12 +54,17 @@ def test_gain_on_lora_scales_the_merged_change(family):
     stem = "blocks.1." + ("attn.c_attn" if family == "gpt2" else "self_attn.q_proj")
     weight = own[stem + ".weight"]
     out_features, in_features = weight.shape[::-1] if lora_is_transposed(model) else weight.shape
-    factors = {stem + ".lora_A": torch.randn(2, in_features, generator=generator), stem + ".lora_B": torch.randn(out_features, 2, generator=generator)}
+    factors = {
+        stem + ".lora_A": torch.randn(2, in_features, generator=generator),
+        stem + ".lora_B": torch.randn(out_features, 2, generator=generator),
+    }
     once = adapter_from_update(model, factors, BLOCKS, lora_alpha=4.0)
     thrice = adapter_from_update(model, factors, BLOCKS, lora_alpha=4.0, gain=3.0)
     changed = [key for key in own if not torch.equal(once[key], own[key])]
     assert changed == [stem + ".weight"]
-    torch.testing.assert_close(thrice[stem + ".weight"] - weight, 3.0 * (once[stem + ".weight"] - weight), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        thrice[stem + ".weight"] - weight, 3.0 * (once[stem + ".weight"] - weight), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("gain", [-0.1, math.nan, math.inf])

@@ -22,10 +22,10 @@ from offsite.cloud.fed_job import (
     save_state,
     write_job,
 )
-from offsite.cloud.superlink import round_summary
 from offsite.cloud.federate.channels import client_metrics, update_weight
 from offsite.cloud.federate.strategy import spend_privacy
 from offsite.cloud.finish import privacy_spent
+from offsite.cloud.superlink import round_summary
 from offsite.emulator.tune import TuneConfig
 from offsite.protocol.dp import DPConfig, PrivacyAccountant
 from offsite.protocol.messages import TrainInstruction
@@ -42,9 +42,18 @@ def test_job_json_without_security_still_reads_and_security_round_trips(tmp_path
     (tmp_path / "job.json").write_text(json.dumps(old))
     assert read_job(tmp_path) == FedJobConfig()  # a job.json written before this section existed
 
-    secured = job(envelopes=True, max_update_norm=5.0, secure_aggregation=True, secagg_clip_range=0.25,
-                  secagg_ring_bits=32, dp_clip_norm=0.1, dp_noise_multiplier=0.8, dp_mode="distributed", dp_delta=1e-6,
-                  **KEYS)
+    secured = job(
+        envelopes=True,
+        max_update_norm=5.0,
+        secure_aggregation=True,
+        secagg_clip_range=0.25,
+        secagg_ring_bits=32,
+        dp_clip_norm=0.1,
+        dp_noise_multiplier=0.8,
+        dp_mode="distributed",
+        dp_delta=1e-6,
+        **KEYS,
+    )
     write_job(tmp_path, secured)
     assert read_job(tmp_path) == secured
     data = json.loads((tmp_path / "job.json").read_text())
@@ -60,8 +69,10 @@ def test_job_json_without_security_still_reads_and_security_round_trips(tmp_path
     ("config", "match"),
     [
         (lambda: FedJobConfig(security=SecurityConfig(envelopes=True, **KEYS)), "set job_id"),
-        (lambda: FedJobConfig(min_nodes=2, min_replies=2, security=SecurityConfig(secure_aggregation=True)),
-         "set job_id"),
+        (
+            lambda: FedJobConfig(min_nodes=2, min_replies=2, security=SecurityConfig(secure_aggregation=True)),
+            "set job_id",
+        ),
         (lambda: job(envelopes=True), "keys_dir"),
         (lambda: job(envelopes=True, keys_dir="/keys"), "registry"),
         (lambda: FedJobConfig(job_id="a/b"), "job_id 'a/b'"),
@@ -72,15 +83,21 @@ def test_job_json_without_security_still_reads_and_security_round_trips(tmp_path
         (lambda: job(dp_clip_norm=-0.1), "clip_norm must be a finite number > 0"),
         (lambda: job(dp_clip_norm=0.1, dp_delta=1.0), "dp_delta"),
         (lambda: job(dp_clip_norm=0.1, dp_mode="central"), "dp_mode"),
-        (lambda: job(envelopes=True, max_update_norm=0.05, dp_clip_norm=0.1, **KEYS),
-         "max_update_norm 0.05 < dp_clip_norm 0.1"),
+        (
+            lambda: job(envelopes=True, max_update_norm=0.05, dp_clip_norm=0.1, **KEYS),
+            "max_update_norm 0.05 < dp_clip_norm 0.1",
+        ),
         (lambda: job(secure_aggregation=True, secagg_threshold=4), "min_replies 3 < secagg_threshold 4"),
         (lambda: job(secure_aggregation=True, secagg_threshold=1), "secagg_threshold must be >= 2"),
         (lambda: job(secure_aggregation=True, secagg_ring_bits=16), "secagg_ring_bits"),
-        (lambda: job(secure_aggregation=True, secagg_clip_range=0.05, dp_clip_norm=0.1),
-         "secagg_clip_range 0.05 < dp_clip_norm 0.1"),
-        (lambda: dataclasses.replace(job(secure_aggregation=True), record_updates=True),
-         "record_updates contradicts secure aggregation"),
+        (
+            lambda: job(secure_aggregation=True, secagg_clip_range=0.05, dp_clip_norm=0.1),
+            "secagg_clip_range 0.05 < dp_clip_norm 0.1",
+        ),
+        (
+            lambda: dataclasses.replace(job(secure_aggregation=True), record_updates=True),
+            "record_updates contradicts secure aggregation",
+        ),
         (lambda: dataclasses.replace(job(secure_aggregation=True), aggregator="median"), "aggregator must be 'fedavg'"),
         (lambda: dataclasses.replace(job(dp_clip_norm=0.1), aggregator="trimmed-mean"), "aggregator must be 'fedavg'"),
     ],
@@ -94,8 +111,14 @@ def test_the_instruction_carries_the_job_id_and_modes(tmp_path):
     plain = FedJobConfig().instruction(2, "c" * 64)
     assert (plain.job_id, plain.envelope, plain.secagg, plain.dp) == ("", False, False, None)
     config = dataclasses.replace(
-        job(envelopes=True, secure_aggregation=True, dp_clip_norm=0.2, dp_noise_multiplier=1.5, dp_mode="distributed",
-            **KEYS),
+        job(
+            envelopes=True,
+            secure_aggregation=True,
+            dp_clip_norm=0.2,
+            dp_noise_multiplier=1.5,
+            dp_mode="distributed",
+            **KEYS,
+        ),
         min_replies=3,
     )
     sent = config.instruction(2, "c" * 64)
@@ -123,8 +146,16 @@ def test_the_round_s_tuning_is_the_job_s_with_the_round_s_lr_and_seed():
 def test_a_job_json_of_the_old_tuning_section_reads_with_the_same_settings(tmp_path):
     """job.json files written with LocalTuning's eight fields (before TuneConfig was nested) read as
     the same tuning: the fields TuneConfig adds take FEDERATED_TUNING's values."""
-    old_tuning = {"steps": 3, "batch_size": 4, "lr": 0.002, "warmup_steps": 0, "schedule": "constant", "max_length": 64,
-                  "max_grad_norm": 1.0, "seed": 7}
+    old_tuning = {
+        "steps": 3,
+        "batch_size": 4,
+        "lr": 0.002,
+        "warmup_steps": 0,
+        "schedule": "constant",
+        "max_length": 64,
+        "max_grad_norm": 1.0,
+        "seed": 7,
+    }
     data = FedJobConfig().to_json() | {"tuning": old_tuning}
     (tmp_path / "job.json").write_text(json.dumps(data))
     assert read_job(tmp_path).tuning == dataclasses.replace(FEDERATED_TUNING, **old_tuning)
@@ -149,8 +180,16 @@ def test_privacy_is_charged_per_round_and_persisted_with_the_state(tmp_path):
         assert record["epsilon"] == accountant.epsilon(1e-5) and record["rounds"] == round_number
         assert record["exact_epsilon"] < record["epsilon"]  # the tight GDP value is below the RDP bound
         epsilons.append(record["epsilon"])
-        entry = {"round": round_number, "privacy": record, "replied": [1], "sent": [1], "failed": {}, "dropped": [],
-                 "mean_train_loss": None, "seconds": 1.0}
+        entry = {
+            "round": round_number,
+            "privacy": record,
+            "replied": [1],
+            "sent": [1],
+            "failed": {},
+            "dropped": [],
+            "mean_train_loss": None,
+            "seconds": 1.0,
+        }
         save_checkpoint(tmp_path, state, round_number, {"w": torch.zeros(2)}, entry)
     assert epsilons == sorted(epsilons) and len(set(epsilons)) == 3
     saved = json.loads((tmp_path / "state.json").read_text())

@@ -13,12 +13,12 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+
 from offsite.cloud.plugin import plug_in_update
 from offsite.cloud.serving import server
 from offsite.cloud.serving.service import ServeConfig, ServingService
 from offsite.protocol._generated import serving_pb2, serving_pb2_grpc
 from offsite.protocol.adapter import save_update
-
 from tests.cloud.serving_setup import (
     ADAPTER_BLOCKS,
     EOS,
@@ -55,7 +55,14 @@ def served(tmp_path_factory):
     base = tiny_base()
     jobs = four_jobs(base)
     fill_registry(tmp / "registry", base, jobs, tmp / "sources")
-    config = ServeConfig(registry=tmp / "registry", base_name="tiny-llama", max_batch=8, max_context=128, default_max_tokens=16, admin_token=ADMIN)
+    config = ServeConfig(
+        registry=tmp / "registry",
+        base_name="tiny-llama",
+        max_batch=8,
+        max_context=128,
+        default_max_tokens=16,
+        admin_token=ADMIN,
+    )
     service = ServingService(base, chat_tokenizer(), config)
     servers = server.start(service, "127.0.0.1", 0, 0)
     references = {job.name: job.plugged(base) for job in jobs} | {"base": base}
@@ -77,7 +84,9 @@ def call(served: Served, method: str, path: str, body=None, headers: dict | None
 def sse(served: Served, path: str, body: dict) -> tuple[list[dict], bool]:
     """The events of a streamed request, and whether it ended with [DONE]."""
     connection = http.client.HTTPConnection(*served.host_port, timeout=60)
-    connection.request("POST", path, body=json.dumps(body | {"stream": True}), headers={"Content-Type": "application/json"})
+    connection.request(
+        "POST", path, body=json.dumps(body | {"stream": True}), headers={"Content-Type": "application/json"}
+    )
     response = connection.getresponse()
     assert response.status == 200 and response.getheader("Content-Type").split(";")[0] == "text/event-stream"
     events, done = [], False
@@ -93,7 +102,9 @@ def sse(served: Served, path: str, body: dict) -> tuple[list[dict], bool]:
 
 
 def expected_text(served: Served, model: str, prompt_ids: list[int], max_tokens: int) -> str:
-    return served.tokenizer.decode(greedy(served.references[model], prompt_ids, max_tokens, eos=EOS), skip_special_tokens=True)
+    return served.tokenizer.decode(
+        greedy(served.references[model], prompt_ids, max_tokens, eos=EOS), skip_special_tokens=True
+    )
 
 
 # ---------------------------------------------------------------- HTTP
@@ -111,7 +122,9 @@ def test_completions_match_the_plugged_in_model(served):
     for model in ("alpha", "gamma", "base"):
         prompt = "the cat sat"
         ids = served.tokenizer(prompt).input_ids
-        status, body = call(served, "POST", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0})
+        status, body = call(
+            served, "POST", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+        )
         assert status == 200, body
         assert body["object"] == "text_completion" and body["model"] == model
         assert body["choices"][0]["text"] == expected_text(served, model, ids, 12)
@@ -119,12 +132,20 @@ def test_completions_match_the_plugged_in_model(served):
 
 
 def test_streamed_completion_equals_the_whole_one(served):
-    request = {"model": "delta", "prompt": [5, 9, 14, 3, 27], "max_tokens": 20, "temperature": 0, "stream_options": {"include_usage": True}}
+    request = {
+        "model": "delta",
+        "prompt": [5, 9, 14, 3, 27],
+        "max_tokens": 20,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
     whole = call(served, "POST", "/v1/completions", request)[1]
     events, done = sse(served, "/v1/completions", request)
     assert done
     assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == whole["choices"][0]["text"]
-    assert [e for e in events if e["choices"]][-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert [e for e in events if e["choices"]][-1]["choices"][0]["finish_reason"] == whole["choices"][0][
+        "finish_reason"
+    ]
     assert events[-1]["usage"] == whole["usage"]
 
 
@@ -132,12 +153,19 @@ def test_chat_uses_the_chat_template_and_streams(served):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     rendered = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = served.tokenizer(rendered, add_special_tokens=False).input_ids
-    status, body = call(served, "POST", "/v1/chat/completions", {"model": "beta", "messages": messages, "max_tokens": 10, "temperature": 0})
+    status, body = call(
+        served,
+        "POST",
+        "/v1/chat/completions",
+        {"model": "beta", "messages": messages, "max_tokens": 10, "temperature": 0},
+    )
     assert status == 200, body
     assert body["object"] == "chat.completion"
     message = body["choices"][0]["message"]
     assert message == {"role": "assistant", "content": expected_text(served, "beta", ids, 10)}
-    events, done = sse(served, "/v1/chat/completions", {"model": "beta", "messages": messages, "max_tokens": 10, "temperature": 0})
+    events, done = sse(
+        served, "/v1/chat/completions", {"model": "beta", "messages": messages, "max_tokens": 10, "temperature": 0}
+    )
     assert done and all(e["object"] == "chat.completion.chunk" for e in events)
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == message["content"]
@@ -169,13 +197,25 @@ def _assert_error(status_body, status: int, param=None, code=None, type_="invali
 
 def test_bad_input_gets_openai_errors(served):
     ok = {"model": "alpha", "prompt": "hello", "max_tokens": 4}
-    error = _assert_error(call(served, "POST", "/v1/completions", ok | {"model": "nope"}), 404, "model", "model_not_found")
+    error = _assert_error(
+        call(served, "POST", "/v1/completions", ok | {"model": "nope"}), 404, "model", "model_not_found"
+    )
     assert "'nope'" in error["message"]
-    _assert_error(call(served, "POST", "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}), 404, "model")
-    _assert_error(call(served, "POST", "/v1/completions", raw=b'{"model": "alpha", "prompt": '), 400, code="invalid_json")
+    _assert_error(
+        call(served, "POST", "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+        404,
+        "model",
+    )
+    _assert_error(
+        call(served, "POST", "/v1/completions", raw=b'{"model": "alpha", "prompt": '), 400, code="invalid_json"
+    )
     _assert_error(call(served, "POST", "/v1/completions", raw=b"[1, 2]"), 400, code="invalid_json")
-    _assert_error(call(served, "POST", "/v1/completions", ok | {"prompt": "x" * 200}), 400, "prompt", "context_length_exceeded")
-    _assert_error(call(served, "POST", "/v1/completions", ok | {"max_tokens": 127}), 400, "max_tokens", "context_length_exceeded")
+    _assert_error(
+        call(served, "POST", "/v1/completions", ok | {"prompt": "x" * 200}), 400, "prompt", "context_length_exceeded"
+    )
+    _assert_error(
+        call(served, "POST", "/v1/completions", ok | {"max_tokens": 127}), 400, "max_tokens", "context_length_exceeded"
+    )
     _assert_error(call(served, "POST", "/v1/completions", ok | {"max_tokens": 0}), 400, "max_tokens")
     _assert_error(call(served, "POST", "/v1/completions", ok | {"max_tokens": "4"}), 400, "max_tokens", "invalid_type")
     _assert_error(call(served, "POST", "/v1/completions", ok | {"temperature": 3}), 400, "temperature")
@@ -184,14 +224,25 @@ def test_bad_input_gets_openai_errors(served):
     _assert_error(call(served, "POST", "/v1/completions", ok | {"n": 500}), 400, "n")
     _assert_error(call(served, "POST", "/v1/completions", ok | {"stop": ["a", "b", "c", "d", "e"]}), 400, "stop")
     _assert_error(call(served, "POST", "/v1/completions", ok | {"logprobs": 21}), 400, "logprobs", "invalid_value")
-    _assert_error(call(served, "POST", "/v1/completions", ok | {"logit_bias": {"5": 1}}), 400, "logit_bias", "unsupported_parameter")
+    _assert_error(
+        call(served, "POST", "/v1/completions", ok | {"logit_bias": {"5": 1}}),
+        400,
+        "logit_bias",
+        "unsupported_parameter",
+    )
     _assert_error(call(served, "POST", "/v1/completions", ok | {"echo": "yes"}), 400, "echo", "invalid_type")
     _assert_error(call(served, "POST", "/v1/completions", ok | {"stream": "yes"}), 400, "stream")
     _assert_error(call(served, "POST", "/v1/completions", ok | {"prompt": ["a", [1]]}), 400, "prompt")
     _assert_error(call(served, "POST", "/v1/completions", ok | {"prompt": [5, 100]}), 400, "prompt", "invalid_value")
     _assert_error(call(served, "POST", "/v1/completions", {"prompt": "x"}), 400, "model")
     _assert_error(call(served, "POST", "/v1/chat/completions", {"model": "alpha", "messages": []}), 400, "messages")
-    _assert_error(call(served, "POST", "/v1/chat/completions", {"model": "alpha", "messages": [{"role": "robot", "content": "x"}]}), 400, "messages[0].role")
+    _assert_error(
+        call(
+            served, "POST", "/v1/chat/completions", {"model": "alpha", "messages": [{"role": "robot", "content": "x"}]}
+        ),
+        400,
+        "messages[0].role",
+    )
     _assert_error(call(served, "GET", "/v1/nothing"), 404, code="unknown_url")
     # the server still serves, on the same keep-alive connection too
     connection = http.client.HTTPConnection(*served.host_port, timeout=30)
@@ -208,13 +259,17 @@ def test_a_client_that_disconnects_mid_stream_is_cancelled_and_others_are_served
     cancelled = call(served, "GET", "/health")[1]["stats"]["cancelled"]
     for _ in range(3):
         sock = socket.create_connection(served.host_port, timeout=30)
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         received = b""
         while received.count(b"data: ") < 3:  # a few pieces in, then hang up
             received += sock.recv(4096)
         sock.close()
-    status, reply = call(served, "POST", "/v1/completions", {"model": "alpha", "prompt": "abc", "max_tokens": 5, "temperature": 0})
+    status, reply = call(
+        served, "POST", "/v1/completions", {"model": "alpha", "prompt": "abc", "max_tokens": 5, "temperature": 0}
+    )
     assert status == 200 and reply["choices"][0]["finish_reason"] in ("length", "stop")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -234,39 +289,74 @@ def test_admin_registers_and_unregisters_at_run_time(served):
     auth = {"Authorization": f"Bearer {ADMIN}"}
     adapter = perturbed_blocks(served.base, 11)
     job_dir = finished_job_dir(served.tmp / "late-job", adapter)
-    _assert_error(call(served, "POST", "/admin/models", {"name": "late", "path": str(job_dir)}), 401, type_="authentication_error")
-    _assert_error(call(served, "POST", "/admin/models", {"name": "late", "path": str(job_dir)}, {"Authorization": "Bearer wrong"}), 401, type_="authentication_error")
+    _assert_error(
+        call(served, "POST", "/admin/models", {"name": "late", "path": str(job_dir)}), 401, type_="authentication_error"
+    )
+    _assert_error(
+        call(
+            served, "POST", "/admin/models", {"name": "late", "path": str(job_dir)}, {"Authorization": "Bearer wrong"}
+        ),
+        401,
+        type_="authentication_error",
+    )
     status, info = call(served, "POST", "/admin/models", {"name": "late", "path": str(job_dir)}, auth)
     assert status == 201 and info["id"] == "late" and info["kind"] == "blocks"
     _assert_error(call(served, "POST", "/admin/models", {"name": "late", "path": str(job_dir)}, auth), 409, "name")
     _assert_error(call(served, "POST", "/admin/models", {"name": "bad name!", "path": str(job_dir)}, auth), 400, "name")
-    _assert_error(call(served, "POST", "/admin/models", {"name": "x", "path": str(served.tmp / "missing")}, auth), 400, "path")
+    _assert_error(
+        call(served, "POST", "/admin/models", {"name": "x", "path": str(served.tmp / "missing")}, auth), 400, "path"
+    )
     served.references["late"] = plug_in_update(served.base, adapter, ADAPTER_BLOCKS)
-    reply = call(served, "POST", "/v1/completions", {"model": "late", "prompt": [7, 8, 9], "max_tokens": 8, "temperature": 0})[1]
+    reply = call(
+        served, "POST", "/v1/completions", {"model": "late", "prompt": [7, 8, 9], "max_tokens": 8, "temperature": 0}
+    )[1]
     assert reply["choices"][0]["text"] == expected_text(served, "late", [7, 8, 9], 8)
     # an uploaded adapter file (PUT) is served too
     upload = served.tmp / "upload.safetensors"
     save_update(upload, perturbed_blocks(served.base, 12), {"mode": "blocks"})
-    status, info = call(served, "PUT", "/admin/models/uploaded", raw=upload.read_bytes(), headers=auth | {"Content-Type": "application/octet-stream"})
+    status, info = call(
+        served,
+        "PUT",
+        "/admin/models/uploaded",
+        raw=upload.read_bytes(),
+        headers=auth | {"Content-Type": "application/octet-stream"},
+    )
     assert status == 201 and info["id"] == "uploaded"
-    _assert_error(call(served, "PUT", "/admin/models/junk", raw=b"not safetensors", headers=auth), 400, code="invalid_adapter")
+    _assert_error(
+        call(served, "PUT", "/admin/models/junk", raw=b"not safetensors", headers=auth), 400, code="invalid_adapter"
+    )
     # the recipe's plug-in gain, said at registration (a client's update file carries none)
     gained = perturbed_blocks(served.base, 13)
     save_update(upload, gained, {"mode": "blocks"})
     status, info = call(served, "PUT", "/admin/models/gained?plugin_gain=1.5", raw=upload.read_bytes(), headers=auth)
     assert status == 201
     served.references["gained"] = plug_in_update(served.base, gained, ADAPTER_BLOCKS, gain=1.5)
-    reply = call(served, "POST", "/v1/completions", {"model": "gained", "prompt": [3, 1, 4], "max_tokens": 8, "temperature": 0})[1]
+    reply = call(
+        served, "POST", "/v1/completions", {"model": "gained", "prompt": [3, 1, 4], "max_tokens": 8, "temperature": 0}
+    )[1]
     assert reply["choices"][0]["text"] == expected_text(served, "gained", [3, 1, 4], 8)
-    _assert_error(call(served, "PUT", "/admin/models/g2?plugin_gain=much", raw=upload.read_bytes(), headers=auth), 400, "plugin_gain")
+    _assert_error(
+        call(served, "PUT", "/admin/models/g2?plugin_gain=much", raw=upload.read_bytes(), headers=auth),
+        400,
+        "plugin_gain",
+    )
     for bad in (-1, "1.5"):
-        _assert_error(call(served, "POST", "/admin/models", {"name": "g3", "path": str(job_dir), "plugin_gain": bad}, auth), 400, "plugin_gain")
+        _assert_error(
+            call(served, "POST", "/admin/models", {"name": "g3", "path": str(job_dir), "plugin_gain": bad}, auth),
+            400,
+            "plugin_gain",
+        )
     listed = {m["id"]: m for m in call(served, "GET", "/admin/models", headers=auth)[1]["data"]}
     assert {"late", "uploaded", "gained"} <= set(listed) and not {"junk", "g2", "g3"} & set(listed)
     assert listed["gained"]["meta"]["plugin_gain"] == 1.5 and listed["late"]["meta"]["plugin_gain"] == 1.0
     for name in ("late", "uploaded", "gained"):
-        assert call(served, "DELETE", f"/admin/models/{name}", headers=auth) == (200, {"id": name, "object": "model", "deleted": True})
-    _assert_error(call(served, "POST", "/v1/completions", {"model": "late", "prompt": "x", "max_tokens": 2}), 404, "model")
+        assert call(served, "DELETE", f"/admin/models/{name}", headers=auth) == (
+            200,
+            {"id": name, "object": "model", "deleted": True},
+        )
+    _assert_error(
+        call(served, "POST", "/v1/completions", {"model": "late", "prompt": "x", "max_tokens": 2}), 404, "model"
+    )
     _assert_error(call(served, "DELETE", "/admin/models/late", headers=auth), 404, "name")
     assert not (served.tmp / "registry" / "late").exists()
 
@@ -278,15 +368,24 @@ def test_api_keys_and_admin_off(tmp_path):
     try:
         local = Served(servers, service.tokenizer, service.model, {}, tmp_path)
         _assert_error(call(local, "GET", "/v1/models"), 401, code="invalid_api_key", type_="authentication_error")
-        _assert_error(call(local, "GET", "/v1/models", headers={"Authorization": "Bearer k3"}), 401, type_="authentication_error")
+        _assert_error(
+            call(local, "GET", "/v1/models", headers={"Authorization": "Bearer k3"}), 401, type_="authentication_error"
+        )
         assert call(local, "GET", "/v1/models", headers={"Authorization": "Bearer k2"})[0] == 200
-        _assert_error(call(local, "GET", "/admin/models", headers={"Authorization": "Bearer k1"}), 403, code="admin_disabled", type_="permission_error")
+        _assert_error(
+            call(local, "GET", "/admin/models", headers={"Authorization": "Bearer k1"}),
+            403,
+            code="admin_disabled",
+            type_="permission_error",
+        )
         with grpc.insecure_channel(servers.grpc_target) as channel:
             stub = serving_pb2_grpc.ServingStub(channel)
             with pytest.raises(grpc.RpcError) as caught:
                 stub.ListModels(serving_pb2.ListModelsRequest(), timeout=10)
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            reply = stub.ListModels(serving_pb2.ListModelsRequest(), metadata=(("authorization", "Bearer k1"),), timeout=10)
+            reply = stub.ListModels(
+                serving_pb2.ListModelsRequest(), metadata=(("authorization", "Bearer k1"),), timeout=10
+            )
             assert [m.id for m in reply.models] == ["base"]
     finally:
         servers.stop()
@@ -299,7 +398,13 @@ def test_grpc_generate_stream_and_list(served):
     with grpc.insecure_channel(served.servers.grpc_target) as channel:
         stub = serving_pb2_grpc.ServingStub(channel)
         models = stub.ListModels(serving_pb2.ListModelsRequest(), timeout=10).models
-        assert {m.id: m.kind for m in models} == {"base": "base", "alpha": "blocks", "beta": "blocks", "gamma": "lora", "delta": "lora"}
+        assert {m.id: m.kind for m in models} == {
+            "base": "base",
+            "alpha": "blocks",
+            "beta": "blocks",
+            "gamma": "lora",
+            "delta": "lora",
+        }
         assert all(m.context_length == 128 and m.base == "tiny-llama" for m in models)
         prompt = "hello there"
         ids = served.tokenizer(prompt).input_ids
@@ -311,8 +416,13 @@ def test_grpc_generate_stream_and_list(served):
             chunks = list(stub.GenerateStream(request, timeout=30))
             assert "".join(c.text for c in chunks) == reply.text
             assert [t for c in chunks for t in c.token_ids] == list(reply.token_ids)
-            assert chunks[-1].finish_reason == reply.finish_reason and chunks[-1].usage.total_tokens == reply.usage.total_tokens
-        chat = serving_pb2.GenerateRequest(model="alpha", messages=[serving_pb2.ChatMessage(role="user", content="hi")], max_tokens=6, temperature=0)
+            assert (
+                chunks[-1].finish_reason == reply.finish_reason
+                and chunks[-1].usage.total_tokens == reply.usage.total_tokens
+            )
+        chat = serving_pb2.GenerateRequest(
+            model="alpha", messages=[serving_pb2.ChatMessage(role="user", content="hi")], max_tokens=6, temperature=0
+        )
         assert stub.Generate(chat, timeout=30).usage.completion_tokens >= 1
         for request, code in (
             (serving_pb2.GenerateRequest(model="nope", prompt="x"), grpc.StatusCode.NOT_FOUND),
@@ -325,7 +435,9 @@ def test_grpc_generate_stream_and_list(served):
                     call_(request, timeout=10)
                 assert caught.value.code() == code, caught.value.details()
         # a stream the client cancels frees its slot
-        stream = stub.GenerateStream(serving_pb2.GenerateRequest(model="gamma", prompt="abc", max_tokens=100, temperature=0), timeout=30)
+        stream = stub.GenerateStream(
+            serving_pb2.GenerateRequest(model="gamma", prompt="abc", max_tokens=100, temperature=0), timeout=30
+        )
         next(stream)
         stream.cancel()
     deadline = time.monotonic() + 20
@@ -344,7 +456,9 @@ def test_offsite_query_streams_the_answer(served, capsys):
     expected = expected_text(served, "alpha", ids, 9)
     assert main(["query", "--url", served.servers.http_url, "-m", "alpha", "--raw", "--max-tokens", "9", "abc"]) == 0
     assert capsys.readouterr().out == expected + "\n"
-    assert main(["query", "--grpc", served.servers.grpc_target, "-m", "alpha", "--raw", "--max-tokens", "9", "abc"]) == 0
+    assert (
+        main(["query", "--grpc", served.servers.grpc_target, "-m", "alpha", "--raw", "--max-tokens", "9", "abc"]) == 0
+    )
     assert capsys.readouterr().out == expected + "\n"
     assert main(["query", "--url", served.servers.http_url, "-m", "beta", "--max-tokens", "3", "hi"]) == 0
     assert capsys.readouterr().out.endswith("\n")
@@ -358,9 +472,38 @@ def test_serve_checks_plugin_gain_before_loading_the_model(tmp_path, capsys):
     from offsite.cli import main
 
     registry_dir = tmp_path / "registry"
-    assert main(["cloud", "serve", "--registry", str(registry_dir), "--model", str(tmp_path / "no-model"),
-                 "--add", f"job={tmp_path / 'u.safetensors'}", "--plugin-gain", "-1"]) == 2
+    assert (
+        main(
+            [
+                "cloud",
+                "serve",
+                "--registry",
+                str(registry_dir),
+                "--model",
+                str(tmp_path / "no-model"),
+                "--add",
+                f"job={tmp_path / 'u.safetensors'}",
+                "--plugin-gain",
+                "-1",
+            ]
+        )
+        == 2
+    )
     assert "--plugin-gain: the plug-in gain must be a finite number >= 0, got -1.0" in capsys.readouterr().err
-    assert main(["cloud", "serve", "--registry", str(registry_dir), "--model", str(tmp_path / "no-model"), "--plugin-gain", "1.5"]) == 2
+    assert (
+        main(
+            [
+                "cloud",
+                "serve",
+                "--registry",
+                str(registry_dir),
+                "--model",
+                str(tmp_path / "no-model"),
+                "--plugin-gain",
+                "1.5",
+            ]
+        )
+        == 2
+    )
     assert "--plugin-gain applies to --add jobs; there are none" in capsys.readouterr().err
     assert not registry_dir.exists()

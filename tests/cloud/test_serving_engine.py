@@ -7,12 +7,12 @@ import time
 
 import pytest
 import torch
+
 from offsite.cloud.serving import registry
 from offsite.cloud.serving.engine import LlamaStack, Request, SamplingParams, Scheduler
 from offsite.cloud.serving.registry import RegistryError, served_job
 from offsite.emulator.arch import UnsupportedModelError
 from offsite.protocol.adapter import save_update
-
 from tests.cloud.serving_setup import (
     ADAPTER_BLOCKS,
     finished_job_dir,
@@ -62,10 +62,13 @@ def test_mixed_batch_over_four_jobs_matches_each_plugged_in_model():
     scheduler = Scheduler(LlamaStack(base, slots=16), eos_ids=set())
     try:
         prompts = _prompts(18)
-        requests = [Request(jobs[i % 5], p, SamplingParams(max_tokens=10 + (3 * i) % 17, temperature=0)) for i, p in enumerate(prompts)]
+        requests = [
+            Request(jobs[i % 5], p, SamplingParams(max_tokens=10 + (3 * i) % 17, temperature=0))
+            for i, p in enumerate(prompts)
+        ]
         for wave in range(3):
             steps = scheduler.stats.steps
-            for request in requests[6 * wave: 6 * wave + 6]:
+            for request in requests[6 * wave : 6 * wave + 6]:
                 scheduler.submit(request)
             deadline = time.monotonic() + 30
             while scheduler.stats.steps == steps and time.monotonic() < deadline:  # the wave is decoding
@@ -113,7 +116,10 @@ def test_cancelled_request_frees_its_slot_and_sampling_is_seeded():
         scheduler.submit(long)
         assert long.events.get(timeout=30)[0] == "token"
         long.cancel()
-        sampled = [Request(None, [5, 6, 7], SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=42)) for _ in range(3)]
+        sampled = [
+            Request(None, [5, 6, 7], SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=42))
+            for _ in range(3)
+        ]
         for request in sampled:
             scheduler.submit(request)
         runs = [_collect(request)[0] for request in sampled]
@@ -146,12 +152,24 @@ def test_other_llama_family_models(family):
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
         torch.manual_seed(0)
-        config = Qwen3Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
-                             num_key_value_heads=2, head_dim=8, max_position_embeddings=256, initializer_range=0.2)
+        config = Qwen3Config(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=256,
+            initializer_range=0.2,
+        )
         base = Qwen3ForCausalLM(config).eval().double()
     else:
         base = tiny_model(family, 8).double()
-    jobs = [("b", perturbed_blocks(base, 5), None), ("l", lora_factors(base, 6, 3, ("self_attn.q_proj", "mlp.up_proj")), 2.0)]
+    jobs = [
+        ("b", perturbed_blocks(base, 5), None),
+        ("l", lora_factors(base, 6, 3, ("self_attn.q_proj", "mlp.up_proj")), 2.0),
+    ]
     from offsite.cloud.plugin import plug_in_update
 
     served = [served_job(n, t, {"mode": "lora" if a else "blocks", "lora_alpha": a}, base) for n, t, a in jobs]
@@ -159,7 +177,9 @@ def test_other_llama_family_models(family):
     scheduler = Scheduler(LlamaStack(base, slots=4), eos_ids=set())
     try:
         prompts = _prompts(4, seed=7)
-        requests = [Request(served[i % 2], p, SamplingParams(max_tokens=6, temperature=0)) for i, p in enumerate(prompts)]
+        requests = [
+            Request(served[i % 2], p, SamplingParams(max_tokens=6, temperature=0)) for i, p in enumerate(prompts)
+        ]
         for request in requests:
             scheduler.submit(request)
         for i, request in enumerate(requests):
@@ -192,8 +212,11 @@ def test_the_registry_applies_the_recipes_plugin_gain(tmp_path):
     own = adapter_state_dict(base, list(range(8)), ADAPTER_BLOCKS)
     key = "blocks.6.mlp.up_proj.weight"
     torch.testing.assert_close(fed.blocks[6]["mlp.up_proj.weight"] - own[key], 2.0 * (blocks[key] - own[key]))
-    save_update(tmp_path / "u.safetensors", lora_factors(base, 2, 4, ("self_attn.q_proj",)),
-                {"mode": "lora", "lora_alpha": 16.0, "plugin_gain": 0.5})
+    save_update(
+        tmp_path / "u.safetensors",
+        lora_factors(base, 2, 4, ("self_attn.q_proj",)),
+        {"mode": "lora", "lora_alpha": 16.0, "plugin_gain": 0.5},
+    )
     registry.add(tmp_path / "reg", "tuned", tmp_path / "u.safetensors", base=base)
     assert registry.load(tmp_path / "reg", "tuned", base).lora[0]["self_attn.q_proj"][2] == 0.5 * 16.0 / 4
     save_update(tmp_path / "bad.safetensors", blocks, {"mode": "blocks", "plugin_gain": -1})

@@ -20,13 +20,20 @@ from dataclasses import dataclass
 import grpc
 import pytest
 import torch
+
 from offsite.cloud.serving import server
 from offsite.cloud.serving.service import ServeConfig, ServingService
 from offsite.protocol._generated import serving_pb2, serving_pb2_grpc
 from offsite.protocol.adapter import save_update
-
 from tests.cloud import hostile
-from tests.cloud.serving_setup import chat_tokenizer, fill_registry, finished_job_dir, four_jobs, perturbed_blocks, tiny_base
+from tests.cloud.serving_setup import (
+    chat_tokenizer,
+    fill_registry,
+    finished_job_dir,
+    four_jobs,
+    perturbed_blocks,
+    tiny_base,
+)
 
 ADMIN = "admin-secret"
 
@@ -65,7 +72,9 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
     base = tiny_base()
     fill_registry(tmp / "registry", base, four_jobs(base), tmp / "sources")
-    config = ServeConfig(registry=tmp / "registry", max_batch=8, max_context=128, default_max_tokens=8, admin_token=ADMIN)
+    config = ServeConfig(
+        registry=tmp / "registry", max_batch=8, max_context=128, default_max_tokens=8, admin_token=ADMIN
+    )
     tokenizer = SpyTokenizer(chat_tokenizer())
     servers = server.start(ServingService(base, tokenizer, config), "127.0.0.1", 0, 0)
     yield Served(servers, tokenizer, base, tmp)
@@ -98,8 +107,12 @@ def test_tiny_temperatures_answer_like_greedy_on_both_apis_beside_other_requests
         results[key] = _complete(served, body)
 
     threads = [threading.Thread(target=ask, args=(t, prompt | {"temperature": t, "seed": 1})) for t in temperatures]
-    threads += [threading.Thread(target=ask, args=(f"other{i}", {"model": m, "prompt": "hello", "max_tokens": 12, "temperature": 0.8}))
-                for i, m in enumerate(("alpha", "delta", "base"))]
+    threads += [
+        threading.Thread(
+            target=ask, args=(f"other{i}", {"model": m, "prompt": "hello", "max_tokens": 12, "temperature": 0.8})
+        )
+        for i, m in enumerate(("alpha", "delta", "base"))
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -110,7 +123,9 @@ def test_tiny_temperatures_answer_like_greedy_on_both_apis_beside_other_requests
     with grpc.insecure_channel(served.servers.grpc_target) as channel:
         stub = serving_pb2_grpc.ServingStub(channel)
         for t in (1e-45, 1e-38):  # float32 on the wire: 1e-45 arrives as 1.4e-45
-            reply = stub.Generate(serving_pb2.GenerateRequest(model="gamma", prompt="the cat", max_tokens=6, temperature=t), timeout=30)
+            reply = stub.Generate(
+                serving_pb2.GenerateRequest(model="gamma", prompt="the cat", max_tokens=6, temperature=t), timeout=30
+            )
             assert reply.text == greedy
     assert served.servers.service.scheduler.stats.errors == 0
 
@@ -122,7 +137,9 @@ def test_an_absurd_plugin_gain_is_refused_at_registration(served):
     save_update(upload, perturbed_blocks(served.base, 22), {"mode": "blocks"})
     for gain in (1e308, 11, 1e3):
         connection = http.client.HTTPConnection(*served.address, timeout=60)
-        connection.request("POST", "/admin/models", json.dumps({"name": "gainy", "path": str(job_dir), "plugin_gain": gain}), auth)
+        connection.request(
+            "POST", "/admin/models", json.dumps({"name": "gainy", "path": str(job_dir), "plugin_gain": gain}), auth
+        )
         response = connection.getresponse()
         error = json.loads(response.read())["error"]
         assert (response.status, error["param"], error["code"]) == (400, "plugin_gain", "invalid_value"), (gain, error)
@@ -169,11 +186,17 @@ def test_bad_bodies_are_400s_that_name_the_problem(served, case):
 def test_grpc_prompts_too_long_for_the_context_are_refused_before_tokenising(served):
     with grpc.insecure_channel(served.servers.grpc_target) as channel:
         stub = serving_pb2_grpc.ServingStub(channel)
-        for request in (serving_pb2.GenerateRequest(model="base", prompt="ab " * 1_000_000),
-                        serving_pb2.GenerateRequest(model="base", messages=[serving_pb2.ChatMessage(role="user", content="x" * 3_000_000)])):
+        for request in (
+            serving_pb2.GenerateRequest(model="base", prompt="ab " * 1_000_000),
+            serving_pb2.GenerateRequest(
+                model="base", messages=[serving_pb2.ChatMessage(role="user", content="x" * 3_000_000)]
+            ),
+        ):
             with pytest.raises(grpc.RpcError) as caught:
                 stub.Generate(request, timeout=30)
-            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context length" in caught.value.details()
+            assert (
+                caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context length" in caught.value.details()
+            )
     assert served.tokenizer.longest <= served.servers.service.max_prompt_chars
 
 
@@ -182,7 +205,10 @@ def test_uploads_are_refused_before_their_body_is_read(served):
         assert hostile.check_early_upload(served.address, ADMIN, *case) == []
     # a body that ends early is an error of its own, and leaves nothing behind
     with socket.create_connection(served.address, timeout=30) as sock:
-        sock.sendall(b"PUT /admin/models/short HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: 1000\r\n\r\n0123456789" % ADMIN.encode())
+        sock.sendall(
+            b"PUT /admin/models/short HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: 1000\r\n\r\n0123456789"
+            % ADMIN.encode()
+        )
         sock.shutdown(socket.SHUT_WR)
         raw = b""
         while chunk := sock.recv(65536):
@@ -202,7 +228,11 @@ def test_malformed_grpc_messages_are_invalid_argument(served):
 
 
 def _small_server(tmp_path, **config) -> server.Servers:
-    service = ServingService(tiny_base(dtype=torch.float32), chat_tokenizer(), ServeConfig(registry=tmp_path / "reg", max_batch=2, max_context=64, **config))
+    service = ServingService(
+        tiny_base(dtype=torch.float32),
+        chat_tokenizer(),
+        ServeConfig(registry=tmp_path / "reg", max_batch=2, max_context=64, **config),
+    )
     return server.start(service, "127.0.0.1", 0, None)
 
 
@@ -244,7 +274,7 @@ def test_idle_and_stalled_connections_are_closed(tmp_path):
     servers = _small_server(tmp_path, idle_timeout=0.5)
     address = (servers.http.host, servers.http.port)
     try:
-        for sent in (b"", b"GET /hea", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mod"):
+        for sent in (b"", b"GET /hea", b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"mod'):
             with socket.create_connection(address, timeout=30) as sock:
                 sock.sendall(sent)
                 raw = b""

@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
+
 from offsite.cloud.presets import MAX_GAIN, check_gain
 from offsite.cloud.serving.engine import LlamaStack, Request, SamplingParams, Scheduler
 from offsite.cloud.serving.registry import RegistryError, ServedJob, served_job
-
 from tests.cloud.serving_setup import ADAPTER_BLOCKS, four_jobs, greedy, perturbed_blocks, tiny_base
 
 # Temperatures inside the accepted range [0, 2] that overflowed the old float32 softmax to NaN:
@@ -58,8 +58,19 @@ def test_tiny_temperatures_sample_the_most_likely_token_and_fail_nothing():
     scheduler = Scheduler(LlamaStack(base, slots=16), eos_ids=set())
     try:
         prompts = _prompts(2 * len(TINY_TEMPERATURES), seed=1)
-        requests = [Request(job, p, SamplingParams(max_tokens=8, temperature=TINY_TEMPERATURES[i % len(TINY_TEMPERATURES)],
-                                                   top_p=1.0 if i % 2 else 0.5, seed=i)) for i, p in enumerate(prompts)]
+        requests = [
+            Request(
+                job,
+                p,
+                SamplingParams(
+                    max_tokens=8,
+                    temperature=TINY_TEMPERATURES[i % len(TINY_TEMPERATURES)],
+                    top_p=1.0 if i % 2 else 0.5,
+                    seed=i,
+                ),
+            )
+            for i, p in enumerate(prompts)
+        ]
         for request in requests:  # one batch: a failing row would take the others with it
             scheduler.submit(request)
         for i, request in enumerate(requests):
@@ -81,7 +92,10 @@ def test_a_job_whose_scores_overflow_fails_alone_and_leaves_its_slot_clean():
     try:
         for wave in range(2):  # the second wave decodes in the slots the broken rows failed in
             prompts = _prompts(10, seed=10 + wave)
-            good = [Request(healthy[i % 5], p, SamplingParams(max_tokens=6 + i % 4, temperature=0)) for i, p in enumerate(prompts)]
+            good = [
+                Request(healthy[i % 5], p, SamplingParams(max_tokens=6 + i % 4, temperature=0))
+                for i, p in enumerate(prompts)
+            ]
             bad = [Request(broken, [7] * 30, SamplingParams(max_tokens=8, temperature=t, seed=3)) for t in (0, 0.7)]
             for request in (bad[:1] + good + bad[1:]) if wave == 0 else good:
                 scheduler.submit(request)
@@ -103,11 +117,22 @@ def test_a_row_whose_forward_raises_fails_alone():
     base = tiny_base()
     spec = four_jobs(base)[2]  # LoRA
     job, plugged = served_job(spec.name, spec.tensors, spec.meta, base), spec.plugged(base)
-    unfit = ServedJob("unfit", "lora", lora={ADAPTER_BLOCKS[0]: {"self_attn.q_proj": (torch.ones(2, 5, dtype=base.dtype), torch.ones(32, 2, dtype=base.dtype), 1.0)}})
+    unfit = ServedJob(
+        "unfit",
+        "lora",
+        lora={
+            ADAPTER_BLOCKS[0]: {
+                "self_attn.q_proj": (torch.ones(2, 5, dtype=base.dtype), torch.ones(32, 2, dtype=base.dtype), 1.0)
+            }
+        },
+    )
     scheduler = Scheduler(LlamaStack(base, slots=8), eos_ids=set())
     try:
         prompts = _prompts(6, seed=4)
-        good = [Request(job if i % 2 else None, p, SamplingParams(max_tokens=7, temperature=0)) for i, p in enumerate(prompts)]
+        good = [
+            Request(job if i % 2 else None, p, SamplingParams(max_tokens=7, temperature=0))
+            for i, p in enumerate(prompts)
+        ]
         bad = Request(unfit, [3, 4, 5], SamplingParams(max_tokens=5, temperature=0))
         for request in good[:3] + [bad] + good[3:]:
             scheduler.submit(request)
@@ -131,7 +156,9 @@ def test_the_plugin_gain_is_bounded_and_served_tensors_are_finite():
     blocks = perturbed_blocks(base, 1)
     with pytest.raises(RegistryError, match="plug-in gain must be at most"):
         served_job("x", blocks, {"mode": "blocks", "plugin_gain": 1e308}, base)
-    nan = dict(blocks) | {"blocks.0.mlp.up_proj.weight": torch.full_like(blocks["blocks.0.mlp.up_proj.weight"], float("nan"))}
+    nan = dict(blocks) | {
+        "blocks.0.mlp.up_proj.weight": torch.full_like(blocks["blocks.0.mlp.up_proj.weight"], float("nan"))
+    }
     with pytest.raises(RegistryError, match="non-finite"):
         served_job("x", nan, {"mode": "blocks"}, base)
     overflow = {key: value * 1e38 for key, value in blocks.items()}  # finite in float32; x gain 10 is not

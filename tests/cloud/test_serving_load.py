@@ -53,12 +53,14 @@ def _start_server(tmp: Path) -> tuple[subprocess.Popen, str, int, Path]:
         "--port", "0", "--grpc-port", "-1", "--threads", "1", "--max-batch", "32", "--max-context", "256", "--max-tokens", "32",
     ]  # fmt: skip
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+        )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         for line in log.read_text().splitlines():
             if line.startswith("http: http://"):
-                host, port = line.split()[1][len("http://"):].split(":")
+                host, port = line.split()[1][len("http://") :].split(":")
                 return process, host, int(port), log
         if process.poll() is not None:
             raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text()}")
@@ -80,13 +82,27 @@ def test_32_streaming_clients_no_errors_complete_streams_flat_memory(tmp_path):
         while time.monotonic() < stop_at:
             model = MODELS[(index + n) % len(MODELS)]
             chat = n % 2 == 0
-            body = {"model": model, "max_tokens": rng.randint(4, 32), "temperature": 0.8, "seed": rng.randrange(1 << 30), "stream": True}
-            body |= {"messages": [{"role": "user", "content": f"question {index}.{n}"}]} if chat else {"prompt": "x" * rng.randint(1, 40)}
+            body = {
+                "model": model,
+                "max_tokens": rng.randint(4, 32),
+                "temperature": 0.8,
+                "seed": rng.randrange(1 << 30),
+                "stream": True,
+            }
+            body |= (
+                {"messages": [{"role": "user", "content": f"question {index}.{n}"}]}
+                if chat
+                else {"prompt": "x" * rng.randint(1, 40)}
+            )
             n += 1
             try:
                 connection = http.client.HTTPConnection(host, port, timeout=60)
-                connection.request("POST", "/v1/chat/completions" if chat else "/v1/completions", body=json.dumps(body),
-                                   headers={"Content-Type": "application/json"})
+                connection.request(
+                    "POST",
+                    "/v1/chat/completions" if chat else "/v1/completions",
+                    body=json.dumps(body),
+                    headers={"Content-Type": "application/json"},
+                )
                 response = connection.getresponse()
                 if response.status != 200:
                     errors.append(f"{model}: HTTP {response.status}: {response.read()[:200]!r}")
@@ -136,11 +152,15 @@ def test_32_streaming_clients_no_errors_complete_streams_flat_memory(tmp_path):
             process.kill()
             process.wait()
     total = sum(completed)
-    print(f"\n{total} streams in {WARM_UP_S + MEASURED_S:.0f} s by {CLIENTS} clients; RSS MiB {' '.join(f'{r:.0f}' for r in rss)}; "
-          f"health {health}")
+    print(
+        f"\n{total} streams in {WARM_UP_S + MEASURED_S:.0f} s by {CLIENTS} clients; RSS MiB {' '.join(f'{r:.0f}' for r in rss)}; "
+        f"health {health}"
+    )
     assert errors == [], errors[:5]
     assert all(count > 0 for count in completed), completed
     assert (health["active"], health["waiting"], health["stats"]["errors"]) == (0, 0, 0)
-    assert health["stats"]["max_rows"] > 16 and health["stats"]["max_jobs_in_step"] == len(MODELS)  # really batched across jobs
+    assert health["stats"]["max_rows"] > 16 and health["stats"]["max_jobs_in_step"] == len(
+        MODELS
+    )  # really batched across jobs
     assert rss[-1] - rss[0] <= MAX_GROWTH_MIB, f"RSS grew {rss[-1] - rss[0]:.1f} MiB: {rss}"
     assert "Traceback" not in log.read_text()

@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
+
 from offsite.cloud.serving.engine import LlamaStack, Request, SamplingParams, Scheduler
 from offsite.cloud.serving.registry import served_job
-
 from tests.cloud.serving_setup import four_jobs, greedy, perturbed_blocks, tiny_base
 
 ATOL = 1e-5  # float64 weights; the scores are taken in float32, as served
@@ -62,8 +62,14 @@ def test_a_mixed_batch_scores_prompts_and_tokens_as_each_plugged_in_model():
     scheduler = Scheduler(LlamaStack(base, slots=16), eos_ids=set())
     try:
         prompts = _prompts(15, seed=1)
-        requests = [Request(jobs[i % 5], p, SamplingParams(max_tokens=(0, 3, 6)[i % 3], temperature=0, logprobs=3, prompt_logprobs=3))
-                    for i, p in enumerate(prompts)]
+        requests = [
+            Request(
+                jobs[i % 5],
+                p,
+                SamplingParams(max_tokens=(0, 3, 6)[i % 3], temperature=0, logprobs=3, prompt_logprobs=3),
+            )
+            for i, p in enumerate(prompts)
+        ]
         scheduler.submit_many(requests)  # one prefill: prompts of every length, every job
         for i, request in enumerate(requests):
             tokens, end = _outcome(request)
@@ -73,7 +79,11 @@ def test_a_mixed_batch_scores_prompts_and_tokens_as_each_plugged_in_model():
             reference = _reference(models[i % 5], ids)
             assert request.prompt_logprobs[0] is None and len(request.prompt_logprobs) == len(request.prompt)
             for t in range(1, len(ids)):
-                entry = request.prompt_logprobs[t] if t < len(request.prompt) else request.token_logprobs[t - len(request.prompt)]
+                entry = (
+                    request.prompt_logprobs[t]
+                    if t < len(request.prompt)
+                    else request.token_logprobs[t - len(request.prompt)]
+                )
                 _check_entry(entry, ids[t], reference[t - 1], 3)
             assert len(request.token_logprobs) == len(tokens)
             if jobs[i % 5] is not None:  # the adapter is applied: the base scores the same tokens otherwise

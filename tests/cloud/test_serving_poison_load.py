@@ -20,10 +20,10 @@ from pathlib import Path
 
 import grpc
 import torch
+
 from offsite.cloud.serving import registry
 from offsite.protocol._generated import serving_pb2, serving_pb2_grpc
 from offsite.protocol.adapter import save_update
-
 from tests.cloud import hostile
 from tests.cloud.serving_setup import chat_tokenizer, fill_registry, four_jobs, perturbed_blocks, tiny_base
 
@@ -43,7 +43,9 @@ def _start_server(tmp: Path) -> tuple[subprocess.Popen, tuple[str, int], str, Pa
     fill_registry(tmp / "registry", base, four_jobs(base), tmp / "sources")
     # finite weights, so they pass registration, large enough that the MLP overflows float32: every row of this job is NaN
     huge = {key: value * 1e30 if "mlp" in key else value for key, value in perturbed_blocks(base, 5).items()}
-    registry.add(tmp / "registry", "poison", save_update(tmp / "poison.safetensors", huge, {"mode": "blocks"}), base=base)
+    registry.add(
+        tmp / "registry", "poison", save_update(tmp / "poison.safetensors", huge, {"mode": "blocks"}), base=base
+    )
     log = tmp / "server.log"
     command = [
         sys.executable, "-m", "offsite.cli", "cloud", "serve", "--model", str(tmp / "model"), "--registry", str(tmp / "registry"),
@@ -58,7 +60,7 @@ def _start_server(tmp: Path) -> tuple[subprocess.Popen, tuple[str, int], str, Pa
     while time.monotonic() < deadline and grpc_target is None:
         for line in log.read_text().splitlines():
             if line.startswith("http: http://"):
-                host, port = line.split()[1][len("http://"):].split(":")
+                host, port = line.split()[1][len("http://") :].split(":")
                 http_address = (host, int(port))
             elif line.startswith("grpc: "):
                 grpc_target = line.split()[1]
@@ -75,12 +77,26 @@ def _stream(address: tuple[str, int], index: int, n: int, rng: random.Random) ->
     """One streamed request; None when it finished as it should, else what went wrong."""
     model = MODELS[(index + n) % len(MODELS)]
     chat = n % 2 == 0
-    body = {"model": model, "max_tokens": rng.randint(4, 24), "temperature": 0.8, "seed": rng.randrange(1 << 30), "stream": True}
-    body |= {"messages": [{"role": "user", "content": f"question {index}.{n}"}]} if chat else {"prompt": "x" * rng.randint(1, 40)}
+    body = {
+        "model": model,
+        "max_tokens": rng.randint(4, 24),
+        "temperature": 0.8,
+        "seed": rng.randrange(1 << 30),
+        "stream": True,
+    }
+    body |= (
+        {"messages": [{"role": "user", "content": f"question {index}.{n}"}]}
+        if chat
+        else {"prompt": "x" * rng.randint(1, 40)}
+    )
     try:
         connection = http.client.HTTPConnection(*address, timeout=120)
-        connection.request("POST", "/v1/chat/completions" if chat else "/v1/completions", body=json.dumps(body),
-                           headers={"Content-Type": "application/json"})
+        connection.request(
+            "POST",
+            "/v1/chat/completions" if chat else "/v1/completions",
+            body=json.dumps(body),
+            headers={"Content-Type": "application/json"},
+        )
         response = connection.getresponse()
         if response.status != 200:
             return f"{model}: HTTP {response.status}: {response.read()[:200]!r}"
@@ -99,7 +115,11 @@ def _stream(address: tuple[str, int], index: int, n: int, rng: random.Random) ->
         connection.close()
     except (OSError, ValueError) as error:
         return f"{model}: {type(error).__name__}: {error}"
-    return None if done and finish in ("stop", "length") else f"{model}: incomplete stream (done={done}, finish_reason={finish})"
+    return (
+        None
+        if done and finish in ("stop", "length")
+        else f"{model}: incomplete stream (done={done}, finish_reason={finish})"
+    )
 
 
 def _complete(address, body: dict) -> hostile.Response:
@@ -114,7 +134,9 @@ def _numerics(address, grpc_target: str) -> list[str]:
             problems.append(f"temperature {t}: HTTP {response.status} {response.body[:200]!r}")
     with grpc.insecure_channel(grpc_target) as channel:
         try:
-            serving_pb2_grpc.ServingStub(channel).Generate(serving_pb2.GenerateRequest(model="beta", prompt="abc", max_tokens=8, temperature=1e-45), timeout=60)
+            serving_pb2_grpc.ServingStub(channel).Generate(
+                serving_pb2.GenerateRequest(model="beta", prompt="abc", max_tokens=8, temperature=1e-45), timeout=60
+            )
         except grpc.RpcError as error:
             problems.append(f"gRPC temperature 1e-45: {error.code()} {error.details()!r}")
     return problems
@@ -198,8 +220,10 @@ def test_poison_requests_fail_no_other_request(tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    print(f"\n{sum(completed)} streams by {STREAMERS} clients beside {passes[0]} poison passes "
-          f"({sum(tally.sent.values())} hostile cases); health {health}")
+    print(
+        f"\n{sum(completed)} streams by {STREAMERS} clients beside {passes[0]} poison passes "
+        f"({sum(tally.sent.values())} hostile cases); health {health}"
+    )
     assert errors == [], errors[:5]
     assert tally.problems == [], tally.problems[:5]
     assert passes[0] >= POISON_PASSES and all(count >= REQUESTS for count in completed), (passes, completed)

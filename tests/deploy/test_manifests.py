@@ -69,7 +69,9 @@ def all_commands() -> list[tuple[str, list[str]]]:
     compose = yaml.safe_load(COMPOSE.read_text())
     for name, service in compose["services"].items():
         command = service["command"]
-        found.append((f"compose.yaml:{name}", shlex.split(command) if isinstance(command, str) else [str(a) for a in command]))
+        found.append(
+            (f"compose.yaml:{name}", shlex.split(command) if isinstance(command, str) else [str(a) for a in command])
+        )
     for path in K8S:
         for obj in k8s_objects(path):
             spec = pod_spec(obj)
@@ -122,7 +124,9 @@ def test_k8s_objects_are_well_formed(path):
         for container in spec["containers"]:
             assert container.get("image") and container.get("command"), f"{path}: container {container.get('name')}"
             for mount in container.get("volumeMounts", []):
-                assert mount["name"] in declared, f"{path}: {obj['metadata']['name']} mounts undeclared volume {mount['name']}"
+                assert mount["name"] in declared, (
+                    f"{path}: {obj['metadata']['name']} mounts undeclared volume {mount['name']}"
+                )
         if obj["kind"] in {"Deployment", "StatefulSet", "DaemonSet"}:
             selector = obj["spec"]["selector"]["matchLabels"]
             assert selector.items() <= obj["spec"]["template"]["metadata"]["labels"].items()
@@ -130,10 +134,14 @@ def test_k8s_objects_are_well_formed(path):
 
 def test_k8s_services_select_a_deployed_pod():
     objects = [obj for path in K8S for obj in k8s_objects(path)]
-    pod_labels = [obj["spec"]["template"]["metadata"].get("labels", {}) for obj in objects if obj["kind"] == "Deployment"]
+    pod_labels = [
+        obj["spec"]["template"]["metadata"].get("labels", {}) for obj in objects if obj["kind"] == "Deployment"
+    ]
     for service in (obj for obj in objects if obj["kind"] == "Service"):
         selector = service["spec"]["selector"]
-        assert any(selector.items() <= labels.items() for labels in pod_labels), f"Service {service['metadata']['name']} selects nothing"
+        assert any(selector.items() <= labels.items() for labels in pod_labels), (
+            f"Service {service['metadata']['name']} selects nothing"
+        )
 
 
 @pytest.mark.parametrize("path", SYSTEMD, ids=[p.name for p in SYSTEMD])
@@ -142,7 +150,9 @@ def test_systemd_units_have_unit_service_and_execstart(path):
     assert "Unit" in unit and "Service" in unit, f"{path}: needs [Unit] and [Service]"
     assert unit["Unit"].get("Description"), f"{path}: no Description"
     assert len(unit["Service"].get("ExecStart", [])) == 1, f"{path}: needs exactly one ExecStart"
-    assert Path(shlex.split(unit["Service"]["ExecStart"][0])[0]).is_absolute(), f"{path}: ExecStart needs an absolute path"
+    assert Path(shlex.split(unit["Service"]["ExecStart"][0])[0]).is_absolute(), (
+        f"{path}: ExecStart needs an absolute path"
+    )
     assert unit.get("Install", {}).get("WantedBy"), f"{path}: no [Install] WantedBy"
 
 
@@ -175,7 +185,9 @@ def test_every_deployment_is_secure():
         assert "--insecure" not in argv, where
         program = Path(argv[0]).name
         if program == "flower-superlink":
-            assert {"--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth"} <= set(argv), where
+            assert {"--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth"} <= set(argv), (
+                where
+            )
         if program == "offsite" and argv[1:3] == ["client", "start"]:
             assert "--root-certificates" in argv and "--auth-key" in argv, where
 

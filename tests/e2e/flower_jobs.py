@@ -30,12 +30,29 @@ def make_job(tmp_path, rounds: int = 2):
         job_dir / "bundle",
         emulator,
         make_tokenizer(tmp_path),
-        {"family": "llama", "shape": {"a": 1, "k": 2, "b": 1, "n_blocks": n}, "layout": layout,
-         "adapter_blocks": shape.adapter_blocks(n), "kept_middle": shape.kept_middle(n)},
+        {
+            "family": "llama",
+            "shape": {"a": 1, "k": 2, "b": 1, "n_blocks": n},
+            "layout": layout,
+            "adapter_blocks": shape.adapter_blocks(n),
+            "kept_middle": shape.kept_middle(n),
+        },
     )
     tuning = dataclasses.replace(FEDERATED_TUNING, steps=2, batch_size=2, lr=1e-2, max_length=32)
-    write_job(job_dir, FedJobConfig(rounds=rounds, min_nodes=3, min_replies=3, round_timeout=90, node_wait_timeout=60,
-                                    bundle_timeout=60, bundle_part_bytes=1 << 20, record_updates=True, tuning=tuning))
+    write_job(
+        job_dir,
+        FedJobConfig(
+            rounds=rounds,
+            min_nodes=3,
+            min_replies=3,
+            round_timeout=90,
+            node_wait_timeout=60,
+            bundle_timeout=60,
+            bundle_part_bytes=1 << 20,
+            record_updates=True,
+            tuning=tuning,
+        ),
+    )
     return job_dir
 
 

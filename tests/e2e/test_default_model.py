@@ -12,12 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from offsite.cloud.models import DEFAULT_MODEL, load_base, resolve_model_dir
-from offsite.harness.pipeline import EvalJob, run_eval_job, task_files
 from offsite.cloud.presets import get_preset
 from offsite.emulator.corpus import read_corpus, token_blocks
 from offsite.emulator.distill import DistillConfig, distill, heldout_kd
 from offsite.emulator.sandwich import SandwichShape, build_emulator, num_blocks
 from offsite.emulator.tune import TuneConfig
+from offsite.harness.pipeline import EvalJob, run_eval_job, task_files
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,9 @@ def test_five_settings_end_to_end(smollm, cache, tmp_path, monkeypatch):
     preset = type(preset)(**{**preset.__dict__, "distill": DistillConfig(steps=2, batch_size=2, seq_len=64)})
     train, test = task_files("hyperbaton")
     tune = TuneConfig(steps=3, batch_size=4, lr=1e-4, device="cpu")
-    job = EvalJob(preset=preset, train=train, test=test, out=tmp_path / "job", task="hyperbaton", tune=tune, test_rows=12)
+    job = EvalJob(
+        preset=preset, train=train, test=test, out=tmp_path / "job", task="hyperbaton", tune=tune, test_rows=12
+    )
     report = run_eval_job(job, progress=False)
     assert report.test_rows == 12 and len(report.results) == 5
     # the GGUF's own grids ship packed: the tied embedding (Q8_0) and the four adapter shells (Q4_1);
@@ -83,4 +85,6 @@ def test_five_settings_end_to_end(smollm, cache, tmp_path, monkeypatch):
     plugged = AutoModelForCausalLM.from_pretrained(tmp_path / "job" / "plug_in")
     base = smollm[0]
     changed = [k for k, v in plugged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
-    assert changed and all(k.startswith(("model.layers.0.", "model.layers.1.", "model.layers.28.", "model.layers.29.")) for k in changed)
+    assert changed and all(
+        k.startswith(("model.layers.0.", "model.layers.1.", "model.layers.28.", "model.layers.29.")) for k in changed
+    )

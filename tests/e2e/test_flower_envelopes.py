@@ -34,10 +34,17 @@ import torch
 from safetensors import safe_open
 
 from offsite.cloud.aggregate import fedavg
-from offsite.cloud.fed_job import FEDERATED_TUNING, FedJobConfig, SecurityConfig, checkpoint_path, update_path, write_job
+from offsite.cloud.fed_job import (
+    FEDERATED_TUNING,
+    FedJobConfig,
+    SecurityConfig,
+    checkpoint_path,
+    update_path,
+    write_job,
+)
 from offsite.cloud.superlink import free_port
-from offsite.harness.federation import LocalFederation, _spawn
 from offsite.emulator.sandwich import SandwichShape, build_emulator
+from offsite.harness.federation import LocalFederation, _spawn
 from offsite.protocol.adapter import load_update
 from offsite.protocol.bundle import write_bundle
 from offsite.protocol.bundle_signing import sign_bundle
@@ -47,8 +54,8 @@ from offsite.protocol.flower_process import supernode_command
 from offsite.protocol.keys import COORDINATOR_PUBLIC, ClientIdentity, CoordinatorKeys, SenderRegistry
 from offsite.protocol.secagg import SecAggConfig, quantisation_error_bound, state_dimension
 from tests.conftest import make_tokenizer, tiny_model
-from tests.e2e.test_flower_faults import supernode_ids, wait_until
 from tests.e2e.flower_jobs import NUM_EXAMPLES, assert_rounds_are_weighted_means, data_file, data_rows
+from tests.e2e.test_flower_faults import supernode_ids, wait_until
 
 HONEST = ("alice", "bob", "carol")
 TUNING = dataclasses.replace(FEDERATED_TUNING, steps=2, batch_size=2, lr=1e-2, max_length=32)
@@ -119,9 +126,16 @@ def signed_bundle(tmp_path, keys: CoordinatorKeys):
     emulator, layout = build_emulator(base, shape)
     root = tmp_path / "bundle"
     write_bundle(
-        root, emulator, make_tokenizer(tmp_path),
-        {"family": "llama", "shape": {"a": 1, "k": 2, "b": 1, "n_blocks": 6}, "layout": layout,
-         "adapter_blocks": shape.adapter_blocks(6), "kept_middle": shape.kept_middle(6)},
+        root,
+        emulator,
+        make_tokenizer(tmp_path),
+        {
+            "family": "llama",
+            "shape": {"a": 1, "k": 2, "b": 1, "n_blocks": 6},
+            "layout": layout,
+            "adapter_blocks": shape.adapter_blocks(6),
+            "kept_middle": shape.kept_middle(6),
+        },
     )
     sign_bundle(root, keys)
     return root
@@ -163,19 +177,32 @@ def node_config(tmp_path, name: str, rows: int, seed: int, keys_dir) -> dict:
 
 
 def start_owners(
-    federation, tmp_path, owners: dict[str, tuple[int, int]], keys_dir, superlink: str | None = None, altered: dict[str, str] | None = None
+    federation,
+    tmp_path,
+    owners: dict[str, tuple[int, int]],
+    keys_dir,
+    superlink: str | None = None,
+    altered: dict[str, str] | None = None,
 ) -> dict[str, int]:
     """SuperNodes for ``owners`` (name -> (rows, seed)); returns name -> node id. ``altered``: name
     -> code that owner's ClientApp processes run first (its ``sitecustomize``): a hostile owner's
     own change to its software."""
     altered = altered or {}
     started = {
-        name: federation.start_supernode(node_config(tmp_path, name, rows, seed, keys_dir), name=f"supernode-{name}", superlink=superlink, wait=False)
-        if name not in altered else start_altered_owner(federation, tmp_path, name, node_config(tmp_path, name, rows, seed, keys_dir), superlink, altered[name])
+        name: federation.start_supernode(
+            node_config(tmp_path, name, rows, seed, keys_dir), name=f"supernode-{name}", superlink=superlink, wait=False
+        )
+        if name not in altered
+        else start_altered_owner(
+            federation, tmp_path, name, node_config(tmp_path, name, rows, seed, keys_dir), superlink, altered[name]
+        )
         for name, (rows, seed) in owners.items()
     }
     federation.wait_listening(list(started.values()))  # started side by side
-    return {name: wait_until(lambda node=node: supernode_ids(node.log_path), 60, f"{node.name}'s id")[0] for name, node in started.items()}
+    return {
+        name: wait_until(lambda node=node: supernode_ids(node.log_path), 60, f"{node.name}'s id")[0]
+        for name, node in started.items()
+    }
 
 
 def start_altered_owner(federation, tmp_path, name: str, config: dict, superlink: str | None, code: str):
@@ -186,7 +213,9 @@ def start_altered_owner(federation, tmp_path, name: str, config: dict, superlink
     (directory / "sitecustomize.py").write_text(code)
     port = free_port()
     command = supernode_command(superlink or federation.address, config, insecure=True, port=port)
-    node = _spawn(f"supernode-{name}", command, federation.workdir, federation.env | {"PYTHONPATH": str(directory)}, port)
+    node = _spawn(
+        f"supernode-{name}", command, federation.workdir, federation.env | {"PYTHONPATH": str(directory)}, port
+    )
     federation.supernodes.append(node)  # stopped with the federation
     return node
 
@@ -224,18 +253,30 @@ def windows(tensors: dict[str, torch.Tensor], count: int = 6) -> list[bytes]:
 
 
 def audit_copy(tmp_path, name: str, job_id: str, round_number: int) -> tuple[dict[str, torch.Tensor], dict]:
-    with safe_open(str(tmp_path / f"audit-{name}" / f"{job_id}-round-{round_number:04d}.safetensors"), framework="pt") as handle:
+    with safe_open(
+        str(tmp_path / f"audit-{name}" / f"{job_id}-round-{round_number:04d}.safetensors"), framework="pt"
+    ) as handle:
         return {key: handle.get_tensor(key) for key in handle.keys()}, json.loads(handle.metadata()["offsite"])
 
 
 def test_envelopes_match_the_plain_job_and_hostile_senders_are_refused(tmp_path):
     keys, keys_dir, registry = enrol(tmp_path, revoked=("trudy",), unknown=("mallory",))
     bundle = signed_bundle(tmp_path, keys)
-    common = dict(rounds=2, min_replies=3, round_timeout=120, node_wait_timeout=90, bundle_timeout=90,
-                  bundle_part_bytes=1 << 20, record_updates=True, tuning=TUNING)
+    common = dict(
+        rounds=2,
+        min_replies=3,
+        round_timeout=120,
+        node_wait_timeout=90,
+        bundle_timeout=90,
+        bundle_part_bytes=1 << 20,
+        record_updates=True,
+        tuning=TUNING,
+    )
     plain = new_job(tmp_path / "job-plain", bundle, FedJobConfig(min_nodes=3, job_id="plain-job", **common))
     security = SecurityConfig(envelopes=True, keys_dir=str(keys_dir), registry=str(registry), max_update_norm=100.0)
-    sealed = new_job(tmp_path / "job-sealed", bundle, FedJobConfig(min_nodes=5, job_id="sealed-job", security=security, **common))
+    sealed = new_job(
+        tmp_path / "job-sealed", bundle, FedJobConfig(min_nodes=5, job_id="sealed-job", security=security, **common)
+    )
 
     with LocalFederation(tmp_path / "federation") as federation:
         federation.start_superlink()
@@ -247,8 +288,14 @@ def test_envelopes_match_the_plain_job_and_hostile_senders_are_refused(tmp_path)
             assert federation.wait(run, timeout=300) == "finished:completed", federation.logs(run)
             sent_plain = tap.take()
 
-            ids |= start_owners(federation, tmp_path, {"mallory": (4, 7), "trudy": (4, 8)}, keys_dir, superlink=tap.address,
-                                altered={"trudy": CRAFTED_HEADER_FROM_ROUND_2})
+            ids |= start_owners(
+                federation,
+                tmp_path,
+                {"mallory": (4, 7), "trudy": (4, 8)},
+                keys_dir,
+                superlink=tap.address,
+                altered={"trudy": CRAFTED_HEADER_FROM_ROUND_2},
+            )
             run = federation.submit({"job-dir": sealed})
             assert federation.wait(run, timeout=400) == "finished:completed", federation.logs(run)
             sent_sealed = tap.take()
@@ -266,9 +313,12 @@ def test_envelopes_match_the_plain_job_and_hostile_senders_are_refused(tmp_path)
         assert record["senders"] == {str(ids[name]): name for name in HONEST}
         trudy = "revoked-sender" if round_number == 1 else "malformed-header"  # round 2: the crafted header
         assert record["rejected"] == {str(ids["mallory"]): "unknown-sender", str(ids["trudy"]): trudy}
-        assert record["failed"][str(ids["mallory"])].startswith(f"REJECTED: unknown-sender: update from node {ids['mallory']} (claims sender 'mallory')")
+        assert record["failed"][str(ids["mallory"])].startswith(
+            f"REJECTED: unknown-sender: update from node {ids['mallory']} (claims sender 'mallory')"
+        )
         assert record["failed"][str(ids["trudy"])].startswith(
-            "REJECTED: revoked-sender: update from sender 'trudy'" if round_number == 1
+            "REJECTED: revoked-sender: update from sender 'trudy'"
+            if round_number == 1
             else f"REJECTED: malformed-header: update from node {ids['trudy']}: header is not valid JSON (nested deeper"
         ), record["failed"]
         assert f"round {round_number}: node {ids['mallory']} failed: REJECTED: unknown-sender" in logs
@@ -276,14 +326,18 @@ def test_envelopes_match_the_plain_job_and_hostile_senders_are_refused(tmp_path)
         # the aggregate is the weighted mean of the accepted updates only, weights from the sealed metadata
         accepted = sorted(path.name for path in update_path(sealed, round_number, 0).parent.iterdir())
         assert accepted == sorted(f"node-{node}.safetensors" for node in honest_ids)
-        assert record["num_examples"] == {str(ids[name]): float(rows) for name, rows in zip(HONEST, NUM_EXAMPLES, strict=True)}
+        assert record["num_examples"] == {
+            str(ids[name]): float(rows) for name, rows in zip(HONEST, NUM_EXAMPLES, strict=True)
+        }
         updates = [load_update(update_path(sealed, round_number, node)) for node in honest_ids]
         expected = fedavg([(tensors, meta["num_examples"]) for tensors, meta in updates])
         got, _ = load_update(checkpoint_path(sealed, round_number))
         assert all(torch.equal(got[key], expected[key]) for key in expected)
         # the refused owners did send updates, which would have moved the aggregate
         hostile = [audit_copy(tmp_path, name, "sealed-job", round_number)[0] for name in ("mallory", "trudy")]
-        with_hostile = fedavg([(tensors, meta["num_examples"]) for tensors, meta in updates] + [(h, 4.0) for h in hostile])
+        with_hostile = fedavg(
+            [(tensors, meta["num_examples"]) for tensors, meta in updates] + [(h, 4.0) for h in hostile]
+        )
         assert any(not torch.allclose(with_hostile[key], got[key]) for key in got)
 
         # envelopes on: the same checkpoints, bit for bit, as the plain job
@@ -296,8 +350,12 @@ def test_envelopes_match_the_plain_job_and_hostile_senders_are_refused(tmp_path)
             plain_update, _ = load_update(update_path(plain, round_number, node))
             sealed_update, _ = load_update(update_path(sealed, round_number, node))
             assert all(torch.equal(plain_update[key], sealed_update[key]) for key in plain_update)
-            assert any(window in sent_plain for window in windows(plain_update)), "the relay saw no plaintext update in the plain job"
-            assert not any(window in sent_sealed for window in windows(sealed_update)), f"node {node}'s update crossed in plaintext"
+            assert any(window in sent_plain for window in windows(plain_update)), (
+                "the relay saw no plaintext update in the plain job"
+            )
+            assert not any(window in sent_sealed for window in windows(sealed_update)), (
+                f"node {node}'s update crossed in plaintext"
+            )
         for tensors in hostile:
             assert not any(window in sent_sealed for window in windows(tensors))
     assert sent_sealed.count(MAGIC) >= 5 * 2  # an envelope from each of the 5 nodes, every round
@@ -310,7 +368,9 @@ def test_envelopes_match_the_plain_job_and_hostile_senders_are_refused(tmp_path)
     for name, rows in owners.items():
         for row in data_rows(rows, seeds[name]):
             for text in (row["prompt"], row["prompt"].strip()):
-                assert text.encode() not in sent_plain and text.encode() not in sent_sealed, f"{name}'s row {text!r} crossed the wire"
+                assert text.encode() not in sent_plain and text.encode() not in sent_sealed, (
+                    f"{name}'s row {text!r} crossed the wire"
+                )
     assert MAGIC not in sent_plain
     assert (tmp_path / "job-sealed" / "replay.jsonl").read_text().count("\n") == 3 * 2  # accepted envelopes only
 
@@ -324,15 +384,46 @@ def test_secure_aggregation_and_distributed_dp_on_flower(tmp_path):
     keys, keys_dir, registry = enrol(tmp_path, revoked=("trudy",))
     bundle = signed_bundle(tmp_path, keys)
     clip_range = 0.5
-    common = dict(min_nodes=4, min_replies=3, round_timeout=120, node_wait_timeout=90, bundle_timeout=90, bundle_part_bytes=1 << 20, tuning=TUNING)
-    masked = new_job(tmp_path / "job-secagg", bundle, FedJobConfig(
-        rounds=1, job_id="secagg-job", **common,
-        security=SecurityConfig(envelopes=True, keys_dir=str(keys_dir), registry=str(registry), secure_aggregation=True, secagg_clip_range=clip_range),
-    ))
-    dp_security = SecurityConfig(secure_aggregation=True, secagg_clip_range=clip_range, dp_clip_norm=0.05, dp_noise_multiplier=1.0, dp_mode="distributed", dp_delta=1e-5)
-    private = new_job(tmp_path / "job-dp", bundle, FedJobConfig(rounds=2, job_id="dp-job", **common, security=dp_security))
+    common = dict(
+        min_nodes=4,
+        min_replies=3,
+        round_timeout=120,
+        node_wait_timeout=90,
+        bundle_timeout=90,
+        bundle_part_bytes=1 << 20,
+        tuning=TUNING,
+    )
+    masked = new_job(
+        tmp_path / "job-secagg",
+        bundle,
+        FedJobConfig(
+            rounds=1,
+            job_id="secagg-job",
+            **common,
+            security=SecurityConfig(
+                envelopes=True,
+                keys_dir=str(keys_dir),
+                registry=str(registry),
+                secure_aggregation=True,
+                secagg_clip_range=clip_range,
+            ),
+        ),
+    )
+    dp_security = SecurityConfig(
+        secure_aggregation=True,
+        secagg_clip_range=clip_range,
+        dp_clip_norm=0.05,
+        dp_noise_multiplier=1.0,
+        dp_mode="distributed",
+        dp_delta=1e-5,
+    )
+    private = new_job(
+        tmp_path / "job-dp", bundle, FedJobConfig(rounds=2, job_id="dp-job", **common, security=dp_security)
+    )
 
-    owners = {name: (rows, index) for index, (name, rows) in enumerate(zip(HONEST, NUM_EXAMPLES, strict=True))} | {"trudy": (4, 8)}
+    owners = {name: (rows, index) for index, (name, rows) in enumerate(zip(HONEST, NUM_EXAMPLES, strict=True))} | {
+        "trudy": (4, 8)
+    }
     with LocalFederation(tmp_path / "federation") as federation:
         federation.start_superlink()
         ids = start_owners(federation, tmp_path, owners, keys_dir)
@@ -348,19 +439,33 @@ def test_secure_aggregation_and_distributed_dp_on_flower(tmp_path):
         sent = [audit_copy(tmp_path, name, job_id, round_number) for name in names]
         weights = [meta["weight"] for _, meta in sent]
         assert record["secagg"]["total_weight"] == sum(weights)
-        config = SecAggConfig.for_job(b"x" * 32, state_dimension(previous), 4, clip_range, max_weight=record["secagg"]["max_weight"],
-                                      threshold=record["secagg"]["threshold"])
-        bound = quantisation_error_bound(clip_range, config.scale_bits, 4, bits=64, max_weight=record["secagg"]["max_weight"])
+        config = SecAggConfig.for_job(
+            b"x" * 32,
+            state_dimension(previous),
+            4,
+            clip_range,
+            max_weight=record["secagg"]["max_weight"],
+            threshold=record["secagg"]["threshold"],
+        )
+        bound = quantisation_error_bound(
+            clip_range, config.scale_bits, 4, bits=64, max_weight=record["secagg"]["max_weight"]
+        )
         assert record["secagg"]["scale_bits"] == config.scale_bits and record["secagg"]["error_bound"] == bound
         assert bound < 1e-9
         for key, before in previous.items():
             deltas = [tensors[key] for tensors, _ in sent]
-            assert all(float(delta.abs().max()) < clip_range for delta in deltas)  # inside the clip range: the bound applies
-            mean = sum(w * d for w, d in zip(weights, deltas, strict=True)) / sum(weights)  # plain FedAvg of the deltas, float64
+            assert all(
+                float(delta.abs().max()) < clip_range for delta in deltas
+            )  # inside the clip range: the bound applies
+            mean = sum(w * d for w, d in zip(weights, deltas, strict=True)) / sum(
+                weights
+            )  # plain FedAvg of the deltas, float64
             expected = before.double() + mean
             error = (got[key].double() - expected).abs()
             float32_rounding = expected.abs() * 2.0**-24
-            assert bool((error <= bound + float32_rounding).all()), f"{key}: max error {float(error.max()):.3g}, bound {bound:.3g}"
+            assert bool((error <= bound + float32_rounding).all()), (
+                f"{key}: max error {float(error.max()):.3g}, bound {bound:.3g}"
+            )
 
     # secure aggregation with envelopes: the revoked owner's masked input is refused and unmasked out
     state = json.loads((masked / "state.json").read_text())
@@ -368,9 +473,13 @@ def test_secure_aggregation_and_distributed_dp_on_flower(tmp_path):
     honest_ids = sorted(ids[name] for name in HONEST)
     assert record["secagg"]["survivors"] == honest_ids and record["secagg"]["dropped"] == [ids["trudy"]]
     assert record["replied"] == honest_ids and record["rejected"] == {str(ids["trudy"]): "revoked-sender"}
-    assert record["num_examples"] == {} and record["train_loss"] == {}  # individual weights and losses stay with the owners
+    assert (
+        record["num_examples"] == {} and record["train_loss"] == {}
+    )  # individual weights and losses stay with the owners
     check_secure_aggregate(masked, "secagg-job", 1, HONEST, record)
-    assert not (masked / "updates").exists()  # record_updates is refused with secure aggregation: nothing individual to keep
+    assert not (
+        masked / "updates"
+    ).exists()  # record_updates is refused with secure aggregation: nothing individual to keep
 
     # distributed DP over secure aggregation: equal weights, epsilon per round from the accountant
     state = json.loads((private / "state.json").read_text())
@@ -385,6 +494,8 @@ def test_secure_aggregation_and_distributed_dp_on_flower(tmp_path):
         for name in (*HONEST, "trudy"):
             delta, meta = audit_copy(tmp_path, name, "dp-job", round_number)
             assert meta["dp"] and meta["weight"] == 1
-            assert sum(float(t.double().pow(2).sum()) for t in delta.values()) ** 0.5 > 0.05  # clipped to 0.05, then noised
+            assert (
+                sum(float(t.double().pow(2).sum()) for t in delta.values()) ** 0.5 > 0.05
+            )  # clipped to 0.05, then noised
     assert epsilons[0] < epsilons[1]
     assert state["privacy"] == accountant.to_json()

@@ -33,7 +33,9 @@ ROUND_TIMEOUT = 40.0  # the two healthy nodes reply in ~10 s here; a dead one is
 def fault_job(tmp_path, rounds: int) -> Path:
     """``make_job``'s bundle with a job that completes a round on 2 of 3 nodes."""
     job_dir = make_job(tmp_path, rounds=rounds)
-    config = dataclasses.replace(read_job(job_dir), min_nodes=3, min_replies=2, round_timeout=ROUND_TIMEOUT, record_updates=False)
+    config = dataclasses.replace(
+        read_job(job_dir), min_nodes=3, min_replies=2, round_timeout=ROUND_TIMEOUT, record_updates=False
+    )
     write_job(job_dir, config)
     return job_dir
 
@@ -83,7 +85,12 @@ def test_client_killed_mid_round(tmp_path):
         federation.start_superlink()
         healthy = [
             federation.start_supernode(
-                {"data-path": data_file(tmp_path / f"data-{i}.jsonl", 4, i), "cache-dir": tmp_path / f"cache-{i}", "threads": 1}, wait=False
+                {
+                    "data-path": data_file(tmp_path / f"data-{i}.jsonl", 4, i),
+                    "cache-dir": tmp_path / f"cache-{i}",
+                    "threads": 1,
+                },
+                wait=False,
             )
             for i in range(2)
         ]
@@ -92,21 +99,47 @@ def test_client_killed_mid_round(tmp_path):
         daemon_log_path = tmp_path / "daemon.log"
         daemon_log = open(daemon_log_path, "wb")
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "offsite.cli", "client", "start", "--superlink", federation.address, "--insecure",
-             "--data", str(data_file(tmp_path / "data-2.jsonl", 4, 2)), "--cache-dir", str(tmp_path / "cache-2"),
-             "--runtime-port", str(free_port()), "--threads", "1"],
-            stdout=daemon_log, stderr=subprocess.STDOUT, env=federation.env,
+            [
+                sys.executable,
+                "-m",
+                "offsite.cli",
+                "client",
+                "start",
+                "--superlink",
+                federation.address,
+                "--insecure",
+                "--data",
+                str(data_file(tmp_path / "data-2.jsonl", 4, 2)),
+                "--cache-dir",
+                str(tmp_path / "cache-2"),
+                "--runtime-port",
+                str(free_port()),
+                "--threads",
+                "1",
+            ],
+            stdout=daemon_log,
+            stderr=subprocess.STDOUT,
+            env=federation.env,
         )
         try:
             victim_id = wait_until(lambda: supernode_ids(daemon_log_path), 60, "the daemon's SuperNode to connect")[0]
-            healthy_ids = [wait_until(lambda node=node: supernode_ids(node.log_path), 60, f"{node.name}'s id")[0] for node in healthy]
+            healthy_ids = [
+                wait_until(lambda node=node: supernode_ids(node.log_path), 60, f"{node.name}'s id")[0]
+                for node in healthy
+            ]
             run_id = federation.submit({"job-dir": job_dir})
 
             # round 1 reaches the daemon's SuperNode: crash it (and the ClientApp it started) mid-training
-            wait_until(lambda: "Receiving: train message" in daemon_log_path.read_text(errors="replace"), 120, "round 1's train message")
+            wait_until(
+                lambda: "Receiving: train message" in daemon_log_path.read_text(errors="replace"),
+                120,
+                "round 1's train message",
+            )
             supernode_pid = wait_until(lambda: _children(daemon.pid), 5, "the daemon's SuperNode process")[0]
             kill_tree(supernode_pid)
-            assert "Sending: train message" not in daemon_log_path.read_text(errors="replace"), "the node replied before the kill"
+            assert "Sending: train message" not in daemon_log_path.read_text(errors="replace"), (
+                "the node replied before the kill"
+            )
 
             # the supervisor brings it back with the same config; without a registered key it gets a new node id
             rejoined_id = wait_until(lambda: supernode_ids(daemon_log_path)[1:], 60, "the restarted SuperNode")[0]
@@ -143,17 +176,25 @@ def test_coordinator_killed_after_round_1(tmp_path):
         federation.start_superlink()
         nodes = [
             federation.start_supernode(
-                {"data-path": data_file(tmp_path / f"data-{i}.jsonl", 4, i) if i < 2 else broken, "cache-dir": tmp_path / f"cache-{i}", "threads": 1},
+                {
+                    "data-path": data_file(tmp_path / f"data-{i}.jsonl", 4, i) if i < 2 else broken,
+                    "cache-dir": tmp_path / f"cache-{i}",
+                    "threads": 1,
+                },
                 wait=False,
             )
             for i in range(3)
         ]
         federation.wait_listening(nodes)  # started side by side
-        node_ids = [wait_until(lambda node=node: supernode_ids(node.log_path), 60, f"{node.name}'s id")[0] for node in nodes]
+        node_ids = [
+            wait_until(lambda node=node: supernode_ids(node.log_path), 60, f"{node.name}'s id")[0] for node in nodes
+        ]
         first_run = federation.submit({"job-dir": job_dir})
 
         # the coordinator (the ServerApp process the SuperLink's SuperExec started) dies once round 1 is on disk
-        wait_until(lambda: (state_of(job_dir) or {}).get("completed_round", 0) >= 1, 180, "round 1's checkpoint", poll=0.1)
+        wait_until(
+            lambda: (state_of(job_dir) or {}).get("completed_round", 0) >= 1, 180, "round 1's checkpoint", poll=0.1
+        )
         serverapp = wait_until(lambda: serverapp_pids(federation.superlink.process.pid), 5, "the ServerApp process")
         for pid in serverapp:
             kill_tree(pid)
@@ -165,7 +206,10 @@ def test_coordinator_killed_after_round_1(tmp_path):
 
         # the operator submits the job again: a new run, a new ServerApp, the same job directory
         first_status = wait_until(
-            lambda: (status := federation.run_status(first_run)).startswith("finished") and status, 120, "the SuperLink to see the first run end", poll=2
+            lambda: (status := federation.run_status(first_run)).startswith("finished") and status,
+            120,
+            "the SuperLink to see the first run end",
+            poll=2,
         )
         assert first_status != "finished:completed", first_status
         second_run = federation.submit({"job-dir": job_dir})

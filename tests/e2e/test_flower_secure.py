@@ -40,7 +40,11 @@ def test_tls_and_node_auth_two_rounds_and_an_unknown_key_is_refused(tmp_path):
         registered = []
         for index, rows in enumerate(NUM_EXAMPLES[:2]):
             node = federation.start_supernode(
-                {"data-path": data_file(tmp_path / f"data-{index}.jsonl", rows, index), "cache-dir": tmp_path / f"cache-{index}", "threads": 1}
+                {
+                    "data-path": data_file(tmp_path / f"data-{index}.jsonl", rows, index),
+                    "cache-dir": tmp_path / f"cache-{index}",
+                    "threads": 1,
+                }
             )
             assert "--root-certificates" in node.process.args and "--insecure" not in node.process.args
             registered.append(node.node_id)
@@ -49,17 +53,39 @@ def test_tls_and_node_auth_two_rounds_and_an_unknown_key_is_refused(tmp_path):
         runtime_port = free_port()
         daemon_log = open(tmp_path / "daemon.log", "wb")
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "offsite.cli", "client", "start", "--superlink", federation.address,
-             "--data", str(data_file(tmp_path / "data-2.jsonl", NUM_EXAMPLES[2], 2)), "--cache-dir", str(tmp_path / "cache-2"),
-             "--root-certificates", str(certs.ca_cert), "--auth-key", str(certs.node_keys[2]),
-             "--runtime-port", str(runtime_port), "--threads", "1"],
-            stdout=daemon_log, stderr=subprocess.STDOUT, env=federation.env,
+            [
+                sys.executable,
+                "-m",
+                "offsite.cli",
+                "client",
+                "start",
+                "--superlink",
+                federation.address,
+                "--data",
+                str(data_file(tmp_path / "data-2.jsonl", NUM_EXAMPLES[2], 2)),
+                "--cache-dir",
+                str(tmp_path / "cache-2"),
+                "--root-certificates",
+                str(certs.ca_cert),
+                "--auth-key",
+                str(certs.node_keys[2]),
+                "--runtime-port",
+                str(runtime_port),
+                "--threads",
+                "1",
+            ],
+            stdout=daemon_log,
+            stderr=subprocess.STDOUT,
+            env=federation.env,
         )
 
         # a SuperNode speaking TLS to the right SuperLink, but with a key nobody registered
         rogue = federation.start_supernode(
             {"data-path": data_file(tmp_path / "data-rogue.jsonl", 4, 9), "cache-dir": tmp_path / "cache-rogue"},
-            auth_key=rogue_key, register=False, wait=False, name="supernode-rogue",
+            auth_key=rogue_key,
+            register=False,
+            wait=False,
+            name="supernode-rogue",
         )
         assert wait_exit(rogue.process, timeout=60) not in (None, 0), "an unregistered SuperNode kept running"
         assert "Failed to activate SuperNode" in rogue.log_path.read_text(errors="replace")
@@ -77,7 +103,9 @@ def test_tls_and_node_auth_two_rounds_and_an_unknown_key_is_refused(tmp_path):
 
             progress: list[str] = []
             connection = SuperLinkConnection(federation.address, root_certificates=certs.ca_cert)
-            run_id, status = run_job_on_superlink(job_dir, connection, progress.append, timeout=200, home=tmp_path / "operator")
+            run_id, status = run_job_on_superlink(
+                job_dir, connection, progress.append, timeout=200, home=tmp_path / "operator"
+            )
             assert status == "finished:completed", federation.logs(run_id)
             assert any("round 2: aggregated 3 update(s)" in line for line in progress), progress
         finally:

@@ -68,8 +68,26 @@ def test_simulated_rounds_on_a_dirichlet_split(tmp_path, capsys, no_leftover_pro
     data = tmp_path / "task.jsonl"
     write_jsonl(data, task_rows())
 
-    argv = ["cloud", "simulate", "--job", str(job_dir), "--data", str(data), "--clients", str(CLIENTS), "--alpha", "0.5",
-            "--seed", "3", "--min-rows", "2", "--max-parallel", "2", "--cpus-per-client", "1"]
+    argv = [
+        "cloud",
+        "simulate",
+        "--job",
+        str(job_dir),
+        "--data",
+        str(data),
+        "--clients",
+        str(CLIENTS),
+        "--alpha",
+        "0.5",
+        "--seed",
+        "3",
+        "--min-rows",
+        "2",
+        "--max-parallel",
+        "2",
+        "--cpus-per-client",
+        "1",
+    ]
     assert main(argv) == 0
     assert not ray.is_initialized()
     printed = capsys.readouterr().out
@@ -79,7 +97,11 @@ def test_simulated_rounds_on_a_dirichlet_split(tmp_path, capsys, no_leftover_pro
     split = json.loads((job_dir / "sim" / "partitions" / "split.json").read_text())
     sizes = sorted(owner["rows"] for owner in split["owners"])
     assert sum(sizes) == 48 and min(sizes) >= 2 and split["method"] == "dirichlet"
-    lines = [line for k in range(CLIENTS) for line in (job_dir / "sim" / "partitions" / f"owner-{k}.jsonl").read_text().splitlines()]
+    lines = [
+        line
+        for k in range(CLIENTS)
+        for line in (job_dir / "sim" / "partitions" / f"owner-{k}.jsonl").read_text().splitlines()
+    ]
     assert sorted(lines) == sorted(json.dumps(row) for row in task_rows())
 
     state = json.loads((job_dir / "state.json").read_text())

@@ -3,7 +3,16 @@ import json
 import pytest
 import torch
 
-from offsite.emulator.data import IGNORE_INDEX, DataFormatError, ExampleStream, MCRow, collate, encode_pair, read_examples, read_mc_jsonl
+from offsite.emulator.data import (
+    IGNORE_INDEX,
+    DataFormatError,
+    ExampleStream,
+    MCRow,
+    collate,
+    encode_pair,
+    read_examples,
+    read_mc_jsonl,
+)
 from tests.conftest import write_jsonl
 
 
@@ -87,5 +96,7 @@ def test_a_test_file_mixing_mc_and_sft_is_refused_at_the_line(tmp_path, first, s
     rows = {"mc": {"prompt": "p", "choices": [" a", " b"], "answer": 0}, "sft": {"prompt": "p", "completion": " c"}}
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(json.dumps(rows[k]) if k else "" for k in (first, first, "", second, first)) + "\n")
-    with pytest.raises(DataFormatError, match=rf"mixed.jsonl:4: a {second.upper()} row in a file of {first.upper()} rows \(line 1"):
+    with pytest.raises(
+        DataFormatError, match=rf"mixed.jsonl:4: a {second.upper()} row in a file of {first.upper()} rows \(line 1"
+    ):
         read_test_rows(path)

@@ -49,7 +49,9 @@ def test_lm_kl_and_per_block_terms_run():
     teacher = tiny_model("gpt2", n_blocks=8)
     student, layout = build_emulator(teacher, SandwichShape(2, 2, 2))
     blocks = _text_blocks(8, 16, seed=0)
-    config = DistillConfig(steps=3, batch_size=2, seq_len=16, kd_weight=1.0, lm_weight=0.5, kl_weight=0.5, per_block=True)
+    config = DistillConfig(
+        steps=3, batch_size=2, seq_len=16, kd_weight=1.0, lm_weight=0.5, kl_weight=0.5, per_block=True
+    )
     result = distill(teacher, student, layout, 2, 2, blocks, blocks[:2], config, progress=False)
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
 
@@ -65,7 +67,10 @@ def test_train_top_fits_the_top_blocks_too_and_never_the_bottom():
         student, _ = build_emulator(teacher, shape)
         distill(teacher, student, layout, 2, 2, blocks, blocks[:2], config, progress=False, train_top=train_top)
         moved[train_top] = [
-            any(not torch.equal(x, y) for x, y in zip(student.model.layers[p].parameters(), untouched.model.layers[p].parameters()))
+            any(
+                not torch.equal(x, y)
+                for x, y in zip(student.model.layers[p].parameters(), untouched.model.layers[p].parameters())
+            )
             for p in range(len(layout))
         ]
         assert not any(p.requires_grad for p in student.parameters())

@@ -1,6 +1,13 @@
 import torch
 
-from offsite.emulator.lora import LoRASpec, attach_lora, lora_is_transposed, lora_state_dict, load_lora_state, merge_lora
+from offsite.emulator.lora import (
+    LoRASpec,
+    attach_lora,
+    load_lora_state,
+    lora_is_transposed,
+    lora_state_dict,
+    merge_lora,
+)
 from offsite.emulator.sandwich import SandwichShape, adapter_state_dict, build_emulator, plug_in
 from tests.conftest import VOCAB, tiny_model
 

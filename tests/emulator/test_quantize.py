@@ -11,8 +11,11 @@ from tests.conftest import tiny_model
 
 def linear_weights(block):
     """(name, weight as out x in) of every linear map, as the quantiser sees them."""
-    return [(name, m.weight.t() if isinstance(m, Conv1D) else m.weight)
-            for name, m in block.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    return [
+        (name, m.weight.t() if isinstance(m, Conv1D) else m.weight)
+        for name, m in block.named_modules()
+        if isinstance(m, (torch.nn.Linear, Conv1D))
+    ]
 
 
 def test_each_group_takes_at_most_2_to_the_bits_levels_and_the_widths_cycle(family):
@@ -92,7 +95,11 @@ def test_rounding_noise_draws_inside_the_cells_the_real_weights_lie_in(family):
             for (name, ship), (_, drawn), (_, truth) in triples:
                 ship, drawn, truth = ship.reshape(-1, 16), drawn.reshape(-1, 16), truth.reshape(-1, 16)
                 step = (ship.amax(-1, keepdim=True) - ship.amin(-1, keepdim=True)) / levels
-                assert ((truth - ship).abs() <= step / 2 + 1e-6).all(), (family, position, name)  # the real weights' cell
+                assert ((truth - ship).abs() <= step / 2 + 1e-6).all(), (
+                    family,
+                    position,
+                    name,
+                )  # the real weights' cell
                 assert ((drawn - ship).abs() <= 0.5 * step / 2 + 1e-6).all(), (family, position, name)  # scale 0.5
                 assert not torch.equal(drawn, ship), (family, position, name)
     assert any(not torch.equal(draws[0][k], draws[1][k]) for k in rounded)

@@ -53,7 +53,12 @@ def test_layer_drop_changes_the_model_and_keeps_the_ends(family):
 
 @pytest.mark.parametrize(
     "shape, n, kept",
-    [("2-10-2", 30, [2, 5, 8, 10, 13, 16, 19, 21, 24, 27]), ("2-2-2", 30, [2, 27]), ("1-1-1", 5, [1]), ("2-26-2", 30, list(range(2, 28)))],
+    [
+        ("2-10-2", 30, [2, 5, 8, 10, 13, 16, 19, 21, 24, 27]),
+        ("2-2-2", 30, [2, 27]),
+        ("1-1-1", 5, [1]),
+        ("2-26-2", 30, list(range(2, 28))),
+    ],
 )
 def test_uniform_selection(shape, n, kept):
     assert SandwichShape.parse(shape).kept_middle(n) == kept

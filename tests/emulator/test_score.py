@@ -7,7 +7,10 @@ from tests.conftest import tiny_model
 
 def test_answer_logprobs_match_full_logits(tokenizer, family):
     model = tiny_model(family)
-    encoded = [encode_pair(tokenizer, "A prompt", " yes", 32), encode_pair(tokenizer, "Another, longer prompt", " no!", 32)]
+    encoded = [
+        encode_pair(tokenizer, "A prompt", " yes", 32),
+        encode_pair(tokenizer, "Another, longer prompt", " no!", 32),
+    ]
     batch = collate(encoded, pad_id=0)
     with torch.no_grad():
         fast = answer_logprobs(model, batch)
@@ -56,7 +59,11 @@ def test_sft_nll_equals_an_independent_cross_entropy_over_the_completion_tokens(
     from offsite.emulator.score import score_sft
 
     model = tiny_model("llama")
-    rows = [Example("Entry: foo\n", " a word that means bar"), Example("Entry: x\n", " y"), Example("Q", " a much longer answer, with commas")]
+    rows = [
+        Example("Entry: foo\n", " a word that means bar"),
+        Example("Entry: x\n", " y"),
+        Example("Q", " a much longer answer, with commas"),
+    ]
     result = score_sft(model, tokenizer, rows, batch_size=2)
     total, tokens, per_row = 0.0, 0, []
     for row in rows:

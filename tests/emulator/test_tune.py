@@ -84,9 +84,17 @@ def test_device_choice():
 
 @pytest.mark.parametrize(
     ("bad", "named"),
-    [(dict(steps=0), "steps"), (dict(lr=0.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(prox=-1.0), "prox"),
-     (dict(warmup_steps=-1), "warmup_steps"), (dict(max_length=1), "max_length"), (dict(schedule="linear"), "schedule"),
-     (dict(mode="full"), "mode"), (dict(train="middle"), "train")],
+    [
+        (dict(steps=0), "steps"),
+        (dict(lr=0.0), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(prox=-1.0), "prox"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(max_length=1), "max_length"),
+        (dict(schedule="linear"), "schedule"),
+        (dict(mode="full"), "mode"),
+        (dict(train="middle"), "train"),
+    ],
 )
 def test_bad_configs_are_rejected(bad, named):
     with pytest.raises(ValueError, match=named):
@@ -139,8 +147,9 @@ def test_on_step_sees_every_step_and_the_adapter_as_it_is_then(tokenizer):
         seen[step] = adapter_state_dict(model, layout, adapter_blocks)
 
     config = TuneConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=1, device="cpu")
-    result = tune_adapter(emulator, tokenizer, layout, adapter_blocks, EXAMPLES, config, a=2, progress=False,
-                          on_step=record)
+    result = tune_adapter(
+        emulator, tokenizer, layout, adapter_blocks, EXAMPLES, config, a=2, progress=False, on_step=record
+    )
     assert sorted(seen) == [1, 2, 3, 4]
     assert all(torch.equal(seen[4][k], v) for k, v in result.adapter.items())
     assert any(not torch.equal(seen[1][k], v) for k, v in result.adapter.items())

@@ -10,7 +10,9 @@ from offsite.harness.federation import FlowerProcess, _descendants, stop_process
 
 # a parent that starts a child in its own session (as Flower's SuperExec is) and then waits
 PARENT = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True); time.sleep(600)"
-STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"
+STUBBORN = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"
+)
 
 
 def spawn(tmp_path, name, code) -> FlowerProcess:
@@ -36,7 +38,9 @@ def test_stop_processes_ends_each_process_its_descendants_and_one_that_ignores_s
     parents = [spawn(tmp_path, f"parent-{i}", PARENT) for i in range(2)]
     stubborn = spawn(tmp_path, "stubborn", STUBBORN)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (all(_descendants(p.process.pid) for p in parents) and b"ready" in stubborn.log_path.read_bytes()):
+    while time.monotonic() < deadline and not (
+        all(_descendants(p.process.pid) for p in parents) and b"ready" in stubborn.log_path.read_bytes()
+    ):
         time.sleep(0.1)
     children = [pid for p in parents for pid in _descendants(p.process.pid)]
     assert len(children) == 2

@@ -8,7 +8,6 @@ from transformers import AutoModelForCausalLM
 
 from offsite.cloud.evaluate import SETTINGS, Report
 from offsite.cloud.models import load_base, publish, resolve_model_dir
-from offsite.harness.pipeline import EvalJob, run_eval_job, task_files
 from offsite.cloud.prepare import EmulatorConfig, prepare_bundle
 from offsite.cloud.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 from offsite.emulator.arch import get_path, spec_for
@@ -16,6 +15,7 @@ from offsite.emulator.distill import DistillConfig
 from offsite.emulator.quantize import Quantize, quantize_blocks
 from offsite.emulator.sandwich import SandwichShape, build_emulator
 from offsite.emulator.tune import TuneConfig
+from offsite.harness.pipeline import EvalJob, run_eval_job, task_files
 from offsite.protocol.bundle import load_emulator, read_bundle
 from tests.conftest import tiny_model, write_jsonl
 
@@ -39,14 +39,22 @@ def task(tmp_path):
 def test_prepare_caches_the_distilled_bundle(tmp_path, tiny_dir, monkeypatch):
     monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
     base, tokenizer, _ = load_base(str(tiny_dir))
-    config = EmulatorConfig(SandwichShape(2, 2, 2), DistillConfig(steps=2, batch_size=2, seq_len=16), corpus=str(_corpus(tmp_path)))
+    config = EmulatorConfig(
+        SandwichShape(2, 2, 2), DistillConfig(steps=2, batch_size=2, seq_len=16), corpus=str(_corpus(tmp_path))
+    )
     first = prepare_bundle(base, tokenizer, config, tmp_path / "job1", progress=False)
     cached = list((tmp_path / "cache" / "bundles").iterdir())
     assert len(cached) == 1
     second = prepare_bundle(base, tokenizer, config, tmp_path / "job2", progress=False)
     assert first.digest == second.digest  # the same bundle, not a second distillation
     assert "heldout_kd_after" in first.manifest["distill"]
-    other = prepare_bundle(base, tokenizer, EmulatorConfig(SandwichShape(2, 3, 2), config.distill, config.corpus), tmp_path / "job3", progress=False)
+    other = prepare_bundle(
+        base,
+        tokenizer,
+        EmulatorConfig(SandwichShape(2, 3, 2), config.distill, config.corpus),
+        tmp_path / "job3",
+        progress=False,
+    )
     assert other.digest != first.digest
     assert len(list((tmp_path / "cache" / "bundles").iterdir())) == 2
 
@@ -55,12 +63,21 @@ def test_prepare_quantises_the_kept_middle_and_records_it(tmp_path, tiny_dir, mo
     monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
     base, tokenizer, _ = load_base(str(tiny_dir))
     shape, spec = SandwichShape(2, 4, 2), Quantize((3, 4), 16)
-    plain = prepare_bundle(base, tokenizer, EmulatorConfig(shape, DistillConfig(steps=0)), tmp_path / "plain", progress=False)
-    bundle = prepare_bundle(base, tokenizer, EmulatorConfig(shape, DistillConfig(steps=0), quantize=spec), tmp_path / "q", progress=False)
+    plain = prepare_bundle(
+        base, tokenizer, EmulatorConfig(shape, DistillConfig(steps=0)), tmp_path / "plain", progress=False
+    )
+    bundle = prepare_bundle(
+        base, tokenizer, EmulatorConfig(shape, DistillConfig(steps=0), quantize=spec), tmp_path / "q", progress=False
+    )
     assert bundle.digest != plain.digest and "quantize" not in plain.manifest
     assert bundle.manifest["quantize"] == {"bits": [3, 4], "group": 16}
-    assert "packed" not in plain.manifest and len(bundle.manifest["packed"]["weights"]) == 4 * 7  # 4 blocks x 7 linear maps
-    assert bundle.manifest["files"]["emulator.safetensors"]["bytes"] < plain.manifest["files"]["emulator.safetensors"]["bytes"]
+    assert (
+        "packed" not in plain.manifest and len(bundle.manifest["packed"]["weights"]) == 4 * 7
+    )  # 4 blocks x 7 linear maps
+    assert (
+        bundle.manifest["files"]["emulator.safetensors"]["bytes"]
+        < plain.manifest["files"]["emulator.safetensors"]["bytes"]
+    )
     expected, layout = build_emulator(base, shape)
     quantize_blocks(expected, [2, 3, 4, 5], spec)  # the 4 kept middle positions, between 2 + 2 adapter blocks
     shipped = load_emulator(bundle).state_dict()
@@ -68,13 +85,15 @@ def test_prepare_quantises_the_kept_middle_and_records_it(tmp_path, tiny_dir, mo
         assert torch.equal(shipped[key], tensor), key  # written and read back bit for bit
     blocks, real = get_path(load_emulator(bundle), spec_for(base).blocks), get_path(base, spec_for(base).blocks)
     for position in (0, 1, 6, 7):  # the adapter shells are the real model's blocks, not rounded
-        assert all(torch.equal(a, b) for a, b in zip(blocks[position].parameters(), real[layout[position]].parameters()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(blocks[position].parameters(), real[layout[position]].parameters())
+        )
     assert not torch.equal(blocks[2].mlp.down_proj.weight, real[layout[2]].mlp.down_proj.weight)
 
 
 def test_quantisation_options_override_the_preset():
-    from offsite.cloud.cli import _preset_from_args
     from offsite.cli import build_parser
+    from offsite.cloud.cli import _preset_from_args
 
     def preset(*argv):
         return _preset_from_args(build_parser().parse_args(["eval", "--out", "x", *argv]))
@@ -126,7 +145,9 @@ def test_eval_job_plugs_in_with_the_presets_gain(tmp_path, tiny_dir, task, monke
     train, test = task
     preset = Preset("tiny", str(tiny_dir), SandwichShape(2, 2, 2), DistillConfig(steps=0), plugin_gain=2.0)
     tune = TuneConfig(steps=3, batch_size=4, lr=1e-3, device="cpu")
-    job = EvalJob(preset=preset, train=train, test=test, out=tmp_path / "job", task="even", tune=tune, settings=("plug_in",))
+    job = EvalJob(
+        preset=preset, train=train, test=test, out=tmp_path / "job", task="even", tune=tune, settings=("plug_in",)
+    )
     report = run_eval_job(job, progress=False)
     assert report.meta["plugin_gain"] == 2.0
     assert "| plug-in (gain 2) |" in (tmp_path / "job" / "report" / "report.md").read_text()
@@ -146,8 +167,10 @@ def test_eval_job_plugs_in_with_the_presets_gain(tmp_path, tiny_dir, task, monke
 
 def test_report_gaps():
     report = Report("t", 100, 10)
-    report.results = {s: {"accuracy": a, "stderr": 0.05, "correct": int(a * 100)} for s, a in
-                      zip(SETTINGS, (0.5, 0.4, 0.6, 0.7, 0.75))}
+    report.results = {
+        s: {"accuracy": a, "stderr": 0.05, "correct": int(a * 100)}
+        for s, a in zip(SETTINGS, (0.5, 0.4, 0.6, 0.7, 0.75))
+    }
     assert report.privacy_gap == pytest.approx(0.1)
     assert report.utility_gap == pytest.approx(0.05)
     assert "| plug-in | 0.700 |" in report.markdown()
@@ -157,16 +180,30 @@ def test_report_gaps():
 def test_report_gaps_fall_back_to_the_federated_settings():
     """The demo's default runs only the federated job and the full FT: the gaps are taken on the
     federated emulator-FT and plug-in, and say so; a centralised result, when present, wins."""
+
     def entry(accuracy):
         return {"accuracy": accuracy, "stderr": 0.05, "correct": int(accuracy * 100)}
 
     report = Report("t", 100, 10)
-    report.results = {"full_zero_shot": entry(0.5), "emulator_zero_shot": entry(0.45), "federated_emulator_ft": entry(0.55),
-                      "federated_plug_in": entry(0.62), "full_ft": entry(0.8)}
+    report.results = {
+        "full_zero_shot": entry(0.5),
+        "emulator_zero_shot": entry(0.45),
+        "federated_emulator_ft": entry(0.55),
+        "federated_plug_in": entry(0.62),
+        "full_ft": entry(0.8),
+    }
     assert report.privacy_gap == pytest.approx(0.07) and report.utility_gap == pytest.approx(0.18)
     text = report.markdown()
-    assert "privacy gap (plug-in - emulator-FT, federated): +7.0 points" in text and "federated plug-in - centralised" not in text
-    assert text.index("| emulator zero-shot") < text.index("| emulator-FT, federated") < text.index("| plug-in, federated") < text.index("| full FT")
+    assert (
+        "privacy gap (plug-in - emulator-FT, federated): +7.0 points" in text
+        and "federated plug-in - centralised" not in text
+    )
+    assert (
+        text.index("| emulator zero-shot")
+        < text.index("| emulator-FT, federated")
+        < text.index("| plug-in, federated")
+        < text.index("| full FT")
+    )
     report.results |= {"emulator_ft": entry(0.6), "plug_in": entry(0.65)}
     assert report.privacy_gap == pytest.approx(0.05) and report.utility_gap == pytest.approx(0.15)
     assert "federated plug-in - centralised plug-in: -3.0 points" in report.markdown()
@@ -182,11 +219,17 @@ def test_presets_are_well_formed():
 
 
 def test_shipped_tasks_exist():
-    from offsite.harness.pipeline import known_tasks
     from offsite.emulator.data import read_test_rows
+    from offsite.harness.pipeline import known_tasks
 
-    names = ["jargon_entries", "wordnet_definitions", "formal_fallacies_syllogisms_negation", "hyperbaton",
-             "sports_understanding", "vitaminc_fact_verification"]
+    names = [
+        "jargon_entries",
+        "wordnet_definitions",
+        "formal_fallacies_syllogisms_negation",
+        "hyperbaton",
+        "sports_understanding",
+        "vitaminc_fact_verification",
+    ]
     assert known_tasks() == names  # the skill tasks first
     for name in names:
         train, test = task_files(name)
@@ -268,7 +311,15 @@ def test_eval_job_refuses_bad_input_before_loading_anything(tmp_path, task, monk
         settings, expected = ("plug_in", "plug-in"), "unknown settings"
     # a model that cannot be loaded: reaching it would fail with a different error
     preset = Preset("tiny", str(tmp_path / "no-such-model"), SandwichShape(2, 2, 2), DistillConfig(steps=5))
-    job = EvalJob(preset=preset, train=train, test=test, out=tmp_path / "job", task="even", tune=TuneConfig(steps=1), settings=settings)
+    job = EvalJob(
+        preset=preset,
+        train=train,
+        test=test,
+        out=tmp_path / "job",
+        task="even",
+        tune=TuneConfig(steps=1),
+        settings=settings,
+    )
     with pytest.raises((ValueError, FileNotFoundError), match=expected):
         run_eval_job(job, progress=False)
     assert not (tmp_path / "job").exists() and not (tmp_path / "cache").exists()
@@ -281,8 +332,15 @@ def test_eval_job_tunes_on_the_emulator_only_for_the_settings_that_need_it(tmp_p
     train, test = task
     preset = Preset("tiny", str(tiny_dir), SandwichShape(2, 2, 2), DistillConfig(steps=0))
     tune = TuneConfig(steps=2, batch_size=4, lr=1e-3, device="cpu")
-    job = EvalJob(preset=preset, train=train, test=test, out=tmp_path / "job", task="even", tune=tune,
-                  settings=("emulator_zero_shot", "full_ft"))
+    job = EvalJob(
+        preset=preset,
+        train=train,
+        test=test,
+        out=tmp_path / "job",
+        task="even",
+        tune=tune,
+        settings=("emulator_zero_shot", "full_ft"),
+    )
     report = run_eval_job(job, progress=False)
     assert set(report.results) == {"emulator_zero_shot", "full_ft"}
     assert "full_tuning" in report.meta and "emulator_tuning" not in report.meta
@@ -301,8 +359,12 @@ def test_eval_runs_in_pieces_join_into_the_whole_table(tmp_path, tiny_dir, task,
     tune = TuneConfig(steps=2, batch_size=4, lr=1e-3, device="cpu")
 
     def run(name, settings, test=test):
-        return run_eval_job(EvalJob(preset=preset, train=train, test=test, out=tmp_path / name, task="even", tune=tune,
-                                    settings=settings), progress=False)
+        return run_eval_job(
+            EvalJob(
+                preset=preset, train=train, test=test, out=tmp_path / name, task="even", tune=tune, settings=settings
+            ),
+            progress=False,
+        )
 
     first = run("a", ("full_zero_shot", "emulator_ft", "plug_in"))
     rest = run("b", ("emulator_zero_shot", "full_ft"))

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from offsite.cli import main
+from offsite.emulator.data import DataFormatError, Example, MCRow
 from offsite.harness.split import (
     SPLIT_FILE,
     SplitError,
@@ -18,7 +19,6 @@ from offsite.harness.split import (
     split_iid,
     write_shares,
 )
-from offsite.emulator.data import DataFormatError, Example, MCRow
 from tests.conftest import write_jsonl
 
 LABELS = [" True", " False", " Neither"]
@@ -65,7 +65,9 @@ def assert_partition(shares, rows) -> None:
         assert indices == sorted(indices)
 
 
-@pytest.mark.parametrize("split", [lambda rows, seed: split_iid(rows, 7, seed), lambda rows, seed: split_dirichlet(rows, 7, 0.3, seed)])
+@pytest.mark.parametrize(
+    "split", [lambda rows, seed: split_iid(rows, 7, seed), lambda rows, seed: split_dirichlet(rows, 7, 0.3, seed)]
+)
 def test_every_row_lands_in_exactly_one_share_and_the_seed_fixes_the_split(mc_file, split):
     rows = read_rows(mc_file)
     shares = split(rows, 3)
@@ -154,7 +156,25 @@ def test_shares_are_written_as_jsonl_with_a_summary(tmp_path, mc_file):
 
 def test_cli_split_prints_label_counts_per_owner(tmp_path, mc_file, capsys):
     out = tmp_path / "owners"
-    assert main(["cloud", "split", "--data", str(mc_file), "--clients", "3", "--alpha", "0.2", "--seed", "5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "cloud",
+                "split",
+                "--data",
+                str(mc_file),
+                "--clients",
+                "3",
+                "--alpha",
+                "0.2",
+                "--seed",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     lines = printed.splitlines()
     assert "600 rows" in lines[0] and "Dirichlet alpha=0.2" in lines[0]
@@ -165,7 +185,9 @@ def test_cli_split_prints_label_counts_per_owner(tmp_path, mc_file, capsys):
     assert summary["seed"] == 5 and summary["clients"] == 3
     # the same command twice gives the same files
     first = [(out / f"owner-{k}.jsonl").read_text() for k in range(3)]
-    main(["cloud", "split", "--data", str(mc_file), "--clients", "3", "--alpha", "0.2", "--seed", "5", "--out", str(out)])
+    main(
+        ["cloud", "split", "--data", str(mc_file), "--clients", "3", "--alpha", "0.2", "--seed", "5", "--out", str(out)]
+    )
     assert [(out / f"owner-{k}.jsonl").read_text() for k in range(3)] == first
 
 
@@ -181,8 +203,8 @@ def test_cli_split_errors(tmp_path, mc_file, capsys):
 def test_labels_held_by_one_row_each_are_spread_over_the_owners():
     """Free-text answers (every row its own label): each row goes to an owner drawn from its label's
     proportions, so no owner collects them all (flooring the cuts gave the last owner ~90%)."""
-    from offsite.harness.split import split_dirichlet
     from offsite.emulator.data import Example
+    from offsite.harness.split import split_dirichlet
 
     rows = [Example(f"p{i}", f" answer {i}") for i in range(3000)]
     shares = split_dirichlet(rows, 3, alpha=0.5, seed=0)

@@ -7,15 +7,15 @@ import pytest
 
 from offsite.cli import main
 from offsite.cloud.evaluate import SETTINGS, Report
-from offsite.harness.pipeline import EvalJob, run_eval_job
 from offsite.cloud.presets import Preset
-from offsite.harness.sweep import EMULATOR_SETTINGS, SweepJob, parse_emulator, run_sweep
 from offsite.emulator.distill import DistillConfig
 from offsite.emulator.quantize import Quantize
 from offsite.emulator.sandwich import SandwichShape
 from offsite.emulator.tune import TuneConfig
-from tests.harness.test_pipeline import task, tiny_dir  # noqa: F401 (fixtures)
+from offsite.harness.pipeline import EvalJob, run_eval_job
+from offsite.harness.sweep import EMULATOR_SETTINGS, SweepJob, parse_emulator, run_sweep
 from tests.conftest import write_jsonl
+from tests.harness.test_pipeline import task, tiny_dir  # noqa: F401 (fixtures)
 
 TUNE = TuneConfig(steps=3, batch_size=4, lr=1e-3, device="cpu")
 
@@ -31,7 +31,13 @@ def sft_task(tmp_path):
 def test_emulator_specs_parse_onto_the_base_recipe():
     base = Preset("p", "m", SandwichShape(2, 10, 2), DistillConfig(steps=60, lr=3e-4))
     e = parse_emulator("2-26-2/kd0/q34g16/gain1.5", base)
-    assert (str(e.shape), e.distill.steps, e.distill.lr, e.quantize, e.plugin_gain) == ("2-26-2", 0, 3e-4, Quantize((3, 4), 16), 1.5)
+    assert (str(e.shape), e.distill.steps, e.distill.lr, e.quantize, e.plugin_gain) == (
+        "2-26-2",
+        0,
+        3e-4,
+        Quantize((3, 4), 16),
+        1.5,
+    )
     plain = parse_emulator("2-18-2", base)
     assert (plain.distill.steps, plain.quantize, plain.plugin_gain) == (60, None, 1.0)
     for bad in ("2-18", "2-18-2/kd", "2-18-2/q9g16", "2-18-2/x", "2-18-2/gain-1"):
@@ -43,7 +49,9 @@ def test_an_sft_eval_job_scores_the_five_settings_by_nll(tmp_path, tiny_dir, sft
     monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
     train, test = sft_task
     preset = Preset("tiny", str(tiny_dir), SandwichShape(2, 2, 2), DistillConfig(steps=0))
-    report = run_eval_job(EvalJob(preset=preset, train=train, test=test, out=tmp_path / "job", task="sft", tune=TUNE), progress=False)
+    report = run_eval_job(
+        EvalJob(preset=preset, train=train, test=test, out=tmp_path / "job", task="sft", tune=TUNE), progress=False
+    )
     assert report.kind == "sft" and set(report.results) == set(SETTINGS)
     for result in report.results.values():
         assert result["nll"] > 0 and math.isclose(result["ppl"], math.exp(result["nll"])) and result["tokens"] > 8
@@ -59,7 +67,9 @@ def test_a_sweep_measures_the_baselines_once_and_resumes(tmp_path, tiny_dir, tas
     train, test = task
     base = Preset("tiny", str(tiny_dir), SandwichShape(2, 2, 2), DistillConfig(steps=0))
     emulators = tuple(parse_emulator(t, base) for t in ("2-2-2", "2-4-2/q2g16", "2-4-2/q2g16/gain2"))
-    job = SweepJob(emulators=emulators, train=train, test=test, out=tmp_path / "sweep", task="even", tune=TUNE, val_rows=8)
+    job = SweepJob(
+        emulators=emulators, train=train, test=test, out=tmp_path / "sweep", task="even", tune=TUNE, val_rows=8
+    )
     reports = run_sweep(job, progress=False)
     assert [r.meta["preset"] for r in reports] == ["2-2-2", "2-4-2/q2g16", "2-4-2/q2g16/gain2"]
     assert all(set(r.results) == set(SETTINGS) and r.test_rows == 8 and r.train_rows == 22 for r in reports)
@@ -67,7 +77,9 @@ def test_a_sweep_measures_the_baselines_once_and_resumes(tmp_path, tiny_dir, tas
     assert len({json.dumps(r.results["full_ft"]) for r in reports}) == 1
     lines = [json.loads(line) for line in (tmp_path / "sweep" / "sweep.jsonl").read_text().splitlines()]
     assert [x["what"] for x in lines].count("baselines") == 1 and len(lines) == 4
-    assert set(lines[3]["results"]) == set(EMULATOR_SETTINGS)  # the gain-2 emulator scored its plug-in only, the rest shared
+    assert set(lines[3]["results"]) == set(
+        EMULATOR_SETTINGS
+    )  # the gain-2 emulator scored its plug-in only, the rest shared
     # the gain-2 emulator reused the gain-1 emulator's adapter: the same emulator-FT, another plug-in gain
     assert reports[2].results["emulator_ft"] == reports[1].results["emulator_ft"]
     assert len(list((tmp_path / "sweep" / "adapters").iterdir())) == 2

@@ -24,8 +24,13 @@ def _write(tmp_path, tokenizer, family="llama"):
     model = tiny_model(family)
     shape = SandwichShape(2, 2, 2)
     emulator, layout = build_emulator(model, shape)
-    info = {"family": family, "shape": {"a": 2, "k": 2, "b": 2, "n_blocks": 8}, "layout": layout,
-            "adapter_blocks": shape.adapter_blocks(8), "kept_middle": shape.kept_middle(8)}
+    info = {
+        "family": family,
+        "shape": {"a": 2, "k": 2, "b": 2, "n_blocks": 8},
+        "layout": layout,
+        "adapter_blocks": shape.adapter_blocks(8),
+        "kept_middle": shape.kept_middle(8),
+    }
     return emulator, write_bundle(tmp_path / "bundle", emulator, tokenizer, info)
 
 
@@ -50,7 +55,11 @@ def test_bundle_holds_only_safetensors_and_json(tmp_path, tokenizer):
     assert all(n.endswith((".safetensors", ".json", ".jinja")) for n in names), names
     manifest = json.loads((bundle.root / MANIFEST).read_text())
     assert manifest["layout"] == [0, 1, 2, 5, 6, 7]
-    assert set(manifest["files"]) == {n for n in (p.relative_to(bundle.root).as_posix() for p in bundle.root.rglob("*") if p.is_file()) if n != MANIFEST}
+    assert set(manifest["files"]) == {
+        n
+        for n in (p.relative_to(bundle.root).as_posix() for p in bundle.root.rglob("*") if p.is_file())
+        if n != MANIFEST
+    }
 
 
 def test_tampered_weights_are_refused(tmp_path, tokenizer):
@@ -126,7 +135,10 @@ MANIFEST_EDITS = [
     (lambda m: m.update(trust_remote_code=True), "unknown keys"),
     (lambda m: m.pop("model_type"), "missing keys \\['model_type'\\]"),
     (lambda m: m.pop("shape"), "missing keys \\['shape'\\]"),
-    (lambda m: m.update(adapter_blocks=[0, 1, 2, 6, 7]), "'adapter_blocks' .* is not the 2-2-2 cut"),  # a middle block made trainable
+    (
+        lambda m: m.update(adapter_blocks=[0, 1, 2, 6, 7]),
+        "'adapter_blocks' .* is not the 2-2-2 cut",
+    ),  # a middle block made trainable
     (lambda m: m.update(adapter_blocks=[0, 1, 5, 7]), "'adapter_blocks'"),
     (lambda m: m.update(adapter_blocks=[0, 1]), "'adapter_blocks'"),
     (lambda m: m.update(adapter_blocks=[]), "'adapter_blocks'"),
@@ -136,7 +148,10 @@ MANIFEST_EDITS = [
     (lambda m: m.update(layout=[0, 1, 3, 4, 6, 7]), "'layout'"),
     (lambda m: m.update(layout=[0, 1, 2, 5, 6]), "not a cut of the 5-block layout"),
     (lambda m: m["shape"].update(a=3), "not a cut"),
-    (lambda m: m["shape"].update(a=3, k=1), "is not the 3-1-2 cut of 8 blocks"),  # a plausible shape, not the listed cut
+    (
+        lambda m: m["shape"].update(a=3, k=1),
+        "is not the 3-1-2 cut of 8 blocks",
+    ),  # a plausible shape, not the listed cut
     (lambda m: m["shape"].update(n_blocks=9), "is not the 2-2-2 cut of 9 blocks"),
     (lambda m: m["shape"].update(k=10**9), "not a cut"),
     (lambda m: m["shape"].update(a=-1), "'shape' must be"),
@@ -163,7 +178,9 @@ def test_an_edited_manifest_of_an_unsigned_bundle_is_refused(tmp_path, tokenizer
     assert caught.value.reason is BundleReason.MALFORMED and str(bundle.root / MANIFEST) in str(caught.value)
 
 
-@pytest.mark.parametrize("bomb", [b"[" * 1500, b'{"a":' * 100_000, b'{"format": ' + b"1" * 5000 + b"}", b'{"x": 1e999}', b'{"a":1,"a":2}'])
+@pytest.mark.parametrize(
+    "bomb", [b"[" * 1500, b'{"a":' * 100_000, b'{"format": ' + b"1" * 5000 + b"}", b'{"x": 1e999}', b'{"a":1,"a":2}']
+)
 def test_a_manifest_that_breaks_the_json_parser_is_refused(tmp_path, tokenizer, bomb):
     _, bundle = _write(tmp_path, tokenizer)
     (bundle.root / MANIFEST).write_bytes(bomb)
@@ -189,12 +206,22 @@ def test_the_manifest_check_restates_the_sandwich_cut_exactly():
         for a, b in itertools.product(range(4), range(4)):
             for k in range(1, n - a - b + 1) if a + b else ():
                 shape = SandwichShape(a, k, b)
-                assert sandwich_cut(a, k, b, n) == (shape.emulator_layout(n), shape.adapter_blocks(n), shape.kept_middle(n))
+                assert sandwich_cut(a, k, b, n) == (
+                    shape.emulator_layout(n),
+                    shape.adapter_blocks(n),
+                    shape.kept_middle(n),
+                )
 
 
 def test_write_bundle_refuses_info_a_reader_would_refuse(tmp_path, tokenizer):
     emulator, layout = build_emulator(tiny_model("llama"), SandwichShape(2, 2, 2))
-    info = {"family": "llama", "shape": {"a": 2, "k": 2, "b": 2, "n_blocks": 8}, "layout": layout,
-            "adapter_blocks": [0, 1, 6, 7], "kept_middle": [2, 5], "notes": "x"}
+    info = {
+        "family": "llama",
+        "shape": {"a": 2, "k": 2, "b": 2, "n_blocks": 8},
+        "layout": layout,
+        "adapter_blocks": [0, 1, 6, 7],
+        "kept_middle": [2, 5],
+        "notes": "x",
+    }
     with pytest.raises(ValueError, match="'notes'"):
         write_bundle(tmp_path / "b", emulator, tokenizer, info)

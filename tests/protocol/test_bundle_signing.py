@@ -33,8 +33,13 @@ def _bundle(root: Path, seed: int = 0):
     model = tiny_model("llama", seed=seed)
     shape = SandwichShape(2, 2, 2)
     emulator, layout = build_emulator(model, shape)
-    info = {"family": "llama", "shape": {"a": 2, "k": 2, "b": 2, "n_blocks": 8}, "layout": layout,
-            "adapter_blocks": shape.adapter_blocks(8), "kept_middle": shape.kept_middle(8)}
+    info = {
+        "family": "llama",
+        "shape": {"a": 2, "k": 2, "b": 2, "n_blocks": 8},
+        "layout": layout,
+        "adapter_blocks": shape.adapter_blocks(8),
+        "kept_middle": shape.kept_middle(8),
+    }
     return emulator, write_bundle(root, emulator, make_tokenizer(root.parent), info)
 
 
@@ -134,7 +139,9 @@ def test_fuzz_hostile_bundles_are_all_refused(signed, tmp_path):
         try:
             read_signed_bundle(root, keys.public())
         except BundleError as error:
-            assert error.reason in allowed, f"{family}: got {error.reason}, expected {sorted(r.value for r in allowed)}: {error}"
+            assert error.reason in allowed, (
+                f"{family}: got {error.reason}, expected {sorted(r.value for r in allowed)}: {error}"
+            )
             tally[family] += 1
             reasons[error.reason] += 1
         else:
@@ -165,7 +172,10 @@ def test_fuzz_hostile_bundles_are_all_refused(signed, tmp_path):
         for _ in range(rng.randint(2, 6)):
             rel = rng.choice(sorted(tamper.original))
             tamper.flip(rel, rng.randrange(len(tamper.read(rel))), rng.randrange(8))
-        expect("flip-many", {BundleReason.BAD_SIGNATURE, BundleReason.MALFORMED, BundleReason.WRONG_SIGNER, BundleReason.HASH_MISMATCH})
+        expect(
+            "flip-many",
+            {BundleReason.BAD_SIGNATURE, BundleReason.MALFORMED, BundleReason.WRONG_SIGNER, BundleReason.HASH_MISMATCH},
+        )
 
     # truncation and extension of each file
     cases = {
@@ -209,9 +219,15 @@ def test_fuzz_hostile_bundles_are_all_refused(signed, tmp_path):
         expect("rehashed-unsigned", {BundleReason.BAD_SIGNATURE})
 
     # files added, removed or swapped under a valid signature
-    for name in ["extra.bin", "evil.pkl", "model.pt", "tokenizer/added_tokens.json", "a/b/c.json", ".hidden", "manifest.json.bak"] + [
-        f"x{i}.safetensors" for i in range(13)
-    ]:
+    for name in [
+        "extra.bin",
+        "evil.pkl",
+        "model.pt",
+        "tokenizer/added_tokens.json",
+        "a/b/c.json",
+        ".hidden",
+        "manifest.json.bak",
+    ] + [f"x{i}.safetensors" for i in range(13)]:
         tamper.write(name, b"\x80\x04\x95")
         expect("unlisted-file", {BundleReason.UNLISTED_FILE})
     for rel in [WEIGHTS, *tokenizer_files]:
@@ -230,7 +246,11 @@ def test_fuzz_hostile_bundles_are_all_refused(signed, tmp_path):
         edited["files"][bad_name] = {"sha256": "0" * 64, "bytes": 1}
         resign_with(keys, json.dumps(edited).encode())
         expect("signed-unsafe-path", {BundleReason.UNSAFE_PATH, BundleReason.UNLISTED_FILE})
-    for edit in (lambda m: m.update(format="offsite-bundle/9"), lambda m: m.update(layout="0,1"), lambda m: m.pop("files")):
+    for edit in (
+        lambda m: m.update(format="offsite-bundle/9"),
+        lambda m: m.update(layout="0,1"),
+        lambda m: m.pop("files"),
+    ):
         edited = json.loads(json.dumps(manifest))
         edit(edited)
         resign_with(keys, json.dumps(edited).encode())
@@ -244,13 +264,26 @@ def test_fuzz_hostile_bundles_are_all_refused(signed, tmp_path):
     assert sum(tally.values()) >= 1000, sum(tally.values())
     assert read_signed_bundle(root, keys.public()).digest == bundle.digest  # everything was put back
     assert set(reasons) >= {
-        BundleReason.BAD_SIGNATURE, BundleReason.WRONG_SIGNER, BundleReason.UNSIGNED, BundleReason.HASH_MISMATCH,
-        BundleReason.SIZE_MISMATCH, BundleReason.UNLISTED_FILE, BundleReason.MISSING, BundleReason.UNSAFE_PATH,
-        BundleReason.MALFORMED, BundleReason.OVERSIZED,
+        BundleReason.BAD_SIGNATURE,
+        BundleReason.WRONG_SIGNER,
+        BundleReason.UNSIGNED,
+        BundleReason.HASH_MISMATCH,
+        BundleReason.SIZE_MISMATCH,
+        BundleReason.UNLISTED_FILE,
+        BundleReason.MISSING,
+        BundleReason.UNSAFE_PATH,
+        BundleReason.MALFORMED,
+        BundleReason.OVERSIZED,
     }
 
 
-SIGNATURE_BOMBS = [b"[" * 3000, b'{"format":' * 400, b'{"key": ' + b"7" * 4000 + b"}", b'{"signature": 1e999}', b"\xff" * 10]
+SIGNATURE_BOMBS = [
+    b"[" * 3000,
+    b'{"format":' * 400,
+    b'{"key": ' + b"7" * 4000 + b"}",
+    b'{"signature": 1e999}',
+    b"\xff" * 10,
+]
 
 
 def test_signature_files_and_signed_manifests_that_break_the_parser_are_refused(signed):
@@ -260,10 +293,14 @@ def test_signature_files_and_signed_manifests_that_break_the_parser_are_refused(
     keys, _, bundle, _ = signed
     root, tamper = bundle.root, Tamper(bundle.root)
     manifest = json.loads(tamper.read(MANIFEST))
-    signed_manifests = [b"[" * 100_000, b'{"files":' * 50_000, b'{"format": ' + b"1" * 5000 + b"}",
-                        json.dumps({**manifest, "extra": 1}).encode(),
-                        json.dumps({**manifest, "adapter_blocks": [0, 1, 2, 6, 7]}).encode(),
-                        json.dumps({**manifest, "kept_middle": [3, 4]}).encode()]
+    signed_manifests = [
+        b"[" * 100_000,
+        b'{"files":' * 50_000,
+        b'{"format": ' + b"1" * 5000 + b"}",
+        json.dumps({**manifest, "extra": 1}).encode(),
+        json.dumps({**manifest, "adapter_blocks": [0, 1, 2, 6, 7]}).encode(),
+        json.dumps({**manifest, "kept_middle": [3, 4]}).encode(),
+    ]
     refused = 0
     for bomb in SIGNATURE_BOMBS:
         tamper.write(SIGNATURE, bomb)

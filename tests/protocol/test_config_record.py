@@ -46,8 +46,16 @@ class Job:
 def test_round_trips_are_the_identity():
     for config in (
         Outer(),
-        Outer(steps=3, lr=0.5, schedule="constant", name="y", on=True, inner=Inner(4, 2.0, ("q", "v")), extra=Inner(1),
-              limit=7),
+        Outer(
+            steps=3,
+            lr=0.5,
+            schedule="constant",
+            name="y",
+            on=True,
+            inner=Inner(4, 2.0, ("q", "v")),
+            extra=Inner(1),
+            limit=7,
+        ),
         Outer(inner=Inner(targets=())),
     ):
         record = config_to_record(config)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from offsite.protocol.dp import (
     DEFAULT_ORDERS,
     DPConfig,
@@ -29,7 +30,10 @@ SHAPES = {"blocks.0.w": (40, 30), "blocks.0.b": (30,), "blocks.29.w": (2, 3, 5),
 
 def adapter(seed: int, scale: float = 1.0, dtype=torch.float32) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return {name: (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype) for name, shape in SHAPES.items()}
+    return {
+        name: (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+        for name, shape in SHAPES.items()
+    }
 
 
 # ---------------------------------------------------------------- clipping and noise
@@ -83,7 +87,9 @@ def test_noise_std_matches_z_times_c(mode, min_clients):
     assert abs(float(noise.mean())) < 6 * config.noise_std / math.sqrt(count)
     # the distributed noise of m clients adds up to the aggregate's
     if mode == "distributed":
-        total = sum(privatize_update(global_adapter, global_adapter, config, seed=s).delta["w"] for s in range(min_clients))
+        total = sum(
+            privatize_update(global_adapter, global_adapter, config, seed=s).delta["w"] for s in range(min_clients)
+        )
         assert float(total.std()) == pytest.approx(0.7 * 1.3, rel=6 / math.sqrt(2 * count))
 
 
@@ -100,7 +106,9 @@ def test_privatize_is_deterministic_with_a_seed_and_fresh_without():
     assert first.clipped and first.norm == pytest.approx(l2_norm(update_delta(tuned, global_adapter)))
     merged = first.adapter(global_adapter)
     assert list(merged) == list(global_adapter) and all(merged[n].dtype == torch.float32 for n in merged)
-    torch.testing.assert_close(merged["blocks.0.w"], (global_adapter["blocks.0.w"].double() + first.delta["blocks.0.w"]).float())
+    torch.testing.assert_close(
+        merged["blocks.0.w"], (global_adapter["blocks.0.w"].double() + first.delta["blocks.0.w"]).float()
+    )
     without_noise = privatize_update(tuned, global_adapter, DPConfig(clip_norm=0.5, noise_multiplier=0.0), seed=1)
     assert l2_norm(without_noise.delta) == pytest.approx(0.5, rel=1e-12)
 
@@ -129,7 +137,9 @@ def test_sampled_gaussian_rdp_matches_published_values_and_a_closed_form():
     assert rdp == pytest.approx([2.18075656e-03, 2.38460375e-02, 1.67416308e02], rel=1e-4)
     # order 2 by hand: A_2 = (1-q)^2 + 2q(1-q) + q^2 e^(1/z^2) = 1 + q^2 (e^(1/z^2) - 1)
     for q, z in [(0.1, 1.0), (0.5, 0.7), (0.01, 3.0)]:
-        assert subsampled_gaussian_rdp(q, z, [2])[0] == pytest.approx(math.log1p(q * q * math.expm1(1 / z**2)), rel=1e-12)
+        assert subsampled_gaussian_rdp(q, z, [2])[0] == pytest.approx(
+            math.log1p(q * q * math.expm1(1 / z**2)), rel=1e-12
+        )
     # q = 1 is the plain Gaussian; q = 0 spends nothing; fractional orders need q = 1
     integers = [2, 3, 10, 64]
     assert subsampled_gaussian_rdp(1.0, 1.5, integers) == pytest.approx(gaussian_rdp(1.5, integers))

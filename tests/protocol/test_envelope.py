@@ -49,7 +49,9 @@ JOB = "job-7f3a"
 ROUND = 4
 NOW = 1_700_000_000.0
 POLICY = UpdatePolicy(max_update_norm=1.0, max_clock_skew_s=300.0, max_age_s=3600.0)
-PICKLE_BYTES = b"\x80\x04\x95\n\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01x\x94K\x01s."  # a pickle of {'x': 1}, never loaded
+PICKLE_BYTES = (
+    b"\x80\x04\x95\n\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01x\x94K\x01s."  # a pickle of {'x': 1}, never loaded
+)
 
 
 class Clock:
@@ -90,27 +92,54 @@ class World:
         self.reference = reference_adapter()
         self.clock = Clock()
 
-    def opener(self, round: int = ROUND, policy: UpdatePolicy = POLICY, replay: ReplayCache | None = None) -> UpdateOpener:
+    def opener(
+        self, round: int = ROUND, policy: UpdatePolicy = POLICY, replay: ReplayCache | None = None
+    ) -> UpdateOpener:
         return UpdateOpener(self.coordinator, self.registry, JOB, round, self.reference, policy, replay, self.clock)
 
-    def seal(self, tensors=None, identity=None, job=JOB, round=ROUND, recipient=None, clock=None, metadata=None, seed=1) -> bytes:
+    def seal(
+        self, tensors=None, identity=None, job=JOB, round=ROUND, recipient=None, clock=None, metadata=None, seed=1
+    ) -> bytes:
         return seal_update(
             nudged(self.reference, seed=seed) if tensors is None else tensors,
-            job=job, round=round, identity=identity or self.alice,
-            recipient=recipient or self.coordinator.public(), metadata=metadata, clock=clock or self.clock,
+            job=job,
+            round=round,
+            identity=identity or self.alice,
+            recipient=recipient or self.coordinator.public(),
+            metadata=metadata,
+            clock=clock or self.clock,
         )
 
-    def craft(self, plaintext: bytes, *, identity=None, encrypt_to=None, aad=None, digest=None, enc=None, info=HPKE_INFO,
-              header: bytes | None = None, **fields) -> bytes:
+    def craft(
+        self,
+        plaintext: bytes,
+        *,
+        identity=None,
+        encrypt_to=None,
+        aad=None,
+        digest=None,
+        enc=None,
+        info=HPKE_INFO,
+        header: bytes | None = None,
+        **fields,
+    ) -> bytes:
         """An envelope built by hand and validly signed: what a buggy or hostile *enrolled* sender can send."""
         identity = identity or self.alice
         enc_raw, context = hpke.setup_base_sender(encrypt_to or self.coordinator.public().encryption_key, info)
         values = {
-            "format": FORMAT, "suite": SUITE, "job": JOB, "round": ROUND, "sender": identity.sender_id,
-            "recipient": fingerprint(self.coordinator.public().encryption_key), "message_id": secrets.token_hex(16),
-            "timestamp_ms": int(self.clock() * 1000), "enc": base64.b64encode(enc or enc_raw).decode(),
-            "plaintext_bytes": len(plaintext), "chunk_bytes": MIN_CHUNK_BYTES,
-            "payload_digest": digest or hmac.new(context.export(DIGEST_CONTEXT, 32), plaintext, hashlib.sha256).hexdigest(),
+            "format": FORMAT,
+            "suite": SUITE,
+            "job": JOB,
+            "round": ROUND,
+            "sender": identity.sender_id,
+            "recipient": fingerprint(self.coordinator.public().encryption_key),
+            "message_id": secrets.token_hex(16),
+            "timestamp_ms": int(self.clock() * 1000),
+            "enc": base64.b64encode(enc or enc_raw).decode(),
+            "plaintext_bytes": len(plaintext),
+            "chunk_bytes": MIN_CHUNK_BYTES,
+            "payload_digest": digest
+            or hmac.new(context.export(DIGEST_CONTEXT, 32), plaintext, hashlib.sha256).hexdigest(),
         }
         values.update(fields)
         header_bytes = canonical_json(values) if header is None else header
@@ -180,7 +209,9 @@ def test_round_trip_is_bit_exact_for_every_dtype_and_0_dim(world, dtype):
     opened = opener.open(envelope, node=3)
     assert set(opened.tensors) == set(update)
     for key, tensor in update.items():
-        assert opened.tensors[key].dtype == tensor.dtype and tuple(opened.tensors[key].shape) == tuple(tensor.shape), key
+        assert opened.tensors[key].dtype == tensor.dtype and tuple(opened.tensors[key].shape) == tuple(tensor.shape), (
+            key
+        )
         assert raw_bits(opened.tensors[key]) == raw_bits(tensor), key
     assert opened.metadata == {"num-examples": 12, "train-loss": 1.25}
     assert (opened.sender, opened.round) == ("alice", ROUND)
@@ -188,7 +219,13 @@ def test_round_trip_is_bit_exact_for_every_dtype_and_0_dim(world, dtype):
 
 def test_round_trip_across_chunk_boundaries(world):
     """Payloads of exactly k chunks, k chunks +- 1 byte, and many chunks all open bit-exactly."""
-    for target in (MIN_CHUNK_BYTES - 1, MIN_CHUNK_BYTES, MIN_CHUNK_BYTES + 1, 2 * MIN_CHUNK_BYTES, 5 * MIN_CHUNK_BYTES + 7):
+    for target in (
+        MIN_CHUNK_BYTES - 1,
+        MIN_CHUNK_BYTES,
+        MIN_CHUNK_BYTES + 1,
+        2 * MIN_CHUNK_BYTES,
+        5 * MIN_CHUNK_BYTES + 7,
+    ):
         length = target - 200
         for _ in range(5):  # the safetensors header's size depends on the length's digits
             payload = encode_payload({"x": torch.zeros(length, dtype=torch.uint8)})
@@ -200,8 +237,13 @@ def test_round_trip_across_chunk_boundaries(world):
         reference = {"x": torch.zeros(length, dtype=torch.uint8)}
         opener = UpdateOpener(world.coordinator, world.registry, JOB, ROUND, reference, clock=world.clock)
         envelope = seal_payload(
-            encode_payload({"x": values}), job=JOB, round=ROUND, identity=world.bob, recipient=world.coordinator.public(),
-            clock=world.clock, chunk_bytes=MIN_CHUNK_BYTES,
+            encode_payload({"x": values}),
+            job=JOB,
+            round=ROUND,
+            identity=world.bob,
+            recipient=world.coordinator.public(),
+            clock=world.clock,
+            chunk_bytes=MIN_CHUNK_BYTES,
         )
         assert torch.equal(opener.open(envelope).tensors["x"], values)
 
@@ -217,7 +259,10 @@ def test_hpke_agrees_with_cryptography_rfc9180():
         enc, context = hpke.setup_base_sender(recipient.public_key(), b"info")
         assert suite.decrypt(enc + context.seal(b"", message), recipient, info=b"info") == message
         blob = suite.encrypt(message, recipient.public_key(), info=b"other info")
-        assert hpke.setup_base_recipient(blob[: hpke.N_ENC], recipient, b"other info").open(b"", blob[hpke.N_ENC :]) == message
+        assert (
+            hpke.setup_base_recipient(blob[: hpke.N_ENC], recipient, b"other info").open(b"", blob[hpke.N_ENC :])
+            == message
+        )
     with_aad = getattr(getattr(suites, "rust_openssl", None), "hpke", None)
     if with_aad is not None and hasattr(with_aad, "_encrypt_with_aad"):  # cryptography's (private) AAD entry point
         blob = with_aad._encrypt_with_aad(suite, b"payload", recipient.public_key(), info=b"i", aad=b"header")
@@ -256,7 +301,10 @@ def test_rejection_log_line_names_the_client(world, caplog):
         world.opener().open(world.seal(round=ROUND - 1, identity=world.bob), node=17)
     assert info.value.reason is Reason.STALE_ROUND and info.value.sender == "bob"
     assert "'bob'" in str(info.value) and "node 17" in str(info.value)
-    assert any("stale-round" in r.getMessage() and "'bob'" in r.getMessage() and "node 17" in r.getMessage() for r in caplog.records)
+    assert any(
+        "stale-round" in r.getMessage() and "'bob'" in r.getMessage() and "node 17" in r.getMessage()
+        for r in caplog.records
+    )
     with pytest.raises(Rejected, match="node 18"):
         world.opener().open(b"garbage", node=18)
 
@@ -318,7 +366,12 @@ def test_update_norm_is_distance_from_the_reference(world):
 # ---------------------------------------------------------------- the fuzz
 
 HEADER_FLIP = {
-    Reason.MALFORMED_HEADER, Reason.UNSUPPORTED, Reason.OVERSIZED, Reason.MALFORMED_FRAME, Reason.UNKNOWN_SENDER, Reason.BAD_SIGNATURE,
+    Reason.MALFORMED_HEADER,
+    Reason.UNSUPPORTED,
+    Reason.OVERSIZED,
+    Reason.MALFORMED_FRAME,
+    Reason.UNKNOWN_SENDER,
+    Reason.BAD_SIGNATURE,
 }
 ANYWHERE = HEADER_FLIP | {Reason.MALFORMED_FRAME}
 
@@ -334,7 +387,9 @@ def test_fuzz_hostile_envelopes_are_all_refused(world, tmp_path, caplog):
         try:
             (opener or world.opener()).open(data, node=f"fuzz-{family}")
         except Rejected as error:
-            assert error.reason in allowed, f"{family}: got {error.reason}, expected one of {sorted(r.value for r in allowed)}: {error}"
+            assert error.reason in allowed, (
+                f"{family}: got {error.reason}, expected one of {sorted(r.value for r in allowed)}: {error}"
+            )
             assert f"fuzz-{family}" in str(error)
             tally[family] += 1
             reasons[error.reason] += 1
@@ -353,9 +408,17 @@ def test_fuzz_hostile_envelopes_are_all_refused(world, tmp_path, caplog):
     for _ in range(250):
         expect("flip-header", flip(valid, rng.randrange(12, header_end), rng.randrange(8)), HEADER_FLIP)
     for _ in range(250):
-        expect("flip-ciphertext", flip(valid, rng.randrange(header_end, ciphertext_end), rng.randrange(8)), {Reason.BAD_SIGNATURE})
+        expect(
+            "flip-ciphertext",
+            flip(valid, rng.randrange(header_end, ciphertext_end), rng.randrange(8)),
+            {Reason.BAD_SIGNATURE},
+        )
     for _ in range(150):
-        expect("flip-signature", flip(valid, rng.randrange(ciphertext_end, len(valid)), rng.randrange(8)), {Reason.BAD_SIGNATURE})
+        expect(
+            "flip-signature",
+            flip(valid, rng.randrange(ciphertext_end, len(valid)), rng.randrange(8)),
+            {Reason.BAD_SIGNATURE},
+        )
     for _ in range(60):
         data = valid
         for _ in range(rng.randint(2, 8)):
@@ -363,7 +426,9 @@ def test_fuzz_hostile_envelopes_are_all_refused(world, tmp_path, caplog):
         expect("flip-many", data, ANYWHERE)
 
     # truncation and extension
-    for cut in [0, 1, 11, 12, header_end, ciphertext_end, len(valid) - 1] + [rng.randrange(len(valid)) for _ in range(100)]:
+    for cut in [0, 1, 11, 12, header_end, ciphertext_end, len(valid) - 1] + [
+        rng.randrange(len(valid)) for _ in range(100)
+    ]:
         expect("truncate", valid[:cut], {Reason.MALFORMED_FRAME})
     for _ in range(60):
         expect("extend", valid + rng.randbytes(rng.randint(1, 4096)), {Reason.MALFORMED_FRAME})
@@ -379,7 +444,12 @@ def test_fuzz_hostile_envelopes_are_all_refused(world, tmp_path, caplog):
         big = {**nudged(world.reference), "blocks.0.self_attn.q_proj.weight": torch.zeros(size, 3)}
         expect("oversize-payload", world.seal(big), {Reason.OVERSIZED})
     for limit_bytes in range(8, 408, 40):
-        expect("oversize-policy", valid, {Reason.OVERSIZED}, world.opener(policy=UpdatePolicy(max_payload_bytes=limit_bytes)))
+        expect(
+            "oversize-policy",
+            valid,
+            {Reason.OVERSIZED},
+            world.opener(policy=UpdatePolicy(max_payload_bytes=limit_bytes)),
+        )
     expect("oversize-declared", world.craft(b"x", plaintext_bytes=1 << 40), {Reason.OVERSIZED})
 
     # keys: the wrong recipient, a forged recipient, swapped and unknown senders
@@ -387,12 +457,20 @@ def test_fuzz_hostile_envelopes_are_all_refused(world, tmp_path, caplog):
         expect("wrong-recipient", world.seal(recipient=world.stranger.public(), seed=seed), {Reason.WRONG_RECIPIENT})
     payload = encode_payload(nudged(world.reference))
     for _ in range(10):
-        expect("forged-recipient", world.craft(payload, encrypt_to=world.stranger.public().encryption_key), {Reason.DECRYPTION_FAILED})
+        expect(
+            "forged-recipient",
+            world.craft(payload, encrypt_to=world.stranger.public().encryption_key),
+            {Reason.DECRYPTION_FAILED},
+        )
     for seed in range(20):
         mine = world.seal(seed=seed)
         expect("sender-swap-resigned", resign(mine, world.bob, set_field("sender", "bob")), {Reason.DECRYPTION_FAILED})
         header, ciphertext, signature = split(mine)
-        expect("sender-swap-unsigned", frame(set_field("sender", "bob")(header), ciphertext, signature), {Reason.BAD_SIGNATURE})
+        expect(
+            "sender-swap-unsigned",
+            frame(set_field("sender", "bob")(header), ciphertext, signature),
+            {Reason.BAD_SIGNATURE},
+        )
         expect("signed-by-other", resign(mine, world.bob), {Reason.BAD_SIGNATURE})
         expect("signed-by-stranger", resign(mine, world.carol), {Reason.BAD_SIGNATURE})
     for seed in range(10):
@@ -406,7 +484,12 @@ def test_fuzz_hostile_envelopes_are_all_refused(world, tmp_path, caplog):
         opener.open(envelope)
         expect("replay", envelope, {Reason.REPLAYED}, opener)
         expect("replay-next-round", envelope, {Reason.STALE_ROUND}, opener.for_round(ROUND + 1, world.reference))
-        expect("duplicate-sender", world.seal(seed=index + 100, identity=world.bob if index % 2 else world.alice), {Reason.DUPLICATE_SENDER}, opener)
+        expect(
+            "duplicate-sender",
+            world.seal(seed=index + 100, identity=world.bob if index % 2 else world.alice),
+            {Reason.DUPLICATE_SENDER},
+            opener,
+        )
     path = tmp_path / "replay.jsonl"
     for index in range(10):
         envelope = world.seal(seed=index)
@@ -418,24 +501,44 @@ def test_fuzz_hostile_envelopes_are_all_refused(world, tmp_path, caplog):
         expect("wrong-job", world.seal(job=f"job-{rng.randrange(10**9)}"), {Reason.WRONG_JOB})
     for _ in range(10):
         expect("too-old", world.seal(clock=Clock(NOW - POLICY.max_age_s - rng.uniform(1, 1e7))), {Reason.TIMESTAMP})
-        expect("from-the-future", world.seal(clock=Clock(NOW + POLICY.max_clock_skew_s + rng.uniform(1, 1e7))), {Reason.TIMESTAMP})
+        expect(
+            "from-the-future",
+            world.seal(clock=Clock(NOW + POLICY.max_clock_skew_s + rng.uniform(1, 1e7))),
+            {Reason.TIMESTAMP},
+        )
 
     # validly sealed and signed, bad content: values, shapes, dtypes, keys, norm, payload
     floating = list(world.reference)
     for _ in range(60):
         update = nudged(world.reference, seed=rng.randrange(1000))
         key = rng.choice(floating)
-        update[key].view(-1)[rng.randrange(update[key].numel())] = rng.choice([float("nan"), float("inf"), float("-inf")])
+        update[key].view(-1)[rng.randrange(update[key].numel())] = rng.choice(
+            [float("nan"), float("inf"), float("-inf")]
+        )
         expect("non-finite", world.seal(update), {Reason.NON_FINITE})
     for _ in range(20):
         update = nudged(world.reference, seed=rng.randrange(1000))
         key = rng.choice(floating)
-        update[key] = rng.choice([update[key].unsqueeze(0), update[key].reshape(-1)[:-1] if update[key].numel() > 1 else update[key].reshape(1), torch.zeros(7, dtype=update[key].dtype)])
+        update[key] = rng.choice(
+            [
+                update[key].unsqueeze(0),
+                update[key].reshape(-1)[:-1] if update[key].numel() > 1 else update[key].reshape(1),
+                torch.zeros(7, dtype=update[key].dtype),
+            ]
+        )
         expect("wrong-shape", world.seal(update), {Reason.WRONG_SHAPE})
     for _ in range(20):
         update = nudged(world.reference, seed=rng.randrange(1000))
         key = rng.choice(floating)
-        update[key] = update[key].to(rng.choice([d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32) if d != update[key].dtype]))
+        update[key] = update[key].to(
+            rng.choice(
+                [
+                    d
+                    for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32)
+                    if d != update[key].dtype
+                ]
+            )
+        )
         expect("wrong-dtype", world.seal(update), {Reason.WRONG_DTYPE})
     for index in range(20):
         update = nudged(world.reference, seed=index)
@@ -449,10 +552,20 @@ def test_fuzz_hostile_envelopes_are_all_refused(world, tmp_path, caplog):
             update[key + ".renamed"] = update.pop(key)
         expect("wrong-keys", world.seal(update), {Reason.WRONG_KEYS})
     for index in range(20):
-        expect("norm-above-bound", world.seal(nudged(world.reference, scale=0.5 + index, seed=index)), {Reason.NORM_EXCEEDED})
+        expect(
+            "norm-above-bound",
+            world.seal(nudged(world.reference, scale=0.5 + index, seed=index)),
+            {Reason.NORM_EXCEEDED},
+        )
     safetensors_ok = encode_payload(nudged(world.reference))
     payloads = [
-        b"", b"\x00" * 8, PICKLE_BYTES, rng.randbytes(300), safetensors_ok[:-3], safetensors_ok[:20], b"\xff" * 8 + safetensors_ok,
+        b"",
+        b"\x00" * 8,
+        PICKLE_BYTES,
+        rng.randbytes(300),
+        safetensors_ok[:-3],
+        safetensors_ok[:20],
+        b"\xff" * 8 + safetensors_ok,
         encode_payload(nudged(world.reference), metadata=None)[:8] + b"[]" + b" " * 100,
     ]
     from safetensors.torch import save
@@ -468,7 +581,11 @@ def test_fuzz_hostile_envelopes_are_all_refused(world, tmp_path, caplog):
             expect("malformed-payload", world.craft(plaintext), {Reason.MALFORMED_PAYLOAD})
     for _ in range(5):
         expect("digest-mismatch", world.craft(payload, digest=rng.randbytes(32).hex()), {Reason.DIGEST_MISMATCH})
-        expect("digest-mismatch", world.craft(payload, digest=hashlib.sha256(payload).hexdigest()), {Reason.DIGEST_MISMATCH})
+        expect(
+            "digest-mismatch",
+            world.craft(payload, digest=hashlib.sha256(payload).hexdigest()),
+            {Reason.DIGEST_MISMATCH},
+        )
         expect("wrong-aad", world.craft(payload, aad=b""), {Reason.DECRYPTION_FAILED})
         expect("wrong-info", world.craft(payload, info=b"offsite-envelope/0"), {Reason.DECRYPTION_FAILED})
         expect("low-order-enc", world.craft(payload, enc=bytes(32)), {Reason.DECRYPTION_FAILED})
@@ -496,11 +613,19 @@ def test_fuzz_hostile_envelopes_are_all_refused(world, tmp_path, caplog):
         canonical_json({**good, "chunk_bytes": 1}),
         canonical_json({**good, "plaintext_bytes": -1}),
         canonical_json({**good, "payload_digest": "ab"}),
-        b"[]", b"null", b"\xff\xfe", b'{"format": "offsite-envelope/1"',
+        b"[]",
+        b"null",
+        b"\xff\xfe",
+        b'{"format": "offsite-envelope/1"',
     ]
     for bad in bad_headers:
         expect("malformed-header-signed", world.craft(payload, header=bad), {Reason.MALFORMED_HEADER})
-    for fields in ({"format": "offsite-envelope/2"}, {"suite": SUITE.replace("AES-256-GCM", "ChaCha20Poly1305")}, {"format": None}, {"suite": ""}):
+    for fields in (
+        {"format": "offsite-envelope/2"},
+        {"suite": SUITE.replace("AES-256-GCM", "ChaCha20Poly1305")},
+        {"format": None},
+        {"suite": ""},
+    ):
         for _ in range(3):
             expect("unsupported", world.craft(payload, **fields), {Reason.UNSUPPORTED})
 
@@ -508,7 +633,11 @@ def test_fuzz_hostile_envelopes_are_all_refused(world, tmp_path, caplog):
     total = sum(tally.values())
     assert total >= 1000, total
     assert set(reasons) == set(Reason), f"never produced: {sorted(r.value for r in set(Reason) - set(reasons))}"
-    logged = Counter(re.search(r"node fuzz-([a-z-]+)", r.getMessage()).group(1) for r in caplog.records if "rejected update from" in r.getMessage())
+    logged = Counter(
+        re.search(r"node fuzz-([a-z-]+)", r.getMessage()).group(1)
+        for r in caplog.records
+        if "rejected update from" in r.getMessage()
+    )
     assert logged == tally
 
 
@@ -547,14 +676,25 @@ def test_parser_bombs_anywhere_in_an_envelope_are_refused_with_a_reason(world, c
     payload = encode_payload(nudged(world.reference))
     good = json.loads(split(world.craft(payload))[0])
     headers = [
-        b"[" * 1000, b"[" * 1500, b"[" * 4096, b"[" * 2000 + b"]" * 2000, b"[" * 65 + b"]" * 65,
-        b'{"a":' * 800, b'{"round":' + b"9" * 4000 + b"}",
+        b"[" * 1000,
+        b"[" * 1500,
+        b"[" * 4096,
+        b"[" * 2000 + b"]" * 2000,
+        b"[" * 65 + b"]" * 65,
+        b'{"a":' * 800,
+        b'{"round":' + b"9" * 4000 + b"}",
         canonical_json({**good, "round": 10**100}),
         canonical_json(good).replace(b'"round":4', b'"round":1e999'),
         canonical_json(good).replace(b'"job":"job-7f3a"', b'"job":"\\udc80"'),  # a lone surrogate
     ]
-    cases = [(f"signed-header-{i}", world.craft(payload, header=header), Reason.MALFORMED_HEADER) for i, header in enumerate(headers)]
-    cases += [(f"unsigned-header-{i}", frame(header, b"", bytes(64)), Reason.MALFORMED_HEADER) for i, header in enumerate(headers[:7])]
+    cases = [
+        (f"signed-header-{i}", world.craft(payload, header=header), Reason.MALFORMED_HEADER)
+        for i, header in enumerate(headers)
+    ]
+    cases += [
+        (f"unsigned-header-{i}", frame(header, b"", bytes(64)), Reason.MALFORMED_HEADER)
+        for i, header in enumerate(headers[:7])
+    ]
     entry = b'{"dtype":"F32","shape":[%s],"data_offsets":[0,4]}'
     plaintexts = [
         safetensors_bytes(b"[" * 100_000),
@@ -565,9 +705,17 @@ def test_parser_bombs_anywhere_in_an_envelope_are_refused_with_a_reason(world, c
     ]
     from safetensors.torch import save
 
-    for meta in ("[" * 5000, '{"a":' * 3000, '{"train-loss": 1e999}', '{"num-examples": ' + "9" * 5000 + "}", "[" * 65 + "]" * 65):
+    for meta in (
+        "[" * 5000,
+        '{"a":' * 3000,
+        '{"train-loss": 1e999}',
+        '{"num-examples": ' + "9" * 5000 + "}",
+        "[" * 65 + "]" * 65,
+    ):
         plaintexts.append(save(nudged(world.reference), metadata={"offsite": meta}))
-    cases += [(f"payload-{i}", world.craft(plaintext), Reason.MALFORMED_PAYLOAD) for i, plaintext in enumerate(plaintexts)]
+    cases += [
+        (f"payload-{i}", world.craft(plaintext), Reason.MALFORMED_PAYLOAD) for i, plaintext in enumerate(plaintexts)
+    ]
 
     for name, data, reason in cases:
         with pytest.raises(Rejected) as caught:

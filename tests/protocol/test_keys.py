@@ -63,7 +63,10 @@ def test_keys_round_trip_and_refuse_overwrite(tmp_path):
     loaded = CoordinatorKeys.load(tmp_path)
     assert loaded.public().encryption_fingerprint == keys.public().encryption_fingerprint
     assert loaded.public().signing_fingerprint == keys.public().signing_fingerprint
-    assert CoordinatorPublicKeys.load(tmp_path / COORDINATOR_PUBLIC).signing_fingerprint == keys.public().signing_fingerprint
+    assert (
+        CoordinatorPublicKeys.load(tmp_path / COORDINATOR_PUBLIC).signing_fingerprint
+        == keys.public().signing_fingerprint
+    )
     with pytest.raises(KeyFileError, match="already exists"):
         CoordinatorKeys.generate().save(tmp_path)
     CoordinatorKeys.generate().save(tmp_path, force=True)
@@ -146,7 +149,21 @@ def test_cli_keys_enroll_register_revoke(tmp_path, capsys):
     assert main(argv) == 0
     identity = ClientIdentity.load(tmp_path / "alice")
     assert SenderRegistry.load(registry).lookup("alice").fingerprint == identity.fingerprint
-    assert main(["cloud", "register", "--registry", str(registry), "--sender", "bob", "--public-key", public_to_text(identity.public_key)]) == 2
+    assert (
+        main(
+            [
+                "cloud",
+                "register",
+                "--registry",
+                str(registry),
+                "--sender",
+                "bob",
+                "--public-key",
+                public_to_text(identity.public_key),
+            ]
+        )
+        == 2
+    )
     assert "already registered as sender 'alice'" in capsys.readouterr().err
     assert main(["cloud", "revoke", "--registry", str(registry), "--sender", "alice"]) == 0
     assert SenderRegistry.load(registry).lookup("alice").revoked
@@ -159,7 +176,9 @@ def test_cli_keys_enroll_register_revoke(tmp_path, capsys):
 def _secret_forms(key) -> list[str]:
     """Every way a private key could leak as text: PEM body lines, raw bytes in hex and base64."""
     raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
     body = "".join(line for line in pem.splitlines() if not line.startswith("-----"))
     return [raw.hex(), base64.b64encode(raw).decode().rstrip("="), body, body[:24], repr(raw)[2:-1]]
 
@@ -186,7 +205,16 @@ def test_no_secret_in_logs_or_output(tmp_path, capsys, caplog):
     with pytest.raises(KeyFileError) as info:
         ClientIdentity.load(tmp_path / "alice")
     captured = capsys.readouterr()
-    texts += [caplog.text, captured.out, captured.err, str(info.value), repr(keys), repr(alice), repr(opener), repr(keys.public())]
+    texts += [
+        caplog.text,
+        captured.out,
+        captured.err,
+        str(info.value),
+        repr(keys),
+        repr(alice),
+        repr(opener),
+        repr(keys.public()),
+    ]
     haystack = "\n".join(texts)
     assert "alice" in haystack and keys.public().encryption_fingerprint in haystack  # the logs did say things
     for key in (keys.encryption_key, keys.signing_key, alice.signing_key):

@@ -13,7 +13,15 @@ from safetensors.torch import load_file, save_file
 
 from offsite.emulator.quantize import Quantize, quantize_blocks
 from offsite.emulator.sandwich import SandwichShape, build_emulator
-from offsite.protocol.bundle import MANIFEST, WEIGHTS, BundleError, load_emulator, read_bundle, sha256_file, write_bundle
+from offsite.protocol.bundle import (
+    MANIFEST,
+    WEIGHTS,
+    BundleError,
+    load_emulator,
+    read_bundle,
+    sha256_file,
+    write_bundle,
+)
 from offsite.protocol.packed import dequantize, find_grid, pack_codes, packed_bytes, same_bits, unpack_codes
 from tests.conftest import VOCAB, tiny_model
 
@@ -44,8 +52,13 @@ def test_codes_are_laid_out_as_documented(bits):
 
 def _emulator(family):
     emulator, layout = build_emulator(tiny_model(family), SandwichShape(2, 2, 2))
-    info = {"family": family, "shape": {"a": 2, "k": 2, "b": 2, "n_blocks": 8}, "layout": layout,
-            "adapter_blocks": [0, 1, 6, 7], "kept_middle": [2, 5]}
+    info = {
+        "family": family,
+        "shape": {"a": 2, "k": 2, "b": 2, "n_blocks": 8},
+        "layout": layout,
+        "adapter_blocks": [0, 1, 6, 7],
+        "kept_middle": [2, 5],
+    }
     return emulator, info
 
 
@@ -72,8 +85,19 @@ def test_a_packed_bundle_rebuilds_the_rounded_emulator_bit_for_bit(tmp_path, tok
     tensors = load_file(str(bundle.root / WEIGHTS))
     entries = bundle.manifest["packed"]["weights"]
     assert set(entries) == set(rounded) and rounded
-    assert all(name.startswith(("model.layers.2.", "model.layers.3.", "transformer.h.2.", "transformer.h.3.",
-                                "model.decoder.layers.2.", "model.decoder.layers.3.")) for name in entries)
+    assert all(
+        name.startswith(
+            (
+                "model.layers.2.",
+                "model.layers.3.",
+                "transformer.h.2.",
+                "transformer.h.3.",
+                "model.decoder.layers.2.",
+                "model.decoder.layers.3.",
+            )
+        )
+        for name in entries
+    )
     for name, entry in entries.items():
         assert name not in tensors and tensors[name + ".qcodes"].dtype == torch.uint8
         assert entry["bits"] == (3 if ".2." in name else 4) and entry["group"] == 16
@@ -85,8 +109,11 @@ def test_the_middle_packs_to_its_bits_plus_the_group_scales(tmp_path, tokenizer)
     emulator, rounded, bundle = _packed_bundle(tmp_path, tokenizer, spec=Quantize((4,), 16))
     tensors = load_file(str(bundle.root / WEIGHTS))
     floats = sum(emulator.state_dict()[name].numel() for name in rounded)
-    packed = sum(tensors[name + suffix].numel() * tensors[name + suffix].element_size()
-                 for name in rounded for suffix in (".qcodes", ".qscale", ".qlow"))
+    packed = sum(
+        tensors[name + suffix].numel() * tensors[name + suffix].element_size()
+        for name in rounded
+        for suffix in (".qcodes", ".qscale", ".qlow")
+    )
     # 4 bits a weight, plus two float32 per 16 weights: 1 byte a weight against float32's 4
     assert packed == floats * 4 // 8 + 2 * 4 * floats // 16
 
@@ -120,20 +147,25 @@ def _edit(bundle, tensors_edit=None, packed_edit=None):
     return read_bundle(root)
 
 
-@pytest.mark.parametrize("tensors_edit, packed_edit, message", [
-    (None, lambda p: p["weights"][NAME].update(bits=3), f"{NAME}'.*codes must be"),
-    (None, lambda p: p["weights"][NAME].update(bits=9), f"{NAME}'.*'bits' 1-8"),
-    (None, lambda p: p["weights"][NAME].update(group=10), f"{NAME}'.*group 10 does not divide"),
-    (None, lambda p: p["weights"][NAME].update(shape=[64, -1]), f"{NAME}'.*'shape'"),
-    (None, lambda p: p["weights"][NAME].update(transposed="no"), f"{NAME}'.*'transposed'"),
-    (None, lambda p: p.update(scheme="other/2"), "'packed' must be"),
-    (None, lambda p: p["weights"].pop(NAME), "packed tensors that the manifest does not list"),
-    (lambda t: t.pop(NAME + ".qscale"), None, f"{NAME}'.*lacks '{NAME}.qscale'"),
-    (lambda t: t.update({NAME + ".qlow": t[NAME + ".qlow"].double()}), None, f"{NAME}'.*scale and low must be"),
-    (lambda t: t.update({NAME + ".qcodes": t[NAME + ".qcodes"][:-1]}), None, f"{NAME}'.*codes must be"),
-    (lambda t: t.update({NAME: torch.zeros(32, 64)}), None, f"{NAME}'.*both packed and as floats"),
-])
-def test_a_packed_file_that_does_not_fit_its_manifest_is_refused(tmp_path, tokenizer, tensors_edit, packed_edit, message):
+@pytest.mark.parametrize(
+    "tensors_edit, packed_edit, message",
+    [
+        (None, lambda p: p["weights"][NAME].update(bits=3), f"{NAME}'.*codes must be"),
+        (None, lambda p: p["weights"][NAME].update(bits=9), f"{NAME}'.*'bits' 1-8"),
+        (None, lambda p: p["weights"][NAME].update(group=10), f"{NAME}'.*group 10 does not divide"),
+        (None, lambda p: p["weights"][NAME].update(shape=[64, -1]), f"{NAME}'.*'shape'"),
+        (None, lambda p: p["weights"][NAME].update(transposed="no"), f"{NAME}'.*'transposed'"),
+        (None, lambda p: p.update(scheme="other/2"), "'packed' must be"),
+        (None, lambda p: p["weights"].pop(NAME), "packed tensors that the manifest does not list"),
+        (lambda t: t.pop(NAME + ".qscale"), None, f"{NAME}'.*lacks '{NAME}.qscale'"),
+        (lambda t: t.update({NAME + ".qlow": t[NAME + ".qlow"].double()}), None, f"{NAME}'.*scale and low must be"),
+        (lambda t: t.update({NAME + ".qcodes": t[NAME + ".qcodes"][:-1]}), None, f"{NAME}'.*codes must be"),
+        (lambda t: t.update({NAME: torch.zeros(32, 64)}), None, f"{NAME}'.*both packed and as floats"),
+    ],
+)
+def test_a_packed_file_that_does_not_fit_its_manifest_is_refused(
+    tmp_path, tokenizer, tensors_edit, packed_edit, message
+):
     _, _, bundle = _packed_bundle(tmp_path, tokenizer)
     edited = _edit(bundle, tensors_edit, packed_edit)
     with pytest.raises(BundleError, match=message):
@@ -175,7 +207,9 @@ def test_weights_off_any_grid_are_left_as_floats():
     signed = weight.clone()
     signed[2, :32] = torch.tensor([-0.0, 0.0] * 16)  # rebuilt as +0.0: equal as numbers, not as bits
     assert find_grid(signed) is None
-    assert find_grid(_gguf_round(torch.randn(8, 64, generator=torch.Generator().manual_seed(2)), "Q4_0")) is None  # its -0.0s
+    assert (
+        find_grid(_gguf_round(torch.randn(8, 64, generator=torch.Generator().manual_seed(2)), "Q4_0")) is None
+    )  # its -0.0s
     assert find_grid(weight[0]) is None  # a norm's vector
 
 
@@ -188,7 +222,9 @@ def test_a_converted_models_shells_and_embeddings_ship_packed(tmp_path, tokenize
         for name, param in emulator.named_parameters():  # the tied head is the embedding, listed once
             if name == "model.embed_tokens.weight":
                 param.copy_(_gguf_round(param, "Q8_0"))
-            elif param.dim() == 2 and ".layers.2." not in name and ".layers.3." not in name:  # the middle stays trained floats
+            elif (
+                param.dim() == 2 and ".layers.2." not in name and ".layers.3." not in name
+            ):  # the middle stays trained floats
                 param.copy_(_gguf_round(param, "Q4_1"))
                 shells.append(name)
     bundle = write_bundle(tmp_path / "grids", emulator, tokenizer, info)

@@ -16,7 +16,9 @@ def sample_state(dtype, seed=0):
     }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool]
+)
 def test_round_trip_is_exact(dtype):
     state = sample_state(dtype)
     back = state_from_record(state_to_record(state))

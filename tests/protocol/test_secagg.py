@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from offsite.cloud.aggregate import fedavg
 from offsite.cloud.federate.secagg_server import SecAggResult, SecAggServer, reconstruct
 from offsite.protocol.secagg import (
@@ -45,7 +46,12 @@ from offsite.protocol.secagg import (
 )
 
 SESSION = bytes(range(32))
-SHAPES = {"blocks.0.attn.weight": (48, 32), "blocks.0.norm.bias": (32,), "blocks.29.mlp.weight": (3, 50, 7), "blocks.29.scale": ()}
+SHAPES = {
+    "blocks.0.attn.weight": (48, 32),
+    "blocks.0.norm.bias": (32,),
+    "blocks.29.mlp.weight": (3, 50, 7),
+    "blocks.29.scale": (),
+}
 DIMENSION = sum(math.prod(shape) for shape in SHAPES.values())
 NODES = [11, 7, 2**63 + 5, 42, 1000]  # Flower node ids: arbitrary uint64
 
@@ -58,7 +64,10 @@ def seeded(seed: int):
 
 def make_update(seed: int, clip: float = 1.0, dtype=torch.float64) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return {name: ((torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * clip).to(dtype) for name, shape in SHAPES.items()}
+    return {
+        name: ((torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * clip).to(dtype)
+        for name, shape in SHAPES.items()
+    }
 
 
 def wire(message, cls):
@@ -109,11 +118,15 @@ def run_session(
         return replies
 
     setup = server.start(list(updates))
-    replies = step("keys", {node: setup for node in updates}, SetupRequest, lambda c, m: c.advertise(m), KeyAdvertisement)
+    replies = step(
+        "keys", {node: setup for node in updates}, SetupRequest, lambda c, m: c.advertise(m), KeyAdvertisement
+    )
     rosters = server.collect_keys(replies)
     replies = step("shares", rosters, KeyRoster, lambda c, m: c.share_keys(m), EncryptedShares)
     bundles = server.collect_shares(replies)
-    replies = step("masked", bundles, ShareBundle, lambda c, m: c.masked_input(m, updates[c.node], weights[c.node]), MaskedInput)
+    replies = step(
+        "masked", bundles, ShareBundle, lambda c, m: c.masked_input(m, updates[c.node], weights[c.node]), MaskedInput
+    )
     requests = server.collect_masked(replies)
     transcript.requests.update(requests)
     replies = step("unmask", requests, UnmaskRequest, lambda c, m: c.unmask(m), UnmaskShares)
@@ -122,12 +135,18 @@ def run_session(
 
 def exact_mean(updates: dict, weights: dict, nodes) -> np.ndarray:
     """Plain weighted FedAvg (cloud/aggregate.py) in float64, flattened."""
-    merged = fedavg([({k: v.to(torch.float64) for k, v in updates[node].items()}, float(weights[node])) for node in nodes])
+    merged = fedavg(
+        [({k: v.to(torch.float64) for k, v in updates[node].items()}, float(weights[node])) for node in nodes]
+    )
     return flatten_state(merged)
 
 
-def config_for(nodes, *, scale_bits=None, rounding="stochastic", bits=64, clip=1.0, max_weight=1000, threshold=None) -> SecAggConfig:
-    config = SecAggConfig.for_job(SESSION, DIMENSION, len(nodes), clip, max_weight=max_weight, bits=bits, threshold=threshold, rounding=rounding)
+def config_for(
+    nodes, *, scale_bits=None, rounding="stochastic", bits=64, clip=1.0, max_weight=1000, threshold=None
+) -> SecAggConfig:
+    config = SecAggConfig.for_job(
+        SESSION, DIMENSION, len(nodes), clip, max_weight=max_weight, bits=bits, threshold=threshold, rounding=rounding
+    )
     return config if scale_bits is None else dataclasses.replace(config, scale_bits=scale_bits)
 
 
@@ -149,7 +168,9 @@ def test_five_clients_weighted_mean_equals_fedavg_within_a_tight_bound(rounding)
     assert error.max() <= bound
     assert error.max() >= bound / 4  # the bound is tight: ~DIMENSION rounding errors come close to it
     if rounding == "stochastic":  # unbiased: the errors average out
-        assert abs(float((result.mean() - exact_mean(updates, weights, NODES)).mean())) < 10 * bound / math.sqrt(DIMENSION)
+        assert abs(float((result.mean() - exact_mean(updates, weights, NODES)).mean())) < 10 * bound / math.sqrt(
+            DIMENSION
+        )
 
 
 def test_default_scale_float32_adapter_matches_fedavg_to_float32_precision():
@@ -287,7 +308,9 @@ def test_a_masked_input_is_uniform_and_uncorrelated_with_its_plaintext():
     _, transcript, _ = run_session(config, plaintexts, dict.fromkeys(nodes, 999), seed=11)
     for node in nodes:
         vector = transcript.masked[node].vector[:-1]
-        stats = ring_statistics(vector, plaintexts[node] if np.ptp(plaintexts[node]) > 0 else grid)  # constants: vs the ramp
+        stats = ring_statistics(
+            vector, plaintexts[node] if np.ptp(plaintexts[node]) > 0 else grid
+        )  # constants: vs the ramp
         assert stats["bytes"] < CHI2_255_LIMIT and stats["top"] < CHI2_255_LIMIT, (node, stats)
         assert stats["corr"] < 5 / math.sqrt(d), (node, stats)
         assert abs(stats["mean"] - 0.5) < 6 * math.sqrt(1 / 12 / d), (node, stats)
@@ -311,12 +334,19 @@ def test_the_shares_the_coordinator_gets_never_unmask_one_client():
     assert result.dropped == (5,)
     # for every client, the coordinator received shares of its self-mask seed or of its mask key, never both
     for owner in nodes:
-        kinds = {kind for reply in transcript.unmask.values() for kind, pairs in (("seed", reply.self_mask_shares), ("key", reply.mask_key_shares)) if owner in dict(pairs)}
+        kinds = {
+            kind
+            for reply in transcript.unmask.values()
+            for kind, pairs in (("seed", reply.self_mask_shares), ("key", reply.mask_key_shares))
+            if owner in dict(pairs)
+        }
         assert kinds == ({"key"} if owner == 5 else {"seed"}), owner
     # with everything it legitimately holds, the coordinator strips a survivor's self mask: the
     # pairwise masks still hide the plaintext
     target = 1
-    shares = {holder: Share.from_bytes(dict(reply.self_mask_shares)[target]) for holder, reply in transcript.unmask.items()}
+    shares = {
+        holder: Share.from_bytes(dict(reply.self_mask_shares)[target]) for holder, reply in transcript.unmask.items()
+    }
     seed = shamir_combine(list(shares.values()), config.threshold)
     stripped = transcript.masked[target].vector.copy()
     apply_mask(stripped, self_mask_seed(seed, SESSION, target), -1)
@@ -356,7 +386,9 @@ def test_threshold_must_exceed_half_the_nodes():
         SecAggServer(SecAggConfig.for_job(SESSION, 4, 6, 1.0, threshold=3)).start([1, 2, 3, 4, 5, 6])
     client = SecAggClient(1)
     with pytest.raises(SecAggError, match="more than half"):
-        client.advertise(SetupRequest(dataclasses.replace(SecAggConfig.for_job(SESSION, 4, 4, 1.0), threshold=2), (1, 2, 3, 4)))
+        client.advertise(
+            SetupRequest(dataclasses.replace(SecAggConfig.for_job(SESSION, 4, 4, 1.0), threshold=2), (1, 2, 3, 4))
+        )
 
 
 # ---------------------------------------------------------------- (d) Shamir and share encryption
@@ -420,7 +452,9 @@ def test_a_tampered_share_ciphertext_is_refused_naming_the_sender(where):
 def test_a_misrouted_or_replayed_share_is_refused():
     clients, bundles = _two_clients_through_stage_one()
     # node 2's ciphertext for node 3, delivered to node 1 as if from node 2
-    misrouted = dataclasses.replace(bundles[1], ciphertexts=((2, dict(bundles[3].ciphertexts)[2]), (3, dict(bundles[1].ciphertexts)[3])))
+    misrouted = dataclasses.replace(
+        bundles[1], ciphertexts=((2, dict(bundles[3].ciphertexts)[2]), (3, dict(bundles[1].ciphertexts)[3]))
+    )
     with pytest.raises(SecAggError, match="fail authentication"):
         clients[1].masked_input(misrouted, np.zeros(4), 1)
     # a share bundle of another session
@@ -456,7 +490,13 @@ def test_every_message_round_trips_through_bytes_and_flower_records():
         from_content(content, UnmaskShares)
     with pytest.raises(SecAggError, match="expected a 'secagg.keys' message"):
         KeyAdvertisement.from_bytes(transcript.unmask[3].to_bytes())
-    for bad in [b"", b"\x80", b"[]", b'{"kind":"secagg.keys"}', transcript.keys[3].to_bytes().replace(b'"node":3', b'"node":-3')]:
+    for bad in [
+        b"",
+        b"\x80",
+        b"[]",
+        b'{"kind":"secagg.keys"}',
+        transcript.keys[3].to_bytes().replace(b'"node":3', b'"node":-3'),
+    ]:
         with pytest.raises(SecAggError):
             KeyAdvertisement.from_bytes(bad)
     truncated = masked.to_bytes()[:-1]
@@ -465,12 +505,20 @@ def test_every_message_round_trips_through_bytes_and_flower_records():
 
 
 SECAGG_BOMBS = [
-    b"[" * 1500, b'{"kind":' * 3000, b'{"kind":"x","node":' + b"9" * 5000 + b"}", b'{"kind":"x","clip_range":1e999}',
-    b'{"kind":"x","kind":"y"}', b"[" * 70 + b"]" * 70, b"\xff",
+    b"[" * 1500,
+    b'{"kind":' * 3000,
+    b'{"kind":"x","node":' + b"9" * 5000 + b"}",
+    b'{"kind":"x","clip_range":1e999}',
+    b'{"kind":"x","kind":"y"}',
+    b"[" * 70 + b"]" * 70,
+    b"\xff",
 ]
 
 
-@pytest.mark.parametrize("kind", [KeyAdvertisement, KeyRoster, EncryptedShares, ShareBundle, MaskedInput, UnmaskRequest, UnmaskShares, SetupRequest])
+@pytest.mark.parametrize(
+    "kind",
+    [KeyAdvertisement, KeyRoster, EncryptedShares, ShareBundle, MaskedInput, UnmaskRequest, UnmaskShares, SetupRequest],
+)
 def test_parser_bombs_in_a_stage_message_are_a_secagg_error(kind):
     """Deep nesting, a 5000-digit integer, an overflowing float, duplicate keys, bad UTF-8: every
     stage message refuses them as :class:`SecAggError` (what the round records as the node's
@@ -519,7 +567,9 @@ def test_client_refuses_a_roster_with_other_keys_for_it_and_bad_updates():
     config = SecAggConfig.for_job(SESSION, 4, 3, 1.0, max_weight=10)
     clients = {node: SecAggClient(node, seeded(node)) for node in (1, 2, 3)}
     adverts = {n: c.advertise(SetupRequest(config, (1, 2, 3))) for n, c in clients.items()}
-    roster = KeyRoster(SESSION, (1, 2, 3), tuple(a.channel_key for a in adverts.values()), tuple(a.mask_key for a in adverts.values()))
+    roster = KeyRoster(
+        SESSION, (1, 2, 3), tuple(a.channel_key for a in adverts.values()), tuple(a.mask_key for a in adverts.values())
+    )
     swapped = dataclasses.replace(roster, mask_keys=(adverts[2].mask_key, adverts[1].mask_key, adverts[3].mask_key))
     with pytest.raises(SecAggError, match="node 1: the roster carries other keys"):
         SecAggClient.from_bytes(clients[1].to_bytes()).share_keys(swapped)

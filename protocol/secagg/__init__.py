@@ -1,6 +1,6 @@
 """Secure aggregation by pairwise masking with dropout recovery (Bonawitz et al. 2017): the coordinator
 learns only the weighted sum of the clients' updates. The data owner's side is
-:class:`SecAggClient`; the coordinator's is :class:`offsite.cloud.secagg_server.SecAggServer`. The
+:class:`SecAggClient`; the coordinator's is :class:`offsite.cloud.federate.secagg_server.SecAggServer`. The
 design, the stages and the threat model are in ``docs/security.md`` ("Secure aggregation").
 
 Modules: :mod:`.ring` (quantisation in ``Z_{2^k}``), :mod:`.shamir` (secret sharing),

@@ -1,12 +1,12 @@
 # Two entry points for a fresh machine; each installs what it needs by itself.
 #   make demo   the whole pipeline on the embedded SmolLM2-135M (prepare, distil, tune, plug in, evaluate)
-#   make test   the test suite
+#   make test   lint (ruff check, ruff format --check) and the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: setup demo test bench bench-rounds bench-envelope bench-serving bench-bundle clean proto
+.PHONY: setup demo test lint bench bench-rounds bench-envelope bench-serving bench-bundle clean proto
 
 setup: $(VENV)/.installed
 
@@ -22,8 +22,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/offsite demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(PY) benchmarks/finetune_cost.py

@@ -220,13 +220,15 @@ def main() -> None:
     )
     print("envelope: float32 update, HPKE X25519/HKDF-SHA256/AES-256-GCM + Ed25519, on CPU; median of runs\n")
     print(
-        "| adapter (2+2 blocks) | params | envelope MiB | seal s | verify s | open s (incl. verify) | seal+open s | % of one round |"
+        "| adapter (2+2 blocks) | params | envelope MiB | seal s | verify s | open s (incl. verify) | seal+open s "
+        "| % of one round |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, params, t in rows:
         total = t["seal"] + t["open"]
         print(
-            f"| {name} | {params / 1e6:.1f} M | {t['bytes'] / 2**20:.1f} | {t['seal']:.3f} | {t['verify']:.3f} | {t['open']:.3f} "
+            f"| {name} | {params / 1e6:.1f} M | {t['bytes'] / 2**20:.1f} | {t['seal']:.3f} | {t['verify']:.3f} "
+            f"| {t['open']:.3f} "
             f"| {total:.3f} | {100 * total / round_seconds[name]:.2f}% |"
         )
 

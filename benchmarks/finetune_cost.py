@@ -153,13 +153,15 @@ def main() -> None:
         results[label] = json.loads(output.strip().splitlines()[-1])
     full = results["full FT (all parameters)"]
     print(
-        f"\n{args.model}, shape {args.shape}, batch {args.batch} x {args.seq} tokens, {args.steps} timed steps on {full['device']}\n"
+        f"\n{args.model}, shape {args.shape}, batch {args.batch} x {args.seq} tokens, "
+        f"{args.steps} timed steps on {full['device']}\n"
     )
     print("| setting | trainable params | tokens/s | speed-up | peak memory (MiB) | memory saved |")
     print("|---|---|---|---|---|---|")
     for label, r in results.items():
         print(
-            f"| {label} | {r['trainable'] / 1e6:.1f} M | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / full['tokens_per_s']:.2f}x "
+            f"| {label} | {r['trainable'] / 1e6:.1f} M | {r['tokens_per_s']:.0f} "
+            f"| {r['tokens_per_s'] / full['tokens_per_s']:.2f}x "
             f"| {r['peak_mib']:.0f} | {full['peak_mib'] / r['peak_mib']:.2f}x |"
         )
     blocks_bound, lora_bound = flop_ratio_bound(args.model, args.shape)

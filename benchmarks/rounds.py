@@ -236,15 +236,17 @@ def report(args: argparse.Namespace, job_dir: Path, split: dict, wall: float) ->
     memory = json.loads((job_dir / MEMORY_FILE).read_text())
     sizes = [owner["rows"] for owner in split["owners"]]
     print(
-        f"\n{args.clients} virtual clients, {args.rounds} rounds x {args.local_steps} local steps x batch 8, tiny llama "
-        f"(hidden {args.hidden}, 6 blocks, emulator 1-2-1); {split['rows']} rows of {Path(args.data).name} split "
-        f"Dirichlet(0.5), {min(sizes)}-{max(sizes)} rows per client; Ray: {args.max_parallel} clients at a time, 1 CPU each; "
+        f"\n{args.clients} virtual clients, {args.rounds} rounds x {args.local_steps} local steps x batch 8, "
+        f"tiny llama (hidden {args.hidden}, 6 blocks, emulator 1-2-1); {split['rows']} rows of "
+        f"{Path(args.data).name} split Dirichlet(0.5), {min(sizes)}-{max(sizes)} rows per client; "
+        f"Ray: {args.max_parallel} clients at a time, 1 CPU each; "
         f"whole simulation {memory['seconds']:.0f} s ({wall:.0f} s with setup)\n"
     )
 
     print("Time per round (seconds). coordinator = the round minus waiting on nodes, plus the checkpoint write;")
     print(
-        "client columns: mean / max / sum over the clients of their own timings (train = local tuning loop, call = whole ClientApp call)"
+        "client columns: mean / max / sum over the clients of their own timings "
+        "(train = local tuning loop, call = whole ClientApp call)"
     )
     rows = [
         [
@@ -291,7 +293,8 @@ def report(args: argparse.Namespace, job_dir: Path, split: dict, wall: float) ->
     round_total = sizes_b["train_down"] + sizes_b["train_up"]
     bundle_total = sizes_b["bundle_down"] + sizes_b["bundle_up"]
     print(
-        f"\nBytes per client (serialized Flower messages; adapter tensors {sizes_b['adapter_tensor_bytes']:,} B, bundle files "
+        f"\nBytes per client (serialized Flower messages; adapter tensors {sizes_b['adapter_tensor_bytes']:,} B, "
+        "bundle files "
         f"{sizes_b['bundle_files']:,} B in {sizes_b['bundle_parts']} part(s))"
     )
     rows = [

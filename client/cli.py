@@ -72,7 +72,8 @@ def register(subparsers) -> None:
     start.add_argument(
         "--coordinator-key",
         type=Path,
-        help="the coordinator's coordinator.pub.json, pinned out of band: updates are sealed to it, bundles must be signed by it",
+        help="the coordinator's coordinator.pub.json, pinned out of band: updates are sealed to it, "
+        "bundles must be signed by it",
     )
     start.add_argument(
         "--audit-dir", type=Path, help="keep a copy (0600) of every update this node sends, as it left the node"

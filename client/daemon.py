@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RestartPolicy:
-    """Delay before restart ``n`` (1-based, counting consecutive crashes): ``min(max_delay, initial * factor**(n-1))``."""
+    """Delay before restart ``n`` (1-based, counting consecutive crashes):
+    ``min(max_delay, initial * factor**(n-1))``."""
 
     initial_delay: float = field(default=1.0, metadata={"help": "seconds before the first restart"})
     factor: float = field(default=2.0, metadata={"help": "each further crash multiplies the delay by this"})
@@ -190,7 +191,8 @@ class DaemonConfig:
             )
         if self.coordinator_key is not None and not Path(self.coordinator_key).exists():
             raise FileNotFoundError(
-                f"--coordinator-key {self.coordinator_key}: no such file (the coordinator.pub.json the operator gave you)"
+                f"--coordinator-key {self.coordinator_key}: no such file "
+                "(the coordinator.pub.json the operator gave you)"
             )
 
     def node_config(self) -> dict:

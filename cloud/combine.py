@@ -103,11 +103,13 @@ def _join(pieces: list[Piece]) -> Report:
         report = piece.report
         if report.kind != joined.kind:
             raise ReportError(
-                f"{report.task}: {first.source} scored {joined.kind.upper()} rows, {piece.source} {report.kind.upper()} rows"
+                f"{report.task}: {first.source} scored {joined.kind.upper()} rows, "
+                f"{piece.source} {report.kind.upper()} rows"
             )
         if report.train_rows != joined.train_rows:
             raise ReportError(
-                f"{report.task}: {first.source} tuned on {joined.train_rows} train rows, {piece.source} on {report.train_rows}"
+                f"{report.task}: {first.source} tuned on {joined.train_rows} train rows, "
+                f"{piece.source} on {report.train_rows}"
             )
         for key in IDENTITY:
             if key not in report.meta:
@@ -125,7 +127,8 @@ def _join(pieces: list[Piece]) -> Report:
                 if joined.results[setting].get(metric) != result.get(metric):
                     raise ReportError(
                         f"{report.task}: {setting} measured twice with different results ({metric}): "
-                        f"{owner[setting].source} {joined.results[setting][metric]:.3f}, {piece.source} {result[metric]:.3f}"
+                        f"{owner[setting].source} {joined.results[setting][metric]:.3f}, "
+                        f"{piece.source} {result[metric]:.3f}"
                     )
                 continue
             joined.results[setting] = result

@@ -29,7 +29,8 @@ def register_key_commands(commands) -> None:
         aliases=["register"],
         help="register a data owner's identity (sender id + public key) in the sender registry",
         description="Add a sender to the registry JSON (created if missing). Take the id and key from what "
-        "`offsite client enroll` printed on the data owner's machine; check the fingerprint with the owner out of band.",
+        "`offsite client enroll` printed on the data owner's machine; "
+        "check the fingerprint with the owner out of band.",
     )
     enroll.add_argument("--registry", required=True, type=Path, help="sender registry JSON file")
     enroll.add_argument("--sender", required=True, help="the sender id")

@@ -26,7 +26,8 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
         "--keys",
         type=Path,
         default=None,
-        help="the coordinator's key directory (`offsite cloud keys --out DIR`): signs the bundle (manifest.sig) and opens envelopes",
+        help="the coordinator's key directory (`offsite cloud keys --out DIR`): "
+        "signs the bundle (manifest.sig) and opens envelopes",
     )
     group.add_argument(
         "--registry", type=Path, default=None, help="sender registry JSON (`offsite cloud enroll --registry FILE`)"
@@ -55,7 +56,8 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
         "--secagg-clip-range",
         type=float,
         default=sec.secagg_clip_range,
-        help=f"each coordinate of a client's delta is clipped to [-C, C] before quantising (default {sec.secagg_clip_range:g})",
+        help="each coordinate of a client's delta is clipped to [-C, C] before quantising "
+        f"(default {sec.secagg_clip_range:g})",
     )
     group.add_argument(
         "--secagg-ring-bits",
@@ -68,7 +70,8 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
         "--secagg-threshold",
         type=int,
         default=sec.secagg_threshold,
-        help=f"least clients whose shares unmask the sum; each round uses at least a majority of its nodes (default {sec.secagg_threshold})",
+        help="least clients whose shares unmask the sum; each round uses at least a majority of its nodes "
+        f"(default {sec.secagg_threshold})",
     )
     group.add_argument(
         "--dp-clip",
@@ -86,7 +89,8 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
         "--dp-mode",
         choices=DP_MODES,
         default=sec.dp_mode,
-        help="local: z on every update; distributed: z on the sum of >= --min-replies updates (needs --secure-aggregation)",
+        help="local: z on every update; distributed: z on the sum of >= --min-replies updates "
+        "(needs --secure-aggregation)",
     )
     group.add_argument(
         "--dp-delta",
@@ -142,12 +146,14 @@ def security_summary(job) -> str:
     parts = [f"job id {job.job_id}"]
     if sec.envelopes:
         parts.append(
-            f"envelopes (registry {sec.registry}{'' if Path(sec.registry).is_file() else ': not there yet, enrol senders before the run'})"
+            f"envelopes (registry {sec.registry}"
+            f"{'' if Path(sec.registry).is_file() else ': not there yet, enrol senders before the run'})"
         )
     if sec.secure_aggregation:
         parts.append(f"secure aggregation (clip range {sec.secagg_clip_range:g}, {sec.secagg_ring_bits}-bit ring)")
     if sec.dp:
         parts.append(
-            f"DP {sec.dp_mode} (clip {sec.dp_clip_norm:g}, noise multiplier {sec.dp_noise_multiplier:g}, delta {sec.dp_delta:g})"
+            f"DP {sec.dp_mode} (clip {sec.dp_clip_norm:g}, noise multiplier {sec.dp_noise_multiplier:g}, "
+            f"delta {sec.dp_delta:g})"
         )
     return "security: " + ", ".join(parts)

@@ -259,7 +259,10 @@ def round_summary(job_dir: Path) -> list[str]:
         if record.get("rejected"):
             line += f", rejected {dict(sorted(record['rejected'].items()))}"
         if "secagg" in record:
-            line += f", secure aggregate of {len(record['secagg']['survivors'])} (error bound {record['secagg']['error_bound']:.2g})"
+            line += (
+                f", secure aggregate of {len(record['secagg']['survivors'])} "
+                f"(error bound {record['secagg']['error_bound']:.2g})"
+            )
         if "privacy" in record:
             line += f", DP epsilon {record['privacy']['epsilon']:.4g} at delta {record['privacy']['delta']:g}"
         lines.append(line)

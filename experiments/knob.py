@@ -99,12 +99,14 @@ def markdown(table: list[dict]) -> str:
         return "-" if value is None else f"{value:.3f}"
 
     lines = [
-        "| emulator | seeds | held-out CE | held-out KD | emulator-FT | plug-in | plug-in AUC | plug-in calibrated | plug-in - full zero-shot |",
+        "| emulator | seeds | held-out CE | held-out KD | emulator-FT | plug-in | plug-in AUC | plug-in calibrated "
+        "| plug-in - full zero-shot |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         lines.append(
-            f"| {row['emulator']} | {','.join(map(str, row['seeds']))} | {row['heldout_ce']:.2f} | {row['heldout_kd']:.3f} | "
+            f"| {row['emulator']} | {','.join(map(str, row['seeds']))} | {row['heldout_ce']:.2f} "
+            f"| {row['heldout_kd']:.3f} | "
             f"{fmt(row['emulator_ft'])} | {fmt(row['plug_in'])} | {fmt(row['plug_in_auc'])} | "
             f"{fmt(row['plug_in_calibrated'])} | {row['plug_in'] - row['full_zero_shot']:+.3f} |"
         )

@@ -77,10 +77,12 @@ def _register_demo(subparsers) -> None:
     demo = subparsers.add_parser(
         "demo",
         help="federated offsite-tuning end to end on the embedded SmolLM2-135M, with the five-setting table",
-        description="Prepare the default emulator; split a task shipped in data/ (default: wordnet_definitions, one the model has skill on) among data "
+        description="Prepare the default emulator; split a task shipped in data/ "
+        "(default: wordnet_definitions, one the model has skill on) among data "
         "owners (non-IID); run the federated job over a real SuperLink and SuperNodes on loopback (TLS, node "
         "authentication); plug the federated adapter in; tune the same blocks with the real middle on the same data "
-        "(full FT; --centralised all adds centralised emulator-FT and plug-in); print the five-setting table. The first run converts the model and "
+        "(full FT; --centralised all adds centralised emulator-FT and plug-in); print the five-setting table. "
+        "The first run converts the model and "
         "distils (cached for later runs).",
     )
     demo.add_argument("--preset", default=DEFAULT_PRESET, help=f"named recipe (default {DEFAULT_PRESET})")

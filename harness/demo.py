@@ -89,7 +89,8 @@ def run_fed_demo(config: FedDemoConfig) -> dict:
     _stage(
         2,
         total,
-        f"emulator bundle {preset.name} (shape {preset.shape}, {preset.distill.steps} distillation steps; cached by recipe)",
+        f"emulator bundle {preset.name} (shape {preset.shape}, {preset.distill.steps} distillation steps; "
+        "cached by recipe)",
     )
     job_dir = out / "federated"
     if job_dir.exists():  # a fresh job every run; the distilled bundle comes from the cache
@@ -164,7 +165,8 @@ def _federate(config: FedDemoConfig, out: Path, job_dir: Path, share_paths: list
         3,
         total,
         f"federated: {config.rounds} rounds x {config.owners} owners x {steps} local steps x {tune.batch_size} "
-        f"(= {config.rounds * config.owners * steps * tune.batch_size} examples; centralised: {tune.steps * tune.batch_size}), "
+        f"(= {config.rounds * config.owners * steps * tune.batch_size} examples; "
+        f"centralised: {tune.steps * tune.batch_size}), "
         "SuperLink + SuperNodes on loopback with TLS and node authentication",
     )
     federation_dir = out / "federation"
@@ -182,7 +184,8 @@ def _federate(config: FedDemoConfig, out: Path, job_dir: Path, share_paths: list
             )
         federation.wait_listening()  # started side by side, waited for together
         print(
-            f"SuperLink {federation.address}; {config.owners} SuperNodes registered and started (logs in {federation_dir / 'logs'})"
+            f"SuperLink {federation.address}; {config.owners} SuperNodes registered and started "
+            f"(logs in {federation_dir / 'logs'})"
         )
         run_id = federation.submit({"job-dir": job_dir})
         status = federation.follow(run_id, _print_server_line, timeout=config.round_timeout * (config.rounds + 2))

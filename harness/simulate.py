@@ -1,4 +1,5 @@
-"""``offsite cloud simulate``: a federated job's rounds on Flower's simulation engine, many virtual data owners on one host.
+"""``offsite cloud simulate``: a federated job's rounds on Flower's simulation engine, many virtual
+data owners on one host.
 
 The apps are the deployment's own: :data:`offsite.cloud.federate.app.app` drives the rounds and
 :data:`offsite.client.client_app.app` trains, each virtual owner on its share of a task file. They
@@ -65,7 +66,8 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         if not self.cpus_per_client > 0 or self.gpus_per_client < 0:
             raise ValueError(
-                f"cpus per client must be > 0 and gpus per client >= 0 (got {self.cpus_per_client}, {self.gpus_per_client})"
+                "cpus per client must be > 0 and gpus per client >= 0 "
+                f"(got {self.cpus_per_client}, {self.gpus_per_client})"
             )
         if self.max_parallel is not None and self.max_parallel < 1:
             raise ValueError(f"max parallel clients must be >= 1, got {self.max_parallel}")
@@ -86,7 +88,8 @@ class SimulationConfig:
         return "auto" if self.gpus_per_client > 0 else "cpu"
 
     def backend_config(self) -> dict:
-        """Flower's Ray backend config: Ray gets ``parallel * cpus_per_client`` CPUs, so that many owners train at once."""
+        """Flower's Ray backend config: Ray gets ``parallel * cpus_per_client`` CPUs, so that many owners
+        train at once."""
         return {
             "client_resources": {"num_cpus": self.cpus_per_client, "num_gpus": self.gpus_per_client},
             "init_args": {"num_cpus": math.ceil(self.parallel * self.cpus_per_client), "include_dashboard": False},
@@ -206,7 +209,8 @@ def simulate_job(job_dir: Path, partitions: Path, config: SimulationConfig = Sim
     clients = count_partitions(partitions)
     if clients < job.min_nodes:
         raise ValueError(
-            f"{job_dir / 'job.json'}: min_nodes is {job.min_nodes}, more than the {clients} simulated owners in {partitions}"
+            f"{job_dir / 'job.json'}: min_nodes is {job.min_nodes}, "
+            f"more than the {clients} simulated owners in {partitions}"
         )
     owners = SimulatedOwners(
         Path(partitions).resolve(), clients, sim_dir(job_dir) / "cache", config.device, config.threads
@@ -241,7 +245,8 @@ def register(commands) -> None:
         description="Run the job's ServerApp and ClientApp (the deployment's own) on Flower's simulation engine: one "
         "virtual data owner per share of a task file, split into JOB/sim/partitions (--data with --iid or --alpha), or "
         "one per owner-K.jsonl in --partitions DIR (as `offsite cloud split` writes them). The job directory ends with "
-        "the same checkpoints/ and state.json as a deployment run; a second run resumes after the last completed round.",
+        "the same checkpoints/ and state.json as a deployment run; "
+        "a second run resumes after the last completed round.",
     )
     simulate.add_argument(
         "--job",

@@ -45,7 +45,8 @@ def _presets(args: argparse.Namespace) -> int:
         gain = f"  plug-in gain {preset.plugin_gain:g}" if preset.plugin_gain != 1.0 else ""
         print(
             f"{name:28s} shape {preset.shape}  distil {preset.distill.steps} steps{quantise}  "
-            f"tune {tune.mode} {tune.steps}x{tune.batch_size} lr {tune.lr:g} {tune.schedule}{gain}  {preset.description}"
+            f"tune {tune.mode} {tune.steps}x{tune.batch_size} lr {tune.lr:g} {tune.schedule}{gain}  "
+            f"{preset.description}"
         )
     return 0
 

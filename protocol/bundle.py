@@ -247,7 +247,8 @@ def _check_manifest(root: Path, manifest: dict) -> None:
         raise BundleError(f"{where}: 'family' and 'model_type' must be strings")
     if config.get("model_type", manifest["model_type"]) != manifest["model_type"]:
         raise BundleError(
-            f"{where}: 'model_type' {manifest['model_type'][:40]!r} is not the config's {str(config['model_type'])[:40]!r}"
+            f"{where}: 'model_type' {manifest['model_type'][:40]!r} "
+            f"is not the config's {str(config['model_type'])[:40]!r}"
         )
     for key in ("packed", "distill", "quantize"):
         if key in manifest and not isinstance(manifest[key], dict):

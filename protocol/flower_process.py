@@ -1,9 +1,9 @@
 """The command lines of Flower's processes, as both roles start them.
 
-The operator (``offsite.cloud.superlink``; ``offsite.harness.federation`` on one host) and the data owner (``offsite.client.daemon``) both start
-``flower-supernode``; what its ``--node-config`` carries is the contract between the SuperNode and
-our ClientApp (``data-path``, ``cache-dir``, ``device``; see :mod:`offsite.client.client_app`), so it
-is built here, once.
+The operator (``offsite.cloud.superlink``; ``offsite.harness.federation`` on one host) and the data
+owner (``offsite.client.daemon``) both start ``flower-supernode``; what its ``--node-config``
+carries is the contract between the SuperNode and our ClientApp (``data-path``, ``cache-dir``,
+``device``; see :mod:`offsite.client.settings`), so it is built here, once.
 
 Flower 1.41 flags used (checked against ``flower-supernode --help``):
 

@@ -173,7 +173,8 @@ def load_private_key(path: Path, kind: type) -> Ed25519PrivateKey | X25519Privat
         raise KeyFileError(f"{path}: no such private key file") from None
     if stat.S_ISREG(mode) and mode & 0o077:
         raise KeyFileError(
-            f"{path}: private key file has mode {stat.S_IMODE(mode):04o}, group/others may read it; run chmod 600 {path}"
+            f"{path}: private key file has mode {stat.S_IMODE(mode):04o}, group/others may read it; "
+            f"run chmod 600 {path}"
         )
     data = _read_limited(path, MAX_KEY_FILE_BYTES, "private key file")
     try:
@@ -447,7 +448,8 @@ class SenderRegistry:
                 raise KeyFileError(f"{where}: {error}") from None
             if item.get("fingerprint", entry.fingerprint) != entry.fingerprint:
                 raise KeyFileError(
-                    f"{where}: sender {sender!r}: fingerprint {str(item['fingerprint'])[:32]!r} does not match its public key"
+                    f"{where}: sender {sender!r}: fingerprint {str(item['fingerprint'])[:32]!r} "
+                    "does not match its public key"
                 )
             if item.get("revoked", False):
                 registry.revoke(entry.sender_id)

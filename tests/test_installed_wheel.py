@@ -234,7 +234,8 @@ def test_cli_runs_from_the_installed_package(installed):
         import json, offsite
         from offsite.cloud.superlink import APP_DIR
         from offsite.harness.pipeline import task_files
-        print(json.dumps({"offsite": offsite.__file__, "app": str(APP_DIR), "tasks": [str(p) for p in task_files("wordnet_definitions")]}))
+        tasks = [str(p) for p in task_files("wordnet_definitions")]
+        print(json.dumps({"offsite": offsite.__file__, "app": str(APP_DIR), "tasks": tasks}))
     """),
     ).stdout
     found = json.loads(where.splitlines()[-1])
@@ -288,7 +289,11 @@ result.write_text(json.dumps({
     "app": str(APP_DIR),
     "tasks": [str(p) for p in task_files("wordnet_definitions")],
     "modules": sorted(
-        {m.__name__: getattr(m, "__file__", None) or "" for m in list(sys.modules.values()) if m and m.__name__.split(".")[0] == "offsite"}.items()
+        {
+            m.__name__: getattr(m, "__file__", None) or ""
+            for m in list(sys.modules.values())
+            if m and m.__name__.split(".")[0] == "offsite"
+        }.items()
     ),
     "path": sys.path,
     "processes": processes,

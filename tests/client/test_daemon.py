@@ -44,7 +44,10 @@ def test_a_child_that_exits_cleanly_is_not_restarted(tmp_path):
 
 def test_crash_then_recovery(tmp_path):
     marker = tmp_path / "crashed-once"
-    script = f"import os, sys\nif not os.path.exists({str(marker)!r}):\n    open({str(marker)!r}, 'w').close(); sys.exit(1)\n"
+    script = (
+        f"import os, sys\nif not os.path.exists({str(marker)!r}):\n"
+        f"    open({str(marker)!r}, 'w').close(); sys.exit(1)\n"
+    )
     supervisor = Supervisor([sys.executable, "-c", script], FAST)
     assert supervisor.run() == 0
     assert [e.returncode for e in supervisor.exits] == [1, 0]

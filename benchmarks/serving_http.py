@@ -306,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             results["load"][which] = result | {"rss_mib": rss}
             print(f"load: {args.clients} clients for {args.seconds:g} s on {which}", flush=True)
             print(describe(which, result), flush=True)
+            half = rss[len(rss) // 2]
             print(f"    RSS after {args.warm_up:g} s warm-up: {rss[0]:.0f} -> {rss[-1]:.0f} MiB (max {max(rss):.0f}, "
-                  f"{rss[-1] - rss[0]:+.1f} MiB); first errors {result['first_errors']}", flush=True)
+                  f"{rss[-1] - rss[0]:+.1f} MiB; second half {rss[-1] - half:+.1f} MiB); first errors {result['first_errors']}", flush=True)
     finally:
         for server in servers.values():
             server.stop()

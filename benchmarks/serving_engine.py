@@ -16,8 +16,9 @@ and prints decode tokens/s (decode forward passes only), end-to-end tokens/s (pr
 and p50/p99 request latency (all requests arrive at once). Wall-clock rates drift with whatever
 else a shared machine runs, so it also times single decode steps in turn (multi-job, merged,
 multi-job, ...) and prints their ratio. A last run lets requests for K=8 jobs arrive at random
-(Poisson) times while others decode, and prints p50/p99 latency and time to first token. Same engine code in every row, so only the batching differs; greedy tokens of the
-multi-job run are compared with the one-after-another run's.
+(Poisson) times while others decode, and prints p50/p99 latency and time to first token. Same
+engine code in every row, so only the batching differs; greedy tokens of the multi-job run are
+compared with the one-after-another run's.
 
     .venv/bin/python benchmarks/serving.py engine             # a few minutes on 2 CPU cores
     .venv/bin/python benchmarks/serving.py engine --jobs 1,4,8 --batch 16 --new-tokens 32 --threads 1
@@ -144,12 +145,15 @@ class Setup:
     def row(self, setting: str, k: int, result: dict, matches: str = "") -> dict:
         self.rows.append({
             "setting": setting, "K": k, "requests": len(result["latency"]), "generated": result["generated"],
-            "decode_tok_s": result["decode_tokens"] / result["decode_seconds"], "end_to_end_tok_s": result["generated"] / result["wall"],
-            "p50_s": percentile(result["latency"], 50), "p99_s": percentile(result["latency"], 99), "same_tokens": matches,
+            "decode_tok_s": result["decode_tokens"] / result["decode_seconds"],
+            "end_to_end_tok_s": result["generated"] / result["wall"],
+            "p50_s": percentile(result["latency"], 50), "p99_s": percentile(result["latency"], 99),
+            "same_tokens": matches,
         })  # fmt: skip
         r = self.rows[-1]
         print(
-            f"  {setting:18s} K={k}: decode {r['decode_tok_s']:7.1f} tok/s, end-to-end {r['end_to_end_tok_s']:7.1f} tok/s, "
+            f"  {setting:18s} K={k}: decode {r['decode_tok_s']:7.1f} tok/s, "
+            f"end-to-end {r['end_to_end_tok_s']:7.1f} tok/s, "
             f"latency p50 {r['p50_s']:.2f} s p99 {r['p99_s']:.2f} s {matches}",
             flush=True,
         )
@@ -192,7 +196,8 @@ def setup(args: argparse.Namespace) -> Setup:
         for j, (t, a) in enumerate(adapters)
     ]
     print(
-        f"{where}: {len(blocks_of(base))} blocks; {args.mode} adapters at blocks {adapter_blocks}; batch {args.batch} x "
+        f"{where}: {len(blocks_of(base))} blocks; {args.mode} adapters at blocks {adapter_blocks}; "
+        f"batch {args.batch} x "
         f"({args.prompt_tokens} prompt + {args.new_tokens} new tokens), greedy; torch threads {args.threads}",
         flush=True,
     )
@@ -321,7 +326,8 @@ def poisson(run_: Setup, shared: Scheduler) -> None:
     result = run(shared, requests, arrivals=times)
     ttft = result["ttft"]
     print(
-        f"  poisson arrivals   K={k}: {args.arrivals} requests at {args.rate:g}/s, {result['generated']} tokens in {result['wall']:.1f} s; "
+        f"  poisson arrivals   K={k}: {args.arrivals} requests at {args.rate:g}/s, "
+        f"{result['generated']} tokens in {result['wall']:.1f} s; "
         f"latency p50 {percentile(result['latency'], 50):.2f} s p99 {percentile(result['latency'], 99):.2f} s; "
         f"time to first token p50 {percentile(ttft, 50):.2f} s p99 {percentile(ttft, 99):.2f} s; "
         f"most rows in a step {shared.stats.max_rows}",
@@ -349,7 +355,8 @@ def print_table(rows: list[dict], ks: list[int]) -> None:
     for r in rows:
         if "decode_tok_s" in r:
             print(
-                f"| {r['setting']} | {r['K']} | {r['decode_tok_s']:.1f} | {r['end_to_end_tok_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |"
+                f"| {r['setting']} | {r['K']} | {r['decode_tok_s']:.1f} | {r['end_to_end_tok_s']:.1f} "
+                f"| {r['p50_s']:.2f} | {r['p99_s']:.2f} |"
             )
     speedups = {r["K"]: r["decode_tok_s"] for r in rows if r["setting"] == "multi-job"}
     after = {r["K"]: r["decode_tok_s"] for r in rows if r["setting"] == "one after another"}

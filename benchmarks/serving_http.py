@@ -38,12 +38,13 @@ from pathlib import Path
 
 import openai
 import torch
+from serving_engine import random_adapters
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from offsite.cloud.models import load_base, resolve_model_dir
 from offsite.cloud.serving import registry
 from offsite.emulator.arch import blocks_of
 from offsite.protocol.adapter import save_update
-from serving_engine import random_adapters
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = ("blocks-a", "blocks-b", "lora-a", "lora-b")
@@ -67,7 +68,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def extract_before(commit: str, root: Path) -> Path:
     """``cloud/serving`` at ``commit`` as the package ``offsite_serving_before`` under ``root``."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "cloud/serving"], check=True, capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit, "cloud/serving"], check=True, capture_output=True
+    ).stdout
     with tempfile.TemporaryFile() as handle:
         handle.write(archive)
         handle.seek(0)
@@ -82,8 +85,16 @@ def tiny_model(root: Path) -> Path:
     initialised: a model whose forward costs little, so that the servers' own overhead shows."""
     source = resolve_model_dir("smollm2-135m")
     config = AutoConfig.from_pretrained(source)
-    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-                   "num_key_value_heads": 2, "head_dim": 16})
+    config.update(
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+        }
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(root)
     AutoTokenizer.from_pretrained(source).save_pretrained(root)
@@ -97,7 +108,11 @@ def make_registry(model_source: str, registry_dir: Path) -> None:
     blocks = [0, 1, n - 2, n - 1]
     adapters = random_adapters(base, 2, "blocks", blocks, seed=1) + random_adapters(base, 2, "lora", blocks, seed=2)
     for name, (tensors, alpha) in zip(JOBS, adapters):
-        path = save_update(registry_dir.parent / f"{name}.safetensors", tensors, {"mode": "lora" if alpha else "blocks", "lora_alpha": alpha})
+        path = save_update(
+            registry_dir.parent / f"{name}.safetensors",
+            tensors,
+            {"mode": "lora" if alpha else "blocks", "lora_alpha": alpha},
+        )
         registry.add(registry_dir, name, path, base=base)
 
 
@@ -109,9 +124,14 @@ def serve(which: str, before_root: str, model_source: str, registry_dir: str, th
         package = "offsite_serving_before"
     else:
         package = "offsite.cloud.serving"
-    service_module, server_module = importlib.import_module(package + ".service"), importlib.import_module(package + ".server")
+    service_module, server_module = (
+        importlib.import_module(package + ".service"),
+        importlib.import_module(package + ".server"),
+    )
     model, tokenizer, _ = load_base(model_source)
-    config = service_module.ServeConfig(registry=Path(registry_dir), max_batch=32, max_context=512, default_max_tokens=32, max_queue=512)
+    config = service_module.ServeConfig(
+        registry=Path(registry_dir), max_batch=32, max_context=512, default_max_tokens=32, max_queue=512
+    )
     servers = server_module.start(service_module.ServingService(model, tokenizer, config), "127.0.0.1", 0, None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -127,8 +147,13 @@ class Server:
         command = [sys.executable, __file__, "--serve", which, str(before_root), args.model, str(registry_dir), "1"]
         self.which, self.log = which, log
         with open(log, "w") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                            env=os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+            self.process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+            )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             lines = [line for line in log.read_text().splitlines() if line.startswith("port ")]
@@ -166,16 +191,27 @@ class Server:
 
 def request_body(rng: random.Random, index: int, n: int) -> tuple[bool, dict]:
     model = JOBS[(index + n) % len(JOBS)]
-    body = {"model": model, "max_tokens": rng.randint(8, 32), "temperature": 0.8, "seed": rng.randrange(1 << 30),
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "max_tokens": rng.randint(8, 32),
+        "temperature": 0.8,
+        "seed": rng.randrange(1 << 30),
+        "stream_options": {"include_usage": True},
+    }
     if n % 2 == 0:
-        return True, body | {"messages": [{"role": "user", "content": f"Tell me about item {index}.{n} in a few words."}]}
+        return True, body | {
+            "messages": [{"role": "user", "content": f"Tell me about item {index}.{n} in a few words."}]
+        }
     return False, body | {"prompt": "Once upon a time " + "there was a story " * rng.randint(0, 6)}
 
 
 def stream_once(client, chat: bool, body: dict) -> Outcome:
     """One streamed request through the client's streaming response (it shows the raw events)."""
-    create = client.chat.completions.with_streaming_response.create if chat else client.completions.with_streaming_response.create
+    create = (
+        client.chat.completions.with_streaming_response.create
+        if chat
+        else client.completions.with_streaming_response.create
+    )
     start, first, tokens, done, finish = time.perf_counter(), None, 0, False, None
     try:
         with create(stream=True, **body) as response:
@@ -201,7 +237,9 @@ def stream_once(client, chat: bool, body: dict) -> Outcome:
     return Outcome(latency, None if first is None else first - start, tokens)
 
 
-def run_clients(url: str, clients: int, per_client: int | None = None, seconds: float | None = None, seed: int = 0) -> tuple[list[Outcome], float]:
+def run_clients(
+    url: str, clients: int, per_client: int | None = None, seconds: float | None = None, seed: int = 0
+) -> tuple[list[Outcome], float]:
     """``clients`` threads, each with its own ``openai`` client: ``per_client`` requests each, or
     as many as fit in ``seconds``. Returns every outcome and the wall time."""
     outcomes: list[list[Outcome]] = [[] for _ in range(clients)]
@@ -230,7 +268,8 @@ def summary(outcomes: list[Outcome], wall: float, cpu: float) -> dict:
     ok = [o for o in outcomes if o.error is None]
     return {
         "server_cpu_s": cpu, "server_cpu_ms_per_request": 1e3 * cpu / max(1, len(ok)),
-        "requests": len(outcomes), "errors": len(outcomes) - len(ok), "tokens": sum(o.tokens for o in ok), "wall_s": wall,
+        "requests": len(outcomes), "errors": len(outcomes) - len(ok), "tokens": sum(o.tokens for o in ok),
+        "wall_s": wall,
         "tok_s": sum(o.tokens for o in ok) / wall, "req_s": len(ok) / wall,
         "p50_s": percentile([o.latency for o in ok], 50), "p99_s": percentile([o.latency for o in ok], 99),
         "ttft_p50_s": percentile([o.ttft for o in ok if o.ttft is not None], 50),
@@ -247,10 +286,13 @@ def measured(server: Server, **kwargs) -> dict:
 
 
 def describe(label: str, s: dict) -> str:
-    return (f"  {label:28s} {s['requests']:5d} streams, {s['errors']} errors, {s['tokens']:6d} tokens in {s['wall_s']:6.1f} s: "
-            f"{s['tok_s']:6.1f} tok/s, {s['req_s']:5.2f} req/s; latency p50 {s['p50_s']:.2f} s p99 {s['p99_s']:.2f} s; "
-            f"first token p50 {s['ttft_p50_s']:.2f} s p99 {s['ttft_p99_s']:.2f} s; server CPU {s['server_cpu_s']:.1f} s "
-            f"({s['server_cpu_ms_per_request']:.1f} ms/request)")
+    return (
+        f"  {label:28s} {s['requests']:5d} streams, {s['errors']} errors, "
+        f"{s['tokens']:6d} tokens in {s['wall_s']:6.1f} s: "
+        f"{s['tok_s']:6.1f} tok/s, {s['req_s']:5.2f} req/s; latency p50 {s['p50_s']:.2f} s p99 {s['p99_s']:.2f} s; "
+        f"first token p50 {s['ttft_p50_s']:.2f} s p99 {s['ttft_p99_s']:.2f} s; server CPU {s['server_cpu_s']:.1f} s "
+        f"({s['server_cpu_ms_per_request']:.1f} ms/request)"
+    )
 
 
 def load_with_rss(server: Server, clients: int, seconds: float, warm_up: float) -> tuple[dict, list[float]]:
@@ -274,13 +316,21 @@ def load_with_rss(server: Server, clients: int, seconds: float, warm_up: float) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="serving.py http", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m", help="a base model; 'tiny': SmolLM2's shape shrunk, random (the servers' overhead)")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="a base model; 'tiny': SmolLM2's shape shrunk, random (the servers' overhead)",
+    )
     parser.add_argument("--before", default="11e903a", help="the commit whose cloud/serving is the old server")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--per-client", type=int, default=4, help="requests per client in the same-batch comparison")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of the same batch (old, new, old, new, ...)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternations of the same batch (old, new, old, new, ...)"
+    )
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the load phase")
-    parser.add_argument("--warm-up", type=float, default=10.0, help="RSS is watched from this many seconds into the load")
+    parser.add_argument(
+        "--warm-up", type=float, default=10.0, help="RSS is watched from this many seconds into the load"
+    )
     parser.add_argument("--load", choices=("both", "after"), default="both", help="which servers get the load phase")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -289,13 +339,22 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(tiny_model(work / "tiny-model"))
     make_registry(args.model, work / "registry")
     before_root = extract_before(args.before, work / "before")
-    servers = {which: Server(which, before_root, args, work / "registry", work / f"{which}.log") for which in ("before", "after")}
+    servers = {
+        which: Server(which, before_root, args, work / "registry", work / f"{which}.log")
+        for which in ("before", "after")
+    }
     results: dict = {"batch": {"before": [], "after": []}, "load": {}}
     try:
-        print(f"{args.model}; four jobs (2 whole-block, 2 LoRA); one torch thread per server; openai client, streaming, "
-              f"temperature 0.8, 8-32 new tokens, chat and completions alternating", flush=True)
-        print(f"same batch: {args.clients} clients x {args.per_client} requests, {args.rounds} rounds (before = {args.before}, stdlib; "
-              f"after = FastAPI/uvicorn)", flush=True)
+        print(
+            f"{args.model}; four jobs (2 whole-block, 2 LoRA); one torch thread per server; openai client, streaming, "
+            f"temperature 0.8, 8-32 new tokens, chat and completions alternating",
+            flush=True,
+        )
+        print(
+            f"same batch: {args.clients} clients x {args.per_client} requests, {args.rounds} rounds "
+            f"(before = {args.before}, stdlib; after = FastAPI/uvicorn)",
+            flush=True,
+        )
         for round_index in range(args.rounds):
             for which in ("before", "after"):
                 result = measured(servers[which], clients=args.clients, per_client=args.per_client, seed=round_index)
@@ -307,19 +366,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"load: {args.clients} clients for {args.seconds:g} s on {which}", flush=True)
             print(describe(which, result), flush=True)
             half = rss[len(rss) // 2]
-            print(f"    RSS after {args.warm_up:g} s warm-up: {rss[0]:.0f} -> {rss[-1]:.0f} MiB (max {max(rss):.0f}, "
-                  f"{rss[-1] - rss[0]:+.1f} MiB; second half {rss[-1] - half:+.1f} MiB); first errors {result['first_errors']}", flush=True)
+            print(
+                f"    RSS after {args.warm_up:g} s warm-up: {rss[0]:.0f} -> {rss[-1]:.0f} MiB (max {max(rss):.0f}, "
+                f"{rss[-1] - rss[0]:+.1f} MiB; second half {rss[-1] - half:+.1f} MiB); "
+                f"first errors {result['first_errors']}",
+                flush=True,
+            )
     finally:
         for server in servers.values():
             server.stop()
     for which in ("before", "after"):
         rows = results["batch"][which]
-        print(f"same batch, {which}: tok/s " + " ".join(f"{r['tok_s']:.1f}" for r in rows) + "; p50 " + " ".join(f"{r['p50_s']:.2f}" for r in rows)
-              + "; p99 " + " ".join(f"{r['p99_s']:.2f}" for r in rows) + "; server CPU ms/request "
-              + " ".join(f"{r['server_cpu_ms_per_request']:.1f}" for r in rows) + f"; errors {sum(r['errors'] for r in rows)}")
+        print(
+            f"same batch, {which}: tok/s "
+            + " ".join(f"{r['tok_s']:.1f}" for r in rows)
+            + "; p50 "
+            + " ".join(f"{r['p50_s']:.2f}" for r in rows)
+            + "; p99 "
+            + " ".join(f"{r['p99_s']:.2f}" for r in rows)
+            + "; server CPU ms/request "
+            + " ".join(f"{r['server_cpu_ms_per_request']:.1f}" for r in rows)
+            + f"; errors {sum(r['errors'] for r in rows)}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    failed = sum(r["errors"] for rows in results["batch"].values() for r in rows) + sum(r["errors"] for r in results["load"].values())
+    failed = sum(r["errors"] for rows in results["batch"].values() for r in rows) + sum(
+        r["errors"] for r in results["load"].values()
+    )
     return 1 if failed else 0
 
 

@@ -26,7 +26,8 @@ def register(commands) -> None:
         "side by side, batching requests for different jobs into shared forward passes. HTTP (OpenAI-compatible, "
         "docs at /docs): /v1/completions, /v1/chat/completions, /v1/models (model 'base' is the bare base model), "
         "/metrics, /health (liveness), /ready (readiness) and the admin API under /admin/models; gRPC: "
-        "protocol/serving.proto and grpc.health.v1. Base models of the llama family only (llama, mistral, qwen2, qwen3).",
+        "protocol/serving.proto and grpc.health.v1. Base models of the llama family only "
+        "(llama, mistral, qwen2, qwen3).",
     )
     serve.add_argument(
         "--registry",
@@ -124,8 +125,8 @@ def register_query(subparsers) -> None:
     query = subparsers.add_parser(
         "query",
         help="ask a served model (offsite cloud serve) and stream the answer to the terminal",
-        description="Send PROMPT to a job's model (or 'base') on a running `offsite cloud serve` and print the answer as "
-        "it is decoded. Without PROMPT: read it from standard input, or, on a terminal, chat line by line.",
+        description="Send PROMPT to a job's model (or 'base') on a running `offsite cloud serve` and print the "
+        "answer as it is decoded. Without PROMPT: read it from standard input, or, on a terminal, chat line by line.",
     )
     query.add_argument("prompt", nargs="?", help="the question (default: standard input)")
     query.add_argument("-m", "--model", default="base", help="a job's name, or 'base' (default)")
@@ -240,7 +241,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"grpc: {servers.grpc_target}{' (TLS)' if tls else ''}", flush=True)
     print(
         f"admin API: {'on' if config.admin_token else 'off'}; API keys: {len(config.api_keys) or 'off'}; "
-        f"context {service.context_length} tokens, batch {config.max_batch}; at most {config.max_connections} connections, "
+        f"context {service.context_length} tokens, batch {config.max_batch}; "
+        f"at most {config.max_connections} connections, "
         f"idle ones closed after {config.idle_timeout:g} s",
         flush=True,
     )

@@ -166,8 +166,8 @@ def served_job(name: str, tensors: dict[str, torch.Tensor], meta: dict, base: nn
                     or a.shape[0] != b.shape[1]
                 ):
                     raise RegistryError(
-                        f"{where}: blocks.{index}.{stem}: LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
-                        f"a ({out_features}, {in_features}) weight"
+                        f"{where}: blocks.{index}.{stem}: LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} "
+                        f"do not fit a ({out_features}, {in_features}) weight"
                     )
                 scale = gain * float(alpha) / a.shape[0]
                 a = _finite(a.to(dtype).contiguous(), where, f"blocks.{index}.{stem}.lora_A", gain)

@@ -49,7 +49,8 @@ class ServeConfig:
     max_batch: int = 32
     max_context: int | None = 2048
     default_max_tokens: int = 256
-    max_queue: int = 256  # requests waiting for a slot (a request of n choices counts n); also the most choices one request may ask for
+    # requests waiting for a slot (a request of n choices counts n); also the most choices one request may ask for
+    max_queue: int = 256
     prefill_tokens: int = 2048
     api_keys: frozenset[str] = frozenset()
     admin_token: str | None = None

@@ -206,8 +206,8 @@ def test_uploads_are_refused_before_their_body_is_read(served):
     # a body that ends early is an error of its own, and leaves nothing behind
     with socket.create_connection(served.address, timeout=30) as sock:
         sock.sendall(
-            b"PUT /admin/models/short HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: 1000\r\n\r\n0123456789"
-            % ADMIN.encode()
+            b"PUT /admin/models/short HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Length: 1000\r\n\r\n0123456789" % ADMIN.encode()
         )
         sock.shutdown(socket.SHUT_WR)
         raw = b""

@@ -49,8 +49,9 @@ def _start_server(tmp: Path) -> tuple[subprocess.Popen, str, int, Path]:
     fill_registry(tmp / "registry", base, four_jobs(base), tmp / "sources")
     log = tmp / "server.log"
     command = [
-        sys.executable, "-m", "offsite.cli", "cloud", "serve", "--model", str(tmp / "model"), "--registry", str(tmp / "registry"),
-        "--port", "0", "--grpc-port", "-1", "--threads", "1", "--max-batch", "32", "--max-context", "256", "--max-tokens", "32",
+        sys.executable, "-m", "offsite.cli", "cloud", "serve", "--model", str(tmp / "model"),
+        "--registry", str(tmp / "registry"), "--port", "0", "--grpc-port", "-1", "--threads", "1",
+        "--max-batch", "32", "--max-context", "256", "--max-tokens", "32",
     ]  # fmt: skip
     with open(log, "w") as out:
         process = subprocess.Popen(
@@ -153,7 +154,8 @@ def test_32_streaming_clients_no_errors_complete_streams_flat_memory(tmp_path):
             process.wait()
     total = sum(completed)
     print(
-        f"\n{total} streams in {WARM_UP_S + MEASURED_S:.0f} s by {CLIENTS} clients; RSS MiB {' '.join(f'{r:.0f}' for r in rss)}; "
+        f"\n{total} streams in {WARM_UP_S + MEASURED_S:.0f} s by {CLIENTS} clients; "
+        f"RSS MiB {' '.join(f'{r:.0f}' for r in rss)}; "
         f"health {health}"
     )
     assert errors == [], errors[:5]

@@ -41,15 +41,17 @@ def _start_server(tmp: Path) -> tuple[subprocess.Popen, tuple[str, int], str, Pa
     base.save_pretrained(tmp / "model")
     chat_tokenizer().save_pretrained(tmp / "model")
     fill_registry(tmp / "registry", base, four_jobs(base), tmp / "sources")
-    # finite weights, so they pass registration, large enough that the MLP overflows float32: every row of this job is NaN
+    # finite weights, so they pass registration, large enough that the MLP overflows float32:
+    # every row of this job is NaN
     huge = {key: value * 1e30 if "mlp" in key else value for key, value in perturbed_blocks(base, 5).items()}
     registry.add(
         tmp / "registry", "poison", save_update(tmp / "poison.safetensors", huge, {"mode": "blocks"}), base=base
     )
     log = tmp / "server.log"
     command = [
-        sys.executable, "-m", "offsite.cli", "cloud", "serve", "--model", str(tmp / "model"), "--registry", str(tmp / "registry"),
-        "--port", "0", "--grpc-port", "0", "--threads", "1", "--max-batch", "32", "--max-context", "256", "--max-tokens", "24",
+        sys.executable, "-m", "offsite.cli", "cloud", "serve", "--model", str(tmp / "model"),
+        "--registry", str(tmp / "registry"), "--port", "0", "--grpc-port", "0", "--threads", "1",
+        "--max-batch", "32", "--max-context", "256", "--max-tokens", "24",
         "--max-connections", "64", "--idle-timeout", "30",
     ]  # fmt: skip
     with open(log, "w") as out:

@@ -26,6 +26,7 @@ import importlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -375,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers.values():
             server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the old server's code, the registry, the tiny model
     for which in ("before", "after"):
         rows = results["batch"][which]
         print(

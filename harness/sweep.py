@@ -238,7 +238,7 @@ def plot_frontier(reports: list[Report], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     metric, higher, _ = METRICS[reports[0].kind]
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig, ax = plt.subplots(figsize=(9.5, 5.5))
     xs = [r.value("emulator_ft") for r in reports]
     ys = [r.value("plug_in") for r in reports]
     ax.errorbar(
@@ -249,8 +249,10 @@ def plot_frontier(reports: list[Report], path: Path, title: str) -> None:
         fmt="o",
         capsize=3,
     )
-    for r, x, y in zip(reports, xs, ys):
-        ax.annotate(r.meta["preset"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    names = []  # points are numbered; the legend names them (names of close points would overlap)
+    for number, (r, x, y) in enumerate(zip(reports, xs, ys), 1):
+        ax.annotate(str(number), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        names.append(f"{number}: {r.meta['preset']}")
     values = xs + ys + [r.value(s) for r in reports for s in BASELINES]
     low, high = min(values), max(values)
     pad = 0.08 * (high - low or 1)
@@ -274,6 +276,7 @@ def plot_frontier(reports: list[Report], path: Path, title: str) -> None:
     ax.set_ylabel(f"plug-in {name}: what the operator gets")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
+    ax.text(1.02, 1.0, "\n".join(names), transform=ax.transAxes, fontsize=7, va="top", family="monospace")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

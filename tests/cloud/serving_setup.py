@@ -3,9 +3,11 @@ different ranks and targets) in a registry, and each job's plugged-in model as t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -132,3 +134,24 @@ def greedy(model: nn.Module, prompt: list[int], max_new_tokens: int, eos: int | 
                 break
             ids.append(token)
     return ids[len(prompt) :]
+
+
+@pytest.fixture
+def one_thread():
+    """The engine's tests run torch on one thread (and give the caller's count back)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def outcome(request, timeout: float = 60.0) -> tuple[list[int], str]:
+    """A queued engine request's tokens and how it ended: ``"done:<reason>"`` or ``"error:<message>"``."""
+    tokens = []
+    deadline = time.monotonic() + timeout
+    while True:
+        kind, value = request.events.get(timeout=max(0.1, deadline - time.monotonic()))
+        if kind == "token":
+            tokens.append(value)
+        else:
+            return tokens, f"{kind}:{value}"

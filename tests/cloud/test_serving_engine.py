@@ -19,18 +19,13 @@ from tests.cloud.serving_setup import (
     four_jobs,
     greedy,
     lora_factors,
+    one_thread,  # noqa: F401 (a fixture)
     perturbed_blocks,
     tiny_base,
 )
 from tests.conftest import tiny_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _collect(request: Request, timeout: float = 60.0) -> tuple[list[int], str]:

@@ -4,39 +4,28 @@ exactly what they decode without it, and a later request in its cache slot is no
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 from offsite.cloud.presets import MAX_GAIN, check_gain
 from offsite.cloud.serving.engine import LlamaStack, Request, SamplingParams, Scheduler
 from offsite.cloud.serving.registry import RegistryError, ServedJob, served_job
-from tests.cloud.serving_setup import ADAPTER_BLOCKS, four_jobs, greedy, perturbed_blocks, tiny_base
+from tests.cloud.serving_setup import (  # noqa: F401 (one_thread: a fixture)
+    ADAPTER_BLOCKS,
+    four_jobs,
+    greedy,
+    one_thread,
+    outcome,
+    perturbed_blocks,
+    tiny_base,
+)
 
 # Temperatures inside the accepted range [0, 2] that overflowed the old float32 softmax to NaN:
 # 1.4e-45 is the smallest float32 (what gRPC's float field carries for 1e-45), 5e-324 the smallest float64.
 TINY_TEMPERATURES = (1e-45, 1.401298464324817e-45, 1e-300, 1e-320, 5e-324)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _outcome(request: Request, timeout: float = 60.0) -> tuple[list[int], str]:
-    """(tokens, "done:<reason>" or "error:<message>")."""
-    tokens = []
-    deadline = time.monotonic() + timeout
-    while True:
-        kind, value = request.events.get(timeout=max(0.1, deadline - time.monotonic()))
-        if kind == "token":
-            tokens.append(value)
-        else:
-            return tokens, f"{kind}:{value}"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompts(count: int, seed: int) -> list[list[int]]:
@@ -74,7 +63,7 @@ def test_tiny_temperatures_sample_the_most_likely_token_and_fail_nothing():
         for request in requests:  # one batch: a failing row would take the others with it
             scheduler.submit(request)
         for i, request in enumerate(requests):
-            tokens, end = _outcome(request)
+            tokens, end = outcome(request)
             assert end == "done:length", (request.params.temperature, end)
             assert tokens == greedy(plugged, request.prompt, 8), request.params.temperature  # T -> 0 is the argmax
         assert scheduler.stats.errors == 0
@@ -100,11 +89,11 @@ def test_a_job_whose_scores_overflow_fails_alone_and_leaves_its_slot_clean():
             for request in (bad[:1] + good + bad[1:]) if wave == 0 else good:
                 scheduler.submit(request)
             for i, request in enumerate(good):
-                tokens, end = _outcome(request)
+                tokens, end = outcome(request)
                 assert end == "done:length", (wave, i, end)
                 assert tokens == greedy(references[i % 5], request.prompt, request.params.max_tokens), (wave, i)
             for request in bad if wave == 0 else []:
-                tokens, end = _outcome(request)
+                tokens, end = outcome(request)
                 assert end.startswith("error:") and "non-finite" in end and "Traceback" not in end, end
         assert scheduler.stats.errors == 2
     finally:
@@ -137,10 +126,10 @@ def test_a_row_whose_forward_raises_fails_alone():
         for request in good[:3] + [bad] + good[3:]:
             scheduler.submit(request)
         for i, request in enumerate(good):
-            tokens, end = _outcome(request)
+            tokens, end = outcome(request)
             assert end == "done:length", end
             assert tokens == greedy(plugged if i % 2 else base, request.prompt, 7)
-        tokens, end = _outcome(bad)
+        tokens, end = outcome(bad)
         assert tokens == [] and end.startswith("error:generation failed") and "shape" not in end, end
         assert scheduler.stats.errors == 1
     finally:

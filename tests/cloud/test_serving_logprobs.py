@@ -4,35 +4,17 @@ alone (and not as the base does), with the end-of-sequence token scored when a r
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 from offsite.cloud.serving.engine import LlamaStack, Request, SamplingParams, Scheduler
 from offsite.cloud.serving.registry import served_job
-from tests.cloud.serving_setup import four_jobs, greedy, perturbed_blocks, tiny_base
+from tests.cloud.serving_setup import four_jobs, greedy, one_thread, outcome, perturbed_blocks, tiny_base  # noqa: F401 (one_thread: a fixture)
 
 ATOL = 1e-5  # float64 weights; the scores are taken in float32, as served
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _outcome(request: Request, timeout: float = 60.0) -> tuple[list[int], str]:
-    tokens = []
-    deadline = time.monotonic() + timeout
-    while True:
-        kind, value = request.events.get(timeout=max(0.1, deadline - time.monotonic()))
-        if kind == "token":
-            tokens.append(value)
-        else:
-            return tokens, f"{kind}:{value}"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(model, ids: list[int]) -> torch.Tensor:
@@ -72,7 +54,7 @@ def test_a_mixed_batch_scores_prompts_and_tokens_as_each_plugged_in_model():
         ]
         scheduler.submit_many(requests)  # one prefill: prompts of every length, every job
         for i, request in enumerate(requests):
-            tokens, end = _outcome(request)
+            tokens, end = outcome(request)
             assert end == "done:length" and len(tokens) == request.params.max_tokens
             assert tokens == greedy(models[i % 5], request.prompt, request.params.max_tokens)
             ids = request.prompt + tokens
@@ -103,7 +85,7 @@ def test_sampled_tokens_are_scored_by_the_model_not_the_temperature():
     try:
         request = Request(job, [5, 9, 14], SamplingParams(max_tokens=8, temperature=1.7, top_p=0.9, seed=3, logprobs=0))
         scheduler.submit(request)
-        tokens, end = _outcome(request)
+        tokens, end = outcome(request)
         reference = _reference(plugged, request.prompt + tokens)
         for j, entry in enumerate(request.token_logprobs):
             assert entry.top == () and entry.token == tokens[j]
@@ -124,7 +106,7 @@ def test_the_end_of_sequence_token_is_scored_last():
     try:
         request = Request(job, prompt, SamplingParams(max_tokens=10, temperature=0, logprobs=2))
         scheduler.submit(request)
-        tokens, end = _outcome(request)
+        tokens, end = outcome(request)
         assert end == "done:stop" and len(tokens) == 2
         assert len(request.token_logprobs) == 3 and request.token_logprobs[-1].token == eos
         _check_entry(request.token_logprobs[-1], eos, _reference(plugged, prompt + tokens)[-1], 2)
@@ -143,9 +125,9 @@ def test_a_prompt_whose_scores_overflow_fails_alone():
         good = Request(healthy, [4, 8, 15, 16], SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=1))
         bad = Request(broken, [4, 8, 15, 16], SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=1))
         scheduler.submit_many([bad, good])
-        tokens, end = _outcome(bad)
+        tokens, end = outcome(bad)
         assert tokens == [] and end.startswith("error:") and "non-finite" in end, end
-        tokens, end = _outcome(good)
+        tokens, end = outcome(good)
         assert (tokens, end) == ([], "done:length")
         reference = _reference(plugged, good.prompt)
         for t in range(1, 4):

@@ -37,6 +37,7 @@ from offsite.emulator.sandwich import SandwichShape
 from offsite.emulator.tune import TuneConfig
 from offsite.protocol.adapter import load_update, save_update
 from offsite.protocol.bundle import sha256_file
+from offsite.protocol.safe_json import JSONRefused, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,23 @@ def load_rows(job: SweepJob) -> tuple[str, list[Example], list[MCRow] | list[Exa
     return kind, train[: -job.val_rows], rows[-job.val_rows :]
 
 
+@dataclass
+class _Inputs:
+    """What every measurement of one sweep shares."""
+
+    base: object
+    tokenizer: object
+    train: list[Example]
+    test: list
+    kind: str
+    identity: dict  # what the records must agree on to be one sweep
+    progress: bool
+
+
 def run_sweep(job: SweepJob, progress: bool = True) -> list[Report]:
     """One report per emulator, each with the shared baselines of its adapter cut; written to ``job.out``."""
     kind, train, test = load_rows(job)
     job.out.mkdir(parents=True, exist_ok=True)
-    records = _read_records(job.out / "sweep.jsonl")
     identity = {
         "task": job.task,
         "rows": len(test),
@@ -108,55 +121,37 @@ def run_sweep(job: SweepJob, progress: bool = True) -> list[Report]:
         "test_sha256": sha256_file(job.train if job.val_rows else job.test),
         "model": job.model,
     }
+    records = _read_records(job.out / "sweep.jsonl", identity)  # before minutes of loading
     base, tokenizer, where = load_base(job.model or job.emulators[0].base)
     log.info("base model from %s; %d emulators on %d %s rows", where, len(job.emulators), len(test), kind.upper())
-    reports = []
-    for preset in job.emulators:
-        cut = f"{preset.shape.a}+{preset.shape.b}"
-        if (cut, "baselines") not in records:
-            records[cut, "baselines"] = _measure(
-                job,
-                identity | {"cut": cut, "what": "baselines"},
-                base,
-                tokenizer,
-                preset,
-                train,
-                test,
-                BASELINES,
-                progress,
-            )
-        if (preset.name, "emulator") not in records:
-            sibling = _same_emulator(records, preset.name)  # the same emulator and adapter at another gain
-            settings = ("plug_in",) if sibling else EMULATOR_SETTINGS
-            record = _measure(
-                job,
-                identity | {"emulator": preset.name, "what": "emulator"},
-                base,
-                tokenizer,
-                preset,
-                train,
-                test,
-                settings,
-                progress,
-                shared=sibling["results"] if sibling else {},
-            )
-            records[preset.name, "emulator"] = record
-        report = Report(task=job.task, test_rows=len(test), train_rows=len(train), kind=kind)
-        for record in (records[cut, "baselines"], records[preset.name, "emulator"]):
-            report.results.update(record["results"])
-        report.meta = {
-            "preset": preset.name,
-            "plugin_gain": preset.plugin_gain,
-            "val_rows": job.val_rows,
-            **records[preset.name, "emulator"]["meta"],
-        }
-        reports.append(report)
+    inputs = _Inputs(base, tokenizer, train, test, kind, identity, progress)
+    reports = [_emulator_report(job, records, inputs, preset) for preset in job.emulators]
     where = "held-out train rows" if job.val_rows else "test rows"
     write_report(reports, job.out / "report", title=f"emulator sweep on {job.task} ({len(test)} {where})")
     plot_frontier(
         reports, job.out / "report" / "frontier.png", f"{job.task}: privacy-utility frontier ({len(test)} {where})"
     )
     return reports
+
+
+def _emulator_report(job: SweepJob, records: dict, inputs: _Inputs, preset: Preset) -> Report:
+    """The emulator's report: its cut's baselines and its own settings, measured unless recorded."""
+    cut = f"{preset.shape.a}+{preset.shape.b}"
+    if (cut, "baselines") not in records:
+        key = inputs.identity | {"cut": cut, "what": "baselines"}
+        records[cut, "baselines"] = _measure(job, key, inputs, preset, BASELINES)
+    if (preset.name, "emulator") not in records:
+        sibling = _same_emulator(records, preset.name)  # the same emulator and adapter at another gain
+        settings = ("plug_in",) if sibling else EMULATOR_SETTINGS
+        key = inputs.identity | {"emulator": preset.name, "what": "emulator"}
+        shared = sibling["results"] if sibling else {}
+        records[preset.name, "emulator"] = _measure(job, key, inputs, preset, settings, shared=shared)
+    report = Report(task=job.task, test_rows=len(inputs.test), train_rows=len(inputs.train), kind=inputs.kind)
+    for record in (records[cut, "baselines"], records[preset.name, "emulator"]):
+        report.results.update(record["results"])
+    emulator_meta = records[preset.name, "emulator"]["meta"]
+    report.meta = {"preset": preset.name, "plugin_gain": preset.plugin_gain, "val_rows": job.val_rows, **emulator_meta}
+    return report
 
 
 def _adapter_name(emulator: str) -> str:
@@ -172,20 +167,10 @@ def _same_emulator(records: dict, name: str) -> dict | None:
     return None
 
 
-def _measure(
-    job: SweepJob,
-    key: dict,
-    base,
-    tokenizer,
-    preset: Preset,
-    train,
-    test,
-    settings,
-    progress,
-    shared: dict | None = None,
-) -> dict:
+def _measure(job: SweepJob, key: dict, inputs: _Inputs, preset: Preset, settings, shared: dict | None = None) -> dict:
     """Score ``settings`` and append the record; ``shared``: results of another gain's record that hold
     here too (emulator zero-shot and emulator-FT do not depend on the gain)."""
+    base, tokenizer, train, test, progress = inputs.base, inputs.tokenizer, inputs.train, inputs.test, inputs.progress
     bundle = prepare_bundle(
         base, tokenizer, config_for(preset, job.corpus), job.out / "bundles" / _slug(preset.name), progress=progress
     )
@@ -209,18 +194,27 @@ def _measure(
     return record
 
 
-def _read_records(path: Path) -> dict[tuple[str, str], dict]:
-    """What an earlier run of the same sweep measured, keyed by (cut or emulator, what)."""
+def _read_records(path: Path, identity: dict) -> dict[tuple[str, str], dict]:
+    """What an earlier run of the same sweep measured, keyed by (cut or emulator, what). A record
+    measured on other rows, another task, tuning or model is refused: that is another sweep."""
     records = {}
-    if path.is_file():
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            try:
-                record = json.loads(line)
-                records[record.get("cut") or record["emulator"], record["what"]] = record
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(
-                    f"{path}:{number}: not a sweep record ({error}); move the file away to start afresh"
-                ) from None
+    if not path.is_file():
+        return records
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = parse_json(line)
+            key = (record.get("cut") or record["emulator"], record["what"])
+        except (JSONRefused, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(
+                f"{path}:{number}: not a sweep record ({error}); move the file away to start afresh"
+            ) from None
+        differs = sorted(k for k, v in identity.items() if record.get(k) != v)
+        if differs:
+            raise ValueError(
+                f"{path}:{number}: measured with another {', '.join(differs)}: that is another sweep; "
+                "give another --out"
+            )
+        records[key] = record
     return records
 
 

@@ -93,3 +93,28 @@ def test_sweep_cli_refuses_a_bad_emulator_before_loading_anything(tmp_path, caps
     assert main(["sweep", "2-10-2", "2-10-2/kd", "--out", str(tmp_path / "s")]) == 2
     assert "emulator '2-10-2/kd'" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_directory_holds_one_sweep(tmp_path, tiny_dir, task, monkeypatch):  # noqa: F811
+    """Records measured with another tuning are refused by line, before anything is loaded or measured."""
+    import dataclasses
+
+    monkeypatch.setenv("OFFSITE_CACHE", str(tmp_path / "cache"))
+    train, test = task
+    base = Preset("tiny", str(tiny_dir), SandwichShape(2, 2, 2), DistillConfig(steps=0))
+    job = SweepJob(
+        emulators=(parse_emulator("2-2-2", base),),
+        train=train,
+        test=test,
+        out=tmp_path / "s",
+        task="even",
+        tune=TUNE,
+        val_rows=8,
+    )
+    run_sweep(job, progress=False)
+    other = dataclasses.replace(job, tune=dataclasses.replace(TUNE, lr=3e-3))
+    with pytest.raises(ValueError, match=r"sweep.jsonl:1: measured with another tune"):
+        run_sweep(other, progress=False)
+    (tmp_path / "s" / "sweep.jsonl").write_text("[" * 10_000 + "\n")
+    with pytest.raises(ValueError, match=r"sweep.jsonl:1: not a sweep record"):
+        run_sweep(job, progress=False)

@@ -8,10 +8,20 @@ from pathlib import Path
 from offsite.emulator.options import add_tune_arguments, tune_config_from_args
 from offsite.emulator.tune import TuneConfig
 
+from .daemon import DaemonConfig, RestartPolicy, run_daemon
+from .enroll_cli import register_enroll_command
+from .local import train_local_to_file
+
 
 def register(subparsers) -> None:
     client = subparsers.add_parser("client", help="data owner: tune the adapter on local data", description=__doc__)
     commands = client.add_subparsers(dest="client_command", required=True, metavar="COMMAND")
+    _add_train_command(commands)  # offsite client train
+    _add_start_command(commands)  # offsite client start
+    register_enroll_command(commands)  # offsite client enroll
+
+
+def _add_train_command(commands) -> None:
     train = commands.add_parser(
         "train",
         help="tune the adapter of an emulator bundle on a local JSONL file",
@@ -34,6 +44,8 @@ def register(subparsers) -> None:
     add_tune_arguments(train)
     train.set_defaults(func=_train)
 
+
+def _add_start_command(commands) -> None:
     start = commands.add_parser(
         "start",
         help="run a Flower SuperNode with the offsite ClientApp, restarted if it crashes",
@@ -81,14 +93,8 @@ def register(subparsers) -> None:
     start.add_argument("--log-file", type=Path, help="append the SuperNode's output here (default: this terminal)")
     start.set_defaults(func=_start)
 
-    from .enroll_cli import register_enroll_command
-
-    register_enroll_command(commands)  # offsite client enroll
-
 
 def _train(args: argparse.Namespace) -> int:
-    from .local import train_local_to_file
-
     config = tune_config_from_args(args, TuneConfig())
     path = train_local_to_file(args.bundle, args.data, config, args.out, coordinator_key=args.coordinator_key)
     print(f"adapter update written to {path}")
@@ -96,8 +102,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from .daemon import DaemonConfig, RestartPolicy, run_daemon
-
     config = DaemonConfig(
         superlink=args.superlink,
         data_path=args.data,

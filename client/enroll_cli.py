@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from offsite.protocol.keys import ClientIdentity
+
 
 def register_enroll_command(commands) -> None:
     """Add ``enroll`` to ``offsite client``'s subparsers."""
@@ -24,8 +26,6 @@ def register_enroll_command(commands) -> None:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from offsite.protocol.keys import ClientIdentity
-
     identity = ClientIdentity.generate(args.name)
     paths = identity.save(args.out, force=args.force)
     info = identity.registration()

@@ -172,6 +172,14 @@ def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
     :data:`FEDERATED_TUNING`)."""
     job, tuning = FedJobConfig(), FEDERATED_TUNING
     group = parser.add_argument_group("federated job (written to OUT/job.json for `offsite cloud run`)")
+    _add_round_arguments(group, job)
+    _add_local_training_arguments(group, job, tuning)
+    _add_job_end_arguments(group)
+    add_security_arguments(parser)  # --job-id, --keys, --registry, --envelopes, --secure-aggregation, --dp-*, ...
+
+
+def _add_round_arguments(group, job: FedJobConfig) -> None:
+    """``--rounds``, ``--min-nodes``, ``--min-replies``, ``--round-timeout``."""
     group.add_argument("--rounds", type=int, default=job.rounds, help=f"federated rounds (default {job.rounds})")
     group.add_argument(
         "--min-nodes",
@@ -191,6 +199,10 @@ def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
         default=job.round_timeout,
         help=f"seconds to wait for the train replies of a round (default {job.round_timeout:g})",
     )
+
+
+def _add_local_training_arguments(group, job: FedJobConfig, tuning) -> None:
+    """The data owners' training per round and how updates are combined: ``--local-*``, ``--aggregator``, etc."""
     group.add_argument(
         "--local-steps",
         type=int,
@@ -219,6 +231,10 @@ def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"the data owners' lr across rounds (cosine: down to {job.final_lr_ratio:g} x --local-lr "
         "by the last round)",
     )
+
+
+def _add_job_end_arguments(group) -> None:
+    """What happens after the last round: ``--eval-test``, ``--eval-rows``, ``--no-plug-in``."""
     group.add_argument(
         "--eval-test",
         type=Path,
@@ -229,7 +245,6 @@ def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-plug-in", action="store_true", help="end the job with the last checkpoint: no plug-in, no evaluation"
     )
-    add_security_arguments(parser)  # --job-id, --keys, --registry, --envelopes, --secure-aggregation, --dp-*, ...
 
 
 def fed_job_config_from_args(args: argparse.Namespace, base_model: str | None = None, plugin_gain: float = 1.0):

@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from offsite.protocol.bundle_signing import sign_bundle
+from offsite.protocol.keys import CoordinatorKeys, SenderRegistry, ed25519_public_from_text
+
 
 def register_key_commands(commands) -> None:
     """Add the key and registry subcommands to ``offsite cloud``'s subparsers."""
@@ -57,8 +60,6 @@ def register_key_commands(commands) -> None:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from offsite.protocol.keys import CoordinatorKeys
-
     keys = CoordinatorKeys.generate()
     paths = keys.save(args.out, force=args.force)
     public = keys.public()
@@ -69,8 +70,6 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from offsite.protocol.keys import SenderRegistry, ed25519_public_from_text
-
     registry = SenderRegistry.load_or_new(args.registry)
     entry = registry.register(args.sender, ed25519_public_from_text(args.public_key, "--public-key"))
     registry.save(args.registry)
@@ -79,8 +78,6 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from offsite.protocol.keys import SenderRegistry
-
     registry = SenderRegistry.load(args.registry)
     entry = registry.revoke(args.sender)
     registry.save(args.registry)
@@ -89,8 +86,6 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _senders(args: argparse.Namespace) -> int:
-    from offsite.protocol.keys import SenderRegistry
-
     registry = SenderRegistry.load(args.registry)
     for sender, entry in sorted(registry.entries.items()):
         print(f"{sender:24s} {entry.fingerprint}  {'REVOKED' if entry.revoked else 'active'}")
@@ -100,9 +95,6 @@ def _senders(args: argparse.Namespace) -> int:
 
 
 def _sign(args: argparse.Namespace) -> int:
-    from offsite.protocol.bundle_signing import sign_bundle
-    from offsite.protocol.keys import CoordinatorKeys
-
     keys = CoordinatorKeys.load(args.keys)
     path = sign_bundle(args.bundle, keys)
     print(f"signed {args.bundle} with key {keys.public().signing_fingerprint}: {path}")

@@ -8,15 +8,25 @@ import argparse
 import uuid
 from pathlib import Path
 
+from offsite.protocol.bundle_signing import sign_bundle
+from offsite.protocol.ids import DP_MODES
+from offsite.protocol.keys import CoordinatorKeys
+
+from .fed_job import SecurityConfig
+
 
 def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     """The security group of ``cloud prepare``; defaults are :class:`SecurityConfig`'s (all off)."""
-    from offsite.protocol.ids import DP_MODES
-
-    from .fed_job import SecurityConfig
-
     sec = SecurityConfig()
     group = parser.add_argument_group("security (job.json 'security'; docs/security.md)")
+    _add_identity_arguments(group)
+    _add_envelope_arguments(group)
+    _add_secagg_arguments(group, sec)
+    _add_dp_arguments(group, sec)
+
+
+def _add_identity_arguments(group) -> None:
+    """``--job-id``, ``--keys``, ``--registry``."""
     group.add_argument(
         "--job-id",
         default=None,
@@ -32,6 +42,10 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--registry", type=Path, default=None, help="sender registry JSON (`offsite cloud enroll --registry FILE`)"
     )
+
+
+def _add_envelope_arguments(group) -> None:
+    """``--envelopes`` and the limits on a sealed update."""
     group.add_argument(
         "--envelopes",
         action="store_true",
@@ -49,6 +63,10 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="refuse a larger sealed update (default: the adapter's size plus a margin)",
     )
+
+
+def _add_secagg_arguments(group, sec: SecurityConfig) -> None:
+    """``--secure-aggregation`` and ``--secagg-*``."""
     group.add_argument(
         "--secure-aggregation", action="store_true", help="pairwise-masked sum: the coordinator sees only the aggregate"
     )
@@ -73,6 +91,10 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
         help="least clients whose shares unmask the sum; each round uses at least a majority of its nodes "
         f"(default {sec.secagg_threshold})",
     )
+
+
+def _add_dp_arguments(group, sec: SecurityConfig) -> None:
+    """Differential privacy: ``--dp-*``."""
     group.add_argument(
         "--dp-clip",
         type=float,
@@ -104,10 +126,6 @@ def security_from_args(args: argparse.Namespace) -> dict:
     """``{"job_id": ..., "security": SecurityConfig}`` for :class:`FedJobConfig` (validated there).
 
     A ``--keys`` directory is loaded here, so a bad one fails before any distillation."""
-    from offsite.protocol.keys import CoordinatorKeys
-
-    from .fed_job import SecurityConfig
-
     keys = getattr(args, "keys", None)
     if keys is not None:
         CoordinatorKeys.load(keys)
@@ -132,9 +150,6 @@ def security_from_args(args: argparse.Namespace) -> dict:
 
 def sign_prepared_bundle(job, bundle_dir: Path) -> Path | None:
     """Sign the bundle with the job's coordinator key (``security.keys_dir``), if it names one."""
-    from offsite.protocol.bundle_signing import sign_bundle
-    from offsite.protocol.keys import CoordinatorKeys
-
     if job.security.keys_dir is None:
         return None
     return sign_bundle(bundle_dir, CoordinatorKeys.load(job.security.keys_dir))

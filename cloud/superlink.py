@@ -97,6 +97,27 @@ class SuperLinkConnection:
         return "\n".join(lines) + "\n"
 
 
+def _stop_log_stream(
+    stream: subprocess.Popen, reader: threading.Thread, lines: queue.Queue, on_line: Callable[[str], None]
+) -> None:
+    """Stop ``flwr log --stream`` by its PID if it still runs, then pass on the lines it left in ``lines``."""
+    if stream.poll() is None:
+        stream.terminate()
+        try:
+            stream.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            stream.kill()
+            stream.wait()
+    reader.join(timeout=5)
+    while True:
+        try:
+            line = lines.get_nowait()
+        except queue.Empty:
+            break
+        if line:
+            on_line(line)
+
+
 class SuperLinkControl:
     """The ``flwr`` CLI bound to one SuperLink through a private ``FLWR_HOME`` holding one connection."""
 
@@ -197,21 +218,7 @@ class SuperLinkControl:
                 if now > deadline:
                     raise FederationError(f"run {run_id} not finished after {timeout:.0f}s (status {status})")
         finally:
-            if stream.poll() is None:
-                stream.terminate()
-                try:
-                    stream.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    stream.kill()
-                    stream.wait()
-            reader.join(timeout=5)
-            while True:
-                try:
-                    line = lines.get_nowait()
-                except queue.Empty:
-                    break
-                if line:
-                    on_line(line)
+            _stop_log_stream(stream, reader, lines, on_line)
 
     def register_supernode(self, public_key: Path, name: str | None = None) -> int:
         """``flwr supernode register KEY.pub``: the SuperLink accepts this key from now on; returns the node id."""

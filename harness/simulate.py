@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offsite.cloud.fed_job import JobState, load_state, read_job
+from offsite.cloud.superlink import round_summary
+from offsite.harness.split import add_split_arguments, format_table, split_args_alpha, split_file
 from offsite.protocol.flower_process import FLWR_DISABLE_INSTALL
 from offsite.protocol.simulation import SIMULATION_ENV, SimulatedOwners, partition_file_name
 
@@ -107,8 +110,6 @@ def write_partitions(
     job_dir: Path, data: Path, clients: int, alpha: float | None, seed: int, min_rows: int = 1
 ) -> dict:
     """Split ``data`` among ``clients`` owners into ``JOB/sim/partitions``; return ``split.json``'s content."""
-    from offsite.harness.split import split_file
-
     return split_file(data, sim_dir(job_dir) / "partitions", clients, alpha, seed, min_rows)
 
 
@@ -175,13 +176,14 @@ def run_flower_simulation(job_dir: Path, clients: int, config: SimulationConfig)
         with quiet_logging():
             _run_simulation(job_dir, clients, config)
     finally:
-        import ray
+        import ray  # heavy optional: Ray is the simulation backend, loaded only when a simulation ran
 
         if ray.is_initialized():  # the backend shuts Ray down when it stops; not if it failed to start
             ray.shutdown()
 
 
 def _run_simulation(job_dir: Path, clients: int, config: SimulationConfig) -> None:
+    # heavy: Flower's simulation engine (Ray) and the torch-loading apps, imported only for a simulation run
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation as flower_run_simulation
     from flwr.supercore.telemetry import EventType
@@ -237,8 +239,6 @@ def simulate_job(job_dir: Path, partitions: Path, config: SimulationConfig = Sim
 
 
 def register(commands) -> None:
-    from offsite.harness.split import add_split_arguments
-
     simulate = commands.add_parser(
         "simulate",
         help="run a federated job's rounds on Flower's simulation engine (Ray) with many virtual data owners",
@@ -289,11 +289,6 @@ def register(commands) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    import sys
-
-    from offsite.cloud.superlink import round_summary
-    from offsite.harness.split import format_table, split_args_alpha
-
     config = SimulationConfig(args.cpus_per_client, args.gpus_per_client, args.max_parallel, args.flower_debug)
     if (args.partitions is None) == (args.data is None):
         raise ValueError("give the owners' data: --data FILE --clients N (--iid | --alpha A), or --partitions DIR")

@@ -7,14 +7,15 @@ import logging
 import sys
 
 from offsite import __version__
+from offsite.client.cli import register as register_client
+from offsite.cloud.cli import register as register_cloud
+from offsite.cloud.presets import PRESETS
+from offsite.cloud.serve_cli import register_query
+from offsite.deploy_cli import register as register_deploy
+from offsite.harness.cli import register as register_harness
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from offsite.client.cli import register as register_client
-    from offsite.cloud.cli import register as register_cloud
-    from offsite.deploy_cli import register as register_deploy
-    from offsite.harness.cli import register as register_harness
-
     parser = argparse.ArgumentParser(
         prog="offsite",
         description="Federated offsite-tuning: the operator ships an emulator of its model, data owners tune an "
@@ -28,8 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     register_harness(subparsers, register_cloud(subparsers))
     register_client(subparsers)
     register_deploy(subparsers)
-    from offsite.cloud.serve_cli import register_query
-
     register_query(subparsers)  # offsite query
     presets = subparsers.add_parser("presets", help="list the named recipes")
     presets.set_defaults(func=_presets)
@@ -37,8 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from offsite.cloud.presets import PRESETS
-
     for name, preset in sorted(PRESETS.items()):
         tune = preset.tune
         quantise = f"  quantise {preset.quantize}" if preset.quantize else ""

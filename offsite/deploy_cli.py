@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
+
+from offsite.cloud.certs import CertError, public_key_path, write_deployment_certs, write_node_key
+from offsite.cloud.superlink import (
+    FederationError,
+    KeyAlreadyRegistered,
+    SuperLinkConnection,
+    SuperLinkControl,
+    wait_for_port,
+)
 
 
 def register(subparsers) -> None:
@@ -68,8 +78,6 @@ def register(subparsers) -> None:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from offsite.cloud.certs import write_deployment_certs
-
     if args.skip_existing and (args.out / "ca.key").exists():
         print(f"{args.out / 'ca.key'} exists: keeping the TLS material in {args.out}")
         return 0
@@ -83,8 +91,6 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _node_key(args: argparse.Namespace) -> int:
-    from offsite.cloud.certs import CertError, public_key_path, write_node_key
-
     if args.out.exists() and not args.force:
         raise CertError(f"{args.out}: already exists (pass --force to replace it)")
     path = write_node_key(args.out)
@@ -93,16 +99,6 @@ def _node_key(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from offsite.cloud.superlink import (
-        FederationError,
-        KeyAlreadyRegistered,
-        SuperLinkConnection,
-        SuperLinkControl,
-        wait_for_port,
-    )
-
     connection = SuperLinkConnection(args.superlink, root_certificates=args.root_certificates)
     try:
         wait_for_port(args.superlink, args.wait)

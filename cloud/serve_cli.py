@@ -10,6 +10,13 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
+
+from .models import DEFAULT_MODEL, load_base
+from .presets import check_gain
+from .serving import registry
+from .serving.client import GrpcClient, HttpClient, Query, QueryError
+
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -17,8 +24,6 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 def register(commands) -> None:
     """Add ``serve`` to the ``offsite cloud`` subcommands."""
-    from .models import DEFAULT_MODEL
-
     serve = commands.add_parser(
         "serve",
         help="serve the base model and every registered job's adapter (OpenAI-compatible HTTP + gRPC)",
@@ -29,6 +34,15 @@ def register(commands) -> None:
         "protocol/serving.proto and grpc.health.v1. Base models of the llama family only "
         "(llama, mistral, qwen2, qwen3).",
     )
+    _add_model_arguments(serve)
+    _add_network_arguments(serve)
+    _add_limit_arguments(serve)
+    _add_runtime_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+
+def _add_model_arguments(serve: argparse.ArgumentParser) -> None:
+    """The registry, the base model and the jobs to register first."""
     serve.add_argument(
         "--registry",
         required=True,
@@ -57,6 +71,10 @@ def register(commands) -> None:
         "smollm2-135m/q34g16). Default: each source's own (a job directory's job.json, else the update "
         "file's metadata, else 1)",
     )
+
+
+def _add_network_arguments(serve: argparse.ArgumentParser) -> None:
+    """Addresses and credentials."""
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port; default 8000)")
     serve.add_argument(
@@ -72,6 +90,10 @@ def register(commands) -> None:
         type=Path,
         help="file of inference API keys, one a line (else $OFFSITE_API_KEYS, comma-separated; neither: open)",
     )
+
+
+def _add_limit_arguments(serve: argparse.ArgumentParser) -> None:
+    """Batch, context, queue and connection limits, and timeouts."""
     serve.add_argument(
         "--max-batch", type=int, default=32, help="most requests decoded together (KV-cache slots; default 32)"
     )
@@ -110,6 +132,10 @@ def register(commands) -> None:
         metavar="S",
         help="on SIGTERM/SIGINT: stop taking requests, give running ones S seconds to finish (default 30)",
     )
+
+
+def _add_runtime_arguments(serve: argparse.ArgumentParser) -> None:
+    """TLS, logging, dtype and threads."""
     serve.add_argument(
         "--certfile", type=Path, help="PEM certificate (chain): serve HTTPS and gRPC over TLS (with --keyfile)"
     )
@@ -117,7 +143,6 @@ def register(commands) -> None:
     serve.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
     serve.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    serve.set_defaults(func=_serve)
 
 
 def register_query(subparsers) -> None:
@@ -178,45 +203,19 @@ def api_keys(path: Path | None) -> frozenset[str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import torch
-
-    from .models import load_base
-    from .presets import check_gain
-    from .serving import registry, server
+    # the HTTP/gRPC server stack (fastapi, uvicorn, pydantic) loads only for `offsite cloud serve`
+    from .serving import server
     from .serving.http_server import TlsFiles
-    from .serving.service import ServeConfig, ServingService
+    from .serving.service import ServingService
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    adds = []
-    for item in args.add:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--add {item!r}: use NAME=PATH")
-        adds.append((registry.check_name(name), Path(path)))
+    adds = _parse_adds(args.add)
     if (args.certfile is None) != (args.keyfile is None):
         raise ValueError("--certfile and --keyfile go together")
     tls = TlsFiles(args.certfile, args.keyfile) if args.certfile else None
-    if args.plugin_gain is not None:
-        try:
-            check_gain(args.plugin_gain)  # before the base model loads
-        except ValueError as error:
-            raise ValueError(f"--plugin-gain: {error}") from None
-        if not adds:
-            raise ValueError("--plugin-gain applies to --add jobs; there are none")
-    config = ServeConfig(
-        registry=args.registry,
-        base_name=str(args.model),
-        max_batch=args.max_batch,
-        max_context=args.max_context,
-        default_max_tokens=args.max_tokens,
-        max_queue=args.max_queue,
-        api_keys=api_keys(args.api_keys_file),
-        admin_token=_secret_file(args.admin_token_file, "OFFSITE_ADMIN_TOKEN"),
-        max_connections=args.max_connections,
-        idle_timeout=args.idle_timeout,
-        shutdown_timeout=args.shutdown_timeout,
-    )
+    _check_plugin_gain(args.plugin_gain, adds)
+    config = _serve_config(args)
     model, tokenizer, where = load_base(args.model, dtype=getattr(torch, args.dtype))
     for name, path in adds:
         registry.add(args.registry, name, path, base=model, replace=args.replace, plugin_gain=args.plugin_gain)
@@ -230,6 +229,62 @@ def _serve(args: argparse.Namespace) -> int:
         tls=tls,
         access_log=not args.no_access_log,
     )
+    _print_serving(service, servers, where, tls is not None)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print(f"stopping: running requests get {config.shutdown_timeout:g} s to finish", flush=True)
+    servers.stop()
+    print("stopped", flush=True)
+    return 0
+
+
+def _parse_adds(items: list[str]) -> list[tuple[str, Path]]:
+    """``--add NAME=PATH`` arguments as (name, path)."""
+    adds = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--add {item!r}: use NAME=PATH")
+        adds.append((registry.check_name(name), Path(path)))
+    return adds
+
+
+def _check_plugin_gain(gain: float | None, adds: list[tuple[str, Path]]) -> None:
+    """``--plugin-gain``, checked before the base model loads."""
+    if gain is None:
+        return
+    try:
+        check_gain(gain)
+    except ValueError as error:
+        raise ValueError(f"--plugin-gain: {error}") from None
+    if not adds:
+        raise ValueError("--plugin-gain applies to --add jobs; there are none")
+
+
+def _serve_config(args: argparse.Namespace):
+    """The ServeConfig of ``offsite cloud serve``'s arguments (its secrets read from their files or environment)."""
+    from .serving.service import ServeConfig  # with the server stack: see _serve
+
+    return ServeConfig(
+        registry=args.registry,
+        base_name=str(args.model),
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        default_max_tokens=args.max_tokens,
+        max_queue=args.max_queue,
+        api_keys=api_keys(args.api_keys_file),
+        admin_token=_secret_file(args.admin_token_file, "OFFSITE_ADMIN_TOKEN"),
+        max_connections=args.max_connections,
+        idle_timeout=args.idle_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+
+
+def _print_serving(service, servers, where: str, tls: bool) -> None:
+    """What is served where, and with which limits."""
+    config = service.config
     jobs = service.jobs()
     print(f"serving {where} as 'base' and {len(jobs)} job(s): {', '.join(sorted(jobs)) or '-'}", flush=True)
     print(
@@ -246,22 +301,12 @@ def _serve(args: argparse.Namespace) -> int:
         f"idle ones closed after {config.idle_timeout:g} s",
         flush=True,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    print(f"stopping: running requests get {config.shutdown_timeout:g} s to finish", flush=True)
-    servers.stop()
-    print("stopped", flush=True)
-    return 0
 
 
 # ---------------------------------------------------------------- query
 
 
 def _query(args: argparse.Namespace) -> int:
-    from .serving.client import GrpcClient, HttpClient, Query, QueryError
-
     api_key = args.api_key or os.environ.get("OFFSITE_API_KEY")
     client = (
         GrpcClient(args.grpc, api_key, cafile=args.cafile)

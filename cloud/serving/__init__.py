@@ -10,7 +10,8 @@ One process holds the base model once and the adapters of many finished jobs sid
 - :mod:`.engine`: the scheduler thread that admits requests while others decode (continuous
   batching), and :mod:`.logprobs`, the log-probabilities it scores from the same passes;
 - :mod:`.openai_types` (the request bodies, pydantic), :mod:`.service` (validation, tokenisation,
-  chat templates, API keys, the admin operations), :mod:`.generation` (incremental text, stop
+  chat templates, API keys, the admin operations; its size checks in :mod:`.limits`, adapter uploads
+  in :mod:`.uploads`), :mod:`.generation` (incremental text, stop
   sequences, cancellation), :mod:`.responses` (OpenAI's response shapes), :mod:`.metrics`;
 - the front ends: :mod:`.http_api` (FastAPI, OpenAI-compatible) on :mod:`.http_server` (uvicorn),
   :mod:`.grpc_api` (``protocol/serving.proto`` and the gRPC health service), started together by

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import grpc
+
+from offsite.protocol._generated import serving_pb2, serving_pb2_grpc
+
 
 class QueryError(RuntimeError):
     """The server refused or failed a request; the message is the server's."""
@@ -128,11 +132,6 @@ class GrpcClient:
     def __init__(
         self, target: str, api_key: str | None = None, timeout: float = 600.0, cafile: Path | str | None = None
     ) -> None:
-        import grpc
-
-        from offsite.protocol._generated import serving_pb2_grpc
-
-        self._grpc = grpc
         if cafile:
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(Path(cafile).read_bytes()))
         else:
@@ -142,8 +141,6 @@ class GrpcClient:
         self.timeout = timeout
 
     def _request(self, query: Query):
-        from offsite.protocol._generated import serving_pb2
-
         request = serving_pb2.GenerateRequest(
             model=query.model, prompt=query.prompt or "", max_tokens=query.max_tokens or 0, stop=query.stop
         )
@@ -154,11 +151,9 @@ class GrpcClient:
         return request
 
     def models(self) -> list[dict]:
-        from offsite.protocol._generated import serving_pb2
-
         try:
             reply = self.stub.ListModels(serving_pb2.ListModelsRequest(), metadata=self.metadata, timeout=self.timeout)
-        except self._grpc.RpcError as error:
+        except grpc.RpcError as error:
             raise QueryError(f"{error.code().name}: {error.details()}") from None
         return [
             {"id": m.id, "kind": m.kind, "adapter_blocks": list(m.adapter_blocks), "context_length": m.context_length}
@@ -170,7 +165,7 @@ class GrpcClient:
             for chunk in self.stub.GenerateStream(self._request(query), metadata=self.metadata, timeout=self.timeout):
                 if chunk.text:
                     yield chunk.text
-        except self._grpc.RpcError as error:
+        except grpc.RpcError as error:
             raise QueryError(f"{error.code().name}: {error.details()}") from None
 
     def close(self) -> None:

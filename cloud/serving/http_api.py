@@ -353,13 +353,7 @@ def _add_admin(app: FastAPI, service: ServingService) -> None:
         """The body is an adapter file; name, gain and size are checked before it is read."""
         admin(request)
         replace = request.query_params.get("replace", "false").lower() in ("1", "true", "yes")
-        gain = request.query_params.get("plugin_gain")
-        try:
-            gain = float(gain) if gain is not None else None
-        except ValueError:
-            raise ServingError(
-                400, f"'plugin_gain' must be a number, got {brief(gain)}", param="plugin_gain", code="invalid_type"
-            ) from None
+        gain = _plugin_gain(request)
         upload = service.begin_upload(name, _content_length(request), replace=replace, plugin_gain=gain)
         try:
             async for chunk in request.stream():
@@ -373,6 +367,23 @@ def _add_admin(app: FastAPI, service: ServingService) -> None:
     async def unregister(name: str, request: Request) -> dict:
         admin(request)
         return await run_in_threadpool(service.unregister, name)
+
+    _add_vllm_admin(app, service, admin)
+
+
+def _plugin_gain(request: Request) -> float | None:
+    """The upload's ``plugin_gain`` query parameter (None when absent)."""
+    gain = request.query_params.get("plugin_gain")
+    try:
+        return float(gain) if gain is not None else None
+    except ValueError:
+        raise ServingError(
+            400, f"'plugin_gain' must be a number, got {brief(gain)}", param="plugin_gain", code="invalid_type"
+        ) from None
+
+
+def _add_vllm_admin(app: FastAPI, service: ServingService, admin: Callable[[Request], None]) -> None:
+    """vLLM's names for registering and unregistering adapters."""
 
     @app.post("/v1/load_lora_adapter", openapi_extra=_schema(LoadLoraAdapterRequest), tags=["admin"])
     async def load_lora_adapter(request: Request) -> Response:

@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from offsite.cloud.fed_job import JOB_FILE, JobError, load_checkpoint, load_state, read_job
 from offsite.cloud.plugin import extrapolate
 from offsite.cloud.presets import check_gain
 from offsite.emulator.arch import blocks_of
@@ -129,52 +130,85 @@ def served_job(name: str, tensors: dict[str, torch.Tensor], meta: dict, base: nn
         index, rest = _block_index(key, n_blocks, where)
         grouped.setdefault(index, {})[rest] = tensor
     if mode == "blocks":
-        job = ServedJob(name, "blocks", meta=meta)
-        for index, params in sorted(grouped.items()):
-            own = blocks[index].state_dict()
-            check_like(
-                params, own, RegistryError, f"{where}: adapter block {index}", prefix=f"blocks.{index}.", finite=True
-            )
-            if gain != 1.0:  # the recipe's plug-in gain, as `offsite cloud plugin` applies it
-                params = {param: extrapolate(own[param], tensor, gain) for param, tensor in params.items()}
-            job.blocks[index] = {
-                param: _finite(tensor.to(dtype).contiguous(), where, f"blocks.{index}.{param}", gain)
-                for param, tensor in params.items()
-            }
-        return job
+        return _blocks_job(name, grouped, blocks, meta, dtype, gain, where)
     if mode == "lora":
-        alpha = meta.get("lora_alpha")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-            raise RegistryError(f"{where}: a LoRA adapter needs a positive 'lora_alpha' in its metadata, got {alpha!r}")
-        job = ServedJob(name, "lora", lora_alpha=float(alpha), meta=meta)
-        for index, params in sorted(grouped.items()):
-            own = blocks[index].state_dict()
-            stems = {p.rsplit(".", 1)[0] for p in params}
-            for stem in sorted(stems):
-                a, b = params.get(stem + ".lora_A"), params.get(stem + ".lora_B")
-                if a is None or b is None or len([p for p in params if p.rsplit(".", 1)[0] == stem]) != 2:
-                    raise RegistryError(f"{where}: blocks.{index}.{stem}: LoRA needs exactly lora_A and lora_B")
-                weight = own.get(stem + ".weight")
-                if weight is None or weight.dim() != 2:
-                    raise RegistryError(f"{where}: blocks.{index}.{stem}: the base block has no linear {stem!r}")
-                out_features, in_features = weight.shape
-                if (
-                    a.dim() != 2
-                    or b.dim() != 2
-                    or a.shape[1] != in_features
-                    or b.shape[0] != out_features
-                    or a.shape[0] != b.shape[1]
-                ):
-                    raise RegistryError(
-                        f"{where}: blocks.{index}.{stem}: LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} "
-                        f"do not fit a ({out_features}, {in_features}) weight"
-                    )
-                scale = gain * float(alpha) / a.shape[0]
-                a = _finite(a.to(dtype).contiguous(), where, f"blocks.{index}.{stem}.lora_A", gain)
-                b = _finite(b.to(dtype).contiguous(), where, f"blocks.{index}.{stem}.lora_B", gain)
-                job.lora.setdefault(index, {})[stem] = (a, b, scale)
-        return job
+        return _lora_job(name, grouped, blocks, meta, dtype, gain, where)
     raise RegistryError(f"{where}: metadata 'mode' must be 'blocks' or 'lora', got {mode!r}")
+
+
+def _blocks_job(
+    name: str,
+    grouped: dict[int, dict[str, torch.Tensor]],
+    blocks: nn.ModuleList,
+    meta: dict,
+    dtype: torch.dtype,
+    gain: float,
+    where: str,
+) -> ServedJob:
+    """A whole-blocks adapter, each block checked against the base's and plugged in at ``gain``."""
+    job = ServedJob(name, "blocks", meta=meta)
+    for index, params in sorted(grouped.items()):
+        own = blocks[index].state_dict()
+        check_like(
+            params, own, RegistryError, f"{where}: adapter block {index}", prefix=f"blocks.{index}.", finite=True
+        )
+        if gain != 1.0:  # the recipe's plug-in gain, as `offsite cloud plugin` applies it
+            params = {param: extrapolate(own[param], tensor, gain) for param, tensor in params.items()}
+        job.blocks[index] = {
+            param: _finite(tensor.to(dtype).contiguous(), where, f"blocks.{index}.{param}", gain)
+            for param, tensor in params.items()
+        }
+    return job
+
+
+def _lora_job(
+    name: str,
+    grouped: dict[int, dict[str, torch.Tensor]],
+    blocks: nn.ModuleList,
+    meta: dict,
+    dtype: torch.dtype,
+    gain: float,
+    where: str,
+) -> ServedJob:
+    """A LoRA adapter: an (A, B, scale) per adapted linear of each block."""
+    alpha = meta.get("lora_alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise RegistryError(f"{where}: a LoRA adapter needs a positive 'lora_alpha' in its metadata, got {alpha!r}")
+    job = ServedJob(name, "lora", lora_alpha=float(alpha), meta=meta)
+    for index, params in sorted(grouped.items()):
+        own = blocks[index].state_dict()
+        for stem in sorted({p.rsplit(".", 1)[0] for p in params}):
+            a, b = _lora_pair(params, own, stem, f"{where}: blocks.{index}.{stem}")
+            scale = gain * float(alpha) / a.shape[0]
+            a = _finite(a.to(dtype).contiguous(), where, f"blocks.{index}.{stem}.lora_A", gain)
+            b = _finite(b.to(dtype).contiguous(), where, f"blocks.{index}.{stem}.lora_B", gain)
+            job.lora.setdefault(index, {})[stem] = (a, b, scale)
+    return job
+
+
+def _lora_pair(
+    params: dict[str, torch.Tensor], own: dict[str, torch.Tensor], stem: str, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stem``'s (lora_A, lora_B), checked to be exactly those two and to fit the base's linear weight."""
+    a, b = params.get(stem + ".lora_A"), params.get(stem + ".lora_B")
+    if a is None or b is None or len([p for p in params if p.rsplit(".", 1)[0] == stem]) != 2:
+        raise RegistryError(f"{where}: LoRA needs exactly lora_A and lora_B")
+    weight = own.get(stem + ".weight")
+    if weight is None or weight.dim() != 2:
+        raise RegistryError(f"{where}: the base block has no linear {stem!r}")
+    out_features, in_features = weight.shape
+    if (
+        a.dim() != 2
+        or b.dim() != 2
+        or a.shape[1] != in_features
+        or b.shape[0] != out_features
+        or a.shape[0] != b.shape[1]
+    ):
+        raise RegistryError(
+            f"{where}: LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} "
+            f"do not fit a ({out_features}, {in_features}) weight"
+        )
+    return a, b
 
 
 # ---------------------------------------------------------------- sources
@@ -182,8 +216,6 @@ def served_job(name: str, tensors: dict[str, torch.Tensor], meta: dict, base: nn
 
 def read_source(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a finished federated job directory or an adapter update file."""
-    from offsite.cloud.fed_job import JOB_FILE, JobError, load_checkpoint, load_state, read_job
-
     path = Path(path)
     if path.is_dir():
         try:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -26,18 +24,14 @@ from offsite.cloud.presets import check_gain
 from . import registry
 from .engine import QueueFull, Request, SamplingParams, Scheduler, SchedulerClosed
 from .generation import Generation
+from .limits import PROMPT_CHARS_SLACK, check_length, check_logprob_budget, longest_token, sampling_params
 from .metrics import ServingMetrics
 from .openai_types import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, ServingError, brief, validate
 from .registry import BASE_MODEL, RegistryError, ServedJob
 from .stack import LlamaStack
+from .uploads import MAX_UPLOAD_BYTES, Upload
 
 log = logging.getLogger(__name__)
-
-MAX_UPLOAD_BYTES = 4 << 30
-# A prompt longer than (context limit x the longest token's characters x this) cannot fit, whatever
-# its tokens: refused before it is tokenised. The factor covers normalisers that compose characters
-# (NFC/NFKC join at most a few code points into one).
-PROMPT_CHARS_SLACK = 4
 
 
 @dataclass(frozen=True)
@@ -96,49 +90,6 @@ class Prepared:
     prompt_texts: list[str] | None = None  # the prompts as sent (strings), for echo
 
 
-class Upload:
-    """An adapter file arriving in chunks, written to a temporary file in the registry as it comes;
-    :meth:`finish` registers it (slow: validation against the base model), :meth:`abort` drops it."""
-
-    def __init__(
-        self, service: ServingService, name: str, length: int | None, replace: bool, plugin_gain: float | None
-    ) -> None:
-        self.service, self.name, self.length, self.replace, self.plugin_gain = (
-            service,
-            name,
-            length,
-            replace,
-            plugin_gain,
-        )
-        self.received = 0
-        Path(service.config.registry).mkdir(parents=True, exist_ok=True)
-        self._file = tempfile.NamedTemporaryFile(
-            dir=service.config.registry, prefix=".upload-", suffix=".safetensors", delete=False
-        )
-
-    def write(self, chunk: bytes) -> None:
-        self.received += len(chunk)
-        if self.received > (self.length if self.length is not None else MAX_UPLOAD_BYTES):
-            raise ServingError(413, f"the adapter is over {MAX_UPLOAD_BYTES} bytes, the limit", code="too_large")
-        self._file.write(chunk)
-
-    def finish(self) -> dict:
-        self._file.close()
-        try:
-            if self.length is not None and self.received < self.length:
-                raise ServingError(
-                    400, f"the body ended after {self.received} of {self.length} bytes", code="incomplete_body"
-                )
-            return self.service.register(self.name, self._file.name, replace=self.replace, plugin_gain=self.plugin_gain)
-        finally:
-            os.unlink(self._file.name)
-
-    def abort(self) -> None:
-        self._file.close()
-        if os.path.exists(self._file.name):
-            os.unlink(self._file.name)
-
-
 class ServingService:
     """The base model, the registered jobs, the scheduler, the metrics, and the requests' validation."""
 
@@ -151,7 +102,7 @@ class ServingService:
             self.stack, self._eos_ids(), max_queue=config.max_queue, prefill_tokens=config.prefill_tokens
         )
         self.created = int(time.time())
-        self.max_prompt_chars = self.context_length * _longest_token(tokenizer) * PROMPT_CHARS_SLACK
+        self.max_prompt_chars = self.context_length * longest_token(tokenizer) * PROMPT_CHARS_SLACK
         self._jobs: dict[str, ServedJob] = {}
         self._lock = threading.Lock()  # guards _jobs
         self._admin = threading.Lock()  # one registration at a time
@@ -360,11 +311,18 @@ class ServingService:
             else [self._token_ids(p) for p in request.prompt]
         )
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
-        params = self._params(
-            request, prompts, "prompt", "max_tokens", request.max_tokens, request.logprobs, prompt_logprobs
+        params = sampling_params(
+            request,
+            prompts,
+            "max_tokens",
+            request.max_tokens,
+            request.logprobs,
+            prompt_logprobs,
+            self.context_length,
+            self.config.default_max_tokens,
         )
         scored = request.n * sum((len(p) if request.echo else 0) + params.max_tokens for p in prompts)
-        self._check_logprob_budget(scored, request.logprobs, "logprobs")
+        check_logprob_budget(scored, request.logprobs, "logprobs", self.config.max_logprob_entries)
         return Prepared(
             request.model,
             job,
@@ -393,8 +351,10 @@ class ServingService:
         )
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         key, limit = request.completion_limit
-        params = self._params(request, [ids], "messages", key, limit, logprobs, None)
-        self._check_logprob_budget(request.n * params.max_tokens, logprobs, "top_logprobs")
+        params = sampling_params(
+            request, [ids], key, limit, logprobs, None, self.context_length, self.config.default_max_tokens
+        )
+        check_logprob_budget(request.n * params.max_tokens, logprobs, "top_logprobs", self.config.max_logprob_entries)
         return Prepared(
             request.model,
             job,
@@ -410,7 +370,7 @@ class ServingService:
         )
 
     def render_chat(self, messages: list[dict]) -> list[int]:
-        from jinja2 import TemplateError
+        from jinja2 import TemplateError  # not a dependency of ours: transformers needs it only for chat templates
 
         if not getattr(self.tokenizer, "chat_template", None):
             raise ServingError(
@@ -449,69 +409,17 @@ class ServingService:
         ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
         if not ids:
             raise ServingError(400, "the prompt is empty", param=param, code="invalid_value")
-        self._check_length(len(ids), param)
+        check_length(len(ids), param, self.context_length)
         return ids
 
     def _token_ids(self, ids: list[int]) -> list[int]:
-        self._check_length(len(ids), "prompt")
+        check_length(len(ids), "prompt", self.context_length)
         vocab = self.stack.embed.shape[0]
         if any(not 0 <= t < vocab for t in ids):
             raise ServingError(
                 400, f"'prompt' holds token ids outside 0..{vocab - 1}", param="prompt", code="invalid_value"
             )
         return list(ids)
-
-    def _check_length(self, tokens: int, param: str) -> None:
-        if tokens >= self.context_length:
-            raise ServingError(
-                400,
-                f"This model's maximum context length is {self.context_length} tokens; the prompt is {tokens} tokens",
-                param=param,
-                code="context_length_exceeded",
-            )
-
-    def _params(
-        self,
-        request,
-        prompts: list[list[int]],
-        prompt_key: str,
-        max_key: str,
-        max_tokens: int | None,
-        logprobs: int | None,
-        prompt_logprobs: int | None,
-    ) -> SamplingParams:
-        limit, longest = self.context_length, max(len(p) for p in prompts)
-        if max_tokens is None:
-            max_tokens = min(self.config.default_max_tokens, limit - longest)
-        elif longest + max_tokens > limit:
-            raise ServingError(
-                400,
-                f"This model's maximum context length is {limit} tokens; you asked for {longest + max_tokens} "
-                f"({longest} in the prompt, {max_tokens} for the completion)",
-                param=max_key,
-                code="context_length_exceeded",
-            )
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-        )
-
-    def _check_logprob_budget(self, tokens: int, alternatives: int | None, param: str) -> None:
-        """Refuse a request whose log-probabilities (``tokens`` scored, ``alternatives`` each) are
-        more than ``max_logprob_entries``, before any work."""
-        limit = self.config.max_logprob_entries
-        if alternatives is not None and tokens * (alternatives + 1) > limit:
-            raise ServingError(
-                400,
-                f"this request asks for {tokens * (alternatives + 1)} log-probabilities (tokens x (alternatives + 1) "
-                f"over every choice); the limit is {limit}: ask for fewer tokens, choices or alternatives",
-                param=param,
-                code="invalid_value",
-            )
 
     def start(self, prepared: Prepared, listener: Callable[[], None] | None = None) -> list[Generation]:
         """Queue every choice of ``prepared`` (all or none); one Generation each, in choice order.
@@ -537,14 +445,6 @@ class ServingService:
             self.metrics.observe_generation(prepared.model, generation)
 
         return [Generation(r, self.tokenizer, prepared.stop, self.config.request_timeout, on_end) for r in requests]
-
-
-def _longest_token(tokenizer) -> int:
-    """The most characters one token of ``tokenizer`` stands for (its longest vocabulary entry)."""
-    try:
-        return max(16, max(len(token) for token in tokenizer.get_vocab()))
-    except (AttributeError, NotImplementedError, TypeError, ValueError):
-        return 256
 
 
 def _bearer(authorization: str | None) -> str | None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 
 from offsite.emulator.arch import UnsupportedModelError, blocks_of, get_path, spec_for
 
@@ -142,8 +143,6 @@ class LlamaStack:
                 f"serving supports the llama family ({', '.join(SUPPORTED_MODEL_TYPES)}); "
                 f"this base model's model_type is {config.model_type!r}"
             )
-        from transformers.activations import ACT2FN
-
         self.model = model
         self.config = config
         self.n_heads = config.num_attention_heads

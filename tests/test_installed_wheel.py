@@ -138,9 +138,13 @@ def installed(tmp_path_factory) -> Installed:
 
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python, bin_dir = venv / "bin" / "python", venv / "bin"
+    # without the PYTHONPATH an earlier in-process tool may have set (Ray's driver does), the fresh
+    # environment cannot see this one's offsite, and pip installs the wheel instead of "already installed"
+    clean = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
         cwd=outside,
+        env=clean,
         capture_output=True,
         text=True,
         timeout=300,
@@ -148,7 +152,7 @@ def installed(tmp_path_factory) -> Installed:
     assert install.returncode == 0, install.stdout + install.stderr
     site = Path(
         subprocess.check_output(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True, env=clean
         ).strip()
     )
     assert (site / "offsite" / "__init__.py").is_file(), f"the wheel was not installed into {site}"

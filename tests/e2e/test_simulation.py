@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import time
 
 import psutil
@@ -30,6 +31,16 @@ def weighted_mean(updates: list[tuple[dict, float]]) -> dict[str, torch.Tensor]:
     """The oracle: sum_i w_i * t_i / sum_i w_i, in float64."""
     total = sum(weight for _, weight in updates)
     return {key: sum(tensors[key].double() * weight for tensors, weight in updates) / total for key in updates[0][0]}
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Ray's in-process driver writes PYTHONPATH (this repo and this venv's site-packages), RAY_* and
+    PYTHONBREAKPOINT into os.environ; later tests' subprocesses must not inherit them."""
+    before = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
 
 
 @pytest.fixture

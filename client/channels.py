@@ -78,10 +78,13 @@ class TunedUpdate:
         return cls(instruction, global_adapter, tuned, timing, private)
 
     def adapter(self) -> dict[str, torch.Tensor]:
-        """The adapter to send, in the global adapter's dtypes (with DP: global + private delta)."""
+        """The adapter to send, in the global adapter's dtypes (with DP: global + private delta). In a
+        LoRA job that merges stacked factors the global is whole blocks and the reply this round's
+        factors: those are sent as tuned."""
         if self.private is not None:
             return self.private.adapter(self.global_adapter)
-        return {key: self.tuned[key].detach().to("cpu", like.dtype) for key, like in self.global_adapter.items()}
+        like = self.global_adapter if set(self.tuned) == set(self.global_adapter) else self.tuned
+        return {key: self.tuned[key].detach().to("cpu", like[key].dtype) for key in like}
 
     def delta(self) -> dict[str, torch.Tensor]:
         """``tuned - global`` in float64 (with DP: clipped and noised)."""

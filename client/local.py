@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from offsite.emulator.data import Example, read_examples
+from offsite.emulator.lora import is_lora_state
 from offsite.emulator.sandwich import load_adapter_state
 from offsite.emulator.tune import TuneConfig, TuneResult, tune_adapter
 from offsite.protocol.adapter import save_update
@@ -25,11 +26,13 @@ def tune_on_bundle(
     start: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
 ) -> TuneResult:
-    """Build the emulator from a verified bundle, load ``start`` (a global adapter) into it when
-    given, and tune the adapter on ``examples``. The one tuning path of a data owner."""
+    """Build the emulator from a verified bundle, start from ``start`` when given (a global adapter:
+    whole blocks, loaded into the emulator, or a LoRA job's global factors, loaded into the LoRA
+    it attaches), and tune the adapter on ``examples``. The one tuning path of a data owner."""
     tokenizer = load_tokenizer(bundle)
     emulator = load_emulator(bundle)
-    if start is not None:
+    factors = start if start is not None and is_lora_state(start) else None
+    if start is not None and factors is None:
         load_adapter_state(emulator, bundle.layout, start)
     log.info("tuning %s adapter on %d examples", config.mode, len(examples))
     return tune_adapter(
@@ -41,6 +44,7 @@ def tune_on_bundle(
         config,
         a=bundle.shape["a"],
         progress=progress,
+        lora_start=factors,
     )
 
 

@@ -102,3 +102,39 @@ def aggregate(name: str, updates: Sequence[Update], trim_fraction: float = 0.1) 
     if name == "median":
         return coordinate_median(updates)
     raise AggregationError(f"unknown aggregator {name!r} (known: {', '.join(AGGREGATORS)})")
+
+
+def lora_stack(
+    blocks: dict[str, torch.Tensor], updates: Sequence[Update], alpha: float, transposed: bool = False
+) -> dict[str, torch.Tensor]:
+    """Exact FedAvg of LoRA updates merged into whole blocks: ``W + sum_i p_i (alpha/r) B_i A_i``
+    with ``p_i = w_i / sum_j w_j``, computed as one product of the stacked factors
+    ``[p_1 B_1 | ... | p_n B_n] @ [A_1; ...; A_n]`` (rank ``n r``), in float64.
+
+    The mean of the factors is not this: ``mean(B) mean(A) != mean(B A)`` (:func:`fedavg` of
+    the factors, the ``factors`` baseline). ``transposed``: Conv1D weights stored ``(in, out)``.
+    """
+    check_compatible(updates)
+    weights = torch.tensor([float(weight) for _, weight in updates], dtype=torch.float64)
+    weights = weights / weights.sum()  # (n,)
+    reference, _ = updates[0]
+    merged = dict(blocks)
+    for key in sorted(reference):
+        if not key.endswith(".lora_A"):
+            continue
+        stem = key[: -len(".lora_A")]
+        if stem + ".lora_B" not in reference:
+            raise AggregationError(f"LoRA factor {key} has no {stem}.lora_B")
+        weight_key = stem + ".weight"
+        if weight_key not in blocks:
+            raise AggregationError(f"LoRA factor {key} has no weight {weight_key} in the global adapter")
+        a_stack = _stacked(updates, key).flatten(0, 1)  # (n r, in)
+        b_stack = _stacked(updates, stem + ".lora_B")  # (n, out, r)
+        rank = b_stack.shape[-1]
+        b_stack = (weights[:, None, None] * b_stack).permute(1, 0, 2).flatten(1)  # (out, n r)
+        delta = (alpha / rank) * (b_stack @ a_stack)  # (out, in)
+        if transposed:
+            delta = delta.T
+        like = blocks[weight_key]
+        merged[weight_key] = (like.to(torch.float64) + delta).to(like.dtype)
+    return merged

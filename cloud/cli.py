@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from offsite.emulator.lora import LoRASpec
 from offsite.emulator.quantize import Quantize
 from offsite.emulator.sandwich import SandwichShape
 from offsite.protocol.adapter import load_update
@@ -17,7 +18,7 @@ from offsite.protocol.bundle import read_bundle
 from .aggregate import AGGREGATORS
 from .combine import combine
 from .evaluate import job_report_dir, summary_table, write_report
-from .fed_job import BUNDLE_DIR, FEDERATED_TUNING, JOB_FILE, FedJobConfig, read_job, write_job
+from .fed_job import BUNDLE_DIR, FEDERATED_TUNING, JOB_FILE, LORA_AGGREGATIONS, FedJobConfig, read_job, write_job
 from .finish import finish_job
 from .keys_cli import register_key_commands
 from .models import load_base
@@ -174,6 +175,7 @@ def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("federated job (written to OUT/job.json for `offsite cloud run`)")
     _add_round_arguments(group, job)
     _add_local_training_arguments(group, job, tuning)
+    _add_lora_arguments(parser.add_argument_group("LoRA (federated rounds of LoRA factors inside the adapter blocks)"))
     _add_job_end_arguments(group)
     add_security_arguments(parser)  # --job-id, --keys, --registry, --envelopes, --secure-aggregation, --dp-*, ...
 
@@ -233,6 +235,56 @@ def _add_local_training_arguments(group, job: FedJobConfig, tuning) -> None:
     )
 
 
+def _add_lora_arguments(group) -> None:
+    """``--mode lora`` and its rank, alpha, targets and aggregation (docs/federated.md, "LoRA")."""
+    spec = LoRASpec()
+    group.add_argument(
+        "--mode",
+        choices=("blocks", "lora"),
+        default="blocks",
+        help="data owners train whole adapter blocks (default) or LoRA factors inside them",
+    )
+    group.add_argument("--lora-rank", type=int, default=spec.rank, help=f"LoRA rank r (default {spec.rank})")
+    group.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=spec.alpha,
+        help=f"LoRA alpha, the scale being alpha/r (default {spec.alpha:g})",
+    )
+    group.add_argument(
+        "--lora-targets", default=None, help="comma-separated linear names inside a block (default: every linear)"
+    )
+    group.add_argument(
+        "--lora-aggregation",
+        choices=LORA_AGGREGATIONS,
+        default=FedJobConfig.lora_aggregation,
+        help="frozen-a (default): A fixed by the job's seed, owners train B, the mean of B is exact and works "
+        "with secure aggregation and DP; stack: exact mean of the products B A merged into the blocks; "
+        "factors: naive mean of A and of B (not exact: a baseline)",
+    )
+
+
+def _tuning_from_args(args: argparse.Namespace):
+    """The data owners' per-round :class:`TuneConfig` from ``--local-*`` and the LoRA options."""
+    given = {"steps": args.local_steps, "lr": args.local_lr, "batch_size": args.local_batch_size}
+    try:
+        tuning = dataclasses.replace(FEDERATED_TUNING, **given)
+    except ValueError as error:  # TuneConfig's own check, named by the options that set it
+        raise ValueError(f"--local-steps, --local-lr, --local-batch-size: {error}") from None
+    if args.mode != "lora":
+        return tuning
+    frozen = args.lora_aggregation == "frozen-a"
+    names = args.lora_targets.split(",") if args.lora_targets else []
+    targets = tuple(name.strip() for name in names if name.strip()) or None
+    try:
+        lora = LoRASpec(
+            args.lora_rank, args.lora_alpha, targets, freeze_a=frozen, init_seed=tuning.seed if frozen else None
+        )
+    except ValueError as error:
+        raise ValueError(f"--lora-rank, --lora-alpha: {error}") from None
+    return dataclasses.replace(tuning, mode="lora", lora=lora)
+
+
 def _add_job_end_arguments(group) -> None:
     """What happens after the last round: ``--eval-test``, ``--eval-rows``, ``--no-plug-in``."""
     group.add_argument(
@@ -249,11 +301,7 @@ def _add_job_end_arguments(group) -> None:
 
 def fed_job_config_from_args(args: argparse.Namespace, base_model: str | None = None, plugin_gain: float = 1.0):
     """The :class:`FedJobConfig` that ``cloud prepare``'s federated-job options describe (validated)."""
-    try:
-        given = {"steps": args.local_steps, "lr": args.local_lr, "batch_size": args.local_batch_size}
-        tuning = dataclasses.replace(FEDERATED_TUNING, **given)
-    except ValueError as error:  # TuneConfig's own check, named by the options that set it
-        raise ValueError(f"--local-steps, --local-lr, --local-batch-size: {error}") from None
+    tuning = _tuning_from_args(args)
     if args.eval_test is not None and args.no_plug_in:
         raise ValueError("--eval-test scores the plug-in: it cannot go with --no-plug-in")
     if args.eval_test is not None and not args.eval_test.is_file():
@@ -265,6 +313,7 @@ def fed_job_config_from_args(args: argparse.Namespace, base_model: str | None = 
         round_timeout=args.round_timeout,
         aggregator=args.aggregator,
         tuning=tuning,
+        lora_aggregation=args.lora_aggregation,
         lr_schedule=args.lr_schedule,
         base_model=None if args.no_plug_in else base_model,
         eval_test=str(args.eval_test.resolve()) if args.eval_test is not None else None,

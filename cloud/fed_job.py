@@ -41,6 +41,7 @@ from .aggregate import AGGREGATORS
 from .presets import check_gain
 
 JOB_FILE = "job.json"
+LORA_AGGREGATIONS = ("frozen-a", "stack", "factors")
 STATE_FILE = "state.json"
 BUNDLE_DIR = "bundle"
 REPLAY_FILE = "replay.jsonl"
@@ -176,8 +177,11 @@ class FedJobConfig:
     trim_fraction: float = 0.1
     record_updates: bool = field(default=False, metadata={"help": "keep every client's update under updates/"})
     tuning: TuneConfig = field(
-        default=FEDERATED_TUNING, metadata={"help": "each data owner's local tuning per round (whole adapter blocks)"}
+        default=FEDERATED_TUNING,
+        metadata={"help": "each data owner's local tuning per round (whole adapter blocks, or LoRA inside them)"},
     )
+    # LoRA jobs (tuning.mode "lora"): how the owners' factors make the global update (docs/federated.md)
+    lora_aggregation: Literal["frozen-a", "stack", "factors"] = "frozen-a"
     lr_schedule: Literal["constant", "cosine"] = field(
         default="constant",
         metadata={"help": "the clients' lr across rounds: constant, or cosine down to final_lr_ratio * tuning.lr"},
@@ -226,10 +230,29 @@ class FedJobConfig:
 
     def _check_tuning(self) -> None:
         """What a federated round can carry of a :class:`TuneConfig` (which checks itself)."""
-        if self.tuning.mode != "blocks":
-            raise JobError(f"tuning.mode {self.tuning.mode!r}: federated rounds average whole adapter blocks")
+        if self.lora_aggregation not in LORA_AGGREGATIONS:
+            raise JobError(f"lora_aggregation {self.lora_aggregation!r} is not one of {LORA_AGGREGATIONS}")
+        if self.tuning.mode == "lora":
+            self._check_lora()
         if self.tuning.device != "auto":
             raise JobError(f"tuning.device {self.tuning.device!r}: each data owner picks its own (node config)")
+
+    def _check_lora(self) -> None:
+        """A LoRA job's aggregation against its tuning and security settings."""
+        lora, frozen = self.tuning.lora, self.lora_aggregation == "frozen-a"
+        if lora.freeze_a != frozen:
+            raise JobError(f"tuning.lora.freeze_a must be {frozen} with lora_aggregation {self.lora_aggregation!r}")
+        if frozen and lora.init_seed is None:
+            raise JobError("lora_aggregation 'frozen-a' shares A through the job: set tuning.lora.init_seed")
+        sec = self.security
+        if self.lora_aggregation != "frozen-a" and (sec.secure_aggregation or sec.dp):
+            raise JobError(
+                f"lora_aggregation {self.lora_aggregation!r} cannot go with secure aggregation or DP: they only "
+                "yield the sum of what the owners send, and the sum of the factors is not the sum of the updates "
+                "(B A is not linear in the factors); use 'frozen-a' (A fixed, B trained: the mean of B is exact)"
+            )
+        if self.lora_aggregation == "stack" and self.aggregator != "fedavg":
+            raise JobError("lora_aggregation 'stack' is an exact weighted mean: aggregator must be 'fedavg'")
 
     def _check_security(self) -> None:
         """Contradictions between the security settings and the rest of the job."""
@@ -360,15 +383,24 @@ class JobState:
     privacy: dict = field(default_factory=dict)  # with DP: PrivacyAccountant.to_json() after the last completed round
 
 
+BLOCKS = {"mode": "blocks", "lora_alpha": None}
+
+
 def save_checkpoint(
-    job_dir: Path, state: JobState, round_number: int, adapter: dict[str, torch.Tensor], record: dict | None
+    job_dir: Path,
+    state: JobState,
+    round_number: int,
+    adapter: dict[str, torch.Tensor],
+    record: dict | None,
+    kind: dict | None = None,
 ) -> JobState:
     """Write round ``round_number``'s global adapter, then the state file pointing at it; the
-    record gets ``checkpoint_seconds`` (writing and hashing the adapter)."""
+    record gets ``checkpoint_seconds`` (writing and hashing the adapter). ``kind``: the update
+    file's ``mode`` and ``lora_alpha`` (whole blocks unless given: a LoRA job's factors)."""
     started = time.perf_counter()
     path = checkpoint_path(job_dir, round_number)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_update(tmp, adapter, {"mode": "blocks", "lora_alpha": None, "bundle": state.bundle, "round": round_number})
+    save_update(tmp, adapter, {**(kind or BLOCKS), "bundle": state.bundle, "round": round_number})
     os.replace(tmp, path)
     state.completed_round = round_number
     state.checkpoint = path.relative_to(job_dir).as_posix()
@@ -397,7 +429,8 @@ def load_state(job_dir: Path) -> JobState | None:
     return state
 
 
-def load_checkpoint(job_dir: Path, state: JobState) -> dict[str, torch.Tensor]:
+def load_checkpoint(job_dir: Path, state: JobState) -> tuple[dict[str, torch.Tensor], dict]:
+    """The checkpoint ``state`` names, checked against its sha256 and bundle: (tensors, metadata)."""
     path = Path(job_dir) / state.checkpoint
     if not path.is_file():
         raise JobError(f"{path}: the checkpoint named in {STATE_FILE} is missing")
@@ -406,18 +439,23 @@ def load_checkpoint(job_dir: Path, state: JobState) -> dict[str, torch.Tensor]:
     tensors, meta = load_update(path)
     if meta.get("bundle") != state.bundle:
         raise JobError(f"{path}: tuned on bundle {meta.get('bundle')}, the job's is {state.bundle}")
-    return tensors
+    return tensors, meta
 
 
 def record_client_update(
-    job_dir: Path, round_number: int, node_id: int, adapter: dict[str, torch.Tensor], num_examples: int, bundle: str
+    job_dir: Path,
+    round_number: int,
+    node_id: int,
+    adapter: dict[str, torch.Tensor],
+    num_examples: int,
+    bundle: str,
+    kind: dict | None = None,
 ) -> Path:
     return save_update(
         update_path(job_dir, round_number, node_id),
         adapter,
         {
-            "mode": "blocks",
-            "lora_alpha": None,
+            **(kind or BLOCKS),
             "bundle": bundle,
             "round": round_number,
             "node": node_id,

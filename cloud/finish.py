@@ -66,14 +66,16 @@ def finish_job(job_dir: Path | str, force: bool = False) -> dict[str, Path]:
         return {"plug_in": marker.parent} | ({"report": report_file} if config.eval_test else {})
 
     bundle = read_bundle(job_dir / BUNDLE_DIR)
-    adapter = load_checkpoint(job_dir, state)
+    adapter, meta = load_checkpoint(job_dir, state)  # whole blocks, or a LoRA job's factors
     base, tokenizer, where = load_base(config.base_model)
     log.info("job %s: plugging round %d's adapter into %s", job_dir, state.completed_round, where)
-    plugged = plug_in_update(base, adapter, bundle.adapter_blocks, gain=config.plugin_gain)
+    alpha = meta.get("lora_alpha") if meta.get("mode") == "lora" else None
+    plugged = plug_in_update(base, adapter, bundle.adapter_blocks, alpha, gain=config.plugin_gain)
     written = {"plug_in": save_plugged(plugged, tokenizer, job_dir / PLUG_IN_DIR, provenance)}
     del plugged
     if config.eval_test is not None:
-        report = _evaluate(job_dir, config, state, base, tokenizer, bundle, adapter, provenance)
+        lora = meta.get("mode") == "lora"
+        report = _evaluate(job_dir, config, state, base, tokenizer, bundle, adapter, provenance, lora)
         title = f"federated job {job_dir.name}: {state.completed_round} rounds"
         write_report([report], job_report_dir(job_dir), title=title)
         written["report"] = report_file
@@ -82,8 +84,9 @@ def finish_job(job_dir: Path | str, force: bool = False) -> dict[str, Path]:
     return written
 
 
-def _evaluate(job_dir: Path, config, state, base, tokenizer, bundle, adapter, provenance: dict):
-    """The federated settings' report of the plugged-in adapter on the job's ``eval_test``."""
+def _evaluate(job_dir: Path, config, state, base, tokenizer, bundle, adapter, provenance: dict, lora: bool):
+    """The federated settings' report of the plugged-in adapter on the job's ``eval_test``
+    (``lora``: the adapter is a LoRA job's factors)."""
     _, test = read_test_rows(config.eval_test, limit=config.eval_rows)
     report, _ = five_setting_eval(
         base,
@@ -91,7 +94,7 @@ def _evaluate(job_dir: Path, config, state, base, tokenizer, bundle, adapter, pr
         bundle,
         [],
         test,
-        TuneConfig(),
+        TuneConfig(mode="lora", lora=config.tuning.lora) if lora else TuneConfig(),
         EvalConfig(settings=FEDERATED_SETTINGS, plugin_gain=config.plugin_gain),
         task=Path(config.eval_test).name.removesuffix(".jsonl"),
         adapter=adapter,

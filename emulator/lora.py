@@ -49,10 +49,19 @@ class LoRASpec:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] | None = None  # module names inside a block; None: the family's default
+    freeze_a: bool = False  # train B only; A stays as initialised (a federated job's "frozen-a")
+    init_seed: int | None = None  # seed of A's initialisation; None: the tuning seed (a job fixes it to share A)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoRA alpha must be a finite number > 0, got {self.alpha}")
+
+
+def is_lora_state(state: dict[str, torch.Tensor]) -> bool:
+    """True when ``state`` holds LoRA factors (``...lora_A`` / ``...lora_B``), not whole blocks."""
+    return bool(state) and all(key.endswith((".lora_A", ".lora_B")) for key in state)
 
 
 def attach_lora(model: nn.Module, layout: list[int], blocks: list[int], lora: LoRASpec, seed: int = 0) -> None:
@@ -90,11 +99,13 @@ def lora_state_dict(model: nn.Module, layout: list[int]) -> dict[str, torch.Tens
     return state
 
 
-def load_lora_state(model: nn.Module, layout: list[int], state: dict[str, torch.Tensor]) -> None:
+def load_lora_state(model: nn.Module, layout: list[int], state: dict[str, torch.Tensor], partial: bool = False) -> None:
+    """Copy LoRA factors into the attached :class:`LoRALinear` modules: every factor, or with
+    ``partial`` a subset (a frozen-A job sends only the B factors)."""
     block_list = get_path(model, spec_for(model).blocks)
     position_of = {original: position for position, original in enumerate(layout)}
     expected = lora_state_dict(model, layout)
-    if set(expected) != set(state):
+    if not (set(state) <= set(expected) if partial else set(expected) == set(state)):
         extra, lacking = set(state) - set(expected), set(expected) - set(state)
         raise KeyError(f"LoRA state: unexpected {sorted(extra)[:3]}, missing {sorted(lacking)[:3]}")
     with torch.no_grad():

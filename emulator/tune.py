@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .arch import get_path, spec_for
 from .data import Example, ExampleStream
-from .lora import LoRASpec, attach_lora, lora_state_dict
+from .lora import LoRASpec, attach_lora, load_lora_state, lora_state_dict
 from .sandwich import adapter_state_dict, only_positions
 from .score import answer_loss, autocast_for
 
@@ -123,8 +123,11 @@ def lr_at(step: int, config: TuneConfig) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def trainable_parameters(model: nn.Module, layout: list[int], blocks: list[int], mode: str) -> list[nn.Parameter]:
-    """Freeze everything, then unfreeze the chosen blocks (whole) or their LoRA factors."""
+def trainable_parameters(
+    model: nn.Module, layout: list[int], blocks: list[int], mode: str, freeze_a: bool = False
+) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze the chosen blocks (whole) or their LoRA factors (B only with ``freeze_a``)."""
+    trained_factors = ("lora_B",) if freeze_a else ("lora_A", "lora_B")
     for param in model.parameters():
         param.requires_grad_(False)
     block_list = get_path(model, spec_for(model).blocks)
@@ -133,7 +136,7 @@ def trainable_parameters(model: nn.Module, layout: list[int], blocks: list[int],
         if original not in blocks:
             continue
         for name, param in block_list[position].named_parameters():
-            if mode == "blocks" or name.endswith(("lora_A", "lora_B")):
+            if mode == "blocks" or name.endswith(trained_factors):
                 param.requires_grad_(True)
                 params.append(param)
     if not params:
@@ -153,6 +156,7 @@ def tune_adapter(
     desc: str = "tuning",
     on_step: Callable[[int, nn.Module], None] | None = None,
     middle_drop: float = 0.0,
+    lora_start: dict[str, torch.Tensor] | None = None,
 ) -> TuneResult:
     """Tune ``model``'s adapter in place on ``examples`` and return the adapter state.
 
@@ -163,11 +167,14 @@ def tune_adapter(
     optimiser step (1-based), e.g. to evaluate along the way; it must leave the model as it found it.
     ``middle_drop``: stochastic depth, each step skips each non-adapter block with this
     probability (an experiment's lever, see ``experiments/levers.py``; 0 runs every block).
+    ``lora_start``: LoRA factors to start from (a federated LoRA job's global factors; all of
+    them, or only the B factors when A is frozen and drawn from ``config.lora.init_seed``).
+    With ``config.lora.freeze_a`` the result holds the B factors only.
     """
     if not 0.0 <= middle_drop < 1.0:
         raise ValueError(f"middle_drop must be in [0, 1), got {middle_drop}")
     device = pick_device(config.device)
-    params = _trainable(model, layout, config.blocks_to_train(adapter_blocks, a), config, device)
+    params = _trainable(model, layout, config.blocks_to_train(adapter_blocks, a), config, device, lora_start)
     anchors = [p.detach().clone() for p in params] if config.prox > 0 else None
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     stream = ExampleStream(tokenizer, examples, config.batch_size, config.max_length, seed=config.seed)
@@ -189,17 +196,30 @@ def tune_adapter(
         if on_step is not None:
             on_step(step + 1, model)
     state = _tuned_state(model, layout, adapter_blocks, config.mode)
+    if config.mode == "lora" and config.lora.freeze_a:
+        state = {key: tensor for key, tensor in state.items() if not key.endswith(".lora_A")}
     return TuneResult(state, losses, tokens, time.perf_counter() - started, config.mode)
 
 
 def _trainable(
-    model: nn.Module, layout: list[int], trained: list[int], config: TuneConfig, device: torch.device
+    model: nn.Module,
+    layout: list[int],
+    trained: list[int],
+    config: TuneConfig,
+    device: torch.device,
+    lora_start: dict[str, torch.Tensor] | None = None,
 ) -> list[nn.Parameter]:
-    """Attach LoRA (in "lora" mode), move the model to ``device``, and unfreeze what trains."""
+    """Attach LoRA (in "lora" mode; from ``lora_start`` when given), move the model to ``device``,
+    and unfreeze what trains."""
     if config.mode == "lora":
-        attach_lora(model, layout, trained, config.lora, seed=config.seed)
+        seed = config.seed if config.lora.init_seed is None else config.lora.init_seed
+        attach_lora(model, layout, trained, config.lora, seed=seed)
+        if lora_start is not None:
+            load_lora_state(model, layout, lora_start, partial=True)
+    elif lora_start is not None:
+        raise ValueError("LoRA factors to start from, but the tuning mode is 'blocks'")
     model.to(device)
-    return trainable_parameters(model, layout, trained, config.mode)
+    return trainable_parameters(model, layout, trained, config.mode, config.mode == "lora" and config.lora.freeze_a)
 
 
 def _optimiser_step(loss: torch.Tensor, params, anchors, optimizer, config: TuneConfig) -> None:

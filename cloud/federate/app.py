@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from offsite.emulator.sandwich import adapter_state_dict
-from offsite.protocol.bundle import Bundle, BundleError, load_emulator, read_bundle
+from offsite.protocol.bundle import BundleError, read_bundle
 from offsite.protocol.bundle_signing import read_signed_bundle
 
+from ..adapter_rule import AdapterRule
 from ..fed_job import (
     BUNDLE_DIR,
     FedJobConfig,
@@ -79,22 +78,20 @@ def open_job(job_dir: Path) -> OpenJob:
     except BundleError as error:
         hint = f" (sign it: offsite cloud sign-bundle --bundle {bundle_dir} --keys DIR)" if keys is not None else ""
         raise JobError(f"{error}{hint}") from None
+    rule = AdapterRule.for_job(config, bundle)
     state = load_state(job_dir)
     if state is None:
         state = JobState(bundle=bundle.digest)
-        adapter = initial_adapter(bundle)
-        save_checkpoint(job_dir, state, 0, adapter, None)
-        return OpenJob(job_dir, config, bundle, state, adapter)
+        adapter = rule.initial()  # the bundle's adapter blocks as shipped, or a LoRA job's initial factors
+        save_checkpoint(job_dir, state, 0, rule.checkpoint(adapter), None, rule.kind)
+        return OpenJob(job_dir, config, bundle, state, adapter, rule)
     if state.bundle != bundle.digest:
-        raise JobError(
-            f"{job_dir}/state.json belongs to bundle {state.bundle[:12]}, the job's bundle is {bundle.digest[:12]}"
-        )
-    return OpenJob(job_dir, config, bundle, state, load_checkpoint(job_dir, state))
-
-
-def initial_adapter(bundle: Bundle) -> dict[str, torch.Tensor]:
-    """The adapter blocks exactly as the bundle ships them."""
-    return adapter_state_dict(load_emulator(bundle), bundle.layout, bundle.adapter_blocks)
+        raise JobError(f"{job_dir}/state.json belongs to bundle {state.bundle[:12]}, the job's is {bundle.digest[:12]}")
+    tensors, meta = load_checkpoint(job_dir, state)
+    if meta.get("mode") != rule.kind["mode"]:
+        found = meta.get("mode")
+        raise JobError(f"{job_dir / state.checkpoint}: a {found!r} checkpoint, but this job's rule is {rule.name}")
+    return OpenJob(job_dir, config, bundle, state, rule.from_checkpoint(tensors), rule)
 
 
 def open_channel(job_dir: Path, config: FedJobConfig) -> UpdateChannel:

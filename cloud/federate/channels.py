@@ -203,13 +203,17 @@ class PlainChannel:
         self.config = config
         self.dp = config.security.dp
 
+    def aggregate(self, _global: dict[str, torch.Tensor], updates: list) -> dict[str, torch.Tensor]:
+        """The job's aggregator over whole-block updates."""
+        return aggregate(self.config.aggregator, updates, self.config.trim_fraction)
+
     def train_requests(self, round_state: RoundState) -> dict[int, RecordDict]:
         content = train_content(round_state)
         return {node: content for node in round_state.ready}
 
     def reader(self, round_state: RoundState) -> Callable[[int, Message], Update]:
         """How this round reads one reply."""
-        return lambda node, reply: read_plain_reply(node, reply, round_state.adapter, self.dp)
+        return lambda node, reply: read_plain_reply(node, reply, round_state.reply_like, self.dp)
 
     def read_replies(self, round_state: RoundState, answers: list[tuple[int, Message]]) -> int:
         read, replies = self.reader(round_state), round_state.replies
@@ -234,7 +238,8 @@ class PlainChannel:
                 f"(failed: {replies.failed}, dropped: {dropped})"
             )
         ordered = sorted(updates)
-        new_global = aggregate(self.config.aggregator, [updates[node] for node in ordered], self.config.trim_fraction)
+        combine = round_state.rule.combine if round_state.rule is not None else self.aggregate
+        new_global = combine(round_state.adapter, [updates[node] for node in ordered])
         stats = TrainStats.of(updates, replies.metrics)
         loss = "-" if stats.mean_train_loss is None else f"{stats.mean_train_loss:.4f}"
         summary = f"aggregated {len(ordered)} update(s), weighted train loss {loss}"
@@ -253,7 +258,7 @@ class EnvelopeChannel(PlainChannel):
         self.envelopes = envelopes
 
     def reader(self, round_state: RoundState) -> Callable[[int, Message], Update]:
-        opener = self.envelopes.opener(round_state.number, round_state.adapter)  # the registry as it is now
+        opener = self.envelopes.opener(round_state.number, round_state.reply_like)  # the registry as it is now
         senders = round_state.replies.senders
 
         def read(node: int, reply: Message) -> Update:

@@ -18,6 +18,7 @@ from offsite.protocol.envelope import Rejected
 from offsite.protocol.messages import SECAGG_QUERY, ErrorCode, TrainInstruction
 
 if TYPE_CHECKING:  # transport raises RoundFailed, so it imports this module
+    from offsite.cloud.adapter_rule import AdapterRule
     from offsite.cloud.fed_job import JobState
 
     from .transport import NodeTransport
@@ -99,6 +100,12 @@ class RoundState:
     started: float = field(default_factory=time.perf_counter)
     replies: RoundReplies = field(default_factory=RoundReplies)
     aggregate_seconds: float = 0.0  # the coordinator's own time reading and combining the updates
+    rule: AdapterRule | None = None  # what the global adapter is and how replies combine (None: whole blocks)
+
+    @property
+    def reply_like(self) -> dict[str, torch.Tensor]:
+        """What every reply must look like: the global adapter, or (stacked LoRA) the job's factors."""
+        return self.adapter if self.rule is None else self.rule.reply_like(self.adapter)
 
     def exchange(
         self, requests: Mapping[int, RecordDict], message_type: str = SECAGG_QUERY

@@ -20,6 +20,7 @@ from offsite.protocol.bundle import Bundle
 from offsite.protocol.dp import PrivacyAccountant
 from offsite.protocol.messages import TRAIN
 
+from ..adapter_rule import AdapterRule
 from ..fed_job import FedJobConfig, JobState, record_client_update, save_checkpoint, save_state
 from .channels import UpdateChannel
 from .round import Aggregate, RoundFailed, RoundRecord, RoundState, privacy_text
@@ -38,6 +39,7 @@ class OpenJob:
     bundle: Bundle
     state: JobState
     adapter: dict[str, torch.Tensor]
+    rule: AdapterRule | None = None  # None: whole blocks, combined by the job's aggregator
 
 
 @dataclass
@@ -88,8 +90,16 @@ class FederatedTuning:
                 if state.privacy != spent:  # updates were released in the failed round: keep the privacy they cost
                     save_state(job.job_dir, state)
                 raise
-            save_checkpoint(job.job_dir, state, number, adapter, record.to_json())
+            self.save(number, adapter, record.to_json())
         return Result(adapter, state)
+
+    def save(self, number: int, adapter: dict[str, torch.Tensor], record: dict | None) -> None:
+        """Checkpoint round ``number``'s global adapter (a LoRA rule's factors as a LoRA update)."""
+        rule, job = self.job.rule, self.job
+        if rule is None:
+            save_checkpoint(job.job_dir, job.state, number, adapter, record)
+        else:
+            save_checkpoint(job.job_dir, job.state, number, rule.checkpoint(adapter), record, rule.kind)
 
     def run_round(self, number: int, adapter: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], RoundRecord]:
         """One round: the new global adapter and the round's record."""
@@ -108,7 +118,8 @@ class FederatedTuning:
         state.nodes_with_bundle = sorted(set(state.nodes_with_bundle) | installed)
         ready = [node for node in nodes if node in state.nodes_with_bundle]
         instruction = config.instruction(number, self.job.bundle.digest)
-        return RoundState(number, adapter, instruction, nodes, ready, transport, state, config.round_timeout, started)
+        timeout, rule = config.round_timeout, self.job.rule
+        return RoundState(number, adapter, instruction, nodes, ready, transport, state, timeout, started, rule=rule)
 
     def configure_train(self, round_state: RoundState) -> dict[int, RecordDict]:
         """Each node's train message: the global adapter, the round's instruction, and what the channel adds."""
@@ -141,5 +152,7 @@ class FederatedTuning:
     def record_updates(self, number: int, aggregate: Aggregate) -> None:
         """With ``record_updates``: keep each client's update under ``updates/`` (plain and envelope rounds)."""
         if self.config.record_updates:
+            rule, job = self.job.rule, self.job
+            kind = None if rule is None else rule.reply_kind
             for node, (update, weight) in aggregate.updates.items():
-                record_client_update(self.job.job_dir, number, node, update, int(weight), self.job.bundle.digest)
+                record_client_update(job.job_dir, number, node, update, int(weight), job.bundle.digest, kind)

@@ -226,12 +226,12 @@ def read_source(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
         if state is None or state.completed_round < 1 or not state.checkpoint:
             raise RegistryError(f"{path}: not a finished job (no completed round in {path / 'state.json'})")
         try:
-            tensors = load_checkpoint(path, state)
+            tensors, kind = load_checkpoint(path, state)  # whole blocks, or a LoRA job's factors
         except (JobError, UpdateError) as error:
             raise RegistryError(str(error)) from None
         meta = {
-            "mode": "blocks",
-            "lora_alpha": None,
+            "mode": kind["mode"],
+            "lora_alpha": kind.get("lora_alpha"),
             "bundle": state.bundle,
             "round": state.completed_round,
             "plugin_gain": gain,

@@ -137,7 +137,7 @@ def test_the_round_s_tuning_is_the_job_s_with_the_round_s_lr_and_seed():
         sent = config.instruction(round_number, "c" * 64).tuning
         assert sent == dataclasses.replace(tuning, lr=config.round_lr(round_number), seed=5 + round_number)
     assert config.instruction(3, "c" * 64).tuning.lr == pytest.approx(5e-4)
-    with pytest.raises(JobError, match="tuning.mode 'lora'"):
+    with pytest.raises(JobError, match="freeze_a must be True with lora_aggregation 'frozen-a'"):
         FedJobConfig(tuning=dataclasses.replace(FEDERATED_TUNING, mode="lora"))
     with pytest.raises(JobError, match="tuning.device"):
         FedJobConfig(tuning=dataclasses.replace(FEDERATED_TUNING, device="cuda"))

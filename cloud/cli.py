@@ -18,6 +18,7 @@ from offsite.protocol.bundle import read_bundle
 from .aggregate import AGGREGATORS
 from .combine import combine
 from .evaluate import job_report_dir, summary_table, write_report
+from .export import register as register_export
 from .fed_job import BUNDLE_DIR, FEDERATED_TUNING, JOB_FILE, LORA_AGGREGATIONS, FedJobConfig, read_job, write_job
 from .finish import finish_job
 from .keys_cli import register_key_commands
@@ -41,6 +42,7 @@ def register(subparsers):
     _register_run(commands)
     register_key_commands(commands)  # offsite cloud keys | enroll | revoke | senders | sign-bundle
     _register_finish(commands)
+    register_export(commands)  # offsite cloud export --format peft|hf
     for parent, name in ((commands, "report"), (subparsers, "report")):
         _register_report(parent, name)
     register_serve(commands)  # offsite cloud serve

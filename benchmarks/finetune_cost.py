@@ -1,11 +1,14 @@
-"""Fine-tuning cost: emulator + adapter tuning against full fine-tuning, measured side by side.
+"""Fine-tuning cost: what a data owner pays to tune the adapter on the emulator, against full
+fine-tuning of the base model, measured side by side.
 
 One run, one model, one batch shape. Each setting runs in its own subprocess so that its peak
-memory (CUDA: max allocated; CPU: the process's peak RSS) is its own. Prints tokens/s, peak
-memory, the ratios against full fine-tuning of all parameters, and the analytic FLOP-ratio
-bound for the shape.
+memory (CUDA: max allocated; CPU: the process's peak RSS, the Python and torch runtime included)
+is its own. The emulator settings build the model from the job's bundle, as ``offsite client``
+does, and never load the base model (the parent process prepares the bundle first, from the
+cache when the recipe was built before). Prints tokens/s, peak memory, the ratios against full
+FT, and the analytic FLOP-ratio bound for the shape.
 
-    python benchmarks/finetune_cost.py [--model smollm2-135m] [--shape 2-10-2] [--batch 4] [--seq 256]
+    python benchmarks/finetune_cost.py [--preset smollm2-135m/default] [--batch 4] [--seq 256]
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 SETTINGS = {
     "full FT (all parameters)": "full",
     "emulator + adapter blocks": "emulator",
-    "emulator + LoRA in adapter": "emulator-lora",
+    "emulator + LoRA in adapter (r 8)": "emulator-lora",
+    "emulator + frozen-A LoRA (r 8, B trained)": "emulator-lora-frozen-a",
+    "emulator + LoRA, activation checkpointing": "emulator-lora-ckpt",
+    "emulator + frozen-A LoRA, activation checkpointing": "emulator-lora-frozen-a-ckpt",
 }
 
 
@@ -31,27 +39,30 @@ def measure(args: argparse.Namespace) -> dict:
     from offsite.cloud.models import load_base
     from offsite.emulator.data import Batch
     from offsite.emulator.lora import LoRASpec, attach_lora
-    from offsite.emulator.sandwich import SandwichShape, build_emulator, num_blocks
     from offsite.emulator.score import answer_loss, autocast_for
-    from offsite.emulator.tune import pick_device, trainable_parameters
+    from offsite.emulator.tune import LOSS_CHUNK, pick_device, trainable_parameters
+    from offsite.protocol.bundle import load_emulator, read_bundle
 
     torch.manual_seed(0)
     device = pick_device(args.device)
-    model, _, _ = load_base(args.model)
-    shape = SandwichShape.parse(args.shape)
-    n = num_blocks(model)
-    adapter_blocks = shape.adapter_blocks(n)
     if args.setting == "full":
+        model, _, _ = load_base(args.model)
         for param in model.parameters():
             param.requires_grad_(True)
         params = list(model.parameters())
-    else:
-        model, layout = build_emulator(model, shape)
-        mode = "lora" if args.setting == "emulator-lora" else "blocks"
+    else:  # a data owner's process: the bundle only
+        bundle = read_bundle(args.bundle)
+        model, layout, adapter_blocks = load_emulator(bundle), bundle.layout, bundle.adapter_blocks
+        mode = "lora" if args.setting.startswith("emulator-lora") else "blocks"
+        frozen = args.setting.startswith("emulator-lora-frozen-a")
         if mode == "lora":
-            attach_lora(model, layout, adapter_blocks, LoRASpec(rank=8, alpha=16))
-        params = trainable_parameters(model, layout, adapter_blocks, mode)
+            attach_lora(model, layout, adapter_blocks, LoRASpec(rank=8, alpha=16, freeze_a=frozen))
+        params = trainable_parameters(model, layout, adapter_blocks, mode, freeze_a=frozen)
     model.to(device).train()
+    chunk = None
+    if args.setting.endswith("-ckpt"):  # what `offsite client start --activation-checkpointing` does
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        chunk = LOSS_CHUNK
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -61,7 +72,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     def step() -> None:
         with autocast:
-            loss = answer_loss(model, batch)
+            loss = answer_loss(model, batch, chunk)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -111,10 +122,24 @@ def flop_ratio_bound(model_name: str, shape_text: str) -> tuple[float, float]:
     return full / (2 * (kept * f + h) + (shape.a + shape.b) * f), full / (2 * (kept * f + h))
 
 
+def prepare(preset_name: str, out: Path) -> tuple[str, str, str]:
+    """(base model, shape, bundle directory) of the preset's emulator, prepared in this process."""
+    from offsite.cloud.models import load_base
+    from offsite.cloud.prepare import config_for, prepare_bundle
+    from offsite.cloud.presets import get_preset
+
+    preset = get_preset(preset_name)
+    base, tokenizer, _ = load_base(preset.base)
+    bundle = prepare_bundle(base, tokenizer, config_for(preset), out / "bundle", progress=False)
+    return preset.base, str(preset.shape), str(bundle.root)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--shape", default="2-10-2")
+    parser.add_argument("--preset", default="smollm2-135m/default", help="recipe whose emulator the owners tune")
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--bundle", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
@@ -127,6 +152,8 @@ def main() -> None:
         return
 
     results = {}
+    scratch = tempfile.TemporaryDirectory(prefix="finetune-cost-")
+    args.model, args.shape, bundle = prepare(args.preset, Path(scratch.name))
     for label, setting in SETTINGS.items():
         command = [
             sys.executable,
@@ -135,8 +162,8 @@ def main() -> None:
             setting,
             "--model",
             args.model,
-            "--shape",
-            args.shape,
+            "--bundle",
+            bundle,
             "--batch",
             str(args.batch),
             "--seq",
@@ -167,7 +194,9 @@ def main() -> None:
     blocks_bound, lora_bound = flop_ratio_bound(args.model, args.shape)
     print(f"\nFLOP-ratio bound for {args.shape}: {blocks_bound:.2f}x (adapter blocks), {lora_bound:.2f}x (LoRA)")
     if full["device"] == "cpu":
-        print("(CPU peak memory is each subprocess's peak RSS, the loaded base model included)")
+        print("(CPU peak memory: each subprocess's peak RSS, the Python and torch runtime included; the emulator")
+        print(" settings build the model from the bundle and never load the base model, as a data owner's node)")
+    scratch.cleanup()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,11 @@ def _add_train_command(commands) -> None:
         help="the coordinator's coordinator.pub.json, pinned out of band: the bundle must be signed by it "
         "(without it an edited manifest is caught only by its own consistency checks)",
     )
+    train.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="less memory, more time: activations and the head's logits recomputed in the backward pass",
+    )
     add_tune_arguments(train)
     train.set_defaults(func=_train)
 
@@ -75,6 +80,11 @@ def _add_start_command(commands) -> None:
         help="the SuperNode's local runtime API port on 127.0.0.1 (default 9094)",
     )
     start.add_argument("--threads", type=int, help="torch CPU threads for training")
+    start.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="tune with less memory and more time: activations and the head's logits recomputed in the backward pass",
+    )
     start.add_argument("--max-restarts", type=int, help="give up after this many restarts (default: never)")
     start.add_argument(
         "--identity",
@@ -96,7 +106,14 @@ def _add_start_command(commands) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     config = tune_config_from_args(args, TuneConfig())
-    path = train_local_to_file(args.bundle, args.data, config, args.out, coordinator_key=args.coordinator_key)
+    path = train_local_to_file(
+        args.bundle,
+        args.data,
+        config,
+        args.out,
+        coordinator_key=args.coordinator_key,
+        checkpointing=args.activation_checkpointing,
+    )
     print(f"adapter update written to {path}")
     return 0
 
@@ -112,6 +129,7 @@ def _start(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         runtime_port=args.runtime_port,
         threads=args.threads,
+        activation_checkpointing=args.activation_checkpointing,
         identity_dir=args.identity,
         coordinator_key=args.coordinator_key,
         audit_dir=args.audit_dir,

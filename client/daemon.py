@@ -165,6 +165,9 @@ class DaemonConfig:
     insecure: bool = field(default=False, metadata={"help": "plain HTTP, no TLS (loopback tests only)"})
     runtime_port: int = field(default=9094, metadata={"help": "the SuperNode's local runtime API port (127.0.0.1)"})
     threads: int | None = None
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in the backward pass: less memory, more time"}
+    )
     identity_dir: Path | None = field(
         default=None, metadata={"help": "this data owner's identity (offsite client enroll --out DIR)"}
     )
@@ -203,6 +206,8 @@ class DaemonConfig:
             config["cache-dir"] = Path(self.cache_dir).expanduser().resolve()
         if self.threads is not None:
             config["threads"] = self.threads
+        if self.activation_checkpointing:
+            config["activation-checkpointing"] = True
         for key, path in (
             ("identity-dir", self.identity_dir),
             ("coordinator-key", self.coordinator_key),

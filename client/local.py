@@ -25,6 +25,7 @@ def tune_on_bundle(
     config: TuneConfig,
     start: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
+    checkpointing: bool = False,
 ) -> TuneResult:
     """Build the emulator from a verified bundle, start from ``start`` when given (a global adapter:
     whole blocks, loaded into the emulator, or a LoRA job's global factors, loaded into the LoRA
@@ -45,6 +46,7 @@ def tune_on_bundle(
         a=bundle.shape["a"],
         progress=progress,
         lora_start=factors,
+        checkpointing=checkpointing,
     )
 
 
@@ -66,15 +68,16 @@ def train_local(
     config: TuneConfig,
     progress: bool = True,
     coordinator_key: Path | str | None = None,
+    checkpointing: bool = False,
 ) -> tuple[TuneResult, dict]:
     """Tune the adapter of the bundle's emulator on a local data file.
 
     Returns the result and the update's metadata (mode, LoRA alpha, bundle digest, examples).
-    ``coordinator_key``: see :func:`open_local_bundle`.
+    ``coordinator_key``: see :func:`open_local_bundle`; ``checkpointing``: see :func:`tune_on_bundle`.
     """
     bundle = open_local_bundle(bundle_dir, coordinator_key)
     examples = read_examples(data)
-    result = tune_on_bundle(bundle, examples, config, progress=progress)
+    result = tune_on_bundle(bundle, examples, config, progress=progress, checkpointing=checkpointing)
     meta = {
         "mode": config.mode,
         "lora_alpha": config.lora.alpha if config.mode == "lora" else None,
@@ -92,6 +95,7 @@ def train_local_to_file(
     out: Path | str,
     progress: bool = True,
     coordinator_key: Path | str | None = None,
+    checkpointing: bool = False,
 ) -> Path:
-    result, meta = train_local(bundle_dir, data, config, progress, coordinator_key)
+    result, meta = train_local(bundle_dir, data, config, progress, coordinator_key, checkpointing)
     return save_update(out, result.adapter, meta)

@@ -5,6 +5,8 @@ things are on this machine:
 - ``cache-dir``: the bundle cache (default ``$OFFSITE_CACHE/client``, else ``~/.cache/offsite/client``);
 - ``device``: ``auto`` (default), ``cpu``, ``cuda``, ``cuda:1``, ...;
 - ``threads``: torch CPU threads (default: torch's choice);
+- ``activation-checkpointing``: ``true`` trades time for memory while tuning (activations and the
+  head's logits recomputed in the backward pass; the same update);
 - ``max-examples``: read at most this many rows of the data file;
 - ``identity-dir``: this data owner's signing identity (``offsite client enroll --out DIR``),
   needed when the job seals updates in envelopes;
@@ -52,6 +54,7 @@ class NodeSettings:
     cache_dir: Path
     device: str = "auto"
     threads: int | None = None
+    activation_checkpointing: bool = False
     max_examples: int | None = None
     identity_dir: Path | None = None
     coordinator_key: Path | None = None
@@ -74,6 +77,7 @@ class NodeSettings:
             cache_dir=Path(cache).expanduser() if cache else default_cache_dir(),
             device=_text(node_config, "device", "auto"),
             threads=_count(node_config, "threads"),
+            activation_checkpointing=_flag(node_config, "activation-checkpointing"),
             max_examples=_count(node_config, "max-examples"),
             identity_dir=_path(node_config, "identity-dir"),
             coordinator_key=_path(node_config, "coordinator-key"),
@@ -117,6 +121,16 @@ def _count(node_config: Mapping, key: str) -> int | None:
     value = node_config.get(key)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise NodeConfigError(f"node config {key!r} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _flag(node_config: Mapping, key: str) -> bool:
+    """A true/false setting: a bool, or the text true/false (Flower's --node-config parses TOML)."""
+    value = node_config.get(key, False)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise NodeConfigError(f"node config {key!r} must be true or false, got {value!r}")
     return value
 
 

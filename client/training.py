@@ -123,7 +123,8 @@ def train_round(
         raise BundleMissingError(f"bundle {instruction.bundle_digest[:12]} is not in the cache at {settings.cache_dir}")
     examples = read_examples(settings.data_path, limit=settings.max_examples)
     config = dataclasses.replace(instruction.tuning, device=settings.device)  # the device is this node's choice
-    result = tune_on_bundle(bundle, examples, config, start=global_adapter, progress=False)
+    checkpointing = settings.activation_checkpointing
+    result = tune_on_bundle(bundle, examples, config, start=global_adapter, progress=False, checkpointing=checkpointing)
     tail = result.losses[-10:]
     metrics = {
         "num-examples": len(examples),

@@ -13,16 +13,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .arch import get_path, spec_for
 from .data import IGNORE_INDEX, Batch, Example, MCRow, collate, encode_pair, pad_id_of
 
 
-def answer_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits at the positions that predict labelled tokens.
+def answer_states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The last hidden states at the positions that predict labelled tokens.
 
-    Returns (logits (n, V), targets (n,), row index (n,)) where n counts the answer tokens
+    Returns (states (n, D), targets (n,), row index (n,)) where n counts the answer tokens
     of the batch: position t of row r predicts token t+1.
     """
     spec = spec_for(model)
@@ -31,14 +32,36 @@ def answer_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.T
     ).last_hidden_state  # (B, T, D)
     targets = batch.labels[:, 1:]  # (B, T-1)
     rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    logits = get_path(model, spec.head)(hidden[rows, positions])  # (n, V)
-    return logits, targets[rows, positions], rows
+    return hidden[rows, positions], targets[rows, positions], rows
 
 
-def answer_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens of the batch."""
-    logits, targets, _ = answer_logits(model, batch)
-    return F.cross_entropy(logits.float(), targets)
+def answer_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict labelled tokens: (logits (n, V), targets (n,), row index (n,))."""
+    states, targets, rows = answer_states(model, batch)
+    return get_path(model, spec_for(model).head)(states), targets, rows
+
+
+def answer_loss(model: nn.Module, batch: Batch, chunk: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of the batch.
+
+    ``chunk``: run the head and the cross-entropy on at most this many positions at a time, each
+    chunk recomputed in the backward pass instead of keeping its logits (a 49k vocabulary's
+    logits are most of a small model's activation memory); the same loss and gradients.
+    """
+    if chunk is None:
+        logits, targets, _ = answer_logits(model, batch)
+        return F.cross_entropy(logits.float(), targets)
+    picked, wanted, _ = answer_states(model, batch)  # (n, D), (n,)
+    head = get_path(model, spec_for(model).head)
+
+    def summed(states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(states).float(), labels, reduction="sum")
+
+    total = sum(
+        checkpoint(summed, picked[start : start + chunk], wanted[start : start + chunk], use_reentrant=False)
+        for start in range(0, len(wanted), chunk)
+    )
+    return total / max(len(wanted), 1)
 
 
 def answer_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -27,6 +27,7 @@ from .score import answer_loss, autocast_for
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "constant")
+LOSS_CHUNK = 256  # answer positions per head + cross-entropy chunk when checkpointing
 MODES = ("blocks", "lora")
 TRAINED = ("both", "bottom", "top")
 
@@ -157,6 +158,7 @@ def tune_adapter(
     on_step: Callable[[int, nn.Module], None] | None = None,
     middle_drop: float = 0.0,
     lora_start: dict[str, torch.Tensor] | None = None,
+    checkpointing: bool = False,
 ) -> TuneResult:
     """Tune ``model``'s adapter in place on ``examples`` and return the adapter state.
 
@@ -169,7 +171,9 @@ def tune_adapter(
     probability (an experiment's lever, see ``experiments/levers.py``; 0 runs every block).
     ``lora_start``: LoRA factors to start from (a federated LoRA job's global factors; all of
     them, or only the B factors when A is frozen and drawn from ``config.lora.init_seed``).
-    With ``config.lora.freeze_a`` the result holds the B factors only.
+    With ``config.lora.freeze_a`` the result holds the B factors only. ``checkpointing``: a data
+    owner's memory-for-time trade (same result): every block's activations and the head's logits
+    are recomputed in the backward pass instead of kept (:data:`LOSS_CHUNK` positions at a time).
     """
     if not 0.0 <= middle_drop < 1.0:
         raise ValueError(f"middle_drop must be in [0, 1), got {middle_drop}")
@@ -181,6 +185,9 @@ def tune_adapter(
     autocast = autocast_for(device)
     depth = StochasticDepth(layout, adapter_blocks, middle_drop, config.seed)
     model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    chunk = LOSS_CHUNK if checkpointing else None
     losses, tokens, started = [], 0, time.perf_counter()
     bar = tqdm(range(config.steps), desc=desc, disable=not progress, unit="step")
     for step in bar:
@@ -188,13 +195,15 @@ def tune_adapter(
             group["lr"] = lr_at(step, config)
         batch = stream.next().to(device)
         with autocast, only_positions(model, depth.sample()):
-            loss = answer_loss(model, batch)
+            loss = answer_loss(model, batch, chunk)
         _optimiser_step(loss, params, anchors, optimizer, config)
         losses.append(loss.item())
         tokens += batch.num_tokens
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
         if on_step is not None:
             on_step(step + 1, model)
+    if checkpointing:
+        model.gradient_checkpointing_disable()
     state = _tuned_state(model, layout, adapter_blocks, config.mode)
     if config.mode == "lora" and config.lora.freeze_a:
         state = {key: tensor for key, tensor in state.items() if not key.endswith(".lora_A")}

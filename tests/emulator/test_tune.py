@@ -153,3 +153,67 @@ def test_on_step_sees_every_step_and_the_adapter_as_it_is_then(tokenizer):
     assert sorted(seen) == [1, 2, 3, 4]
     assert all(torch.equal(seen[4][k], v) for k, v in result.adapter.items())
     assert any(not torch.equal(seen[1][k], v) for k, v in result.adapter.items())
+
+
+@pytest.mark.parametrize("mode", ["blocks", "lora"])
+def test_activation_checkpointing_tunes_the_same_adapter(tokenizer, mode):
+    """The memory-saving path (checkpointed blocks, the head and loss in chunks) is the same
+    arithmetic: the same losses and the same tuned adapter."""
+    results = []
+    for checkpointing in (False, True):
+        emulator, layout, adapter_blocks = _setup()
+        config = TuneConfig(steps=4, batch_size=8, lr=3e-3, device="cpu", mode=mode)
+        results.append(
+            tune_adapter(
+                emulator,
+                tokenizer,
+                layout,
+                adapter_blocks,
+                EXAMPLES,
+                config,
+                a=2,
+                progress=False,
+                checkpointing=checkpointing,
+            )
+        )
+        assert not emulator.is_gradient_checkpointing  # left as found
+    plain, saved = results
+    assert saved.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert set(saved.adapter) == set(plain.adapter)
+    for key, tensor in plain.adapter.items():
+        torch.testing.assert_close(saved.adapter[key], tensor, atol=1e-5, rtol=1e-4)
+    assert plain.losses[-1] < plain.losses[0]  # it did tune
+
+
+def test_the_chunked_loss_equals_the_whole_one(tokenizer):
+    from offsite.emulator.data import ExampleStream
+    from offsite.emulator.score import answer_loss
+
+    emulator, layout, adapter_blocks = _setup()
+    batch = ExampleStream(tokenizer, EXAMPLES, 8, 64, seed=0).next()
+    block = emulator.model.layers[0].mlp.up_proj.weight
+    block.requires_grad_(True)
+    grads = []
+    for chunk in (None, 3):  # 3 answer positions per chunk: several chunks, the last one short
+        loss = answer_loss(emulator, batch, chunk)
+        (grad,) = torch.autograd.grad(loss, block)
+        grads.append((loss.detach(), grad))
+    (whole, whole_grad), (chunked, chunked_grad) = grads
+    assert int((batch.labels[:, 1:] != -100).sum()) > 6
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunked_grad, whole_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_frozen_a_trains_b_only(tokenizer):
+    emulator, layout, adapter_blocks = _setup()
+    lora = LoRASpec(rank=4, alpha=8.0, freeze_a=True, init_seed=7)
+    config = TuneConfig(steps=3, batch_size=8, lr=3e-3, device="cpu", mode="lora", lora=lora)
+    result = tune_adapter(emulator, tokenizer, layout, adapter_blocks, EXAMPLES, config, a=2, progress=False)
+    assert result.adapter and all(key.endswith(".lora_B") for key in result.adapter)
+    assert any(float(t.abs().max()) > 0 for t in result.adapter.values())  # B moved from zero
+    # A is the seed's, untouched: a second emulator with the same seed draws the same A
+    block = emulator.model.layers[0].self_attn.q_proj
+    other, _, _ = _setup()
+    config_other = dataclasses.replace(config, steps=1, lr=1e-9)
+    tune_adapter(other, tokenizer, layout, adapter_blocks, EXAMPLES, config_other, a=2, progress=False)
+    assert torch.equal(block.lora_A, other.model.layers[0].self_attn.q_proj.lora_A)

@@ -177,7 +177,7 @@ def _add_fed_job_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("federated job (written to OUT/job.json for `offsite cloud run`)")
     _add_round_arguments(group, job)
     _add_local_training_arguments(group, job, tuning)
-    _add_lora_arguments(parser.add_argument_group("LoRA (federated rounds of LoRA factors inside the adapter blocks)"))
+    add_lora_arguments(parser.add_argument_group("LoRA (federated rounds of LoRA factors inside the adapter blocks)"))
     _add_job_end_arguments(group)
     add_security_arguments(parser)  # --job-id, --keys, --registry, --envelopes, --secure-aggregation, --dp-*, ...
 
@@ -237,7 +237,7 @@ def _add_local_training_arguments(group, job: FedJobConfig, tuning) -> None:
     )
 
 
-def _add_lora_arguments(group) -> None:
+def add_lora_arguments(group) -> None:
     """``--mode lora`` and its rank, alpha, targets and aggregation (docs/federated.md, "LoRA")."""
     spec = LoRASpec()
     group.add_argument(
@@ -273,6 +273,12 @@ def _tuning_from_args(args: argparse.Namespace):
         tuning = dataclasses.replace(FEDERATED_TUNING, **given)
     except ValueError as error:  # TuneConfig's own check, named by the options that set it
         raise ValueError(f"--local-steps, --local-lr, --local-batch-size: {error}") from None
+    return lora_tuning(args, tuning)
+
+
+def lora_tuning(args: argparse.Namespace, tuning):
+    """``tuning`` with :func:`add_lora_arguments`'s choices: as it is in blocks mode, else LoRA with
+    the job's A seed (frozen-a: ``tuning.seed``, shared by every owner)."""
     if args.mode != "lora":
         return tuning
     frozen = args.lora_aggregation == "frozen-a"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from offsite.cloud.cli import _add_recipe_arguments, _preset_from_args
+from offsite.cloud.cli import _add_recipe_arguments, _preset_from_args, add_lora_arguments
 from offsite.cloud.evaluate import SETTINGS, summary_table
 from offsite.cloud.presets import DEFAULT_PRESET, get_preset
 from offsite.emulator.options import add_tune_arguments, tune_config_from_args
@@ -113,7 +113,14 @@ def _register_demo(subparsers) -> None:
         help="what runs centrally on all the training data: full-ft (default: the five-setting table's full FT), "
         "all (also centralised emulator-FT and plug-in, to compare with the federated ones), none",
     )
+    demo.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="the owners' learning rate (default: the preset's; LoRA usually wants about 10x that, e.g. 1e-3)",
+    )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
+    add_lora_arguments(demo.add_argument_group("LoRA (--mode lora: the owners tune and send LoRA factors)"))
     demo.set_defaults(func=_demo)
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offsite.cloud.certs import write_deployment_certs
+from offsite.cloud.cli import lora_tuning
 from offsite.cloud.combine import read_reports
 from offsite.cloud.evaluate import EvalConfig, Report, five_setting_eval, job_report_dir, write_report
 from offsite.cloud.fed_job import BUNDLE_DIR, FEDERATED_TUNING, FedJobConfig, write_job
@@ -35,6 +36,7 @@ from offsite.cloud.prepare import config_for, prepare_bundle
 from offsite.cloud.presets import Preset
 from offsite.cloud.superlink import round_summary
 from offsite.emulator.data import read_examples, read_test_rows
+from offsite.emulator.tune import TuneConfig
 from offsite.protocol.adapter import save_update
 
 from .federation import LocalFederation
@@ -60,6 +62,8 @@ class FedDemoConfig:
     seed: int = 0
     round_timeout: float = 1800.0
     centralised: str = "full-ft"  # "full-ft": the full-FT setting only; "all": also emulator-FT and plug-in; "none"
+    tuning: TuneConfig | None = None  # the owners' tuning (mode, LoRA, lr); None: whole blocks at the preset's lr
+    lora_aggregation: str = "frozen-a"
 
     @property
     def local_steps(self) -> int:
@@ -134,6 +138,7 @@ def _split_among_owners(config: FedDemoConfig, train_path: Path, owners_dir: Pat
 def _job_config(config: FedDemoConfig, test_path: Path) -> FedJobConfig:
     """The federated job: as many training examples as the preset's centralised budget."""
     preset, tune = config.preset, config.preset.tune
+    owners = config.tuning or FEDERATED_TUNING
     return FedJobConfig(
         rounds=config.rounds,
         min_nodes=config.owners,
@@ -142,13 +147,14 @@ def _job_config(config: FedDemoConfig, test_path: Path) -> FedJobConfig:
         bundle_timeout=config.round_timeout,
         bundle_part_bytes=128 << 20,
         tuning=dataclasses.replace(
-            FEDERATED_TUNING,
+            owners,
             steps=config.local_steps,
             batch_size=tune.batch_size,
-            lr=tune.lr,
+            lr=owners.lr if config.tuning else tune.lr,
             max_length=tune.max_length,
             seed=config.seed,
         ),
+        lora_aggregation=config.lora_aggregation,
         lr_schedule="cosine",
         base_model=preset.base,
         eval_test=str(test_path),
@@ -259,7 +265,11 @@ def _print_server_line(line: str) -> None:
 
 def demo_config_from_args(args, preset: Preset) -> FedDemoConfig:
     tune = dataclasses.replace(preset.tune)
+    owners = dataclasses.replace(FEDERATED_TUNING, lr=args.lr or preset.tune.lr, seed=args.seed)
+    owners = lora_tuning(args, owners)
     return FedDemoConfig(
+        tuning=owners,
+        lora_aggregation=args.lora_aggregation,
         preset=dataclasses.replace(preset, tune=tune),
         out=args.out,
         task=args.task,

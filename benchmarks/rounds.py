@@ -3,7 +3,12 @@ clients' training time, the bytes each client sends and receives per round (the 
 counted once per job), and the coordinator's peak memory with 100 virtual clients.
 
     make bench-rounds
-    python benchmarks/rounds.py [--clients 100] [--rounds 3] [--local-steps 2] [--max-parallel 2] [--out DIR]
+    python benchmarks/rounds.py [--clients 100 [300 1000 ...]] [--rounds 3] [--local-steps 2] [--max-parallel 2]
+                                [--mode blocks|lora] [--out DIR]
+
+With several ``--clients`` sizes, one simulation per size and a closing table of how the
+coordinator's time per round and its memory grow with the number of clients. ``--mode lora``:
+rank-8 LoRA on every linear of the adapter blocks, ``frozen-a`` aggregation (B down, B up).
 
 What runs: a tiny random-initialised llama (hidden 64, 6 blocks; emulator 1-2-1, so the adapter is
 blocks 0 and 5) is cut into a bundle in a job directory; a BIG-bench training file is split among
@@ -72,6 +77,7 @@ def make_job(job_dir: Path, args: argparse.Namespace) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from offsite.cloud.fed_job import FEDERATED_TUNING, FedJobConfig, write_job
+    from offsite.emulator.lora import LoRASpec
     from offsite.emulator.sandwich import SandwichShape, build_emulator
     from offsite.protocol.bundle import write_bundle
 
@@ -101,6 +107,9 @@ def make_job(job_dir: Path, args: argparse.Namespace) -> None:
         },
     )
     tuning = dataclasses.replace(FEDERATED_TUNING, steps=args.local_steps, batch_size=8, lr=1e-3, max_length=64)
+    if args.mode == "lora":
+        lora = LoRASpec(rank=8, alpha=16.0, freeze_a=True, init_seed=tuning.seed)
+        tuning = dataclasses.replace(tuning, mode="lora", lora=lora)
     write_job(
         job_dir,
         FedJobConfig(
@@ -155,6 +164,7 @@ def message_bytes(job_dir: Path, state: dict) -> dict[str, int]:
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
+    from offsite.cloud.adapter_rule import AdapterRule
     from offsite.cloud.fed_job import read_job
     from offsite.protocol.adapter import load_update
     from offsite.protocol.bundle import read_bundle
@@ -179,7 +189,8 @@ def message_bytes(job_dir: Path, state: dict) -> dict[str, int]:
         return message
 
     job, bundle = read_job(job_dir), read_bundle(job_dir / "bundle")
-    adapter, _ = load_update(job_dir / state["checkpoint"])
+    rule = AdapterRule.for_job(job, bundle)  # what travels: whole blocks, or (LoRA) the factors the job's rule sends
+    adapter = rule.from_checkpoint(load_update(job_dir / state["checkpoint"])[0])
     tuning = job.tuning
     instruction = job.instruction(1, bundle.digest)
     train = sent(RecordDict({ADAPTER: state_to_record(adapter), CONFIG: instruction.to_record()}), TRAIN)
@@ -192,7 +203,8 @@ def message_bytes(job_dir: Path, state: dict) -> dict[str, int]:
         "seconds": 1.0,
         "client-seconds": 1.0,
     }
-    reply = Message(RecordDict({ADAPTER: state_to_record(adapter), METRICS: MetricRecord(metrics)}), reply_to=train)
+    reply_like = rule.reply_like(adapter)
+    reply = Message(RecordDict({ADAPTER: state_to_record(reply_like), METRICS: MetricRecord(metrics)}), reply_to=train)
 
     files = {name: meta["bytes"] for name, meta in bundle.manifest["files"].items()}
     files["manifest.json"] = (bundle.root / "manifest.json").stat().st_size
@@ -337,7 +349,10 @@ def report(args: argparse.Namespace, job_dir: Path, split: dict, wall: float) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=100, help="virtual clients (default 100)")
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=[100], help="virtual clients; several sizes run one after another"
+    )
+    parser.add_argument("--mode", choices=("blocks", "lora"), default="blocks", help="whole blocks or LoRA (frozen-a)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--local-steps", type=int, default=2, help="local steps per client and round (default 2)")
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny llama (default 64)")
@@ -356,11 +371,32 @@ def main() -> None:
         child(args)
         return
 
+    growth = []
+    for clients in args.clients:
+        growth.append(run_size(argparse.Namespace(**{**vars(args), "clients": clients})))
+    if len(growth) > 1:
+        print("\nHow the coordinator grows with the clients (mean over rounds 2 on; round 1 also waits for Ray):")
+        rows = [["clients", "coordinator s/round", "ms per client", "peak RSS MiB", "RSS for the run MiB"]]
+        for clients, own, memory in growth:
+            rows.append(
+                [
+                    str(clients),
+                    f"{own:.3f}",
+                    f"{1000 * own / clients:.2f}",
+                    f"{memory['peak_rss_mib']:.0f}",
+                    f"{memory['peak_rss_mib'] - memory['rss_before_mib']:.0f}",
+                ]
+            )
+        print(table(rows))
+
+
+def run_size(args: argparse.Namespace) -> tuple[int, float, dict]:
+    """One simulation of ``args.clients`` clients: its report; (clients, coordinator s/round, memory)."""
     from offsite.harness.split import split_file
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-rounds-") as scratch:
-        job_dir = (args.out or Path(scratch) / "job").resolve()
+        job_dir = (args.out / f"clients-{args.clients}" if args.out else Path(scratch) / "job").resolve()
         if (job_dir / "state.json").exists():
             raise SystemExit(f"{job_dir} already holds a run: pick another --out")
         make_job(job_dir, args)
@@ -383,6 +419,10 @@ def main() -> None:
         )
         subprocess.run(command, check=True, env={**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
         report(args, job_dir, split, time.perf_counter() - started)
+        history = json.loads((job_dir / "state.json").read_text())["history"]
+        later = history[1:] or history
+        own = sum(r["coordinator_seconds"] + r["checkpoint_seconds"] for r in later) / len(later)
+        return args.clients, own, json.loads((job_dir / MEMORY_FILE).read_text())
 
 
 if __name__ == "__main__":

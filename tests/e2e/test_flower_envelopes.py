@@ -27,8 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import socket
-import threading
 
 import torch
 from safetensors import safe_open
@@ -45,6 +43,7 @@ from offsite.cloud.fed_job import (
 from offsite.cloud.superlink import free_port
 from offsite.emulator.sandwich import SandwichShape, build_emulator
 from offsite.harness.federation import LocalFederation, _spawn
+from offsite.harness.wiretap import WireTap
 from offsite.protocol.adapter import load_update
 from offsite.protocol.bundle import write_bundle
 from offsite.protocol.bundle_signing import sign_bundle
@@ -60,63 +59,6 @@ from tests.e2e.test_flower_faults import supernode_ids, wait_until
 HONEST = ("alice", "bob", "carol")
 TUNING = dataclasses.replace(FEDERATED_TUNING, steps=2, batch_size=2, lr=1e-2, max_length=32)
 WINDOW = 32  # bytes of a float32 update tensor looked for on the wire
-
-
-class WireTap:
-    """A TCP relay on 127.0.0.1 in front of the SuperLink that keeps every byte the SuperNodes send
-    through it (plain HTTP on loopback: what a TLS-terminating SuperLink sees)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.sent = bytearray()
-        self.lock = threading.Lock()
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self.sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, source: socket.socket, target: socket.socket, record: bool) -> None:
-        try:
-            while chunk := source.recv(1 << 16):
-                if record:
-                    with self.lock:
-                        self.sent += chunk
-                target.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for end in (source, target):
-                try:
-                    end.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def take(self) -> bytes:
-        """What the nodes sent since the last call."""
-        with self.lock:
-            data = bytes(self.sent)
-            self.sent.clear()
-        return data
-
-    def close(self) -> None:
-        self.server.close()
-        for end in self.sockets:
-            end.close()
 
 
 def signed_bundle(tmp_path, keys: CoordinatorKeys):

@@ -40,7 +40,6 @@ from offsite.protocol.messages import ADAPTER, CONFIG, METRICS
 from offsite.protocol.records import state_from_record, state_to_record
 from offsite.protocol.tensors import check_like
 
-from ..aggregate import aggregate
 from ..fed_job import REPLAY_FILE, FedJobConfig, JobError, job_path
 from .round import Aggregate, RoundFailed, RoundState, TrainStats
 
@@ -203,10 +202,6 @@ class PlainChannel:
         self.config = config
         self.dp = config.security.dp
 
-    def aggregate(self, _global: dict[str, torch.Tensor], updates: list) -> dict[str, torch.Tensor]:
-        """The job's aggregator over whole-block updates."""
-        return aggregate(self.config.aggregator, updates, self.config.trim_fraction)
-
     def train_requests(self, round_state: RoundState) -> dict[int, RecordDict]:
         content = train_content(round_state)
         return {node: content for node in round_state.ready}
@@ -238,8 +233,7 @@ class PlainChannel:
                 f"(failed: {replies.failed}, dropped: {dropped})"
             )
         ordered = sorted(updates)
-        combine = round_state.rule.combine if round_state.rule is not None else self.aggregate
-        new_global = combine(round_state.adapter, [updates[node] for node in ordered])
+        new_global = round_state.rule.combine(round_state.adapter, [updates[node] for node in ordered])
         stats = TrainStats.of(updates, replies.metrics)
         loss = "-" if stats.mean_train_loss is None else f"{stats.mean_train_loss:.4f}"
         summary = f"aggregated {len(ordered)} update(s), weighted train loss {loss}"

@@ -97,15 +97,15 @@ class RoundState:
     transport: NodeTransport
     job: JobState  # a node that answers BUNDLE_MISSING is forgotten as a bundle holder
     timeout: float  # of every exchange of the round
+    rule: AdapterRule  # what the global adapter is, what a reply looks like, how replies combine
     started: float = field(default_factory=time.perf_counter)
     replies: RoundReplies = field(default_factory=RoundReplies)
     aggregate_seconds: float = 0.0  # the coordinator's own time reading and combining the updates
-    rule: AdapterRule | None = None  # what the global adapter is and how replies combine (None: whole blocks)
 
     @property
     def reply_like(self) -> dict[str, torch.Tensor]:
         """What every reply must look like: the global adapter, or (stacked LoRA) the job's factors."""
-        return self.adapter if self.rule is None else self.rule.reply_like(self.adapter)
+        return self.rule.reply_like(self.adapter)
 
     def exchange(
         self, requests: Mapping[int, RecordDict], message_type: str = SECAGG_QUERY

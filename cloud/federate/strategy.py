@@ -39,7 +39,7 @@ class OpenJob:
     bundle: Bundle
     state: JobState
     adapter: dict[str, torch.Tensor]
-    rule: AdapterRule | None = None  # None: whole blocks, combined by the job's aggregator
+    rule: AdapterRule  # whole blocks or LoRA: what travels and how it combines
 
 
 @dataclass
@@ -96,10 +96,7 @@ class FederatedTuning:
     def save(self, number: int, adapter: dict[str, torch.Tensor], record: dict | None) -> None:
         """Checkpoint round ``number``'s global adapter (a LoRA rule's factors as a LoRA update)."""
         rule, job = self.job.rule, self.job
-        if rule is None:
-            save_checkpoint(job.job_dir, job.state, number, adapter, record)
-        else:
-            save_checkpoint(job.job_dir, job.state, number, rule.checkpoint(adapter), record, rule.kind)
+        save_checkpoint(job.job_dir, job.state, number, rule.checkpoint(adapter), record, rule.kind)
 
     def run_round(self, number: int, adapter: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], RoundRecord]:
         """One round: the new global adapter and the round's record."""
@@ -119,7 +116,7 @@ class FederatedTuning:
         ready = [node for node in nodes if node in state.nodes_with_bundle]
         instruction = config.instruction(number, self.job.bundle.digest)
         timeout, rule = config.round_timeout, self.job.rule
-        return RoundState(number, adapter, instruction, nodes, ready, transport, state, timeout, started, rule=rule)
+        return RoundState(number, adapter, instruction, nodes, ready, transport, state, timeout, rule, started)
 
     def configure_train(self, round_state: RoundState) -> dict[int, RecordDict]:
         """Each node's train message: the global adapter, the round's instruction, and what the channel adds."""
@@ -152,7 +149,8 @@ class FederatedTuning:
     def record_updates(self, number: int, aggregate: Aggregate) -> None:
         """With ``record_updates``: keep each client's update under ``updates/`` (plain and envelope rounds)."""
         if self.config.record_updates:
-            rule, job = self.job.rule, self.job
-            kind = None if rule is None else rule.reply_kind
+            job = self.job
             for node, (update, weight) in aggregate.updates.items():
-                record_client_update(job.job_dir, number, node, update, int(weight), job.bundle.digest, kind)
+                record_client_update(
+                    job.job_dir, number, node, update, int(weight), job.bundle.digest, job.rule.reply_kind
+                )

@@ -112,6 +112,14 @@ def test_a_sweep_directory_holds_one_sweep(tmp_path, tiny_dir, task, monkeypatch
         val_rows=8,
     )
     run_sweep(job, progress=False)
+    # records written before a tuning setting existed still belong to the sweep (the setting's default)
+    path = tmp_path / "s" / "sweep.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for line in lines:
+        del line["tune"]["lora"]["freeze_a"]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert len(run_sweep(job, progress=False)) == 1  # resumed: nothing refused
+    assert path.read_text().count("\n") == len(lines)  # and nothing measured again
     other = dataclasses.replace(job, tune=dataclasses.replace(TUNE, lr=3e-3))
     with pytest.raises(ValueError, match=r"sweep.jsonl:1: measured with another tune"):
         run_sweep(other, progress=False)

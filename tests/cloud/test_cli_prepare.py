@@ -185,3 +185,22 @@ def test_job_json_keeps_the_plugin_gain_and_refuses_a_bad_one(tmp_path):
         (tmp_path / "job.json").write_text(json.dumps({**data, "plugin_gain": bad}))
         with pytest.raises(JobError, match=r"job\.json.*(plug-in gain|'plugin_gain': expected float)"):
             read_job(tmp_path)
+
+
+def test_prepare_makes_a_lora_job_and_refuses_sums_of_factors(model_dir, tmp_path, capsys):
+    out = tmp_path / "lora"
+    options = ("--mode", "lora", "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj")
+    assert prepare(model_dir, out, *options) == 0
+    job = read_job(out)
+    lora = job.tuning.lora
+    assert job.tuning.mode == "lora" and job.lora_aggregation == "frozen-a"
+    assert (lora.rank, lora.alpha, lora.targets) == (4, 8.0, ("q_proj", "v_proj"))
+    assert lora.freeze_a and lora.init_seed == job.tuning.seed  # every owner draws the same A
+    assert json.loads((out / "job.json").read_text())["lora_aggregation"] == "frozen-a"
+    for aggregation in ("stack", "factors"):
+        refused = tmp_path / f"refused-{aggregation}"
+        assert prepare(model_dir, refused, *options, "--lora-aggregation", aggregation, "--secure-aggregation") == 2
+        assert f"lora_aggregation '{aggregation}' cannot go with secure aggregation" in capsys.readouterr().err
+        assert not refused.exists()  # refused before the bundle is built
+    assert prepare(model_dir, tmp_path / "stack", *options, "--lora-aggregation", "stack") == 0
+    assert not read_job(tmp_path / "stack").tuning.lora.freeze_a

@@ -23,7 +23,10 @@ from offsite.cloud.fed_job import (
     save_checkpoint,
     write_job,
 )
+from offsite.cloud.federate.app import open_job
+from offsite.cloud.finish import finish_job
 from offsite.cloud.plugin import plug_in_update
+from offsite.cloud.serving.registry import read_source
 from offsite.emulator.lora import LoRASpec
 from offsite.emulator.sandwich import SandwichShape, build_emulator
 from offsite.protocol.bundle import read_bundle, write_bundle
@@ -115,3 +118,19 @@ def test_export_refuses_what_it_cannot_write(tmp_path, base_dir):
     (job_dir / "state.json").unlink()
     with pytest.raises(JobError, match="no completed round to export"):
         export_job(job_dir, "hf", tmp_path / "hf2")
+
+
+def test_a_lora_job_resumes_finishes_and_serves(tmp_path, base_dir):
+    job_dir, factors, bundle = make_job(tmp_path, base_dir, "lora")
+    resumed = open_job(job_dir)  # frozen-a resumes from B; A is the job's
+    assert resumed.state.completed_round == 1 and resumed.rule.name == "frozen-a"
+    assert set(resumed.adapter) == {key for key in factors if key.endswith(".lora_B")}
+    assert all(torch.equal(resumed.adapter[key], factors[key]) for key in resumed.adapter)
+
+    ours = plug_in_update(AutoModelForCausalLM.from_pretrained(base_dir).eval(), factors, [0, 3], ALPHA, gain=GAIN)
+    plugged = AutoModelForCausalLM.from_pretrained(finish_job(job_dir)["plug_in"]).eval()
+    assert (logits(plugged) - logits(ours)).abs().max() <= 1e-5
+
+    tensors, meta = read_source(job_dir)  # what `offsite cloud serve --add job=DIR` registers
+    assert (meta["mode"], meta["lora_alpha"], meta["plugin_gain"]) == ("lora", ALPHA, GAIN)
+    assert set(tensors) == set(factors)

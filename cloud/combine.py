@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from offsite.emulator.tune import recorded_tuning
 from offsite.protocol.safe_json import JSONRefused, parse_json
 
 from .evaluate import ROWS, Report, job_report_dir
@@ -111,6 +112,8 @@ def _join(pieces: list[Piece]) -> Report:
                 f"{report.task}: {first.source} tuned on {joined.train_rows} train rows, "
                 f"{piece.source} on {report.train_rows}"
             )
+        if "tune" in report.meta:  # a tuning setting added since the report was written: its default
+            report.meta["tune"] = recorded_tuning(report.meta["tune"])
         for key in IDENTITY:
             if key not in report.meta:
                 continue

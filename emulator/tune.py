@@ -7,6 +7,7 @@ baseline, on the full model with the real middle in place (``cloud`` evaluation)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -17,6 +18,8 @@ from typing import Literal
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from offsite.protocol.config_record import config_from_dict
 
 from .arch import get_path, spec_for
 from .data import Example, ExampleStream
@@ -85,6 +88,16 @@ class TuneConfig:
         bottom = [i for i in adapter_blocks if i < a]
         top = [i for i in adapter_blocks if i >= a]
         return {"both": adapter_blocks, "bottom": bottom, "top": top}[self.train]
+
+
+def recorded_tuning(value: object) -> object:
+    """A tuning recorded in a report or a sweep (``dataclasses.asdict`` of a :class:`TuneConfig`, read
+    back from JSON) as today's settings: one added since it was written takes its default, as an old
+    job.json's does. What does not read as a TuneConfig is returned as it is."""
+    try:
+        return dataclasses.asdict(config_from_dict(TuneConfig, value))
+    except (ValueError, TypeError, AttributeError):
+        return value
 
 
 @dataclass

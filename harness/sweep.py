@@ -34,10 +34,9 @@ from offsite.cloud.presets import PRESETS, Preset, check_gain
 from offsite.emulator.data import Example, MCRow, read_examples, read_test_rows
 from offsite.emulator.quantize import Quantize
 from offsite.emulator.sandwich import SandwichShape
-from offsite.emulator.tune import TuneConfig
+from offsite.emulator.tune import TuneConfig, recorded_tuning
 from offsite.protocol.adapter import load_update, save_update
 from offsite.protocol.bundle import sha256_file
-from offsite.protocol.config_record import config_from_dict
 from offsite.protocol.safe_json import JSONRefused, parse_json
 
 log = logging.getLogger(__name__)
@@ -195,16 +194,6 @@ def _measure(job: SweepJob, key: dict, inputs: _Inputs, preset: Preset, settings
     return record
 
 
-def _with_current_defaults(record: dict) -> dict:
-    """The record with its tuning read as a :class:`TuneConfig` (a setting added since it was written
-    takes its default, as in an old job.json); a tuning that does not read is left to differ."""
-    tune = record.get("tune")
-    try:
-        return {**record, "tune": dataclasses.asdict(config_from_dict(TuneConfig, tune))}
-    except (ValueError, TypeError, AttributeError):
-        return record
-
-
 def _read_records(path: Path, identity: dict) -> dict[tuple[str, str], dict]:
     """What an earlier run of the same sweep measured, keyed by (cut or emulator, what). A record
     measured on other rows, another task, tuning or model is refused: that is another sweep."""
@@ -219,7 +208,7 @@ def _read_records(path: Path, identity: dict) -> dict[tuple[str, str], dict]:
             raise ValueError(
                 f"{path}:{number}: not a sweep record ({error}); move the file away to start afresh"
             ) from None
-        record = _with_current_defaults(record)
+        record = {**record, "tune": recorded_tuning(record.get("tune"))}  # a setting added since: its default
         differs = sorted(k for k, v in identity.items() if record.get(k) != v)
         if differs:
             raise ValueError(

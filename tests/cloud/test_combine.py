@@ -1,5 +1,6 @@
 """`offsite report`: pieces of one five-setting table joined, and runs that are not one experiment refused."""
 
+import dataclasses
 import json
 import math
 
@@ -8,6 +9,7 @@ import pytest
 from offsite.cli import main
 from offsite.cloud.combine import ReportError, combine
 from offsite.cloud.evaluate import Report, write_report
+from offsite.emulator.tune import TuneConfig
 
 RECIPE = {"preset": "p/x", "test_sha256": "ab" * 32, "tune": {"lr": 1e-4, "steps": 120}, "bundle_digest": "cd" * 32}
 
@@ -181,3 +183,16 @@ def test_an_mc_piece_does_not_join_an_sft_piece(tmp_path):
     )
     with pytest.raises(ReportError, match="scored MC rows, .*b/report/report.json SFT rows"):
         combine([tmp_path / "a", tmp_path / "b"])
+
+
+def test_a_report_written_before_a_tuning_setting_existed_still_joins(tmp_path):
+    today = dataclasses.asdict(TuneConfig())
+    older = json.loads(json.dumps(today))
+    del older["lora"]["freeze_a"], older["lora"]["init_seed"]  # LoRASpec before federated LoRA
+    first = _run(tmp_path, "a", {"full_zero_shot": 98, "full_ft": 170}, tune=older)
+    rest = _run(tmp_path, "b", {"emulator_ft": 150, "plug_in": 130}, tune=today)
+    (joined,) = combine([first, rest])
+    assert set(joined.results) == {"full_zero_shot", "full_ft", "emulator_ft", "plug_in"}
+    changed = _run(tmp_path, "c", {"plug_in": 131}, tune={**older, "lr": 3e-4})
+    with pytest.raises(ReportError, match="differ in 'tune'"):
+        combine([first, changed])

@@ -29,7 +29,9 @@ def tune_on_bundle(
 ) -> TuneResult:
     """Build the emulator from a verified bundle, start from ``start`` when given (a global adapter:
     whole blocks, loaded into the emulator, or a LoRA job's global factors, loaded into the LoRA
-    it attaches), and tune the adapter on ``examples``. The one tuning path of a data owner."""
+    it attaches), and tune the adapter on ``examples``. The one tuning path of a data owner.
+    ``checkpointing``: recompute activations and the head's logits in the backward pass (less
+    memory, more time, the same update; node config ``activation-checkpointing``)."""
     tokenizer = load_tokenizer(bundle)
     emulator = load_emulator(bundle)
     factors = start if start is not None and is_lora_state(start) else None

@@ -12,6 +12,7 @@ from pathlib import Path
 from offsite.emulator.lora import LoRASpec
 from offsite.emulator.quantize import Quantize
 from offsite.emulator.sandwich import SandwichShape
+from offsite.emulator.tune import TuneConfig
 from offsite.protocol.adapter import load_update
 from offsite.protocol.bundle import read_bundle
 
@@ -214,7 +215,7 @@ def _add_local_training_arguments(group, job: FedJobConfig, tuning) -> None:
         help=f"optimiser steps per data owner per round (default {tuning.steps})",
     )
     group.add_argument(
-        "--local-lr", type=float, default=tuning.lr, help=f"data owners' learning rate (default {tuning.lr:g})"
+        "--local-lr", type=float, default=None, help="data owners' learning rate (default: the preset's)"
     )
     group.add_argument(
         "--local-batch-size",
@@ -243,15 +244,17 @@ def add_lora_arguments(group) -> None:
     group.add_argument(
         "--mode",
         choices=("blocks", "lora"),
-        default="blocks",
-        help="data owners train whole adapter blocks (default) or LoRA factors inside them",
+        default=None,
+        help="data owners train whole adapter blocks or LoRA factors inside them (default: the preset's)",
     )
-    group.add_argument("--lora-rank", type=int, default=spec.rank, help=f"LoRA rank r (default {spec.rank})")
+    group.add_argument(
+        "--lora-rank", type=int, default=None, help=f"LoRA rank r (default: the preset's, else {spec.rank})"
+    )
     group.add_argument(
         "--lora-alpha",
         type=float,
-        default=spec.alpha,
-        help=f"LoRA alpha, the scale being alpha/r (default {spec.alpha:g})",
+        default=None,
+        help=f"LoRA alpha, the scale being alpha/r (default: the preset's, else {spec.alpha:g})",
     )
     group.add_argument(
         "--lora-targets", default=None, help="comma-separated linear names inside a block (default: every linear)"
@@ -259,35 +262,45 @@ def add_lora_arguments(group) -> None:
     group.add_argument(
         "--lora-aggregation",
         choices=LORA_AGGREGATIONS,
-        default=FedJobConfig.lora_aggregation,
+        default=None,
         help="frozen-a (default): A fixed by the job's seed, owners train B, the mean of B is exact and works "
         "with secure aggregation and DP; stack: exact mean of the products B A merged into the blocks; "
         "factors: naive mean of A and of B (not exact: a baseline)",
     )
 
 
-def _tuning_from_args(args: argparse.Namespace):
-    """The data owners' per-round :class:`TuneConfig` from ``--local-*`` and the LoRA options."""
-    given = {"steps": args.local_steps, "lr": args.local_lr, "batch_size": args.local_batch_size}
+def _tuning_from_args(args: argparse.Namespace, preset_tune: TuneConfig):
+    """The data owners' per-round :class:`TuneConfig` from ``--local-*`` and the LoRA options; the
+    learning rate and the LoRA settings not given come from the preset's tuning."""
+    lr = preset_tune.lr if args.local_lr is None else args.local_lr
+    given = {"steps": args.local_steps, "lr": lr, "batch_size": args.local_batch_size}
     try:
         tuning = dataclasses.replace(FEDERATED_TUNING, **given)
     except ValueError as error:  # TuneConfig's own check, named by the options that set it
         raise ValueError(f"--local-steps, --local-lr, --local-batch-size: {error}") from None
-    return lora_tuning(args, tuning)
+    return lora_tuning(args, tuning, preset_tune)
 
 
-def lora_tuning(args: argparse.Namespace, tuning):
-    """``tuning`` with :func:`add_lora_arguments`'s choices: as it is in blocks mode, else LoRA with
-    the job's A seed (frozen-a: ``tuning.seed``, shared by every owner)."""
-    if args.mode != "lora":
+def lora_aggregation(args: argparse.Namespace, preset_tune: TuneConfig) -> str:
+    """``--lora-aggregation``, else frozen-a (a preset whose LoRA trains A as well: stack)."""
+    if args.lora_aggregation is not None:
+        return args.lora_aggregation
+    return "stack" if preset_tune.mode == "lora" and not preset_tune.lora.freeze_a else "frozen-a"
+
+
+def lora_tuning(args: argparse.Namespace, tuning: TuneConfig, preset_tune: TuneConfig) -> TuneConfig:
+    """``tuning`` with :func:`add_lora_arguments`'s choices over the preset's (``preset_tune``): as it is
+    in blocks mode, else LoRA with the job's A seed (frozen-a: ``tuning.seed``, shared by every owner)."""
+    if (args.mode or preset_tune.mode) != "lora":
         return tuning
-    frozen = args.lora_aggregation == "frozen-a"
+    frozen = lora_aggregation(args, preset_tune) == "frozen-a"
+    base = preset_tune.lora
     names = args.lora_targets.split(",") if args.lora_targets else []
-    targets = tuple(name.strip() for name in names if name.strip()) or None
+    targets = tuple(name.strip() for name in names if name.strip()) or base.targets
+    rank = base.rank if args.lora_rank is None else args.lora_rank
+    alpha = base.alpha if args.lora_alpha is None else args.lora_alpha
     try:
-        lora = LoRASpec(
-            args.lora_rank, args.lora_alpha, targets, freeze_a=frozen, init_seed=tuning.seed if frozen else None
-        )
+        lora = LoRASpec(rank, alpha, targets, freeze_a=frozen, init_seed=tuning.seed if frozen else None)
     except ValueError as error:
         raise ValueError(f"--lora-rank, --lora-alpha: {error}") from None
     return dataclasses.replace(tuning, mode="lora", lora=lora)
@@ -307,9 +320,11 @@ def _add_job_end_arguments(group) -> None:
     )
 
 
-def fed_job_config_from_args(args: argparse.Namespace, base_model: str | None = None, plugin_gain: float = 1.0):
-    """The :class:`FedJobConfig` that ``cloud prepare``'s federated-job options describe (validated)."""
-    tuning = _tuning_from_args(args)
+def fed_job_config_from_args(args: argparse.Namespace, preset):
+    """The :class:`FedJobConfig` that ``cloud prepare``'s federated-job options describe over the
+    preset's recipe (its base model, plug-in gain and tuning defaults), validated."""
+    base_model, plugin_gain = args.model or preset.base, preset.plugin_gain
+    tuning = _tuning_from_args(args, preset.tune)
     if args.eval_test is not None and args.no_plug_in:
         raise ValueError("--eval-test scores the plug-in: it cannot go with --no-plug-in")
     if args.eval_test is not None and not args.eval_test.is_file():
@@ -321,7 +336,7 @@ def fed_job_config_from_args(args: argparse.Namespace, base_model: str | None = 
         round_timeout=args.round_timeout,
         aggregator=args.aggregator,
         tuning=tuning,
-        lora_aggregation=args.lora_aggregation,
+        lora_aggregation=lora_aggregation(args, preset.tune),
         lr_schedule=args.lr_schedule,
         base_model=None if args.no_plug_in else base_model,
         eval_test=str(args.eval_test.resolve()) if args.eval_test is not None else None,
@@ -351,7 +366,7 @@ def _preset_from_args(args):
 def _prepare(args: argparse.Namespace) -> int:
     preset = _preset_from_args(args)
     # a contradiction fails here, before any distillation
-    job = fed_job_config_from_args(args, args.model or preset.base, preset.plugin_gain)
+    job = fed_job_config_from_args(args, preset)
     base, tokenizer, where = load_base(args.model or preset.base)
     bundle = prepare_bundle(base, tokenizer, config_for(preset, args.corpus), args.out / BUNDLE_DIR)
     signature = sign_prepared_bundle(job, bundle.root)  # with --keys: manifest.sig, which the data owners verify

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offsite.cloud.certs import write_deployment_certs
-from offsite.cloud.cli import lora_tuning
+from offsite.cloud.cli import lora_aggregation, lora_tuning
 from offsite.cloud.combine import read_reports
 from offsite.cloud.evaluate import EvalConfig, Report, five_setting_eval, job_report_dir, write_report
 from offsite.cloud.fed_job import BUNDLE_DIR, FEDERATED_TUNING, FedJobConfig, write_job
@@ -266,10 +266,10 @@ def _print_server_line(line: str) -> None:
 def demo_config_from_args(args, preset: Preset) -> FedDemoConfig:
     tune = dataclasses.replace(preset.tune)
     owners = dataclasses.replace(FEDERATED_TUNING, lr=args.lr or preset.tune.lr, seed=args.seed)
-    owners = lora_tuning(args, owners)
+    owners = lora_tuning(args, owners, preset.tune)
     return FedDemoConfig(
         tuning=owners,
-        lora_aggregation=args.lora_aggregation,
+        lora_aggregation=lora_aggregation(args, preset.tune),
         preset=dataclasses.replace(preset, tune=tune),
         out=args.out,
         task=args.task,

@@ -204,3 +204,15 @@ def test_prepare_makes_a_lora_job_and_refuses_sums_of_factors(model_dir, tmp_pat
         assert not refused.exists()  # refused before the bundle is built
     assert prepare(model_dir, tmp_path / "stack", *options, "--lora-aggregation", "stack") == 0
     assert not read_job(tmp_path / "stack").tuning.lora.freeze_a
+
+
+def test_a_lora_preset_makes_a_lora_job_and_options_override_it(model_dir, tmp_path):
+    assert prepare(model_dir, tmp_path / "preset", "--preset", "smollm2-135m/lora") == 0
+    job = read_job(tmp_path / "preset")
+    preset = get_preset("smollm2-135m/lora").tune
+    assert job.tuning.mode == "lora" and job.lora_aggregation == "frozen-a"
+    assert (job.tuning.lora.rank, job.tuning.lora.alpha, job.tuning.lr) == (preset.lora.rank, preset.lora.alpha, 1e-3)
+    options = ("--preset", "smollm2-135m/lora", "--lora-rank", "2", "--local-lr", "5e-4", "--mode", "blocks")
+    assert prepare(model_dir, tmp_path / "blocks", *options) == 0
+    assert read_job(tmp_path / "blocks").tuning.mode == "blocks"
+    assert read_job(tmp_path / "blocks").tuning.lr == 5e-4

@@ -115,3 +115,21 @@ def tokenizer(tmp_path):
 
 def write_jsonl(path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_tiny_bundle(root, base, shape, tokenizer_dir=None):
+    """The emulator bundle of ``base`` (a tiny llama) cut to ``shape`` (a SandwichShape), written to
+    ``root``: what `offsite cloud prepare` writes, without distillation. Returns the Bundle."""
+    from offsite.emulator.sandwich import build_emulator
+    from offsite.protocol.bundle import write_bundle
+
+    n = base.config.num_hidden_layers
+    emulator, layout = build_emulator(base, shape)
+    manifest = {
+        "family": "llama",
+        "shape": {"a": shape.a, "k": shape.k, "b": shape.b, "n_blocks": n},
+        "layout": layout,
+        "adapter_blocks": shape.adapter_blocks(n),
+        "kept_middle": shape.kept_middle(n),
+    }
+    return write_bundle(root, emulator, make_tokenizer(tokenizer_dir or root.parent), manifest)

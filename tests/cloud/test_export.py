@@ -28,9 +28,9 @@ from offsite.cloud.finish import finish_job
 from offsite.cloud.plugin import plug_in_update
 from offsite.cloud.serving.registry import read_source
 from offsite.emulator.lora import LoRASpec
-from offsite.emulator.sandwich import SandwichShape, build_emulator
-from offsite.protocol.bundle import read_bundle, write_bundle
-from tests.conftest import make_tokenizer, tiny_model
+from offsite.emulator.sandwich import SandwichShape
+from offsite.protocol.bundle import read_bundle
+from tests.conftest import make_tokenizer, tiny_model, write_tiny_bundle
 
 peft = pytest.importorskip("peft")  # a test dependency (pyproject's [test] extra)
 
@@ -50,17 +50,8 @@ def base_dir(tmp_path_factory):
 def make_job(root, base_dir, mode: str):
     """A finished one-round job whose global adapter is random: LoRA factors (frozen-a) or blocks."""
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    shape = SandwichShape(1, 1, 1)
-    emulator, layout = build_emulator(base, shape)
-    manifest = {
-        "family": "llama",
-        "shape": {"a": 1, "k": 1, "b": 1, "n_blocks": 4},
-        "layout": layout,
-        "adapter_blocks": shape.adapter_blocks(4),
-        "kept_middle": shape.kept_middle(4),
-    }
     job_dir = root / f"job-{mode}"
-    bundle = read_bundle(write_bundle(job_dir / BUNDLE_DIR, emulator, make_tokenizer(root), manifest).root)
+    bundle = read_bundle(write_tiny_bundle(job_dir / BUNDLE_DIR, base, SandwichShape(1, 1, 1), root).root)
     lora = LoRASpec(rank=RANK, alpha=ALPHA, freeze_a=True, init_seed=0)
     tuning = dataclasses.replace(FEDERATED_TUNING, mode=mode, lora=lora) if mode == "lora" else FEDERATED_TUNING
     config = FedJobConfig(rounds=1, tuning=tuning, base_model=str(base_dir), plugin_gain=GAIN)

@@ -14,9 +14,9 @@ from offsite.cloud.aggregate import fedavg, lora_stack
 from offsite.cloud.fed_job import FEDERATED_TUNING, FedJobConfig, JobError, SecurityConfig
 from offsite.emulator.data import Example
 from offsite.emulator.lora import LoRASpec
-from offsite.emulator.sandwich import SandwichShape, build_emulator
-from offsite.protocol.bundle import read_bundle, write_bundle
-from tests.conftest import make_tokenizer, tiny_model
+from offsite.emulator.sandwich import SandwichShape
+from offsite.protocol.bundle import read_bundle
+from tests.conftest import tiny_model, write_tiny_bundle
 
 OUT, IN, RANK, ALPHA = 6, 5, 2, 4.0
 WEIGHTS = [3.0, 5.0, 8.0]
@@ -99,17 +99,7 @@ def test_a_lora_job_states_its_aggregation_consistently():
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora-bundle")
-    base = tiny_model("llama", n_blocks=4)
-    shape = SandwichShape(1, 1, 1)
-    emulator, layout = build_emulator(base, shape)
-    manifest = {
-        "family": "llama",
-        "shape": {"a": 1, "k": 1, "b": 1, "n_blocks": 4},
-        "layout": layout,
-        "adapter_blocks": shape.adapter_blocks(4),
-        "kept_middle": shape.kept_middle(4),
-    }
-    return read_bundle(write_bundle(tmp / "bundle", emulator, make_tokenizer(tmp), manifest).root)
+    return read_bundle(write_tiny_bundle(tmp / "bundle", tiny_model("llama", n_blocks=4), SandwichShape(1, 1, 1)).root)
 
 
 EXAMPLES = [Example(f"owner note {i}: ", f"a{i % 3}") for i in range(6)]

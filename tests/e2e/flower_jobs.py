@@ -12,32 +12,16 @@ import torch
 
 from offsite.cloud.aggregate import fedavg
 from offsite.cloud.fed_job import FEDERATED_TUNING, FedJobConfig, checkpoint_path, update_path, write_job
-from offsite.emulator.sandwich import SandwichShape, build_emulator
+from offsite.emulator.sandwich import SandwichShape
 from offsite.protocol.adapter import load_update
-from offsite.protocol.bundle import write_bundle
-from tests.conftest import make_tokenizer, tiny_model, write_jsonl
+from tests.conftest import tiny_model, write_jsonl, write_tiny_bundle
 
 NUM_EXAMPLES = [3, 5, 8]  # different sizes, so weighted and unweighted means differ
 
 
 def make_job(tmp_path, rounds: int = 2):
-    base = tiny_model("llama", n_blocks=6)
-    shape = SandwichShape(1, 2, 1)
-    emulator, layout = build_emulator(base, shape)
-    n = 6
     job_dir = tmp_path / "job"
-    write_bundle(
-        job_dir / "bundle",
-        emulator,
-        make_tokenizer(tmp_path),
-        {
-            "family": "llama",
-            "shape": {"a": 1, "k": 2, "b": 1, "n_blocks": n},
-            "layout": layout,
-            "adapter_blocks": shape.adapter_blocks(n),
-            "kept_middle": shape.kept_middle(n),
-        },
-    )
+    write_tiny_bundle(job_dir / "bundle", tiny_model("llama", n_blocks=6), SandwichShape(1, 2, 1), tmp_path)
     tuning = dataclasses.replace(FEDERATED_TUNING, steps=2, batch_size=2, lr=1e-2, max_length=32)
     write_job(
         job_dir,

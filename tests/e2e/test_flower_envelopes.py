@@ -41,18 +41,17 @@ from offsite.cloud.fed_job import (
     write_job,
 )
 from offsite.cloud.superlink import free_port
-from offsite.emulator.sandwich import SandwichShape, build_emulator
+from offsite.emulator.sandwich import SandwichShape
 from offsite.harness.federation import LocalFederation, _spawn
 from offsite.harness.wiretap import WireTap
 from offsite.protocol.adapter import load_update
-from offsite.protocol.bundle import write_bundle
 from offsite.protocol.bundle_signing import sign_bundle
 from offsite.protocol.dp import PrivacyAccountant
 from offsite.protocol.envelope import MAGIC
 from offsite.protocol.flower_process import supernode_command
 from offsite.protocol.keys import COORDINATOR_PUBLIC, ClientIdentity, CoordinatorKeys, SenderRegistry
 from offsite.protocol.secagg import SecAggConfig, quantisation_error_bound, state_dimension
-from tests.conftest import make_tokenizer, tiny_model
+from tests.conftest import tiny_model, write_tiny_bundle
 from tests.e2e.flower_jobs import NUM_EXAMPLES, assert_rounds_are_weighted_means, data_file, data_rows
 from tests.e2e.test_flower_faults import supernode_ids, wait_until
 
@@ -63,22 +62,8 @@ WINDOW = 32  # bytes of a float32 update tensor looked for on the wire
 
 def signed_bundle(tmp_path, keys: CoordinatorKeys):
     """``make_job``'s tiny llama bundle, signed by the coordinator (manifest.sig)."""
-    base = tiny_model("llama", n_blocks=6)
-    shape = SandwichShape(1, 2, 1)
-    emulator, layout = build_emulator(base, shape)
     root = tmp_path / "bundle"
-    write_bundle(
-        root,
-        emulator,
-        make_tokenizer(tmp_path),
-        {
-            "family": "llama",
-            "shape": {"a": 1, "k": 2, "b": 1, "n_blocks": 6},
-            "layout": layout,
-            "adapter_blocks": shape.adapter_blocks(6),
-            "kept_middle": shape.kept_middle(6),
-        },
-    )
+    write_tiny_bundle(root, tiny_model("llama", n_blocks=6), SandwichShape(1, 2, 1), tmp_path)
     sign_bundle(root, keys)
     return root
 

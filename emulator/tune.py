@@ -215,11 +215,7 @@ def tune_adapter(
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
         if on_step is not None:
             on_step(step + 1, model)
-    if checkpointing:
-        model.gradient_checkpointing_disable()
-    state = _tuned_state(model, layout, adapter_blocks, config.mode)
-    if config.mode == "lora" and config.lora.freeze_a:
-        state = {key: tensor for key, tensor in state.items() if not key.endswith(".lora_A")}
+    state = _tuned_state(model, layout, adapter_blocks, config)
     return TuneResult(state, losses, tokens, time.perf_counter() - started, config.mode)
 
 
@@ -256,10 +252,19 @@ def _optimiser_step(loss: torch.Tensor, params, anchors, optimizer, config: Tune
     optimizer.step()
 
 
-def _tuned_state(model: nn.Module, layout: list[int], adapter_blocks: list[int], mode: str) -> dict[str, torch.Tensor]:
-    """Freeze the model again and return its adapter (whole blocks, or LoRA factors) on the CPU."""
+def _tuned_state(
+    model: nn.Module, layout: list[int], adapter_blocks: list[int], config: TuneConfig
+) -> dict[str, torch.Tensor]:
+    """Leave the model as found (frozen, eval, no activation checkpointing) and return its adapter on
+    the CPU: whole blocks, or the LoRA factors (B only when A was frozen)."""
     model.eval()
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
     for param in model.parameters():
         param.requires_grad_(False)
-    state = lora_state_dict(model, layout) if mode == "lora" else adapter_state_dict(model, layout, adapter_blocks)
+    if config.mode != "lora":
+        state = adapter_state_dict(model, layout, adapter_blocks)
+    else:
+        kept = (".lora_B",) if config.lora.freeze_a else (".lora_A", ".lora_B")
+        state = {key: tensor for key, tensor in lora_state_dict(model, layout).items() if key.endswith(kept)}
     return {key: tensor.cpu() for key, tensor in state.items()}

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from offsite.client.channels import TunedUpdate
 from offsite.client.local import tune_on_bundle
 from offsite.cloud.adapter_rule import AdapterRule
 from offsite.cloud.aggregate import fedavg, lora_stack
@@ -16,6 +17,7 @@ from offsite.emulator.data import Example
 from offsite.emulator.lora import LoRASpec
 from offsite.emulator.sandwich import SandwichShape
 from offsite.protocol.bundle import read_bundle
+from offsite.protocol.dp import noise_generator
 from tests.conftest import tiny_model, write_tiny_bundle
 
 OUT, IN, RANK, ALPHA = 6, 5, 2, 4.0
@@ -135,3 +137,37 @@ def test_one_round_of_each_rule_from_the_owners_tuning_path(bundle, aggregation)
         )
         moved = new[stem + ".weight"].double() - start[stem + ".weight"].double()
         torch.testing.assert_close(moved, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_dp_on_a_frozen_a_job_clips_and_noises_b_only_and_keeps_the_jobs_a(bundle):
+    """Local DP on LoRA: what leaves an owner is start + clip(B - start) + N(0, (zC)^2), B only;
+    the mean of those is the new B and the checkpoint's A is still the one drawn from the job's seed."""
+    clip, multiplier = 1e-3, 0.5
+    config = job("frozen-a", security=SecurityConfig(dp_clip_norm=clip, dp_noise_multiplier=multiplier))
+    rule = AdapterRule.for_job(config, bundle)
+    start = rule.initial()
+    instruction = config.instruction(1, bundle.digest)
+    assert instruction.dp is not None and instruction.dp.noise_std == pytest.approx(clip * multiplier)
+    replies = []
+    for seed in (1, 2, 3):
+        tuning = dataclasses.replace(config.round_tuning(1), seed=seed)
+        tuned = tune_on_bundle(bundle, EXAMPLES, tuning, start={k: v.clone() for k, v in start.items()}, progress=False)
+        update = TunedUpdate.of(instruction, start, tuned.adapter, {"num-examples": 6.0}, noise_seed=seed)
+        sent = update.adapter()
+        assert set(sent) == set(start) and all(key.endswith(".lora_B") for key in sent)
+        delta = {k: tuned.adapter[k].double() - start[k].double() for k in start}
+        norm = sum(float((d**2).sum()) for d in delta.values()) ** 0.5
+        assert norm > clip  # the tuning moved B further than C: clipping is exercised
+        generator = noise_generator(seed)
+        for key in start:  # same order as the mechanism draws
+            noise = clip * multiplier * torch.randn(tuple(start[key].shape), generator=generator, dtype=torch.float64)
+            expected = start[key].double() + delta[key] * (clip / norm) + noise
+            torch.testing.assert_close(sent[key].double(), expected.to(start[key].dtype).double(), rtol=0, atol=1e-7)
+        assert update.weight == 1  # no example count leaves the node under DP
+        replies.append((sent, update.weight))
+    new = rule.combine(start, replies)
+    for key in start:
+        torch.testing.assert_close(new[key], sum(r[key] for r, _ in replies) / 3, rtol=1e-6, atol=1e-7)
+    checkpoint = rule.checkpoint(new)
+    a = {k: v for k, v in rule.factors.items() if k.endswith(".lora_A")}
+    assert a and all(torch.equal(checkpoint[k], a[k]) for k in a)

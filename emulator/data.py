@@ -39,6 +39,9 @@ class Example:
     completion: str
 
 
+ROW_SHAPES = 'expected {"prompt","choices","answer"} or {"prompt","completion"}'
+
+
 def _rows(path: Path):
     """``(line number, object)`` per non-blank line. A line is read with a bound (never more than
     ``MAX_LINE_BYTES + 1`` bytes at a time, newline or not), and parsed by the one parser for
@@ -75,6 +78,13 @@ def _mc_row(path: Path, number: int, row: dict) -> MCRow:
     return MCRow(prompt, tuple(choices), answer)
 
 
+def _sft_row(path: Path, number: int, row: dict) -> Example:
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+        raise DataFormatError(path, number, "'prompt' and 'completion' must be strings, the completion non-empty")
+    return Example(prompt, completion)
+
+
 def read_mc_jsonl(path: Path | str, limit: int | None = None) -> list[MCRow]:
     """Multiple-choice rows; the first malformed row raises :class:`DataFormatError`."""
     path = Path(path)
@@ -93,17 +103,14 @@ def read_examples(path: Path | str, limit: int | None = None) -> list[Example]:
     path = Path(path)
     examples = []
     for number, row in _rows(path):
-        if "choices" in row:
+        kind = row_kind(row)
+        if not kind:
+            raise DataFormatError(path, number, ROW_SHAPES)
+        if kind == "mc":
             mc = _mc_row(path, number, row)
             examples.append(Example(mc.prompt, mc.choices[mc.answer]))
-        elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str) and row["completion"]:
-            examples.append(Example(row["prompt"], row["completion"]))
         else:
-            raise DataFormatError(
-                path,
-                number,
-                'expected {"prompt","choices","answer"} or {"prompt","completion"} with a non-empty completion',
-            )
+            examples.append(_sft_row(path, number, row))
         if limit is not None and len(examples) >= limit:
             break
     if not examples:
@@ -125,7 +132,7 @@ def read_test_rows(path: Path | str, limit: int | None = None) -> tuple[str, lis
     for number, row in _rows(path):
         this = row_kind(row)
         if not this:
-            raise DataFormatError(path, number, 'expected {"prompt","choices","answer"} or {"prompt","completion"}')
+            raise DataFormatError(path, number, ROW_SHAPES)
         if kind and this != kind:
             raise DataFormatError(
                 path,
@@ -134,12 +141,7 @@ def read_test_rows(path: Path | str, limit: int | None = None) -> tuple[str, lis
                 f"{kind.upper()}): a test file holds one kind",
             )
         kind, first = kind or this, first or number
-        if this == "mc":
-            rows.append(_mc_row(path, number, row))
-        elif isinstance(row.get("prompt"), str) and isinstance(row["completion"], str) and row["completion"]:
-            rows.append(Example(row["prompt"], row["completion"]))
-        else:
-            raise DataFormatError(path, number, "'prompt' and 'completion' must be strings, the completion non-empty")
+        rows.append(_mc_row(path, number, row) if this == "mc" else _sft_row(path, number, row))
         if limit is not None and len(rows) >= limit:
             break
     if not rows:

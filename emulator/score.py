@@ -15,9 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from .arch import get_path, spec_for
 from .data import IGNORE_INDEX, Batch, Example, MCRow, collate, encode_pair, pad_id_of
+
+PROMPT_TOKENS = 2048  # prompt tokens per shared-prompt pass: bounds its activations and cached keys and values
 
 
 def answer_states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,12 +106,13 @@ def normalised_predictions(rows: list[MCRow], scores: list[list[float]]) -> list
 
 @dataclass
 class _MCPlan:
-    """How each row of a multiple-choice file is scored: rows whose choices are all one token
-    share one forward pass of their prompt; every other (row, choice) pair is scored whole."""
+    """How each row of a multiple-choice file is scored: rows whose choices all follow the same
+    prompt tokens share one forward pass of that prompt, its keys and values reused for every
+    choice; the other rows' (row, choice) pairs are scored whole."""
 
     prompts: list[list[int]]  # shared-prompt rows: the prompt's ids (empty for the others)
-    choice_ids: list[list[int]]  # shared-prompt rows: each choice's single token
-    single: dict[int, list[int]]  # prompt length -> shared-prompt rows
+    choice_ids: list[list[list[int]]]  # shared-prompt rows: each choice's tokens
+    shared: dict[int, list[int]]  # prompt length -> shared-prompt rows
     pairs: list[tuple[int, int, tuple[list[int], int]]]  # (row, choice, encoded) scored whole
 
 
@@ -117,12 +121,12 @@ def _plan_mc(tokenizer, rows: list[MCRow], max_length: int) -> _MCPlan:
     for r, row in enumerate(rows):
         encoded = [encode_pair(tokenizer, row.prompt, choice, max_length) for choice in row.choices]
         heads = [ids[start:] for ids, start in encoded]
-        shared = all(len(h) == 1 for h in heads) and len({tuple(ids[:start]) for ids, start in encoded}) == 1
+        shared = all(heads) and len({tuple(ids[:start]) for ids, start in encoded}) == 1
         ids, start = encoded[0]
         plan.prompts.append(ids[:start] if shared else [])
-        plan.choice_ids.append([h[0] for h in heads] if shared else [])
+        plan.choice_ids.append(heads if shared else [])
         if shared:
-            plan.single.setdefault(start, []).append(r)
+            plan.shared.setdefault(start, []).append(r)
         else:
             plan.pairs.extend((r, c, e) for c, e in enumerate(encoded))
     return plan
@@ -146,23 +150,77 @@ def _summed_logprobs(
     return values
 
 
+def _prompt_chunks(plan: _MCPlan) -> list[tuple[int, list[int]]]:
+    """The shared-prompt rows in chunks of one prompt length and at most PROMPT_TOKENS tokens."""
+    chunks = []
+    for length, group in sorted(plan.shared.items()):
+        rows = max(1, PROMPT_TOKENS // length)
+        chunks.extend((length, group[i : i + rows]) for i in range(0, len(group), rows))
+    return chunks
+
+
+def _longer_choices(plan: _MCPlan, chunk: list[int]) -> list[tuple[int, int, list[int]]]:
+    """(row in chunk, choice, tokens) of the chunk's choices longer than one token, shortest first."""
+    pairs = [(b, c, tokens) for b, r in enumerate(chunk) for c, tokens in enumerate(plan.choice_ids[r])]
+    return sorted((pair for pair in pairs if len(pair[2]) > 1), key=lambda pair: len(pair[2]))
+
+
+def _shared_passes(plan: _MCPlan, batch_size: int) -> int:
+    return sum(1 + -(-len(_longer_choices(plan, chunk)) // batch_size) for _, chunk in _prompt_chunks(plan))
+
+
 def _shared_prompt_scores(model: nn.Module, plan: _MCPlan, batch_size: int, device, bar) -> dict[int, list[float]]:
-    """Each shared-prompt row's choice log-probabilities from one pass over its prompt (no padding:
-    the rows of a batch have prompts of one length)."""
+    """Each shared-prompt row's choice log-probabilities: one pass over a chunk of prompts of one
+    length (no padding), then the choices longer than one token, sorted by length and batched,
+    each on a copy of its prompt's keys and values."""
     spec = spec_for(model)
     backbone, head = get_path(model, spec.backbone), get_path(model, spec.head)
     scores = {}
-    for _, group in sorted(plan.single.items()):
-        for i in range(0, len(group), batch_size):
-            chunk = group[i : i + batch_size]
-            ids = torch.tensor([plan.prompts[r] for r in chunk], device=device)  # (B, L)
+    for length, chunk in _prompt_chunks(plan):
+        longer = _longer_choices(plan, chunk)
+        ids = torch.tensor([plan.prompts[r] for r in chunk], device=device)  # (B, L)
+        with autocast_for(device):
+            out = backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=bool(longer))
+            first = torch.log_softmax(head(out.last_hidden_state[:, -1]).float(), -1)  # (B, V)
+        bar.update()
+        prompt_cache = out.past_key_values.to_legacy_cache() if longer else ()
+        tails = {}
+        for i in range(0, len(longer), batch_size):
+            batch = longer[i : i + batch_size]
+            index = torch.tensor([b for b, _, _ in batch], device=ids.device)
+            cache = DynamicCache.from_legacy_cache(tuple((k[index], v[index]) for k, v in prompt_cache))
             with autocast_for(device):
-                hidden = backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
-                logprobs = torch.log_softmax(head(hidden[:, -1]).float(), -1)  # (B, V)
-            for b, r in enumerate(chunk):
-                scores[r] = logprobs[b, plan.choice_ids[r]].tolist()
+                values = _continuation_logprobs(backbone, head, cache, [t for _, _, t in batch], length, ids.device)
+            tails.update(zip(((b, c) for b, c, _ in batch), values))
             bar.update()
+        for b, r in enumerate(chunk):
+            scores[r] = [first[b, t[0]].item() + tails.get((b, c), 0.0) for c, t in enumerate(plan.choice_ids[r])]
     return scores
+
+
+def _continuation_logprobs(backbone: nn.Module, head: nn.Module, cache, choices: list[list[int]], length: int, device):
+    """Summed log-probability of each choice's tokens after its first, run on ``cache`` (its
+    prompt's keys and values, one row per choice, prompts of ``length`` tokens). The choices are
+    right-padded: a causal model never attends to the padding."""
+    width = max(len(tokens) for tokens in choices) - 1  # token j of a choice predicts token j + 1
+
+    def padded(values: list[int]) -> list[int]:
+        return values + [0] * (width - len(values))
+
+    ids = torch.tensor([padded(tokens[:-1]) for tokens in choices], device=device)  # (N, W)
+    targets = torch.tensor([padded(tokens[1:]) for tokens in choices], device=device)
+    mask = torch.tensor([padded([1] * (len(tokens) - 1)) for tokens in choices], device=device)
+    hidden = backbone(
+        input_ids=ids,
+        attention_mask=torch.cat([torch.ones(len(choices), length, dtype=mask.dtype, device=device), mask], 1),
+        position_ids=(length + torch.arange(width, device=device)).expand(len(choices), width),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # (N, W, D)
+    rows, positions = mask.nonzero(as_tuple=True)
+    logprobs = torch.log_softmax(head(hidden[rows, positions]).float(), -1)
+    picked = logprobs.gather(-1, targets[rows, positions].unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(len(choices), device=device).index_add_(0, rows, picked).tolist()
 
 
 @torch.no_grad()
@@ -178,13 +236,14 @@ def score_mc(
 ) -> MCResult:
     """Accuracy by the highest summed log-likelihood of each choice given the prompt.
 
-    Choices that are one token long share one forward pass of their prompt (rows of equal
-    prompt length are batched without padding); longer choices are scored on the whole
-    prompt+choice sequence. Both give the same log-likelihoods as scoring every pair alone.
+    A row whose choices all follow the same prompt tokens runs its prompt once (rows of equal
+    prompt length are batched without padding) and its choices on the prompt's keys and values;
+    a row whose choices change how the prompt tokenizes is scored pair by pair on the whole
+    prompt+choice sequence. Both give the log-likelihoods of scoring every pair alone.
     """
     model.eval()
     plan = _plan_mc(tokenizer, rows, max_length)
-    batches = sum(-(-len(g) // batch_size) for g in plan.single.values()) + -(-len(plan.pairs) // batch_size)
+    batches = _shared_passes(plan, batch_size) + -(-len(plan.pairs) // batch_size)
     with tqdm(total=batches, desc=desc, leave=False, unit="batch", disable=not progress) as bar:
         scores = [[0.0] * len(row.choices) for row in rows]
         for r, values in _shared_prompt_scores(model, plan, batch_size, device, bar).items():

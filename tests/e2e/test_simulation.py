@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import time
@@ -155,3 +156,17 @@ def test_simulate_refuses_bad_partitions_before_starting(tmp_path, capsys):
     assert "min_nodes is 3, more than the 2 simulated owners" in capsys.readouterr().err
     assert main(["cloud", "simulate", "--job", str(job_dir)]) == 2
     assert "--data FILE --clients N" in capsys.readouterr().err
+
+
+def test_simulate_without_ray_says_what_to_install_before_writing_shares(tmp_path, capsys, monkeypatch):
+    """Ray is the optional `simulation` extra: without it the command refuses, naming the extra,
+    and writes no owners' shares."""
+    job_dir = make_job(tmp_path)
+    data = tmp_path / "task.jsonl"
+    write_jsonl(data, task_rows())
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    argv = ["cloud", "simulate", "--job", str(job_dir), "--data", str(data), "--clients", "4", "--iid"]
+    assert main(argv) == 2
+    assert "pip install 'offsite[simulation]'" in capsys.readouterr().err
+    assert not (job_dir / "sim").exists()

@@ -149,7 +149,10 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser, default_preset: str) 
     )
     parser.add_argument("--distill-steps", type=int, default=None, help="distillation steps (0: plain layer drop)")
     parser.add_argument(
-        "--corpus", default=None, help="distillation text: 'python-docs' (default), a .txt or a .jsonl with 'text'"
+        "--corpus",
+        default=None,
+        help="distillation text: 'python-docs' (default), 'model-samples' (the full model's own answers on "
+        "everyday topics, sampled once and cached), a .txt or a .jsonl with 'text'",
     )
     parser.add_argument(
         "--quantize",

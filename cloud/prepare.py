@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,10 +19,11 @@ import torch
 from torch import nn
 
 from offsite.emulator.arch import spec_for
-from offsite.emulator.corpus import DEFAULT_CORPUS, read_corpus, token_blocks
+from offsite.emulator.corpus import DEFAULT_CORPUS, MODEL_SAMPLES, read_corpus, sample_corpus, token_blocks
 from offsite.emulator.distill import DistillConfig, distill
 from offsite.emulator.quantize import Quantize, check_quantizable, quantize_blocks
 from offsite.emulator.sandwich import SandwichShape, build_emulator, num_blocks
+from offsite.emulator.select import SELECTIONS, cka_kept_middle
 from offsite.emulator.tune import pick_device
 from offsite.protocol.bundle import Bundle, BundleError, read_bundle, write_bundle
 from offsite.protocol.files import replace_dir
@@ -29,6 +31,8 @@ from offsite.protocol.files import replace_dir
 from .models import cache_dir
 
 log = logging.getLogger(__name__)
+
+CKA_ROWS = 8  # corpus blocks whose hidden states choose the kept middle blocks (8 x 256 tokens by default)
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,22 @@ class EmulatorConfig:
     corpus: str = DEFAULT_CORPUS
     device: str = "auto"
     quantize: Quantize | None = None  # round the kept middle blocks' weights after distillation
+    select: str = "uniform"  # which middle blocks are kept: "uniform" or "cka" (emulator/select.py)
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
 
 
 def config_for(preset, corpus: str | None = None) -> EmulatorConfig:
     """The emulator a :class:`~offsite.cloud.presets.Preset` names (shape, distillation, quantisation)."""
-    return EmulatorConfig(preset.shape, preset.distill, corpus=corpus or DEFAULT_CORPUS, quantize=preset.quantize)
+    return EmulatorConfig(
+        preset.shape,
+        preset.distill,
+        corpus=preset.corpus or corpus or DEFAULT_CORPUS,
+        quantize=preset.quantize,
+        select=preset.select,
+    )
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -67,6 +82,8 @@ def recipe_key(base_fingerprint: str, config: EmulatorConfig, corpus_text: str) 
     if config.quantize is not None:  # only when set, so unquantised caches keep their keys
         recipe["quantize"] = dataclasses.asdict(config.quantize)
         recipe["packed"] = True  # bundles cached before packing are rebuilt packed
+    if config.select != "uniform":
+        recipe["select"] = config.select
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -79,9 +96,11 @@ def prepare_bundle(
     progress: bool = True,
 ) -> Bundle:
     """Write the job's bundle to ``out`` (a copy of the cached one when the recipe was built before)."""
-    corpus_text = read_corpus(config.corpus) if config.distill.steps else ""
-    key = recipe_key(model_fingerprint(base), config, corpus_text)
-    cached = (cache or cache_dir()) / "bundles" / key
+    cache = cache or cache_dir()
+    fingerprint = model_fingerprint(base)
+    corpus_text = _corpus_text(config, base, tokenizer, cache / "corpora" / f"{fingerprint[:20]}-{MODEL_SAMPLES}.txt")
+    key = recipe_key(fingerprint, config, corpus_text)
+    cached = cache / "bundles" / key
     try:
         bundle = read_bundle(cached)
         log.info("emulator %s: reusing the cached bundle %s", config.shape, cached)
@@ -106,6 +125,25 @@ def prepare_bundle(
     return Bundle(out, bundle.manifest)
 
 
+def _corpus_text(config: EmulatorConfig, base: nn.Module, tokenizer, samples: Path) -> str:
+    """The distillation text the recipe reads ('' when nothing is distilled or chosen on it);
+    ``model-samples`` is sampled from ``base`` once and kept at ``samples``."""
+    if not (config.distill.steps or config.select == "cka"):
+        return ""
+    if config.corpus != MODEL_SAMPLES:
+        return read_corpus(config.corpus)
+    if samples.is_file():
+        return samples.read_text(encoding="utf-8")
+    log.info("sampling the distillation corpus from the model (once; kept at %s)", samples)
+    text = sample_corpus(base.to(pick_device(config.device)), tokenizer)
+    base.to("cpu")
+    samples.parent.mkdir(parents=True, exist_ok=True)
+    staging = samples.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, samples)
+    return text
+
+
 def _holds(path: Path, digest: str) -> bool:
     """Whether ``path`` holds a whole bundle (every file's hash checked) with this manifest digest."""
     try:
@@ -122,13 +160,18 @@ def cut_info(base: nn.Module, shape: SandwichShape, layout: list[int]) -> dict:
         "shape": {"a": shape.a, "k": shape.k, "b": shape.b, "n_blocks": n},
         "layout": layout,
         "adapter_blocks": shape.adapter_blocks(n),
-        "kept_middle": shape.kept_middle(n),
+        "kept_middle": layout[shape.a : len(layout) - shape.b],
     }
 
 
 def _build(base, tokenizer, config: EmulatorConfig, corpus_text: str, target: Path, progress: bool) -> Bundle:
     shape = config.shape
-    emulator, layout = build_emulator(base, shape)
+    kept = None
+    if config.select == "cka":
+        ids = token_blocks(tokenizer, corpus_text, config.distill.seq_len)[0][:CKA_ROWS]
+        kept = cka_kept_middle(base, ids, shape)
+        log.info("CKA-chosen middle blocks of %s: %s (uniform: %s)", shape, kept, shape.kept_middle(num_blocks(base)))
+    emulator, layout = build_emulator(base, shape, kept)
     middle = list(range(shape.a, len(layout) - shape.b))
     if config.quantize is not None:
         check_quantizable(emulator, middle, config.quantize)  # before minutes of distillation, not after

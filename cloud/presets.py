@@ -44,6 +44,8 @@ class Preset:
     plugin_gain: float = (
         1.0  # plug in real + gain * (tuned - real) (cloud/plugin.py; experiments/QUALITY.md, "Plug-in gain")
     )
+    select: str = "uniform"  # which middle blocks the emulator keeps: "uniform" or "cka" (emulator/select.py)
+    corpus: str | None = None  # the distillation text, when the recipe names one (else the job's --corpus)
 
     def __post_init__(self) -> None:
         check_gain(self.plugin_gain)

@@ -4,6 +4,12 @@ The default corpus is the Python Language Reference and library topics that ever
 installation carries as ``pydoc_data.topics`` (about 460 KB of English technical prose):
 real text, offline, on any machine that runs this code. Users pass their own with
 ``--corpus FILE`` (plain text, or JSONL with a ``"text"`` field per row).
+
+``model-samples`` is more general text than the Python docs with no download: the full model's
+own answers to everyday requests over many topics (sampled, temperature 1). Distilling on the
+teacher's own text is data-free distillation; the text is what the model says, not what it was
+trained on, and no task's rows are in it. It is sampled once per model and cached
+(cloud/prepare.py).
 """
 
 from __future__ import annotations
@@ -12,8 +18,63 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 DEFAULT_CORPUS = "python-docs"
+MODEL_SAMPLES = "model-samples"
+REQUESTS = ("Write a few paragraphs about {}.", "Explain {} to a curious friend.", "Tell a short story about {}.")
+TOPICS = (
+    "the history of bread",
+    "how rivers shape valleys",
+    "learning to swim",
+    "a rainy afternoon in a city",
+    "the rules of chess",
+    "keeping bees",
+    "the moon landing",
+    "planning a garden",
+    "why the sky is blue",
+    "a train journey across mountains",
+    "the first day at a new job",
+    "how vaccines work",
+    "the ocean at night",
+    "building a wooden boat",
+    "friendship between neighbours",
+    "the life of a lighthouse keeper",
+    "saving money",
+    "a football match",
+    "volcanoes",
+    "the invention of printing",
+    "cooking rice",
+    "a lost dog finding its way home",
+    "how a bill becomes a law",
+    "winter in the north",
+    "the human heart",
+    "a small village market",
+    "climbing a mountain",
+    "how airplanes fly",
+    "a letter to a grandparent",
+    "the water cycle",
+    "ancient Rome",
+    "taking care of a cat",
+    "a thunderstorm",
+    "the solar system",
+    "a musician's first concert",
+    "recycling",
+    "the desert",
+    "a family dinner",
+    "how bridges are built",
+    "the changing seasons",
+    "running a small shop",
+    "birds that migrate",
+    "a walk in the forest",
+    "the stock market",
+    "learning a new language",
+    "a fishing trip",
+    "earthquakes",
+    "a birthday party",
+    "how the internet works",
+    "an old library",
+)
 
 
 def default_corpus_text() -> str:
@@ -40,6 +101,46 @@ def read_corpus(source: str | Path = DEFAULT_CORPUS) -> str:
                     ) from None
         return "\n\n".join(texts)
     return path.read_text(encoding="utf-8")
+
+
+@torch.no_grad()
+def sample_corpus(
+    model, tokenizer, new_tokens: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = True
+) -> str:
+    """The model's own answers to :data:`REQUESTS` x :data:`TOPICS` (150 texts of up to ``new_tokens``
+    tokens), sampled at temperature 1 from ``seed``; joined by blank lines."""
+    prompts = [request.format(topic) for topic in TOPICS for request in REQUESTS]
+    if tokenizer.chat_template:
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    texts = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="sampling a corpus", disable=not progress):
+            batch = tokenizer(
+                prompts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                return_token_type_ids=False,
+            )
+            out = model.generate(
+                **batch,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=new_tokens,
+                pad_token_id=pad,
+            )
+            texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return "\n\n".join(t.strip() for t in texts if t.strip())
 
 
 def token_blocks(

@@ -68,8 +68,20 @@ class SandwichShape:
             return [self.a]
         return [self.a + round(i * (middle - 1) / (self.k - 1)) for i in range(self.k)]
 
-    def emulator_layout(self, n_blocks: int) -> list[int]:
-        return list(range(self.a)) + self.kept_middle(n_blocks) + list(range(n_blocks - self.b, n_blocks))
+    def emulator_layout(self, n_blocks: int, kept: list[int] | None = None) -> list[int]:
+        """Adapter blocks around ``kept`` middle blocks (the uniform choice when None)."""
+        kept = self.kept_middle(n_blocks) if kept is None else self.check_kept(kept, n_blocks)
+        return list(range(self.a)) + kept + list(range(n_blocks - self.b, n_blocks))
+
+    def check_kept(self, kept: list[int], n_blocks: int) -> list[int]:
+        """``kept`` if it is ``k`` increasing indices inside the middle; otherwise a ValueError."""
+        self.check(n_blocks)
+        inside = all(self.a <= i < n_blocks - self.b for i in kept)
+        if len(kept) != self.k or not inside or any(x >= y for x, y in zip(kept, kept[1:])):
+            raise ValueError(
+                f"kept middle blocks {kept} are not {self.k} increasing indices in {self.a}..{n_blocks - self.b - 1}"
+            )
+        return list(kept)
 
 
 def num_blocks(model: nn.Module) -> int:
@@ -135,9 +147,12 @@ def only_positions(model: nn.Module, positions: list[int]):
             model.config.layer_types = old_types
 
 
-def build_emulator(model: nn.Module, shape: SandwichShape) -> tuple[nn.Module, list[int]]:
-    """Layer-drop emulator of ``model``: adapter blocks plus ``k`` uniformly kept middle blocks."""
-    layout = shape.emulator_layout(num_blocks(model))
+def build_emulator(
+    model: nn.Module, shape: SandwichShape, kept: list[int] | None = None
+) -> tuple[nn.Module, list[int]]:
+    """Layer-drop emulator of ``model``: adapter blocks plus ``k`` kept middle blocks (``kept``, or
+    chosen uniformly)."""
+    layout = shape.emulator_layout(num_blocks(model), kept)
     return with_layout(model, layout), layout
 
 

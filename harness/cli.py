@@ -48,8 +48,10 @@ def _register_sweep(parent) -> None:
         description="For each emulator: emulator zero-shot, emulator-FT and plug-in; full zero-shot and full FT "
         "once per adapter cut. Writes OUT/report/report.{md,json,png} and OUT/report/frontier.png (emulator-FT "
         "against plug-in: points above the diagonal keep a privacy gap). Results are appended to OUT/sweep.jsonl "
-        "as they come, so a second run resumes. Emulators: a preset name, or SHAPE[/kdSTEPS][/qBITSgGROUP][/gainG] "
-        "on top of --preset's recipe, e.g. 2-10-2/kd60 2-22-2/kd0 2-26-2/q2g16 2-26-2/q34g16/gain1.5.",
+        "as they come, so a second run resumes. Emulators: a preset name, or SHAPE[/kdSTEPS][/klWEIGHT][/cka]"
+        "[/samples][/qBITSgGROUP][/gainG] on top of --preset's recipe, e.g. 2-10-2/kd60 2-10-2/kd60/kl1 (a KL term "
+        "to the full model's logits) 2-10-2/kd60/cka (middle blocks chosen by CKA) 2-10-2/kd60/samples (distilled "
+        "on the model's own text) 2-26-2/q2g16 2-26-2/q34g16/gain1.5.",
     )
     sweep.add_argument("emulators", nargs="+", metavar="EMULATOR", help="emulators to compare (see above)")
     _add_task_arguments(sweep)
@@ -66,7 +68,10 @@ def _register_sweep(parent) -> None:
     )
     sweep.add_argument("--model", default=None, help="base model (default: the preset's)")
     sweep.add_argument(
-        "--corpus", default=None, help="distillation text: 'python-docs' (default), a .txt or a .jsonl with 'text'"
+        "--corpus",
+        default=None,
+        help="distillation text: 'python-docs' (default), 'model-samples' (the full model's own answers on "
+        "everyday topics, sampled once and cached), a .txt or a .jsonl with 'text'",
     )
     sweep.add_argument("--out", type=Path, required=True, help="sweep directory")
     add_tune_arguments(sweep)

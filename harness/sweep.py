@@ -8,8 +8,10 @@ five settings, the privacy and utility gaps, the recovery) and one frontier plot
 against the plug-in, one point per emulator, where everything above the diagonal is skill the
 data owners did not get.
 
-Emulators are written ``SHAPE[/kdSTEPS][/qBITSgGROUP][/gainG]`` on top of a preset's recipe:
-``2-10-2/kd60`` keeps 10 middle blocks and distils them 60 steps; ``2-26-2/q2g16`` keeps every
+Emulators are written ``SHAPE[/kdSTEPS][/klWEIGHT][/cka][/qBITSgGROUP][/gainG]`` on top of a preset's
+recipe: ``2-10-2/kd60`` keeps 10 middle blocks and distils them 60 steps (``/kl1``: with a KL term
+to the full model's logits beside the hidden-state one; ``/cka``: the 10 blocks chosen by CKA,
+not uniformly; ``/samples``: distilled on the model's own text); ``2-26-2/q2g16`` keeps every
 block and rounds it to 2 bits in groups of 16 (``q34g16``: 3 and 4 bits in turn); ``gain1.5``
 plugs in 1.5 x what tuning changed. A preset name (``smollm2-135m/q34g16``) is taken as it is.
 
@@ -31,6 +33,7 @@ from offsite.cloud.evaluate import LABELS, METRICS, EvalConfig, Report, five_set
 from offsite.cloud.models import load_base
 from offsite.cloud.prepare import config_for, prepare_bundle
 from offsite.cloud.presets import PRESETS, Preset, check_gain
+from offsite.emulator.corpus import MODEL_SAMPLES
 from offsite.emulator.data import Example, MCRow, read_examples, read_test_rows
 from offsite.emulator.quantize import Quantize
 from offsite.emulator.sandwich import SandwichShape
@@ -42,28 +45,37 @@ from offsite.protocol.safe_json import JSONRefused, parse_json
 log = logging.getLogger(__name__)
 
 SPEC = re.compile(
-    r"(?P<shape>\d+-\d+-\d+)((/kd(?P<kd>\d+))|(/q(?P<bits>[1-8]+)g(?P<group>\d+))|(/gain(?P<gain>[0-9.]+)))*"
+    r"(?P<shape>\d+-\d+-\d+)((/kd(?P<kd>\d+))|(/kl(?P<kl>[0-9.]+))|(/(?P<cka>cka))|(/(?P<samples>samples))"
+    r"|(/q(?P<bits>[1-8]+)g(?P<group>\d+))|(/gain(?P<gain>[0-9.]+)))*"
 )
+SPEC_HELP = "SHAPE[/kdSTEPS][/klWEIGHT][/cka][/samples][/qBITSgGROUP][/gainG]"
 BASELINES = ("full_zero_shot", "full_ft")
 EMULATOR_SETTINGS = ("emulator_zero_shot", "emulator_ft", "plug_in")
 
 
 def parse_emulator(text: str, base: Preset) -> Preset:
-    """A preset name, or ``SHAPE[/kdSTEPS][/qBITSgGROUP][/gainG]`` on top of ``base``'s recipe."""
+    """A preset name, or ``SHAPE[/kdSTEPS][/klWEIGHT][/cka][/samples][/qBITSgGROUP][/gainG]`` on top
+    of ``base``'s recipe: ``kl`` adds a KL term to the full model's logits to the distillation,
+    ``cka`` keeps the middle blocks chosen by CKA (emulator/select.py) instead of uniformly,
+    ``samples`` distils on the model's own text (``--corpus model-samples``) whatever ``--corpus`` says."""
     if text in PRESETS:
         return PRESETS[text]
     match = SPEC.fullmatch(text)
     if match is None:
         raise ValueError(
-            f"emulator {text!r}: expected a preset name or SHAPE[/kdSTEPS][/qBITSgGROUP][/gainG], "
-            "e.g. 2-10-2/kd60 or 2-26-2/q34g16/gain1.5"
+            f"emulator {text!r}: expected a preset name or {SPEC_HELP}, e.g. 2-10-2/kd60 or 2-26-2/q34g16/gain1.5"
         )
-    kd, bits, group, gain = (match.group(k) for k in ("kd", "bits", "group", "gain"))
+    kd, kl, bits, group, gain = (match.group(k) for k in ("kd", "kl", "bits", "group", "gain"))
+    distill = dataclasses.replace(base.distill, steps=int(kd)) if kd is not None else base.distill
+    if kl is not None:
+        distill = dataclasses.replace(distill, kl_weight=float(kl))
     return dataclasses.replace(
         base,
         name=text,
         shape=SandwichShape.parse(match.group("shape")),
-        distill=dataclasses.replace(base.distill, steps=int(kd)) if kd is not None else base.distill,
+        distill=distill,
+        select="cka" if match.group("cka") else "uniform",
+        corpus=MODEL_SAMPLES if match.group("samples") else base.corpus,
         quantize=Quantize(tuple(int(b) for b in bits), int(group)) if bits else None,
         plugin_gain=check_gain(float(gain)) if gain is not None else 1.0,
         description=f"sweep emulator {text}",

@@ -256,20 +256,11 @@ def _check_manifest(root: Path, manifest: dict) -> None:
     _check_cut(where, manifest)
 
 
-def sandwich_cut(a: int, k: int, b: int, n_blocks: int) -> tuple[list[int], list[int], list[int]]:
-    """``(layout, adapter_blocks, kept_middle)`` of the ``a-k-b`` cut of ``n_blocks`` blocks: the
-    same formula as :class:`offsite.emulator.sandwich.SandwichShape` (kept middle blocks chosen
-    uniformly, first and last kept), restated here so that checking a manifest needs no torch."""
-    middle = n_blocks - a - b
-    kept = [a] if k == 1 else [a + round(i * (middle - 1) / (k - 1)) for i in range(k)]
-    adapter = list(range(a)) + list(range(n_blocks - b, n_blocks))
-    return list(range(a)) + kept + list(range(n_blocks - b, n_blocks)), adapter, kept
-
-
 def _check_cut(where: Path, manifest: dict) -> None:
-    """The manifest's ``layout``, ``adapter_blocks`` and ``kept_middle`` are exactly the cut its
-    ``shape`` names: an edited adapter (a middle block made trainable, a block dropped) is refused.
-    (:func:`load_emulator` then checks that the weights hold ``len(layout)`` blocks.)"""
+    """The manifest's ``layout``, ``adapter_blocks`` and ``kept_middle`` are a cut its ``shape``
+    names: the adapter blocks exactly, around ``k`` increasing middle blocks (chosen uniformly or
+    otherwise, e.g. by CKA). An edited adapter (a middle block made trainable, a block dropped or
+    repeated) is refused. (:func:`load_emulator` then checks that the weights hold ``len(layout)`` blocks.)"""
     shape = manifest["shape"]
     names = ("a", "k", "b", "n_blocks")
     if (
@@ -283,8 +274,15 @@ def _check_cut(where: Path, manifest: dict) -> None:
         raise BundleError(
             f"{where}: shape {a}-{k}-{b} of {n} blocks is not a cut of the {len(manifest['layout'])}-block layout"
         )
-    layout, adapter, kept = sandwich_cut(a, k, b, n)
-    for key, expected in (("layout", layout), ("adapter_blocks", adapter), ("kept_middle", kept)):
+    kept = manifest["kept_middle"]
+    if len(kept) != k or not all(a <= i < n - b for i in kept) or any(x >= y for x, y in zip(kept, kept[1:])):
+        raise BundleError(
+            f"{where}: 'kept_middle' {str(kept)[:80]} is not the {a}-{k}-{b} cut of {n} blocks "
+            f"({k} increasing block indices in the middle {a}..{n - b - 1})"
+        )
+    adapter = list(range(a)) + list(range(n - b, n))
+    layout = adapter[:a] + kept + adapter[a:]
+    for key, expected in (("layout", layout), ("adapter_blocks", adapter)):
         if manifest[key] != expected:
             raise BundleError(
                 f"{where}: {key!r} {str(manifest[key])[:80]} is not the {a}-{k}-{b} cut of {n} blocks ({expected})"

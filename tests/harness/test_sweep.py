@@ -7,6 +7,7 @@ import pytest
 
 from offsite.cli import main
 from offsite.cloud.evaluate import SETTINGS, Report
+from offsite.cloud.prepare import config_for
 from offsite.cloud.presets import Preset
 from offsite.emulator.distill import DistillConfig
 from offsite.emulator.quantize import Quantize
@@ -39,8 +40,27 @@ def test_emulator_specs_parse_onto_the_base_recipe():
         1.5,
     )
     plain = parse_emulator("2-18-2", base)
-    assert (plain.distill.steps, plain.quantize, plain.plugin_gain) == (60, None, 1.0)
-    for bad in ("2-18", "2-18-2/kd", "2-18-2/q9g16", "2-18-2/x", "2-18-2/gain-1"):
+    assert (plain.distill.steps, plain.distill.kl_weight, plain.quantize, plain.plugin_gain, plain.select) == (
+        60,
+        0.0,
+        None,
+        1.0,
+        "uniform",
+    )
+    levers = parse_emulator("2-10-2/kd30/kl0.5/cka/samples", base)
+    assert (levers.distill.steps, levers.distill.kd_weight, levers.distill.kl_weight, levers.select) == (
+        30,
+        1.0,
+        0.5,
+        "cka",
+    )
+    assert (config_for(levers).select, config_for(levers, "x.txt").corpus) == ("cka", "model-samples")
+    assert (config_for(plain).select, config_for(plain).corpus, config_for(plain, "x.txt").corpus) == (
+        "uniform",
+        "python-docs",
+        "x.txt",
+    )
+    for bad in ("2-18", "2-18-2/kd", "2-18-2/q9g16", "2-18-2/x", "2-18-2/gain-1", "2-18-2/kl", "2-18-2/ckb"):
         with pytest.raises(ValueError, match="emulator"):
             parse_emulator(bad, base)
 

@@ -1,10 +1,10 @@
-import itertools
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from offsite.emulator.arch import blocks_of
 from offsite.emulator.sandwich import SandwichShape, build_emulator
 from offsite.protocol.bundle import (
     MANIFEST,
@@ -14,7 +14,6 @@ from offsite.protocol.bundle import (
     load_emulator,
     load_tokenizer,
     read_bundle,
-    sandwich_cut,
     write_bundle,
 )
 from tests.conftest import VOCAB, tiny_model
@@ -144,7 +143,11 @@ MANIFEST_EDITS = [
     (lambda m: m.update(adapter_blocks=[]), "'adapter_blocks'"),
     (lambda m: m.update(adapter_blocks=[7, 6, 1, 0]), "'adapter_blocks'"),
     (lambda m: m.update(adapter_blocks=[0, 1, 6, 7, 7]), "'adapter_blocks'"),
-    (lambda m: m.update(kept_middle=[3, 4]), "'kept_middle'"),
+    (lambda m: m.update(kept_middle=[3, 4]), "'layout'"),  # other kept blocks than the layout holds
+    (lambda m: m.update(kept_middle=[5, 2], layout=[0, 1, 5, 2, 6, 7]), "'kept_middle'"),  # out of order
+    (lambda m: m.update(kept_middle=[2, 2], layout=[0, 1, 2, 2, 6, 7]), "'kept_middle'"),  # a block repeated
+    (lambda m: m.update(kept_middle=[1, 5], layout=[0, 1, 1, 5, 6, 7]), "'kept_middle'"),  # an adapter block
+    (lambda m: m.update(kept_middle=[2, 6], layout=[0, 1, 2, 6, 6, 7]), "'kept_middle'"),
     (lambda m: m.update(layout=[0, 1, 3, 4, 6, 7]), "'layout'"),
     (lambda m: m.update(layout=[0, 1, 2, 5, 6]), "not a cut of the 5-block layout"),
     (lambda m: m["shape"].update(a=3), "not a cut"),
@@ -201,16 +204,22 @@ def test_a_consistent_cut_that_the_weights_do_not_hold_is_refused(tmp_path, toke
         load_emulator(edited)
 
 
-def test_the_manifest_check_restates_the_sandwich_cut_exactly():
-    for n in range(2, 40):
-        for a, b in itertools.product(range(4), range(4)):
-            for k in range(1, n - a - b + 1) if a + b else ():
-                shape = SandwichShape(a, k, b)
-                assert sandwich_cut(a, k, b, n) == (
-                    shape.emulator_layout(n),
-                    shape.adapter_blocks(n),
-                    shape.kept_middle(n),
-                )
+def test_a_cut_that_keeps_other_middle_blocks_than_the_uniform_choice_is_read(tmp_path, tokenizer):
+    """A CKA-chosen emulator keeps middle blocks 3 and 4 of 2..5, not the uniform 2 and 5: the
+    manifest names them, and the bundle reads and loads as that cut."""
+    shape, model = SandwichShape(2, 2, 2), tiny_model("llama")
+    emulator, layout = build_emulator(model, shape, kept=[3, 4])
+    info = {"family": "llama", "shape": {"a": 2, "k": 2, "b": 2, "n_blocks": 8}, "layout": layout}
+    info |= {"adapter_blocks": shape.adapter_blocks(8), "kept_middle": [3, 4]}
+    bundle = read_bundle(write_bundle(tmp_path / "b", emulator, tokenizer, info).root)
+    assert bundle.manifest["layout"] == [0, 1, 3, 4, 6, 7]
+    loaded = blocks_of(load_emulator(bundle))
+    assert len(loaded) == 6
+    for position, original in ((2, 3), (3, 4), (4, 6)):
+        for (name, got), want in zip(
+            loaded[position].state_dict().items(), blocks_of(model)[original].state_dict().values()
+        ):
+            assert torch.equal(got, want), (position, name)
 
 
 def test_write_bundle_refuses_info_a_reader_would_refuse(tmp_path, tokenizer):

@@ -150,13 +150,14 @@ def _summed_logprobs(
     return values
 
 
-def _prompt_chunks(plan: _MCPlan) -> list[tuple[int, list[int]]]:
-    """The shared-prompt rows in chunks of one prompt length and at most PROMPT_TOKENS tokens."""
+def _prompt_chunks(plan: _MCPlan) -> list[tuple[int, list[int], list[tuple[int, int, list[int]]]]]:
+    """The shared-prompt rows in chunks of one prompt length and at most PROMPT_TOKENS tokens:
+    (prompt length, rows, the chunk's choices longer than one token)."""
     chunks = []
     for length, group in sorted(plan.shared.items()):
         rows = max(1, PROMPT_TOKENS // length)
         chunks.extend((length, group[i : i + rows]) for i in range(0, len(group), rows))
-    return chunks
+    return [(length, chunk, _longer_choices(plan, chunk)) for length, chunk in chunks]
 
 
 def _longer_choices(plan: _MCPlan, chunk: list[int]) -> list[tuple[int, int, list[int]]]:
@@ -165,19 +166,20 @@ def _longer_choices(plan: _MCPlan, chunk: list[int]) -> list[tuple[int, int, lis
     return sorted((pair for pair in pairs if len(pair[2]) > 1), key=lambda pair: len(pair[2]))
 
 
-def _shared_passes(plan: _MCPlan, batch_size: int) -> int:
-    return sum(1 + -(-len(_longer_choices(plan, chunk)) // batch_size) for _, chunk in _prompt_chunks(plan))
+def _shared_passes(chunks, batch_size: int) -> int:
+    return sum(1 + -(-len(longer) // batch_size) for _, _, longer in chunks)
 
 
-def _shared_prompt_scores(model: nn.Module, plan: _MCPlan, batch_size: int, device, bar) -> dict[int, list[float]]:
+def _shared_prompt_scores(
+    model: nn.Module, plan: _MCPlan, chunks, batch_size: int, device, bar
+) -> dict[int, list[float]]:
     """Each shared-prompt row's choice log-probabilities: one pass over a chunk of prompts of one
     length (no padding), then the choices longer than one token, sorted by length and batched,
     each on a copy of its prompt's keys and values."""
     spec = spec_for(model)
     backbone, head = get_path(model, spec.backbone), get_path(model, spec.head)
     scores = {}
-    for length, chunk in _prompt_chunks(plan):
-        longer = _longer_choices(plan, chunk)
+    for length, chunk, longer in chunks:
         ids = torch.tensor([plan.prompts[r] for r in chunk], device=device)  # (B, L)
         with autocast_for(device):
             out = backbone(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=bool(longer))
@@ -243,10 +245,11 @@ def score_mc(
     """
     model.eval()
     plan = _plan_mc(tokenizer, rows, max_length)
-    batches = _shared_passes(plan, batch_size) + -(-len(plan.pairs) // batch_size)
+    chunks = _prompt_chunks(plan)
+    batches = _shared_passes(chunks, batch_size) + -(-len(plan.pairs) // batch_size)
     with tqdm(total=batches, desc=desc, leave=False, unit="batch", disable=not progress) as bar:
         scores = [[0.0] * len(row.choices) for row in rows]
-        for r, values in _shared_prompt_scores(model, plan, batch_size, device, bar).items():
+        for r, values in _shared_prompt_scores(model, plan, chunks, batch_size, device, bar).items():
             scores[r] = values
         whole = _summed_logprobs(model, [e for _, _, e in plan.pairs], batch_size, pad_id_of(tokenizer), device, bar)
         for (r, c, _), value in zip(plan.pairs, whole):

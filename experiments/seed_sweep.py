@@ -20,7 +20,7 @@ from pathlib import Path
 from offsite.cloud.presets import get_preset
 from offsite.emulator.tune import recorded_tuning
 from offsite.harness.pipeline import task_files
-from offsite.harness.sweep import BASELINES, EMULATOR_SETTINGS, _adapter_name, _slug, parse_emulator
+from offsite.harness.sweep import BASELINES, EMULATOR_SETTINGS, adapter_name, parse_emulator, slug
 from offsite.protocol.adapter import load_update
 from offsite.protocol.bundle import read_bundle, sha256_file
 
@@ -82,7 +82,7 @@ def main() -> None:
     (args.sweep / "adapters").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(
         args.eval_job / "adapter.safetensors",
-        args.sweep / "adapters" / f"{_slug(_adapter_name(emulator.name))}.safetensors",
+        args.sweep / "adapters" / f"{slug(adapter_name(emulator.name))}.safetensors",
     )
     with open(args.sweep / "sweep.jsonl", "w") as handle:
         for line in (baselines, record):

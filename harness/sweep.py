@@ -166,7 +166,7 @@ def _emulator_report(job: SweepJob, records: dict, inputs: _Inputs, preset: Pres
     return report
 
 
-def _adapter_name(emulator: str) -> str:
+def adapter_name(emulator: str) -> str:
     """Emulators that differ only in the plug-in gain share one tuned adapter."""
     return emulator.split("/gain")[0]
 
@@ -174,7 +174,7 @@ def _adapter_name(emulator: str) -> str:
 def _same_emulator(records: dict, name: str) -> dict | None:
     """An emulator record measured with the same emulator and adapter (another gain), if any."""
     for (other, what), record in records.items():
-        if what == "emulator" and other != name and _adapter_name(other) == _adapter_name(name):
+        if what == "emulator" and other != name and adapter_name(other) == adapter_name(name):
             return record
     return None
 
@@ -184,9 +184,9 @@ def _measure(job: SweepJob, key: dict, inputs: _Inputs, preset: Preset, settings
     here too (emulator zero-shot and emulator-FT do not depend on the gain)."""
     base, tokenizer, train, test, progress = inputs.base, inputs.tokenizer, inputs.train, inputs.test, inputs.progress
     bundle = prepare_bundle(
-        base, tokenizer, config_for(preset, job.corpus), job.out / "bundles" / _slug(preset.name), progress=progress
+        base, tokenizer, config_for(preset, job.corpus), job.out / "bundles" / slug(preset.name), progress=progress
     )
-    adapter_file = job.out / "adapters" / f"{_slug(_adapter_name(preset.name))}.safetensors"
+    adapter_file = job.out / "adapters" / f"{slug(adapter_name(preset.name))}.safetensors"
     adapter = None
     if {"emulator_ft", "plug_in"} & set(settings) and adapter_file.is_file():
         adapter, meta = load_update(adapter_file)
@@ -231,7 +231,7 @@ def _read_records(path: Path, identity: dict) -> dict[tuple[str, str], dict]:
     return records
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", name)
 
 

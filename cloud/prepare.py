@@ -19,7 +19,15 @@ import torch
 from torch import nn
 
 from offsite.emulator.arch import spec_for
-from offsite.emulator.corpus import DEFAULT_CORPUS, MODEL_SAMPLES, read_corpus, sample_corpus, token_blocks
+from offsite.emulator.corpus import (
+    DEFAULT_CORPUS,
+    MODEL_SAMPLES,
+    REQUESTS,
+    TOPICS,
+    read_corpus,
+    sample_corpus,
+    token_blocks,
+)
 from offsite.emulator.distill import DistillConfig, distill
 from offsite.emulator.quantize import Quantize, check_quantizable, quantize_blocks
 from offsite.emulator.sandwich import SandwichShape, build_emulator, num_blocks
@@ -32,7 +40,9 @@ from .models import cache_dir
 
 log = logging.getLogger(__name__)
 
-CKA_ROWS = 8  # corpus blocks whose hidden states choose the kept middle blocks (8 x 256 tokens by default)
+# the model-samples corpus's cache name: what it was sampled from and how, so that a change re-samples it
+SAMPLES_KEY = MODEL_SAMPLES + "-" + hashlib.sha256(json.dumps([REQUESTS, TOPICS, 256, 0]).encode()).hexdigest()[:12]
+CKA_ROWS = 8  # corpus blocks, evenly spaced, whose hidden states choose the kept middle blocks (8 x 256 tokens)
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,7 @@ def recipe_key(base_fingerprint: str, config: EmulatorConfig, corpus_text: str) 
         recipe["quantize"] = dataclasses.asdict(config.quantize)
         recipe["packed"] = True  # bundles cached before packing are rebuilt packed
     if config.select != "uniform":
-        recipe["select"] = config.select
+        recipe["select"] = {"by": config.select, "rows": CKA_ROWS, "version": 2}  # version: the selection rule
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -98,7 +108,7 @@ def prepare_bundle(
     """Write the job's bundle to ``out`` (a copy of the cached one when the recipe was built before)."""
     cache = cache or cache_dir()
     fingerprint = model_fingerprint(base)
-    corpus_text = _corpus_text(config, base, tokenizer, cache / "corpora" / f"{fingerprint[:20]}-{MODEL_SAMPLES}.txt")
+    corpus_text = _corpus_text(config, base, tokenizer, cache / "corpora" / f"{fingerprint[:20]}-{SAMPLES_KEY}.txt")
     key = recipe_key(fingerprint, config, corpus_text)
     cached = cache / "bundles" / key
     try:
@@ -168,7 +178,8 @@ def _build(base, tokenizer, config: EmulatorConfig, corpus_text: str, target: Pa
     shape = config.shape
     kept = None
     if config.select == "cka":
-        ids = token_blocks(tokenizer, corpus_text, config.distill.seq_len)[0][:CKA_ROWS]
+        blocks = token_blocks(tokenizer, corpus_text, config.distill.seq_len)[0]
+        ids = blocks[torch.linspace(0, len(blocks) - 1, min(CKA_ROWS, len(blocks))).long()]  # spread over the text
         kept = cka_kept_middle(base, ids, shape)
         log.info("CKA-chosen middle blocks of %s: %s (uniform: %s)", shape, kept, shape.kept_middle(num_blocks(base)))
     emulator, layout = build_emulator(base, shape, kept)

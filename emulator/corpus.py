@@ -116,7 +116,9 @@ def sample_corpus(
             for p in prompts
         ]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token = tokenizer.pad_token
+    if pad_token is None:  # GPT-2's tokenizer has none: pad with end-of-text, left of the prompt
+        tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(seed)
     texts = []
     try:
@@ -135,11 +137,11 @@ def sample_corpus(
                 top_k=0,
                 top_p=1.0,
                 max_new_tokens=new_tokens,
-                pad_token_id=pad,
+                pad_token_id=tokenizer.pad_token_id,
             )
             texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.pad_token = side, pad_token
     return "\n\n".join(t.strip() for t in texts if t.strip())
 
 

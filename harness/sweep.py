@@ -45,7 +45,7 @@ from offsite.protocol.safe_json import JSONRefused, parse_json
 log = logging.getLogger(__name__)
 
 SPEC = re.compile(
-    r"(?P<shape>\d+-\d+-\d+)((/kd(?P<kd>\d+))|(/kl(?P<kl>[0-9.]+))|(/(?P<cka>cka))|(/(?P<samples>samples))"
+    r"(?P<shape>\d+-\d+-\d+)((/kd(?P<kd>\d+))|(/kl(?P<kl>\d+(\.\d+)?))|(/(?P<cka>cka))|(/(?P<samples>samples))"
     r"|(/q(?P<bits>[1-8]+)g(?P<group>\d+))|(/gain(?P<gain>[0-9.]+)))*"
 )
 SPEC_HELP = "SHAPE[/kdSTEPS][/klWEIGHT][/cka][/samples][/qBITSgGROUP][/gainG]"
@@ -168,7 +168,7 @@ def _emulator_report(job: SweepJob, records: dict, inputs: _Inputs, preset: Pres
 
 def adapter_name(emulator: str) -> str:
     """Emulators that differ only in the plug-in gain share one tuned adapter."""
-    return emulator.split("/gain")[0]
+    return re.sub(r"/gain[0-9.]+", "", emulator)
 
 
 def _same_emulator(records: dict, name: str) -> dict | None:

@@ -1,17 +1,15 @@
 """Middle blocks chosen by CKA (emulator/select.py): the similarity, the cut into runs, the choice."""
 
-import itertools
-
 import pytest
 import torch
 
 from offsite.cloud import prepare
-from offsite.cloud.prepare import EmulatorConfig, prepare_bundle, recipe_key
+from offsite.cloud.prepare import CKA_ROWS, EmulatorConfig, prepare_bundle, recipe_key
 from offsite.emulator import corpus
-from offsite.emulator.corpus import MODEL_SAMPLES, sample_corpus
+from offsite.emulator.corpus import MODEL_SAMPLES, sample_corpus, token_blocks
 from offsite.emulator.distill import DistillConfig
 from offsite.emulator.sandwich import SandwichShape
-from offsite.emulator.select import cka_kept_middle, linear_cka, middle_representations, segment
+from offsite.emulator.select import cka_kept_middle, influence, linear_cka, middle_representations
 from offsite.protocol.bundle import read_bundle
 from tests.conftest import VOCAB, tiny_model
 
@@ -36,33 +34,6 @@ def test_linear_cka_equals_the_gram_matrix_form_and_its_invariances():
     assert 0.0 <= linear_cka(x, noise) < 0.5 < linear_cka(x, y) < 1.0
 
 
-def _brute_force(dissimilarity, k):
-    m = len(dissimilarity) - 1
-    best = None
-    for cuts in itertools.combinations(range(1, m), k - 1):
-        edges = (0, *cuts, m)
-        runs = list(zip(edges, edges[1:]))
-        cost = sum(dissimilarity[s][e] for s, e in runs)
-        if best is None or cost < best[0] - 1e-12:
-            best = (cost, runs)
-    return best
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_segment_finds_the_cheapest_cut_into_runs(seed):
-    generator = torch.Generator().manual_seed(seed)
-    m = 9
-    d = torch.rand(m + 1, m + 1, generator=generator).tolist()
-    for k in (1, 3, 5, 9):
-        runs = segment(d, k)
-        assert len(runs) == k and runs[0][0] == 0 and runs[-1][1] == m
-        assert all(e1 == s2 for (_, e1), (s2, _) in zip(runs, runs[1:]))
-        cost, expected = _brute_force(d, k)
-        assert sum(d[s][e] for s, e in runs) == pytest.approx(cost)
-    with pytest.raises(ValueError, match="cannot cut"):
-        segment(d, m + 1)
-
-
 def test_cka_keeps_the_blocks_that_change_the_representation():
     """A middle of six blocks of which two (original 3 and 6) are made to transform the hidden
     state (the others are zeroed to the identity): keeping two, CKA keeps exactly those two, where
@@ -78,28 +49,47 @@ def test_cka_keeps_the_blocks_that_change_the_representation():
     ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
     shape = SandwichShape(2, 2, 2)
     reps = middle_representations(model, ids, 2, 2)
-    assert len(reps) == 7 and reps[0].shape == (4 * 32, 32)
-    assert linear_cka(reps[0], reps[1]) == pytest.approx(1.0, abs=1e-6)  # block 2 is the identity
+    assert len(reps) == 7 and reps[0].shape == (4 * 31, 32)  # each row's first position left out
+    scores = influence(reps)
+    assert [round(s, 6) for s in scores[:1] + scores[2:4] + scores[5:]] == [0.0] * 4  # the identity blocks
+    assert min(scores[1], scores[4]) > 0.05
     assert cka_kept_middle(model, ids, shape) == [3, 6]
     assert shape.kept_middle(10) == [2, 7]
+
+
+def test_with_no_top_adapter_the_last_block_is_read_before_the_final_norm():
+    """b = 0: the middle ends at the model's last block, whose output the model returns after its
+    final norm; the choice reads the block's own output, so an identity last block scores 0."""
+    model = tiny_model("llama", n_blocks=6)
+    blocks = model.model.layers
+    with torch.no_grad():
+        for i in (3, 5):
+            blocks[i].self_attn.o_proj.weight.zero_()
+            blocks[i].mlp.down_proj.weight.zero_()
+        model.model.norm.weight.copy_(torch.linspace(0.1, 5.0, 32))  # a norm that changes the representation
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    scores = influence(middle_representations(model, ids, 2, 0))
+    assert len(scores) == 4 and scores[1] == pytest.approx(0.0, abs=1e-6) and scores[3] == pytest.approx(0.0, abs=1e-6)
+    assert cka_kept_middle(model, ids, SandwichShape(2, 2, 0)) == [2, 4]
 
 
 def test_a_cka_recipe_is_its_own_bundle_and_names_its_blocks(tmp_path, tokenizer):
     """prepare_bundle with select='cka': the manifest's kept blocks are the CKA choice, the bundle
     reads back, and the recipe's cache key differs from the uniform one's."""
     model = tiny_model("llama", n_blocks=10)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(" ".join(f"word{i % 37} thing{i % 11}" for i in range(3000)))
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text(" ".join(f"word{i % 37} thing{i % 11}" for i in range(3000)))
     distill = DistillConfig(steps=0, seq_len=32)
-    uniform = EmulatorConfig(SandwichShape(2, 3, 2), distill, corpus=str(corpus))
-    cka = EmulatorConfig(SandwichShape(2, 3, 2), distill, corpus=str(corpus), select="cka")
+    uniform = EmulatorConfig(SandwichShape(2, 3, 2), distill, corpus=str(text_file))
+    cka = EmulatorConfig(SandwichShape(2, 3, 2), distill, corpus=str(text_file), select="cka")
     assert recipe_key("f", uniform, "t") != recipe_key("f", cka, "t")
     bundle = read_bundle(
         prepare_bundle(model, tokenizer, cka, tmp_path / "b", cache=tmp_path / "c", progress=False).root
     )
-    kept = bundle.manifest["kept_middle"]
-    assert len(kept) == 3 and kept == sorted(set(kept)) and all(2 <= i < 8 for i in kept)
-    assert bundle.manifest["layout"] == [0, 1, *kept, 8, 9]
+    blocks = token_blocks(tokenizer, text_file.read_text(), 32)[0]
+    ids = blocks[torch.linspace(0, len(blocks) - 1, CKA_ROWS).long()]
+    kept = cka_kept_middle(model, ids, SandwichShape(2, 3, 2))
+    assert bundle.manifest["kept_middle"] == kept and bundle.manifest["layout"] == [0, 1, *kept, 8, 9]
     with pytest.raises(ValueError, match="select must be one of"):
         EmulatorConfig(SandwichShape(2, 3, 2), distill, select="random")
 
@@ -111,6 +101,10 @@ def test_the_model_samples_corpus_is_sampled_once_and_cached(tmp_path, tokenizer
     first = sample_corpus(model, tokenizer, new_tokens=24, batch_size=50, progress=False)
     assert first == sample_corpus(model, tokenizer, new_tokens=24, batch_size=50, progress=False)
     assert first != sample_corpus(model, tokenizer, new_tokens=24, batch_size=50, seed=1, progress=False)
+    tokenizer.pad_token = None  # as GPT-2's: padded with end-of-text while sampling, then put back
+    assert first == sample_corpus(model, tokenizer, new_tokens=24, batch_size=50, progress=False)
+    assert tokenizer.pad_token is None and tokenizer.padding_side == "right"
+    tokenizer.pad_token = "<pad>"
     monkeypatch.setattr(corpus, "TOPICS", corpus.TOPICS[:4])
     config = EmulatorConfig(
         SandwichShape(2, 2, 2), DistillConfig(steps=0, seq_len=16), corpus=MODEL_SAMPLES, select="cka"

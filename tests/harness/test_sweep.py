@@ -14,7 +14,7 @@ from offsite.emulator.quantize import Quantize
 from offsite.emulator.sandwich import SandwichShape
 from offsite.emulator.tune import TuneConfig
 from offsite.harness.pipeline import EvalJob, run_eval_job
-from offsite.harness.sweep import EMULATOR_SETTINGS, SweepJob, parse_emulator, run_sweep
+from offsite.harness.sweep import EMULATOR_SETTINGS, SweepJob, adapter_name, parse_emulator, run_sweep
 from tests.conftest import write_jsonl
 from tests.harness.test_pipeline import task, tiny_dir  # noqa: F401 (fixtures)
 
@@ -55,12 +55,25 @@ def test_emulator_specs_parse_onto_the_base_recipe():
         "cka",
     )
     assert (config_for(levers).select, config_for(levers, "x.txt").corpus) == ("cka", "model-samples")
+    # emulators that differ only in the gain, wherever it is written, share one adapter; no others do
+    assert (
+        adapter_name("2-10-2/gain2/cka") == adapter_name("2-10-2/cka/gain1.5") == "2-10-2/cka" != adapter_name("2-10-2")
+    )
     assert (config_for(plain).select, config_for(plain).corpus, config_for(plain, "x.txt").corpus) == (
         "uniform",
         "python-docs",
         "x.txt",
     )
-    for bad in ("2-18", "2-18-2/kd", "2-18-2/q9g16", "2-18-2/x", "2-18-2/gain-1", "2-18-2/kl", "2-18-2/ckb"):
+    for bad in (
+        "2-18",
+        "2-18-2/kd",
+        "2-18-2/q9g16",
+        "2-18-2/x",
+        "2-18-2/gain-1",
+        "2-18-2/kl",
+        "2-18-2/kl1.2.3",
+        "2-18-2/ckb",
+    ):
         with pytest.raises(ValueError, match="emulator"):
             parse_emulator(bad, base)
 

@@ -19,15 +19,7 @@ import torch
 from torch import nn
 
 from offsite.emulator.arch import spec_for
-from offsite.emulator.corpus import (
-    DEFAULT_CORPUS,
-    MODEL_SAMPLES,
-    REQUESTS,
-    TOPICS,
-    read_corpus,
-    sample_corpus,
-    token_blocks,
-)
+from offsite.emulator.corpus import DEFAULT_CORPUS, MODEL_SAMPLES, read_corpus, sample_corpus, samples_key, token_blocks
 from offsite.emulator.distill import DistillConfig, distill
 from offsite.emulator.quantize import Quantize, check_quantizable, quantize_blocks
 from offsite.emulator.sandwich import SandwichShape, build_emulator, num_blocks
@@ -40,8 +32,6 @@ from .models import cache_dir
 
 log = logging.getLogger(__name__)
 
-# the model-samples corpus's cache name: what it was sampled from and how, so that a change re-samples it
-SAMPLES_KEY = MODEL_SAMPLES + "-" + hashlib.sha256(json.dumps([REQUESTS, TOPICS, 256, 0]).encode()).hexdigest()[:12]
 CKA_ROWS = 8  # corpus blocks, evenly spaced, whose hidden states choose the kept middle blocks (8 x 256 tokens)
 
 
@@ -108,7 +98,7 @@ def prepare_bundle(
     """Write the job's bundle to ``out`` (a copy of the cached one when the recipe was built before)."""
     cache = cache or cache_dir()
     fingerprint = model_fingerprint(base)
-    corpus_text = _corpus_text(config, base, tokenizer, cache / "corpora" / f"{fingerprint[:20]}-{SAMPLES_KEY}.txt")
+    corpus_text = _corpus_text(config, base, tokenizer, cache / "corpora" / f"{fingerprint[:20]}-{samples_key()}.txt")
     key = recipe_key(fingerprint, config, corpus_text)
     cached = cache / "bundles" / key
     try:
@@ -175,11 +165,13 @@ def cut_info(base: nn.Module, shape: SandwichShape, layout: list[int]) -> dict:
 
 
 def _build(base, tokenizer, config: EmulatorConfig, corpus_text: str, target: Path, progress: bool) -> Bundle:
-    shape = config.shape
+    shape, seq_len = config.shape, config.distill.seq_len
+    # corpus_text is set when something reads it (distillation, the CKA choice): tokenised once for both
+    train_blocks, heldout_blocks = token_blocks(tokenizer, corpus_text, seq_len) if corpus_text else (None, None)
     kept = None
     if config.select == "cka":
-        blocks = token_blocks(tokenizer, corpus_text, config.distill.seq_len)[0]
-        ids = blocks[torch.linspace(0, len(blocks) - 1, min(CKA_ROWS, len(blocks))).long()]  # spread over the text
+        spread = torch.linspace(0, len(train_blocks) - 1, min(CKA_ROWS, len(train_blocks))).long()
+        ids = train_blocks[spread]  # evenly spaced over the text
         kept = cka_kept_middle(base, ids, shape)
         log.info("CKA-chosen middle blocks of %s: %s (uniform: %s)", shape, kept, shape.kept_middle(num_blocks(base)))
     emulator, layout = build_emulator(base, shape, kept)
@@ -190,8 +182,6 @@ def _build(base, tokenizer, config: EmulatorConfig, corpus_text: str, target: Pa
         "distill": {"config": dataclasses.asdict(config.distill), "corpus": config.corpus}
     }
     if config.distill.steps:
-        seq_len = config.distill.seq_len
-        train_blocks, heldout_blocks = token_blocks(tokenizer, corpus_text, seq_len)
         log.info(
             "distilling %s on %d blocks of %d tokens (%d held out)",
             shape,

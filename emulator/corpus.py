@@ -14,6 +14,7 @@ trained on, and no task's rows are in it. It is sampled once per model and cache
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 DEFAULT_CORPUS = "python-docs"
 MODEL_SAMPLES = "model-samples"
+SAMPLE_TOKENS, SAMPLE_SEED = 256, 0  # new tokens per answer, and the sampling seed, of the cached corpus
 REQUESTS = ("Write a few paragraphs about {}.", "Explain {} to a curious friend.", "Tell a short story about {}.")
 TOPICS = (
     "the history of bread",
@@ -105,7 +107,12 @@ def read_corpus(source: str | Path = DEFAULT_CORPUS) -> str:
 
 @torch.no_grad()
 def sample_corpus(
-    model, tokenizer, new_tokens: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = True
+    model,
+    tokenizer,
+    new_tokens: int = SAMPLE_TOKENS,
+    batch_size: int = 16,
+    seed: int = SAMPLE_SEED,
+    progress: bool = True,
 ) -> str:
     """The model's own answers to :data:`REQUESTS` x :data:`TOPICS` (150 texts of up to ``new_tokens``
     tokens), sampled at temperature 1 from ``seed``; joined by blank lines."""
@@ -143,6 +150,13 @@ def sample_corpus(
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad_token
     return "\n\n".join(t.strip() for t in texts if t.strip())
+
+
+def samples_key() -> str:
+    """Names the model-samples corpus by how it is sampled (requests, topics, length, seed), so
+    that a change to any of them samples it afresh instead of reading an old cached text."""
+    how = json.dumps([REQUESTS, TOPICS, SAMPLE_TOKENS, SAMPLE_SEED]).encode()
+    return f"{MODEL_SAMPLES}-{hashlib.sha256(how).hexdigest()[:12]}"
 
 
 def token_blocks(

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from offsite.protocol.bundle import kept_middle_fits
+
 from .arch import ArchSpec, get_path, set_path, spec_for
 
 ADAPTER_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -76,8 +78,7 @@ class SandwichShape:
     def check_kept(self, kept: list[int], n_blocks: int) -> list[int]:
         """``kept`` if it is ``k`` increasing indices inside the middle; otherwise a ValueError."""
         self.check(n_blocks)
-        inside = all(self.a <= i < n_blocks - self.b for i in kept)
-        if len(kept) != self.k or not inside or any(x >= y for x, y in zip(kept, kept[1:])):
+        if not kept_middle_fits(kept, self.a, self.k, self.b, n_blocks):
             raise ValueError(
                 f"kept middle blocks {kept} are not {self.k} increasing indices in {self.a}..{n_blocks - self.b - 1}"
             )

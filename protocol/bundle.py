@@ -256,6 +256,13 @@ def _check_manifest(root: Path, manifest: dict) -> None:
     _check_cut(where, manifest)
 
 
+def kept_middle_fits(kept: list[int], a: int, k: int, b: int, n_blocks: int) -> bool:
+    """Whether ``kept`` is ``k`` strictly increasing block indices inside the middle
+    ``a..n_blocks-b-1`` of an ``a-k-b`` cut (torch-free, for manifest checks and the sandwich alike)."""
+    inside = all(a <= i < n_blocks - b for i in kept)
+    return len(kept) == k and inside and all(x < y for x, y in zip(kept, kept[1:]))
+
+
 def _check_cut(where: Path, manifest: dict) -> None:
     """The manifest's ``layout``, ``adapter_blocks`` and ``kept_middle`` are a cut its ``shape``
     names: the adapter blocks exactly, around ``k`` increasing middle blocks (chosen uniformly or
@@ -275,7 +282,7 @@ def _check_cut(where: Path, manifest: dict) -> None:
             f"{where}: shape {a}-{k}-{b} of {n} blocks is not a cut of the {len(manifest['layout'])}-block layout"
         )
     kept = manifest["kept_middle"]
-    if len(kept) != k or not all(a <= i < n - b for i in kept) or any(x >= y for x, y in zip(kept, kept[1:])):
+    if not kept_middle_fits(kept, a, k, b, n):
         raise BundleError(
             f"{where}: 'kept_middle' {str(kept)[:80]} is not the {a}-{k}-{b} cut of {n} blocks "
             f"({k} increasing block indices in the middle {a}..{n - b - 1})"

@@ -36,6 +36,7 @@ from typing import Callable
 from offsite.cloud.certs import DeploymentCerts, public_key_path
 from offsite.cloud.superlink import (
     APP_DIR,
+    STATUS_POLL,
     FederationError,
     SuperLinkConnection,
     SuperLinkControl,
@@ -321,7 +322,7 @@ class LocalFederation:
     def run_status(self, run_id: int) -> str:
         return self._control().run_status(run_id)
 
-    def wait(self, run_id: int, timeout: float, poll: float = 2.0) -> str:
+    def wait(self, run_id: int, timeout: float, poll: float = STATUS_POLL) -> str:
         try:
             return self._control().wait(run_id, timeout, poll)
         except FederationError as error:

@@ -281,7 +281,7 @@ with LocalFederation(workdir) as federation:
                 break
             ask_at = time.monotonic() + 15
         time.sleep(0.5)
-    status = federation.wait(run_id, timeout=120, poll=1.0)
+    status = federation.wait(run_id, timeout=120)
     logs = federation.logs(run_id)
     processes = [federation.superlink.process.args, node.process.args]
 

@@ -11,7 +11,7 @@ from offsite.cloud.evaluate import SETTINGS, summary_table
 from offsite.cloud.presets import DEFAULT_PRESET, get_preset
 from offsite.emulator.options import add_tune_arguments, tune_config_from_args
 
-from .demo import demo_config_from_args, run_fed_demo
+from .demo import DEMO_TEST_ROWS, demo_config_from_args, run_fed_demo
 from .pipeline import EvalJob, run_eval_job, task_files
 from .simulate import register as register_simulate
 from .split import register as register_split
@@ -109,7 +109,12 @@ def _register_demo(subparsers) -> None:
         default=3,
         help="federated rounds (default 3); local steps follow from the preset's budget",
     )
-    demo.add_argument("--test-rows", type=int, default=200, help="score the first N test rows (default 200; 0: all)")
+    demo.add_argument(
+        "--test-rows",
+        type=int,
+        default=DEMO_TEST_ROWS,
+        help=f"score the first N test rows (default {DEMO_TEST_ROWS}; 0: all)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="seed of the split and of the tuning")
     demo.add_argument(
         "--centralised",

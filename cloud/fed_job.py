@@ -35,7 +35,7 @@ from offsite.protocol.bundle import sha256_file
 from offsite.protocol.config_record import config_from_dict
 from offsite.protocol.dp_config import DPConfig
 from offsite.protocol.ids import DP_MODES, JOB_ID
-from offsite.protocol.messages import TrainInstruction
+from offsite.protocol.messages import MAX_PART_BYTES, TrainInstruction
 
 from .aggregate import AGGREGATORS
 from .presets import check_gain
@@ -210,8 +210,12 @@ class FedJobConfig:
             raise JobError("timeouts must be > 0")
         if self.aggregator not in AGGREGATORS:
             raise JobError(f"aggregator {self.aggregator!r} is not one of {AGGREGATORS}")
-        if self.bundle_part_bytes < 1:
-            raise JobError("bundle_part_bytes must be >= 1")
+        if not 1 <= self.bundle_part_bytes <= MAX_PART_BYTES:
+            # a larger part is refused by every data owner (protocol.messages), so no round could start
+            raise JobError(
+                f"bundle_part_bytes must be between 1 and {MAX_PART_BYTES} (the largest part a data owner "
+                f"accepts), got {self.bundle_part_bytes}"
+            )
         if self.lr_schedule not in ("constant", "cosine") or not 0 < self.final_lr_ratio <= 1:
             raise JobError(
                 "lr_schedule must be 'constant' or 'cosine' and 0 < final_lr_ratio <= 1 "

@@ -11,7 +11,7 @@ from offsite.cloud.evaluate import SETTINGS, summary_table
 from offsite.cloud.presets import DEFAULT_PRESET, get_preset
 from offsite.emulator.options import add_tune_arguments, tune_config_from_args
 
-from .demo import DEMO_TEST_ROWS, demo_config_from_args, run_fed_demo
+from .demo import DEMO_ROUNDS, DEMO_TEST_ROWS, demo_config_from_args, run_fed_demo
 from .pipeline import EvalJob, run_eval_job, task_files
 from .simulate import register as register_simulate
 from .split import register as register_split
@@ -106,8 +106,8 @@ def _register_demo(subparsers) -> None:
     demo.add_argument(
         "--rounds",
         type=int,
-        default=3,
-        help="federated rounds (default 3); local steps follow from the preset's budget",
+        default=DEMO_ROUNDS,
+        help=f"federated rounds (default {DEMO_ROUNDS}); local steps follow from the preset's budget",
     )
     demo.add_argument(
         "--test-rows",

@@ -38,6 +38,7 @@ from offsite.cloud.superlink import round_summary
 from offsite.emulator.data import read_examples, read_test_rows
 from offsite.emulator.tune import TuneConfig
 from offsite.protocol.adapter import save_update
+from offsite.protocol.messages import MAX_PART_BYTES
 
 from .federation import LocalFederation
 from .pipeline import task_files
@@ -48,12 +49,15 @@ log = logging.getLogger(__name__)
 COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 # what the centralised part of the demo tunes (--centralised)
 CENTRALISED = {"full-ft": ("full_ft",), "all": ("emulator_ft", "plug_in", "full_ft"), "none": ()}
-# Test rows the demo scores in each of its five settings: 150 keeps a cold `make demo` of the
-# 2-16-2 default under 15 minutes on 2 cores (200 took 15 min 29 s); one standard error is 4 points.
+# What keeps a cold `make demo` of the 2-16-2 default under 15 minutes on 2 cores (3 rounds and
+# 200 test rows took 15 min 29 s): 2 rounds of the same examples (every round costs each owner a
+# ClientApp process start and an emulator load besides its steps), and 150 test rows per setting
+# (one standard error 4 points).
+DEMO_ROUNDS = 2
 DEMO_TEST_ROWS = 150
-# The whole bundle in one message: Flower starts a ClientApp process (about 4 CPU-seconds of
-# imports) on every SuperNode for every message, so each extra part costs every owner one more.
-DEMO_BUNDLE_PART_BYTES = 1 << 30
+# The bundle in parts as large as a data owner accepts: Flower starts a ClientApp process (about
+# 4 CPU-seconds of imports) on every SuperNode for every message, so each extra part costs every owner one more.
+DEMO_BUNDLE_PART_BYTES = MAX_PART_BYTES
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ class FedDemoConfig:
     task: str = "wordnet_definitions"
     owners: int = 3
     alpha: float = 0.5  # Dirichlet concentration of the label split: small is more skewed
-    rounds: int = 3
+    rounds: int = DEMO_ROUNDS
     test_rows: int | None = DEMO_TEST_ROWS
     seed: int = 0
     round_timeout: float = 1800.0

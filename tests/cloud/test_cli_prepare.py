@@ -15,6 +15,7 @@ from offsite.cloud.presets import get_preset
 from offsite.protocol.bundle import read_bundle
 from offsite.protocol.bundle_signing import read_signed_bundle
 from offsite.protocol.keys import CoordinatorKeys
+from offsite.protocol.messages import MAX_PART_BYTES
 from tests.conftest import make_tokenizer, tiny_model
 
 
@@ -216,3 +217,11 @@ def test_a_lora_preset_makes_a_lora_job_and_options_override_it(model_dir, tmp_p
     assert prepare(model_dir, tmp_path / "blocks", *options) == 0
     assert read_job(tmp_path / "blocks").tuning.mode == "blocks"
     assert read_job(tmp_path / "blocks").tuning.lr == 5e-4
+
+
+def test_a_job_whose_bundle_parts_are_larger_than_a_data_owner_accepts_is_refused():
+    # every data owner refuses a part over MAX_PART_BYTES (protocol.messages): such a job could never start a round
+    assert FedJobConfig(bundle_part_bytes=MAX_PART_BYTES).bundle_part_bytes == MAX_PART_BYTES
+    for size in (0, MAX_PART_BYTES + 1):
+        with pytest.raises(JobError, match=f"between 1 and {MAX_PART_BYTES}"):
+            FedJobConfig(bundle_part_bytes=size)

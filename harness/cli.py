@@ -11,7 +11,7 @@ from offsite.cloud.evaluate import SETTINGS, summary_table
 from offsite.cloud.presets import DEFAULT_PRESET, get_preset
 from offsite.emulator.options import add_tune_arguments, tune_config_from_args
 
-from .demo import DEMO_ROUNDS, DEMO_TEST_ROWS, demo_config_from_args, run_fed_demo
+from .demo import DEMO_CENTRALISED, DEMO_ROUNDS, DEMO_TEST_ROWS, demo_config_from_args, run_fed_demo
 from .pipeline import EvalJob, run_eval_job, task_files
 from .simulate import register as register_simulate
 from .split import register as register_split
@@ -81,12 +81,13 @@ def _register_sweep(parent) -> None:
 def _register_demo(subparsers) -> None:
     demo = subparsers.add_parser(
         "demo",
-        help="federated offsite-tuning end to end on the embedded SmolLM2-135M, with the five-setting table",
+        help="federated offsite-tuning end to end on the embedded SmolLM2-135M, with the settings' table",
         description="Prepare the default emulator; split a task shipped in data/ "
         "(default: wordnet_definitions, one the model has skill on) among data "
         "owners (non-IID); run the federated job over a real SuperLink and SuperNodes on loopback (TLS, node "
-        "authentication); plug the federated adapter in; tune the same blocks with the real middle on the same data "
-        "(full FT; --centralised all adds centralised emulator-FT and plug-in); print the five-setting table. "
+        "authentication); plug the federated adapter in; print the table (full and emulator zero-shot, federated "
+        "emulator-FT and plug-in). --centralised full-ft also tunes the same blocks with the real middle on the same "
+        "data (full FT, the yardstick: the fifth setting and the recovery, about 4 more minutes on 2 cores). "
         "The first run converts the model and "
         "distils (cached for later runs).",
     )
@@ -119,9 +120,10 @@ def _register_demo(subparsers) -> None:
     demo.add_argument(
         "--centralised",
         choices=("full-ft", "all", "none"),
-        default="full-ft",
-        help="what runs centrally on all the training data: full-ft (default: the five-setting table's full FT), "
-        "all (also centralised emulator-FT and plug-in, to compare with the federated ones), none",
+        default=DEMO_CENTRALISED,
+        help="what runs centrally on all the training data: full-ft (the five-setting table's full FT and the "
+        "recovery), all (also centralised emulator-FT and plug-in, to compare with the federated ones), "
+        f"none (default {DEMO_CENTRALISED})",
     )
     demo.add_argument(
         "--lr",

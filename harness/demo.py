@@ -56,9 +56,6 @@ DEMO_TEST_ROWS = 200
 # of 2 cores, and a cold `make demo` of the 2-16-2 default with it took 15 min 15 s to 15 min 29 s,
 # over the 15 minutes a first run may take (experiments/QUALITY.md, session 20).
 DEMO_CENTRALISED = "none"
-# The bundle in parts as large as a data owner accepts: Flower starts a ClientApp process (about
-# 4 CPU-seconds of imports) on every SuperNode for every message, so each extra part costs every owner one more.
-DEMO_BUNDLE_PART_BYTES = MAX_PART_BYTES
 
 
 @dataclass(frozen=True)
@@ -156,7 +153,9 @@ def _job_config(config: FedDemoConfig, test_path: Path) -> FedJobConfig:
         min_replies=max(1, config.owners - 1),
         round_timeout=config.round_timeout,
         bundle_timeout=config.round_timeout,
-        bundle_part_bytes=DEMO_BUNDLE_PART_BYTES,
+        # parts as large as a data owner accepts: Flower starts a ClientApp process (about 4 CPU-seconds
+        # of imports) on every SuperNode for every message, so each extra part costs every owner one more
+        bundle_part_bytes=MAX_PART_BYTES,
         tuning=dataclasses.replace(
             owners,
             steps=config.local_steps,
